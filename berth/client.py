@@ -1,0 +1,89 @@
+"""Client library: typed access to the Berth services over gRPC.
+
+``error_from_rpc`` is the one place a gRPC status becomes a Berth exception.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import grpc
+
+from berth import errors
+from berth.v1 import (
+    registry_pb2_grpc,
+    scheduler_pb2_grpc,
+    secrets_pb2_grpc,
+)
+
+ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.BerthError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.ABORTED: errors.Aborted,
+    grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+}
+
+
+def error_from_rpc(exc: grpc.RpcError) -> errors.BerthError:
+    code = exc.code()  # type: ignore[attr-defined]
+    details = exc.details() or code.name  # type: ignore[attr-defined]
+    cls = ERROR_BY_STATUS.get(code, errors.Internal)
+    error = cls(details)
+    error.code = code.name  # type: ignore[attr-defined]
+    return error
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    registry: str = os.environ.get("BERTH_REGISTRY_ADDR", "127.0.0.1:50051")
+    secrets: str = os.environ.get("BERTH_SECRETS_ADDR", "127.0.0.1:50052")
+    scheduler: str = os.environ.get("BERTH_SCHEDULER_ADDR", "127.0.0.1:50053")
+
+
+@dataclass
+class Client:
+    """Synchronous client used by the CLI. Every call carries a deadline and
+    raises a ``berth.errors`` exception on failure."""
+
+    api_key: str
+    endpoints: Endpoints = field(default_factory=Endpoints)
+    timeout: float = 15.0
+
+    def __post_init__(self) -> None:
+        self._channels = {
+            name: grpc.insecure_channel(addr)
+            for name, addr in (
+                ("registry", self.endpoints.registry),
+                ("secrets", self.endpoints.secrets),
+                ("scheduler", self.endpoints.scheduler),
+            )
+        }
+        self.registry = registry_pb2_grpc.RegistryStub(self._channels["registry"])
+        self.secrets = secrets_pb2_grpc.SecretsStub(self._channels["secrets"])
+        self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channels["scheduler"])
+
+    def call(self, method, request, *, timeout: float | None = None):  # type: ignore[no-untyped-def]
+        try:
+            return method(
+                request,
+                metadata=(("x-api-key", self.api_key),) if self.api_key else (),
+                timeout=timeout or self.timeout,
+            )
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

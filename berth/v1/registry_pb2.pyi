@@ -1,0 +1,210 @@
+from berth.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class CreateProjectRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CreateProjectResponse(_message.Message):
+    __slots__ = ("project", "api_key")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    project: _common_pb2.Project
+    api_key: str
+    def __init__(self, project: _Optional[_Union[_common_pb2.Project, _Mapping]] = ..., api_key: _Optional[str] = ...) -> None: ...
+
+class GetProjectRequest(_message.Message):
+    __slots__ = ("project",)
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    def __init__(self, project: _Optional[str] = ...) -> None: ...
+
+class ListEnvironmentsRequest(_message.Message):
+    __slots__ = ("project",)
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    def __init__(self, project: _Optional[str] = ...) -> None: ...
+
+class ListEnvironmentsResponse(_message.Message):
+    __slots__ = ("environments",)
+    ENVIRONMENTS_FIELD_NUMBER: _ClassVar[int]
+    environments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Environment]
+    def __init__(self, environments: _Optional[_Iterable[_Union[_common_pb2.Environment, _Mapping]]] = ...) -> None: ...
+
+class CreateEnvironmentRequest(_message.Message):
+    __slots__ = ("project", "name")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class DeployRequest(_message.Message):
+    __slots__ = ("project", "image", "image_id", "config", "environment", "min_replicas", "max_replicas", "expected_sequence", "confirm", "reason")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    image: str
+    image_id: str
+    config: _common_pb2.WorkerConfig
+    environment: str
+    min_replicas: int
+    max_replicas: int
+    expected_sequence: int
+    confirm: bool
+    reason: str
+    def __init__(self, project: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., config: _Optional[_Union[_common_pb2.WorkerConfig, _Mapping]] = ..., environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeployResponse(_message.Message):
+    __slots__ = ("deployment", "environment", "entry")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    deployment: _common_pb2.Deployment
+    environment: _common_pb2.Environment
+    entry: _common_pb2.HistoryEntry
+    def __init__(self, deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., entry: _Optional[_Union[_common_pb2.HistoryEntry, _Mapping]] = ...) -> None: ...
+
+class GetDeploymentRequest(_message.Message):
+    __slots__ = ("project", "deployment_id")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ...) -> None: ...
+
+class ListDeploymentsRequest(_message.Message):
+    __slots__ = ("project", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class ListDeploymentsResponse(_message.Message):
+    __slots__ = ("deployments",)
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    deployments: _containers.RepeatedCompositeFieldContainer[_common_pb2.Deployment]
+    def __init__(self, deployments: _Optional[_Iterable[_Union[_common_pb2.Deployment, _Mapping]]] = ...) -> None: ...
+
+class PromoteRequest(_message.Message):
+    __slots__ = ("project", "deployment_id", "target_environment", "min_replicas", "max_replicas", "scale_previous_to_zero", "expected_sequence", "confirm", "reason")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_PREVIOUS_TO_ZERO_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    target_environment: str
+    min_replicas: int
+    max_replicas: int
+    scale_previous_to_zero: bool
+    expected_sequence: int
+    confirm: bool
+    reason: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., target_environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., scale_previous_to_zero: _Optional[bool] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("project", "environment", "to_deployment_id", "expected_sequence", "confirm", "reason")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    TO_DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    to_deployment_id: str
+    expected_sequence: int
+    confirm: bool
+    reason: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., to_deployment_id: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PointerMoveResponse(_message.Message):
+    __slots__ = ("environment", "entry")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    environment: _common_pb2.Environment
+    entry: _common_pb2.HistoryEntry
+    def __init__(self, environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., entry: _Optional[_Union[_common_pb2.HistoryEntry, _Mapping]] = ...) -> None: ...
+
+class ListHistoryRequest(_message.Message):
+    __slots__ = ("project", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class ListHistoryResponse(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[_common_pb2.HistoryEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[_common_pb2.HistoryEntry, _Mapping]]] = ...) -> None: ...
+
+class AuthenticateRequest(_message.Message):
+    __slots__ = ("api_key",)
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    api_key: str
+    def __init__(self, api_key: _Optional[str] = ...) -> None: ...
+
+class Principal(_message.Message):
+    __slots__ = ("project_id", "project_name", "key_name", "admin")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_NAME_FIELD_NUMBER: _ClassVar[int]
+    ADMIN_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    project_name: str
+    key_name: str
+    admin: bool
+    def __init__(self, project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., key_name: _Optional[str] = ..., admin: _Optional[bool] = ...) -> None: ...
+
+class ResolveImageRequest(_message.Message):
+    __slots__ = ("deployment_id", "image_id")
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    image_id: str
+    def __init__(self, deployment_id: _Optional[str] = ..., image_id: _Optional[str] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("since_revision",)
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    since_revision: int
+    def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("revision", "environment", "binding", "environment_deleted", "snapshot_complete")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_DELETED_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    environment: _common_pb2.Environment
+    binding: _common_pb2.Binding
+    environment_deleted: str
+    snapshot_complete: bool
+    def __init__(self, revision: _Optional[int] = ..., environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., binding: _Optional[_Union[_common_pb2.Binding, _Mapping]] = ..., environment_deleted: _Optional[str] = ..., snapshot_complete: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,123 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from berth.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetDeploymentStatusRequest(_message.Message):
+    __slots__ = ("project", "deployment_id", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class Replica(_message.Message):
+    __slots__ = ("id", "name", "index", "state", "started_at", "restarts", "address")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    index: int
+    state: str
+    started_at: _timestamp_pb2.Timestamp
+    restarts: int
+    address: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class BindingStatus(_message.Message):
+    __slots__ = ("environment_id", "environment", "status", "min_replicas", "max_replicas", "serving", "replicas")
+    ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    environment_id: str
+    environment: str
+    status: str
+    min_replicas: int
+    max_replicas: int
+    serving: bool
+    replicas: _containers.RepeatedCompositeFieldContainer[Replica]
+    def __init__(self, environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., status: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., serving: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class DeploymentStatus(_message.Message):
+    __slots__ = ("deployment", "bindings")
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    deployment: _common_pb2.Deployment
+    bindings: _containers.RepeatedCompositeFieldContainer[BindingStatus]
+    def __init__(self, deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., bindings: _Optional[_Iterable[_Union[BindingStatus, _Mapping]]] = ...) -> None: ...
+
+class ListDeploymentErrorsRequest(_message.Message):
+    __slots__ = ("project", "deployment_id")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ...) -> None: ...
+
+class DeploymentError(_message.Message):
+    __slots__ = ("kind", "message", "deployment_id", "environment_id", "environment", "replica", "count", "first_seen", "last_seen")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    message: str
+    deployment_id: str
+    environment_id: str
+    environment: str
+    replica: str
+    count: int
+    first_seen: _timestamp_pb2.Timestamp
+    last_seen: _timestamp_pb2.Timestamp
+    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., replica: _Optional[str] = ..., count: _Optional[int] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListDeploymentErrorsResponse(_message.Message):
+    __slots__ = ("errors",)
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    errors: _containers.RepeatedCompositeFieldContainer[DeploymentError]
+    def __init__(self, errors: _Optional[_Iterable[_Union[DeploymentError, _Mapping]]] = ...) -> None: ...
+
+class WatchEndpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EndpointSet(_message.Message):
+    __slots__ = ("project_id", "environment_id", "deployment_id", "addresses")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    environment_id: str
+    deployment_id: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, project_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EndpointSnapshot(_message.Message):
+    __slots__ = ("sets",)
+    SETS_FIELD_NUMBER: _ClassVar[int]
+    sets: _containers.RepeatedCompositeFieldContainer[EndpointSet]
+    def __init__(self, sets: _Optional[_Iterable[_Union[EndpointSet, _Mapping]]] = ...) -> None: ...

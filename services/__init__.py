@@ -1,0 +1,1 @@
+"""Berth's four gRPC services: registry, scheduler, secrets and router."""

@@ -1,0 +1,1 @@
+"""Plumbing every service shares: server factory, error mapping, auth, logging."""

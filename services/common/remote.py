@@ -1,0 +1,104 @@
+"""Calling another Berth service: channels, credentials, deadlines, retries
+of what is safe, and authentication through the registry."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from berth import errors
+from berth.client import error_from_rpc
+from berth.v1 import registry_pb2, registry_pb2_grpc
+from services.common.auth import (
+    ADMIN_PRINCIPAL,
+    API_KEY_METADATA,
+    SERVICE_PRINCIPAL,
+    Principal,
+    same_secret,
+)
+
+T = TypeVar("T")
+
+DEFAULT_DEADLINE = 5.0
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(
+        address,
+        options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)],
+    )
+
+
+def credentials(token: str) -> tuple[tuple[str, str], ...]:
+    return ((API_KEY_METADATA, token),)
+
+
+async def call_idempotent(fn: Callable[[], Awaitable[T]], *, within: float = 10.0) -> T:
+    """Retries a read or an idempotent write while the peer is UNAVAILABLE,
+    with jittered backoff, for at most ``within`` seconds."""
+    try:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(errors.Unavailable),
+            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            stop=stop_after_delay(within),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    return await fn()
+                except grpc.aio.AioRpcError as exc:
+                    raise error_from_rpc(exc) from None
+    except errors.BerthError:
+        raise
+    raise errors.Internal("retry loop ended without a result")  # pragma: no cover
+
+
+class RegistryAuthenticator:
+    """Authenticates API keys by asking the registry, caching answers briefly
+    so a burst of calls costs one round trip. The service token and admin key
+    are checked locally."""
+
+    def __init__(self, registry_address: str, service_token: str, *, admin_key: str = "", ttl: float = 10.0) -> None:
+        self._channel = channel(registry_address)
+        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        self._service_token = service_token
+        self._admin_key = admin_key
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, Principal]] = {}
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, api_key: str) -> Principal:
+        if not api_key:
+            raise errors.Unauthenticated("no API key given", hint="set BERTH_API_KEY")
+        if same_secret(api_key, self._service_token):
+            return SERVICE_PRINCIPAL
+        if same_secret(api_key, self._admin_key):
+            return ADMIN_PRINCIPAL
+        now = time.monotonic()
+        cached = self._cache.get(api_key)
+        if cached and cached[0] > now:
+            return cached[1]
+
+        async def ask() -> registry_pb2.Principal:
+            return await self._stub.Authenticate(
+                registry_pb2.AuthenticateRequest(api_key=api_key),
+                metadata=credentials(self._service_token),
+                timeout=DEFAULT_DEADLINE,
+            )
+
+        answer = await call_idempotent(ask, within=5.0)
+        principal = Principal(
+            project_id=answer.project_id,
+            project_name=answer.project_name,
+            key_name=answer.key_name,
+            admin=answer.admin,
+        )
+        self._cache[api_key] = (now + self._ttl, principal)
+        return principal
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,189 @@
+"""One way to build, run and stop a Berth gRPC service.
+
+``start_server`` binds the port (0 picks a free one), registers health checking
+and reflection, and installs ``CallInterceptor``: the single place where the
+caller is authenticated and domain errors become gRPC status codes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from berth import errors
+from services.common.auth import API_KEY_METADATA, Principal, current_principal
+
+log = logging.getLogger("berth.grpc")
+
+STATUS_BY_ERROR: dict[type[errors.BerthError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
+}
+
+# Given an API key (or "" when none was sent) returns the principal or raises
+# Unauthenticated. Each service supplies its own.
+Authenticator = Callable[[str], Awaitable[Principal]]
+
+
+def status_for(error: errors.BerthError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def _error_details(error: errors.BerthError) -> str:
+    return f"{error.message} (hint: {error.hint})" if error.hint else error.message
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every ``berth.v1`` call and maps domain errors to status
+    codes. Handlers never call ``context.abort`` themselves."""
+
+    def __init__(self, authenticate: Authenticator, public_methods: Sequence[str] = ()) -> None:
+        self._authenticate = authenticate
+        self._public = set(public_methods)
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not method.startswith("/berth.v1."):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        api_key = metadata.get(API_KEY_METADATA, "")
+        needs_auth = method not in self._public
+
+        async def enter(context: grpc.aio.ServicerContext) -> None:
+            if needs_auth:
+                principal = await self._authenticate(api_key)
+                current_principal.set(principal)
+
+        async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+            if isinstance(exc, errors.BerthError):
+                code = status_for(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.error("internal_error", extra={"method": method, "error": exc.message})
+                await context.abort(code, _error_details(exc))
+            log.exception("unexpected_error", extra={"method": method})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+
+        if handler.unary_unary:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                started = time.perf_counter()
+                try:
+                    await enter(context)
+                    return await inner_uu(request, context)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the one place errors are mapped
+                    if isinstance(exc, grpc.aio.AbortError):
+                        raise
+                    await fail(context, exc)
+                finally:
+                    log.debug("call", extra={"method": method, "ms": round((time.perf_counter() - started) * 1000, 2)})
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+                try:
+                    await enter(context)
+                    async for item in inner_us(request, context):
+                        yield item
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    if isinstance(exc, grpc.aio.AbortError):
+                        raise
+                    await fail(context, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health_aio.HealthServicer
+    service_names: tuple[str, ...]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Graceful: report NOT_SERVING, let in-flight calls finish, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    *,
+    host: str,
+    port: int,
+    service_names: Sequence[str],
+    register: Callable[[grpc.aio.Server], None],
+    authenticate: Authenticator,
+    public_methods: Sequence[str] = (),
+) -> RunningServer:
+    server = grpc.aio.server(
+        interceptors=[CallInterceptor(authenticate, public_methods)],
+        options=[("grpc.so_reuseport", 0)],
+    )
+    register(server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    for name in ("", *service_names):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return RunningServer(server=server, port=bound, health=health, service_names=tuple(service_names))
+
+
+async def serve_until_signalled(
+    running: RunningServer,
+    *,
+    name: str,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    grace: float = 5.0,
+) -> None:
+    """Blocks until SIGTERM/SIGINT, then shuts down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving", extra={"service": name, "port": running.port})
+    await stop.wait()
+    log.info("stopping", extra={"service": name})
+    if on_stop is not None:
+        await on_stop()
+    await running.stop(grace)
+    log.info("stopped", extra={"service": name})
