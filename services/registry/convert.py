@@ -1,0 +1,102 @@
+"""Storage rows -> protobuf messages (one direction only: the registry never
+reads its rows back from protos)."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from berth.v1 import common_pb2
+from services.registry import domain
+from services.registry.storage import BindingRow, DeploymentRow, EnvironmentRow, HistoryRow, ProjectRow
+
+
+def timestamp(value: datetime | None) -> Timestamp:
+    ts = Timestamp()
+    if value is not None:
+        if value.tzinfo is None:  # SQLite drops the zone; we only ever store UTC
+            value = value.replace(tzinfo=timezone.utc)
+        ts.FromDatetime(value)
+    return ts
+
+
+def project(row: ProjectRow) -> common_pb2.Project:
+    return common_pb2.Project(id=row.id, name=row.name, created_at=timestamp(row.created_at))
+
+
+def worker_config(config: domain.WorkerConfig) -> common_pb2.WorkerConfig:
+    return common_pb2.WorkerConfig(
+        port=config.port,
+        command=list(config.command),
+        health_path=config.health_path,
+        variables=config.variables,
+        resources=common_pb2.Resources(memory_bytes=config.resources.memory_bytes, cpus=config.resources.cpus),
+    )
+
+
+def config_from_proto(msg: common_pb2.WorkerConfig) -> domain.WorkerConfig:
+    return domain.WorkerConfig(
+        port=msg.port,
+        command=tuple(msg.command),
+        health_path=msg.health_path,
+        variables=dict(msg.variables),
+        resources=domain.Resources(memory_bytes=msg.resources.memory_bytes, cpus=msg.resources.cpus),
+    )
+
+
+def deployment(row: DeploymentRow) -> common_pb2.Deployment:
+    return common_pb2.Deployment(
+        id=row.id,
+        project_id=row.project_id,
+        image=row.image,
+        image_id=row.image_id,
+        config=worker_config(domain.WorkerConfig.from_json(row.config)),
+        state=row.state,
+        created_at=timestamp(row.created_at),
+        created_by=row.created_by,
+    )
+
+
+def environment(row: EnvironmentRow, project_name: str) -> common_pb2.Environment:
+    return common_pb2.Environment(
+        id=row.id,
+        project_id=row.project_id,
+        project_name=project_name,
+        name=row.name,
+        deployment_id=row.deployment_id or "",
+        sequence=row.sequence,
+        protected=row.protected,
+        created_at=timestamp(row.created_at),
+    )
+
+
+def binding(
+    row: BindingRow, env: EnvironmentRow, dep: DeploymentRow, project_name: str
+) -> common_pb2.Binding:
+    return common_pb2.Binding(
+        project_id=row.project_id,
+        project_name=project_name,
+        environment_id=env.id,
+        environment_name=env.name,
+        deployment=deployment(dep),
+        min_replicas=row.min_replicas,
+        max_replicas=row.max_replicas,
+        state=row.state,
+        serving=env.deployment_id == dep.id,
+        updated_at=timestamp(row.updated_at),
+    )
+
+
+def history_entry(row: HistoryRow) -> common_pb2.HistoryEntry:
+    return common_pb2.HistoryEntry(
+        environment_id=row.environment_id,
+        sequence=row.sequence,
+        kind=row.kind,
+        deployment_id=row.deployment_id,
+        previous_deployment_id=row.previous_deployment_id,
+        min_replicas=row.min_replicas,
+        max_replicas=row.max_replicas,
+        actor=row.actor,
+        created_at=timestamp(row.created_at),
+        reason=row.reason,
+    )

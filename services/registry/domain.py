@@ -1,0 +1,206 @@
+"""Pure rules of the registry: validation, identifiers and pointer moves.
+
+Nothing here touches storage or gRPC; the service layer calls these with plain
+values and persists what they decide.
+"""
+from __future__ import annotations
+
+import re
+import secrets as _secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from berth.errors import FailedPrecondition, InvalidArgument
+
+DEFAULT_ENVIRONMENTS = ("preview", "staging", "production")
+PROTECTED_ENVIRONMENTS = frozenset({"production"})
+DEFAULT_DEPLOY_ENVIRONMENT = "preview"
+DEFAULT_MIN_REPLICAS = 1
+DEFAULT_MAX_REPLICAS = 3
+MAX_REPLICAS_LIMIT = 100
+DEFAULT_PORT = 8080
+MIN_MEMORY_BYTES = 6 * 1024 * 1024  # the engine refuses smaller limits
+MAX_REASON_LENGTH = 500
+
+PROJECT_ID_PREFIX = "prj_"
+ENVIRONMENT_ID_PREFIX = "env_"
+DEPLOYMENT_ID_PREFIX = "dep_"
+
+# Names appear in host names ({environment}.{project}.{domain}), so they are
+# DNS labels: lowercase letters, digits and dashes, starting with a letter.
+NAME_PATTERN = re.compile(r"^[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+ENV_VAR_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+RESERVED_VARIABLE_PREFIX = "BERTH_"
+RESERVED_VARIABLES = frozenset({"PORT"})
+
+# Docker's reference grammar: [domain[:port]/]path[:tag][@digest], or a bare
+# content-addressed image id.
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*(?::[0-9]+)?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE_REFERENCE_PATTERN = re.compile(rf"^{_NAME}(?::{_TAG})?(?:@{_DIGEST})?$")
+IMAGE_ID_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_IMAGE_REFERENCE_LENGTH = 255
+
+
+class MoveKind(StrEnum):
+    DEPLOY = "deploy"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+
+
+class Lifecycle(StrEnum):
+    ACTIVE = "active"
+    TERMINATED = "terminated"
+
+
+def new_id(prefix: str) -> str:
+    # 60 random bits in lowercase base32-ish hex: short enough to type, unique
+    # enough for a control plane.
+    return prefix + _secrets.token_hex(6)
+
+
+def validate_name(value: str, *, field_name: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{field_name} is required")
+    if len(value) > 40:
+        raise InvalidArgument(f"{field_name} is {len(value)} characters long; at most 40 are allowed")
+    if not NAME_PATTERN.match(value):
+        raise InvalidArgument(
+            f"{field_name} {value!r} is not valid: use lowercase letters, digits and dashes, "
+            "starting with a letter and not ending with a dash"
+        )
+    return value
+
+
+def validate_image(image: str, image_id: str) -> None:
+    if not image:
+        raise InvalidArgument("image is required: give an image reference such as 'registry.example/app:1.2'")
+    if len(image) > MAX_IMAGE_REFERENCE_LENGTH:
+        raise InvalidArgument(f"image reference is longer than {MAX_IMAGE_REFERENCE_LENGTH} characters")
+    if not (IMAGE_REFERENCE_PATTERN.match(image) or IMAGE_ID_PATTERN.match(image)):
+        raise InvalidArgument(
+            f"image {image!r} is not a valid image reference "
+            "(expected [registry/]name[:tag][@sha256:digest], lowercase name)"
+        )
+    if image_id and not IMAGE_ID_PATTERN.match(image_id):
+        raise InvalidArgument(f"image_id {image_id!r} must be a content-addressed id 'sha256:<64 hex digits>'")
+
+
+@dataclass(frozen=True)
+class Resources:
+    memory_bytes: int = 0
+    cpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    port: int = DEFAULT_PORT
+    command: tuple[str, ...] = ()
+    health_path: str = "/"
+    variables: dict[str, str] = field(default_factory=dict)
+    resources: Resources = Resources()
+
+    def to_json(self) -> dict:
+        return {
+            "port": self.port,
+            "command": list(self.command),
+            "health_path": self.health_path,
+            "variables": dict(sorted(self.variables.items())),
+            "resources": {"memory_bytes": self.resources.memory_bytes, "cpus": self.resources.cpus},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> WorkerConfig:
+        res = data.get("resources") or {}
+        return cls(
+            port=int(data.get("port") or DEFAULT_PORT),
+            command=tuple(data.get("command") or ()),
+            health_path=data.get("health_path") or "/",
+            variables=dict(data.get("variables") or {}),
+            resources=Resources(memory_bytes=int(res.get("memory_bytes") or 0), cpus=float(res.get("cpus") or 0.0)),
+        )
+
+
+def validate_config(config: WorkerConfig) -> WorkerConfig:
+    """Returns the config with defaults filled in, or raises naming the field."""
+    port = config.port or DEFAULT_PORT
+    if not 1 <= port <= 65535:
+        raise InvalidArgument(f"config.port {port} is out of range 1-65535")
+    health_path = config.health_path or "/"
+    if not health_path.startswith("/") or any(c.isspace() for c in health_path) or len(health_path) > 1024:
+        raise InvalidArgument(f"config.health_path {health_path!r} must be an absolute URL path such as '/healthz'")
+    for name in config.variables:
+        if not ENV_VAR_PATTERN.match(name):
+            raise InvalidArgument(f"config.variables: {name!r} is not a valid environment variable name")
+        if name in RESERVED_VARIABLES or name.startswith(RESERVED_VARIABLE_PREFIX):
+            raise InvalidArgument(f"config.variables: {name!r} is set by Berth itself and cannot be overridden")
+    if len(config.command) > 256 or any(len(part) > 4096 for part in config.command):
+        raise InvalidArgument("config.command is too long")
+    resources = config.resources
+    if resources.memory_bytes < 0 or resources.cpus < 0:
+        raise InvalidArgument("config.resources must not be negative")
+    if 0 < resources.memory_bytes < MIN_MEMORY_BYTES:
+        raise InvalidArgument(f"config.resources.memory_bytes must be at least {MIN_MEMORY_BYTES} (6 MiB) or 0")
+    return WorkerConfig(
+        port=port,
+        command=tuple(config.command),
+        health_path=health_path,
+        variables=dict(config.variables),
+        resources=resources,
+    )
+
+
+@dataclass(frozen=True)
+class ReplicaBounds:
+    min_replicas: int
+    max_replicas: int
+
+
+def resolve_bounds(
+    requested_min: int, requested_max: int, *, fallback: ReplicaBounds | None = None
+) -> ReplicaBounds:
+    """Bounds for a binding: what was asked, else the fallback (an existing
+    binding's bounds), else the defaults. 0 means "not given"."""
+    base = fallback or ReplicaBounds(DEFAULT_MIN_REPLICAS, DEFAULT_MAX_REPLICAS)
+    if requested_min < 0 or requested_max < 0:
+        raise InvalidArgument("min_replicas and max_replicas must not be negative")
+    minimum = requested_min if requested_min or requested_max else base.min_replicas
+    if requested_max:
+        maximum = requested_max
+    else:
+        maximum = max(base.max_replicas, minimum)
+    if maximum < 1:
+        raise InvalidArgument("max_replicas must be at least 1")
+    if maximum > MAX_REPLICAS_LIMIT:
+        raise InvalidArgument(f"max_replicas {maximum} is above the limit of {MAX_REPLICAS_LIMIT}")
+    if minimum > maximum:
+        raise InvalidArgument(f"min_replicas {minimum} is greater than max_replicas {maximum}")
+    return ReplicaBounds(minimum, maximum)
+
+
+def validate_reason(reason: str) -> str:
+    if len(reason) > MAX_REASON_LENGTH:
+        raise InvalidArgument(f"reason is longer than {MAX_REASON_LENGTH} characters")
+    return reason
+
+
+def check_protected(environment_name: str, protected: bool, confirm: bool) -> None:
+    if protected and not confirm:
+        raise FailedPrecondition(
+            f"environment {environment_name!r} is protected: moving its pointer needs confirmation",
+            hint="pass --yes (CLI) or \"confirm\": true (API)",
+        )
+
+
+def check_expected_sequence(environment_name: str, current: int, expected: int) -> None:
+    from berth.errors import Aborted
+
+    if expected and expected != current:
+        raise Aborted(
+            f"environment {environment_name!r} moved meanwhile: expected sequence {expected}, it is at {current}",
+            hint="re-read the history and retry",
+        )

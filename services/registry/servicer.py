@@ -1,0 +1,151 @@
+"""gRPC handlers of berth.v1.Registry: proto in, use case, proto out.
+
+Blocking database work runs in worker threads so the event loop keeps
+serving watch streams."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services.common.auth import caller, require_service
+from services.registry import convert
+from services.registry.changes import Change, ChangeHub
+from services.registry.service import RegistryService
+
+log = logging.getLogger("berth.registry")
+
+
+def _event(change: Change) -> registry_pb2.WatchEvent:
+    if change.kind == "environment":
+        return registry_pb2.WatchEvent(revision=change.revision, environment=change.payload)
+    if change.kind == "binding":
+        return registry_pb2.WatchEvent(revision=change.revision, binding=change.payload)
+    return registry_pb2.WatchEvent(revision=change.revision, environment_deleted=change.payload)
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServicer):
+    def __init__(self, service: RegistryService, hub: ChangeHub) -> None:
+        self._service = service
+        self._hub = hub
+
+    async def CreateProject(self, request, context):  # type: ignore[no-untyped-def]
+        project, api_key = await asyncio.to_thread(self._service.create_project, caller(), request.name)
+        log.info("project_created", extra={"project": project.id, "name": project.name})
+        return registry_pb2.CreateProjectResponse(project=project, api_key=api_key)
+
+    async def GetProject(self, request, context):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(self._service.get_project, caller(), request.project)
+
+    async def ListEnvironments(self, request, context):  # type: ignore[no-untyped-def]
+        envs = await asyncio.to_thread(self._service.list_environments, caller(), request.project)
+        return registry_pb2.ListEnvironmentsResponse(environments=envs)
+
+    async def CreateEnvironment(self, request, context):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(self._service.create_environment, caller(), request.project, request.name)
+
+    async def Deploy(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        deployment, move = await asyncio.to_thread(
+            lambda: self._service.deploy(
+                principal,
+                project_ref=request.project,
+                image=request.image,
+                image_id=request.image_id,
+                config=convert.config_from_proto(request.config),
+                environment_ref=request.environment,
+                min_replicas=request.min_replicas,
+                max_replicas=request.max_replicas,
+                expected_sequence=request.expected_sequence,
+                confirm=request.confirm,
+                reason=request.reason,
+            )
+        )
+        log.info("deployed", extra={"deployment": deployment.id, "environment": move.environment.id, "actor": principal.actor})
+        return registry_pb2.DeployResponse(deployment=deployment, environment=move.environment, entry=move.entry)
+
+    async def GetDeployment(self, request, context):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(self._service.get_deployment, caller(), request.project, request.deployment_id)
+
+    async def ListDeployments(self, request, context):  # type: ignore[no-untyped-def]
+        deps = await asyncio.to_thread(self._service.list_deployments, caller(), request.project, request.environment)
+        return registry_pb2.ListDeploymentsResponse(deployments=deps)
+
+    async def Promote(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        move = await asyncio.to_thread(
+            lambda: self._service.promote(
+                principal,
+                project_ref=request.project,
+                deployment_id=request.deployment_id,
+                target_environment_ref=request.target_environment,
+                min_replicas=request.min_replicas,
+                max_replicas=request.max_replicas,
+                scale_previous_to_zero=request.scale_previous_to_zero,
+                expected_sequence=request.expected_sequence,
+                confirm=request.confirm,
+                reason=request.reason,
+            )
+        )
+        log.info("promoted", extra={"deployment": move.deployment.id, "environment": move.environment.id, "sequence": move.entry.sequence})
+        return registry_pb2.PointerMoveResponse(environment=move.environment, entry=move.entry)
+
+    async def Rollback(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        move = await asyncio.to_thread(
+            lambda: self._service.rollback(
+                principal,
+                project_ref=request.project,
+                environment_ref=request.environment,
+                to_deployment_id=request.to_deployment_id,
+                expected_sequence=request.expected_sequence,
+                confirm=request.confirm,
+                reason=request.reason,
+            )
+        )
+        log.info("rolled_back", extra={"deployment": move.deployment.id, "environment": move.environment.id, "sequence": move.entry.sequence})
+        return registry_pb2.PointerMoveResponse(environment=move.environment, entry=move.entry)
+
+    async def ListHistory(self, request, context):  # type: ignore[no-untyped-def]
+        entries = await asyncio.to_thread(self._service.list_history, caller(), request.project, request.environment)
+        return registry_pb2.ListHistoryResponse(entries=entries)
+
+    async def Authenticate(self, request, context):  # type: ignore[no-untyped-def]
+        require_service()
+        principal = await asyncio.to_thread(self._service.authenticate, request.api_key)
+        return registry_pb2.Principal(
+            project_id=principal.project_id,
+            project_name=principal.project_name,
+            key_name=principal.key_name,
+            admin=principal.admin,
+        )
+
+    async def ResolveImage(self, request, context):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(self._service.resolve_image, caller(), request.deployment_id, request.image_id)
+
+    async def Watch(self, request, context) -> AsyncIterator[registry_pb2.WatchEvent]:  # type: ignore[no-untyped-def,override]
+        require_service()
+        subscription = self._hub.subscribe()  # before the snapshot: nothing falls in between
+        try:
+            _, queue = subscription
+            replay = self._hub.since(request.since_revision) if request.since_revision else None
+            if replay is not None:
+                revision = request.since_revision
+                for change in replay:
+                    revision = max(revision, change.revision)
+                    yield _event(change)
+            else:
+                revision, snapshot = await asyncio.to_thread(self._service.snapshot)
+                for change in snapshot:
+                    yield _event(change)
+            yield registry_pb2.WatchEvent(revision=revision, snapshot_complete=True)
+            while True:
+                change = await queue.get()
+                if change.revision <= revision and change.kind != "environment_deleted":
+                    continue  # already in the snapshot or the replay
+                yield _event(change)
+        finally:
+            self._hub.unsubscribe(subscription)
