@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from berth import errors
 from berth.client import error_from_rpc
@@ -43,7 +43,7 @@ async def call_idempotent(fn: Callable[[], Awaitable[T]], *, within: float = 10.
     try:
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(errors.Unavailable),
-            wait=wait_exponential_jitter(initial=0.05, max=1.0),
+            wait=wait_exponential(multiplier=0.05, max=1.0) + wait_random(0, 0.05),
             stop=stop_after_delay(within),
             reraise=True,
         ):

@@ -1,0 +1,1 @@
+"""The secrets service: encrypted, scoped, versioned secrets."""

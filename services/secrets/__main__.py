@@ -1,0 +1,3 @@
+from services.secrets.app import main
+
+main()

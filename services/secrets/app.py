@@ -1,0 +1,73 @@
+"""Entry point of the secrets service: ``python -m services.secrets``."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import pathlib
+
+from sqlalchemy.orm import sessionmaker
+
+from berth.v1 import secrets_pb2, secrets_pb2_grpc
+from services.common import logs
+from services.common.config import add_common_flags, env
+from services.common.remote import RegistryAuthenticator
+from services.common.server import RunningServer, serve_until_signalled, start_server
+from services.registry.storage import make_engine
+from services.secrets import crypto
+from services.secrets.service import SecretsService
+from services.secrets.servicer import EnvironmentDirectory, SecretsServicer
+from services.secrets.storage import migrate
+
+SERVICE_NAME = secrets_pb2.DESCRIPTOR.services_by_name["Secrets"].full_name
+
+
+async def start(
+    *, host: str, port: int, database_url: str, master_key: bytes, registry: str, service_token: str
+) -> tuple[RunningServer, list]:
+    engine = make_engine(database_url)
+    await asyncio.to_thread(migrate, engine)
+    service = SecretsService(sessionmaker(engine, expire_on_commit=False), master_key)
+    directory = EnvironmentDirectory(registry, service_token)
+    authenticator = RegistryAuthenticator(registry, service_token)
+    running = await start_server(
+        host=host,
+        port=port,
+        service_names=[SERVICE_NAME],
+        register=lambda server: secrets_pb2_grpc.add_SecretsServicer_to_server(SecretsServicer(service, directory), server),
+        authenticate=authenticator,
+    )
+    return running, [directory, authenticator]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="berth-secrets", description="Berth secrets service")
+    add_common_flags(parser, default_port=50052)
+    data_dir = pathlib.Path(env("BERTH_DATA_DIR", os.path.expanduser("~/.local/share/berth")))
+    parser.add_argument("--database-url", default=env("BERTH_SECRETS_DATABASE_URL") or f"sqlite:///{data_dir / 'secrets.db'}")
+    parser.add_argument("--master-key-file", type=pathlib.Path, default=data_dir / "master.key")
+    args = parser.parse_args(argv)
+    logs.configure("secrets", args.log_level)
+    if not args.service_token:
+        parser.error("--service-token (or BERTH_SERVICE_TOKEN) is required")
+    if args.database_url.startswith("sqlite:///"):
+        pathlib.Path(args.database_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    master_key = crypto.load_master_key(env_value=env("BERTH_MASTER_KEY"), key_file=args.master_key_file)
+
+    async def run() -> None:
+        running, closers = await start(
+            host=args.host, port=args.port, database_url=args.database_url, master_key=master_key,
+            registry=args.registry, service_token=args.service_token,
+        )
+
+        async def close() -> None:
+            for c in closers:
+                await c.close()
+
+        await serve_until_signalled(running, name="secrets", on_stop=close)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""gRPC handlers of berth.v1.Secrets."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from berth.errors import InvalidArgument, NotFound, PermissionDenied
+from berth.v1 import registry_pb2, registry_pb2_grpc, secrets_pb2, secrets_pb2_grpc
+from services.common.auth import Principal, caller
+from services.common.remote import DEFAULT_DEADLINE, call_idempotent, channel, credentials
+from services.secrets.service import SecretInfo, SecretsService
+
+log = logging.getLogger("berth.secrets")
+
+
+def _ts(value) -> Timestamp:  # type: ignore[no-untyped-def]
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _info(info: SecretInfo) -> secrets_pb2.SecretInfo:
+    return secrets_pb2.SecretInfo(
+        name=info.name,
+        type=info.type,
+        scope=info.scope,
+        environment_id=info.environment_id,
+        version=info.version,
+        created_at=_ts(info.created_at),
+        updated_at=_ts(info.updated_at),
+        updated_by=info.updated_by,
+    )
+
+
+class EnvironmentDirectory:
+    """Resolves project and environment references through the registry."""
+
+    def __init__(self, registry_address: str, service_token: str) -> None:
+        self._channel = channel(registry_address)
+        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        self._token = service_token
+
+    async def environment(self, project_id: str, ref: str) -> tuple[str, str]:
+        async def ask() -> registry_pb2.ListEnvironmentsResponse:
+            return await self._stub.ListEnvironments(
+                registry_pb2.ListEnvironmentsRequest(project=project_id),
+                metadata=credentials(self._token),
+                timeout=DEFAULT_DEADLINE,
+            )
+
+        envs = (await call_idempotent(ask)).environments
+        for env in envs:
+            if ref in (env.id, env.name):
+                return env.id, env.name
+        raise NotFound(
+            f"environment {ref!r} not found", hint="known environments: " + ", ".join(sorted(e.name for e in envs))
+        )
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+def project_of(principal: Principal, ref: str) -> str:
+    """The caller's own project; a reference to any other is refused."""
+    if principal.admin:
+        raise PermissionDenied("the admin key only creates projects", hint="use the project's API key")
+    if not principal.project_id:
+        raise InvalidArgument("project is required")
+    if ref and ref not in (principal.project_id, principal.project_name):
+        raise PermissionDenied(
+            f"your API key belongs to project {principal.project_name!r}, not {ref!r}", hint="use that project's API key"
+        )
+    return principal.project_id
+
+
+class SecretsServicer(secrets_pb2_grpc.SecretsServicer):
+    def __init__(self, service: SecretsService, directory: EnvironmentDirectory) -> None:
+        self._service = service
+        self._directory = directory
+
+    async def SetSecret(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        project_id = project_of(principal, request.project)
+        env_id, env_name = ("", "")
+        if request.environment:
+            env_id, env_name = await self._directory.environment(project_id, request.environment)
+        info = await asyncio.to_thread(
+            lambda: self._service.set_secret(
+                principal,
+                project_id=project_id,
+                environment_id=env_id,
+                environment_name=env_name,
+                name=request.name,
+                type_=request.type,
+                value=request.value,
+            )
+        )
+        log.info("secret_set", extra={"project": project_id, "secret": info.name, "scope": info.scope, "version": info.version})
+        return _info(info)
+
+    async def ListSecrets(self, request, context):  # type: ignore[no-untyped-def]
+        project_id = project_of(caller(), request.project)
+        env_id = ""
+        if request.environment:
+            env_id, _ = await self._directory.environment(project_id, request.environment)
+        infos = await asyncio.to_thread(self._service.list_secrets, project_id, env_id)
+        return secrets_pb2.ListSecretsResponse(secrets=[_info(i) for i in infos])
+
+    async def ResolveSecrets(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        resolved = await asyncio.to_thread(
+            self._service.resolve, principal, request.project_id, request.environment_id
+        )
+        return secrets_pb2.ResolveSecretsResponse(
+            secrets=[
+                secrets_pb2.ResolvedSecret(name=s.name, value=s.value, version=s.version, scope=s.scope)
+                for s in resolved
+            ]
+        )

@@ -1,0 +1,52 @@
+"""Persistence of the secrets service (SQLAlchemy 2; schema by migrations)."""
+from __future__ import annotations
+
+import pathlib
+from datetime import datetime
+
+from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_secrets"  # the registry may share the database
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DataKeyRow(Base):
+    __tablename__ = "secret_data_keys"
+    project_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class SecretVersionRow(Base):
+    """One version of one secret; versions are never rewritten."""
+
+    __tablename__ = "secret_versions"
+    __table_args__ = (UniqueConstraint("project_id", "environment_id", "name", "version", name="uq_secret_version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project_id: Mapped[str] = mapped_column(String(40), index=True)
+    environment_id: Mapped[str] = mapped_column(String(40))  # "" = project scope
+    environment_name: Mapped[str] = mapped_column(String(40))
+    name: Mapped[str] = mapped_column(String(128))
+    type: Mapped[str] = mapped_column(String(20))
+    version: Mapped[int] = mapped_column(Integer)
+    nonce: Mapped[bytes] = mapped_column(LargeBinary)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_by: Mapped[str] = mapped_column(String(80))
+
+
+def migrate(engine) -> None:  # type: ignore[no-untyped-def]
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
