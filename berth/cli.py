@@ -1,0 +1,700 @@
+"""The ``berth`` command line: a thin wrapper over the gRPC services.
+
+Human output goes to a terminal as tables; ``--output json`` prints
+``{"data": ...}`` on stdout, or ``{"error": {...}}`` on stderr with a
+non-zero exit code.
+"""
+from __future__ import annotations
+
+import functools
+import getpass
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+from google.protobuf import json_format
+from rich.console import Console
+from rich.table import Table
+
+from berth import errors, local
+from berth.client import Client
+from berth.v1 import common_pb2, registry_pb2, scheduler_pb2, secrets_pb2
+
+EXIT_CODES: dict[type[errors.BerthError], int] = {
+    errors.InvalidArgument: 2,
+    errors.NotFound: 3,
+    errors.Unauthenticated: 4,
+    errors.PermissionDenied: 4,
+    errors.FailedPrecondition: 5,
+    errors.Aborted: 6,
+    errors.AlreadyExists: 7,
+    errors.Unavailable: 8,
+}
+ERROR_CODES: dict[type[errors.BerthError], str] = {
+    errors.InvalidArgument: "invalid_argument",
+    errors.NotFound: "not_found",
+    errors.AlreadyExists: "already_exists",
+    errors.FailedPrecondition: "failed_precondition",
+    errors.Aborted: "aborted",
+    errors.Unauthenticated: "unauthenticated",
+    errors.PermissionDenied: "permission_denied",
+    errors.Unavailable: "unavailable",
+    errors.Internal: "internal",
+}
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def to_dict(message: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+class Ctx:
+    def __init__(self, output: str, project: str | None) -> None:
+        self.output = output
+        self._project = project
+        self._client: Client | None = None
+
+    @property
+    def json(self) -> bool:
+        return self.output == "json"
+
+    @property
+    def project(self) -> str:
+        if self._project:
+            return self._project
+        if os.environ.get("BERTH_PROJECT"):
+            return os.environ["BERTH_PROJECT"]
+        return local.load_project_file(pathlib.Path.cwd()).project
+
+    def client(self, api_key: str | None = None) -> Client:
+        if self._client is None:
+            key = api_key if api_key is not None else os.environ.get("BERTH_API_KEY", "")
+            if not key:
+                raise errors.Unauthenticated(
+                    "no API key: set BERTH_API_KEY", hint="'berth projects create NAME' prints a project's first key"
+                )
+            self._client = Client(api_key=key, endpoints=local.endpoints())
+        return self._client
+
+    def emit(self, data: dict[str, Any], human: Callable[[], None]) -> None:
+        if self.json:
+            click.echo(json.dumps({"data": data}, indent=2, sort_keys=False))
+        else:
+            human()
+
+
+def fail(ctx: Ctx | None, error: errors.BerthError) -> None:
+    code = next((c for cls, c in ERROR_CODES.items() if isinstance(error, cls)), "internal")
+    if isinstance(error, errors.Unavailable) and "connect" in error.message.lower():
+        error.hint = error.hint or "is the platform running? start it with 'berth up'"
+    if ctx is not None and ctx.json:
+        body: dict[str, Any] = {"code": code, "message": error.message}
+        if error.hint:
+            body["hint"] = error.hint
+        click.echo(json.dumps({"error": body}), err=True)
+    else:
+        err.print(f"[bold red]error:[/] {error.message}", markup=True)
+        if error.hint:
+            err.print(f"[dim]hint:[/] {error.hint}", markup=True)
+    sys.exit(next((c for cls, c in EXIT_CODES.items() if isinstance(error, cls)), 1))
+
+
+def command(fn: Callable[..., None]) -> Callable[..., None]:
+    """Adds --output and --project and turns Berth errors into one clear line."""
+
+    @click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", help="Output format.")
+    @click.option("--project", "-p", default=None, help="Project name or id (default: BERTH_PROJECT or berth.toml).")
+    @functools.wraps(fn)
+    def wrapper(output: str, project: str | None, **kwargs: Any) -> None:
+        ctx = Ctx(output, project)
+        try:
+            fn(ctx, **kwargs)
+        except errors.BerthError as error:
+            fail(ctx, error)
+        finally:
+            if ctx._client is not None:
+                ctx._client.close()
+
+    return wrapper
+
+
+def table(*columns: str) -> Table:
+    t = Table(box=None, pad_edge=False, header_style="bold")
+    for c in columns:
+        t.add_column(c)
+    return t
+
+
+def short_time(ts: str) -> str:
+    return ts.replace("T", " ")[:19] if ts else "-"
+
+
+# ---------------------------------------------------------------- the group
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="berth")
+def main() -> None:
+    """Berth: deploy immutable builds, promote them between environments, roll back precisely."""
+
+
+# ---------------------------------------------------------------- berth up
+
+
+@main.command()
+@click.option("--data-dir", default=None, help="Where the platform keeps its state (default ~/.local/share/berth).")
+@click.option("--database-url", default=None, envvar="BERTH_DATABASE_URL", help="Registry database (default: SQLite in the data dir).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--router-port", default=8080, envvar="BERTH_ROUTER_PORT", show_default=True)
+@click.option("--registry-port", default=50051, envvar="BERTH_REGISTRY_PORT", show_default=True)
+@click.option("--secrets-port", default=50052, envvar="BERTH_SECRETS_PORT", show_default=True)
+@click.option("--scheduler-port", default=50053, envvar="BERTH_SCHEDULER_PORT", show_default=True)
+@click.option("--domain", default="localhost", envvar="BERTH_DOMAIN", show_default=True)
+def up(data_dir: str | None, database_url: str | None, host: str, router_port: int, registry_port: int,
+       secrets_port: int, scheduler_port: int, domain: str) -> None:
+    """Run the whole platform here until interrupted (replicas keep running)."""
+    from berth.platform import Platform, PlatformConfig
+
+    config = PlatformConfig(
+        data_dir=local.data_dir(data_dir), host=host, registry_port=registry_port, secrets_port=secrets_port,
+        scheduler_port=scheduler_port, router_port=router_port, database_url=database_url or "", domain=domain,
+    )
+    platform = Platform(config)
+    stopping = {"flag": False}
+
+    def request_stop(*_: object) -> None:
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    platform.start()
+    try:
+        status = platform.wait_healthy(timeout=90)
+        if not all(status.values()):
+            down = ", ".join(n for n, ok in status.items() if not ok)
+            err.print(f"[bold red]error:[/] not serving after 90 s: {down}; logs in {config.data_dir / 'logs'}")
+            sys.exit(8)
+        out.print(f"Berth is up (data in {config.data_dir})")
+        out.print(f"  router    http://{host}:{router_port}")
+        out.print(f"  registry  {host}:{registry_port}   secrets {host}:{secrets_port}   scheduler {host}:{scheduler_port}")
+        out.print("  create a project: berth projects create NAME   (Ctrl-C stops the platform; replicas keep running)")
+        platform.supervise(lambda: stopping["flag"])
+    except RuntimeError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        platform.stop()
+        sys.exit(8)
+    finally:
+        platform.stop()
+
+
+# ---------------------------------------------------------------- projects
+
+
+@main.group()
+def projects() -> None:
+    """Create and inspect projects."""
+
+
+@projects.command("create")
+@click.argument("name")
+@command
+def projects_create(ctx: Ctx, name: str) -> None:
+    """Create a project; prints its id and first API key (shown once)."""
+    admin = local.admin_key()
+    if not admin:
+        raise errors.Unauthenticated(
+            "no admin key found", hint=f"run 'berth up' on this machine first, or set BERTH_ADMIN_KEY"
+        )
+    resp = ctx.client(api_key=admin).call(ctx.client().registry.CreateProject, registry_pb2.CreateProjectRequest(name=name))
+    data = {"project": {"id": resp.project.id, "name": resp.project.name}, "api_key": resp.api_key}
+
+    def human() -> None:
+        out.print(f"Created project [bold]{resp.project.name}[/] ({resp.project.id})")
+        out.print("Its API key, shown only once:")
+        out.print(f"  export BERTH_API_KEY={resp.api_key}")
+        out.print(f"  export BERTH_PROJECT={resp.project.name}")
+
+    ctx.emit(data, human)
+
+
+# ---------------------------------------------------------------- environments
+
+
+@main.group("env")
+def env_group() -> None:
+    """List and create environments."""
+
+
+def env_dict(e: common_pb2.Environment) -> dict[str, Any]:
+    return {"id": e.id, "name": e.name, "deployment_id": e.deployment_id, "sequence": e.sequence, "protected": e.protected}
+
+
+@env_group.command("list")
+@command
+def env_list(ctx: Ctx) -> None:
+    c = ctx.client()
+    envs = c.call(c.registry.ListEnvironments, registry_pb2.ListEnvironmentsRequest(project=ctx.project)).environments
+
+    def human() -> None:
+        t = table("ENVIRONMENT", "ID", "DEPLOYMENT", "SEQUENCE", "PROTECTED")
+        for e in envs:
+            t.add_row(e.name, e.id, e.deployment_id or "-", str(e.sequence), "yes" if e.protected else "")
+        out.print(t)
+
+    ctx.emit({"environments": [env_dict(e) for e in envs]}, human)
+
+
+@env_group.command("create")
+@click.argument("name")
+@command
+def env_create(ctx: Ctx, name: str) -> None:
+    c = ctx.client()
+    e = c.call(c.registry.CreateEnvironment, registry_pb2.CreateEnvironmentRequest(project=ctx.project, name=name))
+    ctx.emit({"environment": env_dict(e)}, lambda: out.print(f"Created environment [bold]{e.name}[/] ({e.id})"))
+
+
+# ---------------------------------------------------------------- deploy
+
+
+def build_image(path: pathlib.Path, dockerfile: str, project: str, quiet: bool) -> tuple[str, str]:
+    """Builds PATH with the local Docker engine; returns (tag, image id)."""
+    import docker
+
+    if not (path / dockerfile).is_file():
+        raise errors.InvalidArgument(f"no {dockerfile} in {path}", hint="give a directory with a Dockerfile, or use --image REF")
+    try:
+        api = docker.APIClient(timeout=600)
+        api.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no engine"
+        raise errors.Unavailable(f"cannot reach the Docker engine to build: {exc}", hint="is dockerd running?") from None
+    image_id = ""
+    for chunk in api.build(path=str(path), dockerfile=dockerfile, rm=True, decode=True, labels={"berth.project": project or ""}):
+        if "error" in chunk:
+            raise errors.InvalidArgument(f"image build failed: {chunk['error'].strip()}")
+        if "stream" in chunk and not quiet:
+            text = chunk["stream"].rstrip()
+            if text:
+                err.print(f"[dim]{text}[/]", markup=True)
+        aux = chunk.get("aux") or {}
+        if "ID" in aux:
+            image_id = aux["ID"]
+    if not image_id:
+        raise errors.InvalidArgument("image build finished without an image id")
+    tag = f"berth/{project or 'local'}:{image_id.split(':', 1)[1][:12]}"
+    repo, version = tag.rsplit(":", 1)
+    api.tag(image_id, repo, version)
+    return tag, image_id
+
+
+def wait_for_binding(ctx: Ctx, deployment_id: str, environment: str, timeout: float) -> scheduler_pb2.BindingStatus | None:
+    """Polls the scheduler until the binding runs or fails (bounded)."""
+    c = ctx.client()
+    deadline = time.monotonic() + timeout
+    last: scheduler_pb2.BindingStatus | None = None
+    while time.monotonic() < deadline:
+        try:
+            status = c.call(
+                c.scheduler.GetDeploymentStatus,
+                scheduler_pb2.GetDeploymentStatusRequest(project=ctx.project, deployment_id=deployment_id, environment=environment),
+                timeout=5,
+            )
+            for b in status.bindings:
+                if environment in (b.environment, b.environment_id):
+                    last = b
+                    if b.status in ("running", "failed"):
+                        return b
+        except errors.NotFound:
+            pass  # the scheduler has not seen the binding yet
+        time.sleep(0.3)
+    return last
+
+
+def print_errors(ctx: Ctx, deployment_id: str) -> None:
+    c = ctx.client()
+    found = c.call(c.scheduler.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id)).errors
+    for e in found:
+        err.print(f"  {e.kind} ({e.environment or e.environment_id}, x{e.count}): {e.message}")
+
+
+def deployment_dict(d: common_pb2.Deployment) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "project_id": d.project_id,
+        "image": d.image,
+        "image_id": d.image_id,
+        "state": d.state,
+        "created_at": to_dict(d).get("created_at", ""),
+        "created_by": d.created_by,
+        "config": to_dict(d.config),
+    }
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.option("--image", default=None, help="Register an existing image reference instead of building PATH.")
+@click.option("--env", "environment", default="preview", show_default=True, help="Environment to point at it.")
+@click.option("--min-replicas", type=int, default=0)
+@click.option("--max-replicas", type=int, default=0)
+@click.option("--port", type=int, default=0, help="Port the worker listens on (default 8080 or berth.toml).")
+@click.option("--health-path", default="", help="Readiness path (default '/').")
+@click.option("--var", "variables", multiple=True, help="Plain variable KEY=VALUE (repeatable).")
+@click.option("--yes", is_flag=True, help="Confirm a move of a protected environment.")
+@click.option("--wait/--no-wait", default=True, help="Wait until the replicas are ready (or failed).")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait.")
+@command
+def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: str, min_replicas: int,
+           max_replicas: int, port: int, health_path: str, variables: tuple[str, ...], yes: bool, wait: bool,
+           timeout: float) -> None:
+    """Build PATH (or take --image) and point an environment at the new deployment."""
+    if (path is None) == (image is None):
+        raise errors.InvalidArgument("give either a PATH to build or --image REF", hint="berth deploy ./app  or  berth deploy --image repo/app:1")
+    project_file = local.load_project_file(path.resolve() if path else pathlib.Path.cwd())
+    project = ctx.project or project_file.project
+    ctx._project = project
+    plain = dict(project_file.variables)
+    for item in variables:
+        if "=" not in item:
+            raise errors.InvalidArgument(f"--var {item!r} must look like KEY=VALUE")
+        k, v = item.split("=", 1)
+        plain[k] = v
+    config = common_pb2.WorkerConfig(
+        port=port or project_file.port,
+        health_path=health_path or project_file.health_path,
+        command=project_file.command,
+        variables=plain,
+        resources=common_pb2.Resources(memory_bytes=project_file.memory_bytes, cpus=project_file.cpus),
+    )
+    c = ctx.client()
+    image_id = ""
+    if path is not None:
+        image, image_id = build_image(path.resolve(), project_file.dockerfile, project, quiet=ctx.json)
+    resp = c.call(
+        c.registry.Deploy,
+        registry_pb2.DeployRequest(
+            project=project, image=image or "", image_id=image_id, config=config, environment=environment,
+            min_replicas=min_replicas, max_replicas=max_replicas, confirm=yes,
+        ),
+    )
+    d, e = resp.deployment, resp.environment
+    status = wait_for_binding(ctx, d.id, e.id, timeout) if wait else None
+    data = {"deployment": deployment_dict(d), "environment": env_dict(e)}
+    if status is not None:
+        data["status"] = status.status
+
+    def human() -> None:
+        out.print(f"Deployed [bold]{d.id}[/] ({d.image}) to [bold]{e.name}[/]")
+        if status is not None:
+            ready = sum(1 for r in status.replicas if r.state == "ready")
+            out.print(f"  status {status.status}: {ready}/{status.min_replicas} replicas ready")
+
+    ctx.emit(data, human)
+    if status is not None and status.status == "failed":
+        print_errors(ctx, d.id)
+        sys.exit(5)
+
+
+@main.command("deployments")
+@click.option("--environment", "-e", default="", help="Only deployments bound to this environment.")
+@command
+def deployments_list(ctx: Ctx, environment: str) -> None:
+    c = ctx.client()
+    deps = c.call(c.registry.ListDeployments, registry_pb2.ListDeploymentsRequest(project=ctx.project, environment=environment)).deployments
+
+    def human() -> None:
+        t = table("DEPLOYMENT", "IMAGE", "STATE", "CREATED", "BY")
+        for d in deps:
+            t.add_row(d.id, d.image, d.state, short_time(to_dict(d).get("created_at", "")), d.created_by)
+        out.print(t)
+
+    ctx.emit({"deployments": [deployment_dict(d) for d in deps]}, human)
+
+
+# ---------------------------------------------------------------- deployment ...
+
+
+@main.group()
+def deployment() -> None:
+    """Inspect one deployment."""
+
+
+def latest_deployment_id(ctx: Ctx) -> str:
+    c = ctx.client()
+    deps = c.call(c.registry.ListDeployments, registry_pb2.ListDeploymentsRequest(project=ctx.project)).deployments
+    if not deps:
+        raise errors.NotFound("this project has no deployments yet", hint="berth deploy PATH")
+    return deps[0].id
+
+
+def status_dict(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
+    data = deployment_dict(s.deployment)
+    data["bindings"] = [
+        {
+            "environment": b.environment,
+            "environment_id": b.environment_id,
+            "status": b.status,
+            "serving": b.serving,
+            "min_replicas": b.min_replicas,
+            "max_replicas": b.max_replicas,
+            "replicas": [
+                {
+                    "id": r.id,
+                    "name": r.name,
+                    "index": r.index,
+                    "state": r.state,
+                    "started_at": to_dict(r).get("started_at", ""),
+                    "restarts": r.restarts,
+                    "address": r.address,
+                }
+                for r in b.replicas
+            ],
+        }
+        for b in s.bindings
+    ]
+    return data
+
+
+def uptime(started_at: str) -> str:
+    if not started_at:
+        return "-"
+    from datetime import datetime, timezone
+
+    seconds = int((datetime.now(timezone.utc) - datetime.fromisoformat(started_at.replace("Z", "+00:00"))).total_seconds())
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h"
+
+
+@deployment.command("status")
+@click.argument("deployment_id", required=False)
+@click.option("--environment", "-e", default="")
+@command
+def deployment_status(ctx: Ctx, deployment_id: str | None, environment: str) -> None:
+    """Replicas, uptime and state of a deployment (default: the latest)."""
+    c = ctx.client()
+    deployment_id = deployment_id or latest_deployment_id(ctx)
+    s = c.call(
+        c.scheduler.GetDeploymentStatus,
+        scheduler_pb2.GetDeploymentStatusRequest(project=ctx.project, deployment_id=deployment_id, environment=environment),
+    )
+    data = status_dict(s)
+
+    def human() -> None:
+        out.print(f"Deployment [bold]{s.deployment.id}[/]  {s.deployment.image}  ({s.deployment.state})")
+        for b in data["bindings"]:
+            mark = " (serving)" if b["serving"] else ""
+            out.print(f"\n[bold]{b['environment']}[/]{mark}: {b['status']}, replicas {b['min_replicas']}..{b['max_replicas']}")
+            t = table("REPLICA", "STATE", "UPTIME", "RESTARTS", "ADDRESS")
+            for r in b["replicas"]:
+                t.add_row(r["name"] or r["id"][:12], r["state"], uptime(r["started_at"]), str(r["restarts"]), r["address"])
+            out.print(t)
+
+    ctx.emit(data, human)
+
+
+@deployment.command("errors")
+@click.argument("deployment_id", required=False)
+@command
+def deployment_errors(ctx: Ctx, deployment_id: str | None) -> None:
+    """Scheduling failures and image-pull errors of a deployment."""
+    c = ctx.client()
+    deployment_id = deployment_id or latest_deployment_id(ctx)
+    found = c.call(c.scheduler.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id)).errors
+    rows = [
+        {
+            "kind": e.kind,
+            "message": e.message,
+            "environment": e.environment,
+            "replica": e.replica,
+            "count": e.count,
+            "first_seen": to_dict(e).get("first_seen", ""),
+            "last_seen": to_dict(e).get("last_seen", ""),
+        }
+        for e in found
+    ]
+
+    def human() -> None:
+        if not rows:
+            out.print(f"No errors for {deployment_id}.")
+            return
+        t = table("KIND", "ENVIRONMENT", "REPLICA", "COUNT", "LAST SEEN", "MESSAGE")
+        for r in rows:
+            t.add_row(r["kind"], r["environment"], r["replica"] or "-", str(r["count"]), short_time(r["last_seen"]), r["message"])
+        out.print(t)
+
+    ctx.emit({"deployment_id": deployment_id, "errors": rows}, human)
+
+
+# ---------------------------------------------------------------- promote / rollback / history
+
+
+def entry_dict(h: common_pb2.HistoryEntry) -> dict[str, Any]:
+    return {
+        "sequence": h.sequence,
+        "kind": h.kind,
+        "deployment_id": h.deployment_id,
+        "previous_deployment_id": h.previous_deployment_id,
+        "min_replicas": h.min_replicas,
+        "max_replicas": h.max_replicas,
+        "actor": h.actor,
+        "reason": h.reason,
+        "created_at": to_dict(h).get("created_at", ""),
+    }
+
+
+def confirm_protected(ctx: Ctx, environment: str, yes: bool) -> bool:
+    """Asks at the prompt before moving a protected environment."""
+    if yes or environment != "production":
+        return yes
+    if ctx.json or not sys.stdin.isatty():
+        return False  # the registry refuses with a clear message and hint
+    return click.confirm(f"Move the pointer of '{environment}'?", default=False)
+
+
+def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wait: bool, timeout: float) -> None:
+    e, h = resp.environment, resp.entry
+    status = wait_for_binding(ctx, h.deployment_id, e.id, timeout) if wait else None
+    data = {"environment": env_dict(e), "entry": entry_dict(h)}
+    if status is not None:
+        data["status"] = status.status
+
+    def human() -> None:
+        out.print(f"{verb} [bold]{e.name}[/]: {h.previous_deployment_id or '(none)'} -> [bold]{h.deployment_id}[/] (sequence {h.sequence})")
+        if status is not None:
+            ready = sum(1 for r in status.replicas if r.state == "ready")
+            out.print(f"  status {status.status}: {ready}/{status.min_replicas} replicas ready")
+        if verb == "Rolled back":
+            out.print("  note: secrets are not rolled back; 'berth secrets list' shows what the environment resolves")
+
+    ctx.emit(data, human)
+
+
+@main.command()
+@click.argument("deployment_id")
+@click.option("--to", "target", required=True, help="Target environment.")
+@click.option("--min-replicas", type=int, default=0)
+@click.option("--max-replicas", type=int, default=0)
+@click.option("--scale-previous-to-zero", is_flag=True)
+@click.option("--reason", default="")
+@click.option("--yes", is_flag=True, help="Confirm moving a protected environment (production).")
+@click.option("--wait/--no-wait", default=True)
+@click.option("--timeout", default=180.0, show_default=True)
+@command
+def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int, max_replicas: int,
+            scale_previous_to_zero: bool, reason: str, yes: bool, wait: bool, timeout: float) -> None:
+    """Point TARGET at a deployment that proved itself elsewhere (nothing is rebuilt)."""
+    c = ctx.client()
+    resp = c.call(
+        c.registry.Promote,
+        registry_pb2.PromoteRequest(
+            project=ctx.project, deployment_id=deployment_id, target_environment=target, min_replicas=min_replicas,
+            max_replicas=max_replicas, scale_previous_to_zero=scale_previous_to_zero, confirm=confirm_protected(ctx, target, yes),
+            reason=reason,
+        ),
+    )
+    report_move(ctx, "Promoted", resp, wait, timeout)
+
+
+@main.command()
+@click.option("--environment", "-e", required=True)
+@click.option("--to", "target", default="", help="A deployment from this environment's history.")
+@click.option("--reason", default="")
+@click.option("--yes", is_flag=True)
+@click.option("--wait/--no-wait", default=True)
+@click.option("--timeout", default=180.0, show_default=True)
+@command
+def rollback(ctx: Ctx, environment: str, target: str, reason: str, yes: bool, wait: bool, timeout: float) -> None:
+    """Point ENV back at the previously serving deployment (or --to one from its history)."""
+    c = ctx.client()
+    resp = c.call(
+        c.registry.Rollback,
+        registry_pb2.RollbackRequest(
+            project=ctx.project, environment=environment, to_deployment_id=target,
+            confirm=confirm_protected(ctx, environment, yes), reason=reason,
+        ),
+    )
+    report_move(ctx, "Rolled back", resp, wait, timeout)
+
+
+@main.command()
+@click.option("--environment", "-e", required=True)
+@command
+def history(ctx: Ctx, environment: str) -> None:
+    """The promotion history of an environment, oldest first."""
+    c = ctx.client()
+    entries = c.call(c.registry.ListHistory, registry_pb2.ListHistoryRequest(project=ctx.project, environment=environment)).entries
+    rows = [entry_dict(h) for h in entries]
+
+    def human() -> None:
+        t = table("SEQ", "KIND", "DEPLOYMENT", "PREVIOUS", "REPLICAS", "BY", "WHEN", "REASON")
+        for r in rows:
+            t.add_row(str(r["sequence"]), r["kind"], r["deployment_id"], r["previous_deployment_id"] or "-",
+                      f"{r['min_replicas']}..{r['max_replicas']}", r["actor"], short_time(r["created_at"]), r["reason"])
+        out.print(t)
+
+    ctx.emit({"environment": environment, "entries": rows}, human)
+
+
+# ---------------------------------------------------------------- secrets
+
+
+@main.group()
+def secrets() -> None:
+    """Set and list secrets (values are write-only)."""
+
+
+def secret_dict(s: secrets_pb2.SecretInfo) -> dict[str, Any]:
+    return {"name": s.name, "type": s.type, "scope": s.scope, "version": s.version,
+            "updated_at": to_dict(s).get("updated_at", ""), "updated_by": s.updated_by}
+
+
+@secrets.command("set")
+@click.option("--name", required=True)
+@click.option("--type", "type_", default="generic", show_default=True,
+              type=click.Choice(["api_key", "password", "token", "certificate", "generic"]))
+@click.option("--environment", "-e", default="", help="Scope it to one environment (default: the project).")
+@click.option("--stdin", "from_stdin", is_flag=True, help="Read the value from standard input.")
+@command
+def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: bool) -> None:
+    """Set a secret; prompts without echo unless --stdin."""
+    if from_stdin:
+        value = sys.stdin.read().rstrip("\n")
+    elif sys.stdin.isatty():
+        value = getpass.getpass(f"Value for {name}: ")
+    else:
+        raise errors.InvalidArgument("no terminal to prompt on", hint="pipe the value and pass --stdin")
+    c = ctx.client()
+    s = c.call(c.secrets.SetSecret, secrets_pb2.SetSecretRequest(project=ctx.project, name=name, type=type_, value=value, environment=environment))
+    ctx.emit({"secret": secret_dict(s)}, lambda: out.print(f"Set {s.name} ({s.type}, {s.scope}) version {s.version}"))
+
+
+@secrets.command("list")
+@click.option("--environment", "-e", default="", help="Show what this environment resolves.")
+@command
+def secrets_list(ctx: Ctx, environment: str) -> None:
+    c = ctx.client()
+    found = c.call(c.secrets.ListSecrets, secrets_pb2.ListSecretsRequest(project=ctx.project, environment=environment)).secrets
+    rows = [secret_dict(s) for s in found]
+
+    def human() -> None:
+        t = table("NAME", "TYPE", "SCOPE", "VERSION", "UPDATED")
+        for r in rows:
+            t.add_row(r["name"], r["type"], r["scope"], str(r["version"]), short_time(r["updated_at"]))
+        out.print(t)
+
+    ctx.emit({"secrets": rows}, human)
+
+
+if __name__ == "__main__":
+    main()
