@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Brings the platform up on the embedded default (SQLite + the local Docker
+# engine) and deploys the example worker in examples/hello. Safe to re-run.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+export PATH="$ROOT/.venv/bin:$PATH"
+DATA_DIR="${BERTH_DATA_DIR:-$HOME/.local/share/berth}"
+export BERTH_DATA_DIR="$DATA_DIR"
+mkdir -p "$DATA_DIR"
+
+if ! curl -fsS http://127.0.0.1:8080/healthz >/dev/null 2>&1; then
+  echo "==> starting the platform (berth up), logs in $DATA_DIR/berth-up.log"
+  nohup berth up >"$DATA_DIR/berth-up.log" 2>&1 &
+  for _ in $(seq 1 90); do
+    grep -q "Berth is up" "$DATA_DIR/berth-up.log" 2>/dev/null && break
+    sleep 1
+  done
+  grep -q "Berth is up" "$DATA_DIR/berth-up.log" || { cat "$DATA_DIR/berth-up.log"; exit 1; }
+fi
+
+CREDENTIALS="$DATA_DIR/hello-project.env"
+if [ ! -f "$CREDENTIALS" ]; then
+  echo "==> creating project 'hello'"
+  key="$(berth projects create hello --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"]["api_key"])')"
+  umask 077
+  printf 'export BERTH_API_KEY=%s\nexport BERTH_PROJECT=hello\n' "$key" > "$CREDENTIALS"
+fi
+# shellcheck disable=SC1090
+. "$CREDENTIALS"
+
+echo "==> setting a project secret and deploying examples/hello to preview"
+printf 'hello from a Berth secret' | berth secrets set --name GREETING --type generic --stdin
+berth deploy "$ROOT/examples/hello"
+
+echo "==> asking the router for the preview environment"
+curl -sS -H 'X-Berth-Project: hello' -H 'X-Berth-Environment: preview' -D - http://127.0.0.1:8080/
+echo
+echo "Next: source $CREDENTIALS, then try 'berth history --environment preview' or 'berth promote <id> --to staging'."

@@ -1,0 +1,122 @@
+"""Wiring: flags, the watches, the health probe, the proxy server, and a
+graceful shutdown on SIGTERM/SIGINT."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Sequence
+
+from services.common import logs
+from services.common.config import add_common_flags, env
+from services.router.platform import Platform, Readiness, build_platform
+from services.router.proxy import ProxyServer, ProxySettings
+from services.router.table import RoutingState
+from services.router.watchers import EndpointWatcher, HealthProbe, RegistryWatcher, run_forever
+
+log = logging.getLogger("berth.router")
+
+DEPENDENCIES = {
+    "registry": "berth.v1.Registry",
+    "secrets": "berth.v1.Secrets",
+    "scheduler": "berth.v1.Scheduler",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.router", description="Berth's HTTP router")
+    add_common_flags(parser, default_port=8080)
+    parser.add_argument("--domain", default=env("BERTH_DOMAIN", "localhost"),
+                        help="hosts {environment}.{project}.DOMAIN are routed (env BERTH_DOMAIN)")
+    parser.add_argument("--activation-timeout", type=float, default=float(env("BERTH_ACTIVATION_TIMEOUT", "30")),
+                        help="seconds a request waits for a ready replica before 503 (env BERTH_ACTIVATION_TIMEOUT)")
+    parser.add_argument("--upstream-timeout", type=float, default=float(env("BERTH_UPSTREAM_TIMEOUT", "60")),
+                        help="seconds of upstream silence before 504")
+    parser.add_argument("--max-body-bytes", type=int, default=int(env("BERTH_MAX_BODY_BYTES", str(10 * 1024 * 1024))),
+                        help="largest request body accepted (413 beyond)")
+    parser.add_argument("--shutdown-grace", type=float, default=float(env("BERTH_SHUTDOWN_GRACE", "10")),
+                        help="seconds in-flight requests get to finish on SIGTERM")
+    parser.add_argument("--health-interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+class RouterApp:
+    """The router process, startable in-process (tests) or from ``main``."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.state = RoutingState()
+        self.registry_watch = RegistryWatcher(args.registry, args.service_token, self.state)
+        self.endpoint_watch = EndpointWatcher(args.scheduler, args.service_token, self.state)
+        addresses = {"registry": args.registry, "secrets": args.secrets, "scheduler": args.scheduler}
+        self.probe = HealthProbe(
+            {name: (addresses[name], service) for name, service in DEPENDENCIES.items()},
+            interval=args.health_interval,
+        )
+        self.platform: Platform = build_platform(Readiness(self.not_ready))
+        self.proxy = ProxyServer(
+            self.state,
+            self.platform,
+            ProxySettings(
+                domain=args.domain,
+                activation_timeout=args.activation_timeout,
+                upstream_timeout=args.upstream_timeout,
+                max_body_bytes=args.max_body_bytes,
+            ),
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def port(self) -> int:
+        return self.proxy.port
+
+    def not_ready(self) -> list[str]:
+        waiting = []
+        for watch in (self.registry_watch, self.endpoint_watch):
+            if not watch.synced.is_set():
+                why = f" (last error: {watch.last_error})" if watch.last_error else ""
+                waiting.append(f"{watch.name} watch at {watch.address} has not delivered its first snapshot{why}")
+        for name in DEPENDENCIES:
+            if not self.probe.serving(name):
+                waiting.append(f"{name} is {self.probe.status[name]}")
+        return waiting
+
+    async def start(self) -> int:
+        port = await self.proxy.start(self.args.host, self.args.port)
+        loop = asyncio.get_running_loop()
+        for name, fn in (
+            ("registry_watch", self.registry_watch.run),
+            ("endpoint_watch", self.endpoint_watch.run),
+            ("health_probe", self.probe.run),
+        ):
+            self._tasks.append(loop.create_task(run_forever(name, fn), name=name))
+        log.info("serving", extra={"port": port, "host": self.args.host, "domain": self.args.domain})
+        return port
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.args.shutdown_grace if grace is None else grace
+        log.info("stopping", extra={"grace_s": grace, "connections": len(self.proxy.connections)})
+        await self.proxy.shutdown(grace)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        log.info("stopped")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    app = RouterApp(args)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await app.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.configure("router", args.log_level)
+    asyncio.run(serve(args))

@@ -1,0 +1,255 @@
+"""The router's in-memory view of the platform: which deployment each
+environment points at (from the registry's watch), and which replica
+addresses are ready for each binding (from the scheduler's watch).
+
+Everything here is pure and synchronous: resolution is a dictionary lookup,
+done once per request on the event loop, never an RPC.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnvironmentEntry:
+    id: str
+    project_id: str
+    project_name: str
+    name: str
+    deployment_id: str  # "" = nothing deployed yet
+
+
+@dataclass(frozen=True)
+class BindingEntry:
+    project_id: str
+    environment_id: str
+    deployment_id: str
+    state: str  # "active" | "terminated"
+    serving: bool
+    min_replicas: int = 0
+    max_replicas: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.state != "terminated"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: the binding (environment, deployment) that
+    takes it. A request keeps its route until it finishes."""
+
+    project_id: str
+    project_name: str
+    environment_id: str
+    environment_name: str
+    deployment_id: str
+
+    @property
+    def binding_key(self) -> tuple[str, str]:
+        return (self.environment_id, self.deployment_id)
+
+
+class RouteError(Exception):
+    """Why a request cannot be routed; ``status`` and ``code`` become the
+    HTTP error response, ``deployment_id`` is set once one was resolved."""
+
+    def __init__(self, status: int, code: str, message: str, *, deployment_id: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.deployment_id = deployment_id
+
+
+class RoutingTable:
+    """Environments and bindings, indexed for lookup by name or id."""
+
+    def __init__(self) -> None:
+        self._environments: dict[str, EnvironmentEntry] = {}
+        self._bindings: dict[tuple[str, str], BindingEntry] = {}
+        # project id -> name, and name -> id (names are unique platform-wide)
+        self._project_names: dict[str, str] = {}
+        self._project_ids_by_name: dict[str, str] = {}
+        # (project id, environment name) -> environment id
+        self._env_by_name: dict[tuple[str, str], str] = {}
+
+    # -- changes -----------------------------------------------------------
+    def upsert_environment(self, env: EnvironmentEntry) -> None:
+        old = self._environments.get(env.id)
+        if old is not None and old.name != env.name:
+            self._env_by_name.pop((old.project_id, old.name), None)
+        self._environments[env.id] = env
+        self._env_by_name[(env.project_id, env.name)] = env.id
+        self._note_project(env.project_id, env.project_name)
+
+    def upsert_binding(self, binding: BindingEntry, project_name: str = "") -> None:
+        self._bindings[(binding.environment_id, binding.deployment_id)] = binding
+        self._note_project(binding.project_id, project_name)
+
+    def delete_environment(self, environment_id: str) -> None:
+        env = self._environments.pop(environment_id, None)
+        if env is not None:
+            self._env_by_name.pop((env.project_id, env.name), None)
+        for key in [k for k in self._bindings if k[0] == environment_id]:
+            del self._bindings[key]
+
+    def _note_project(self, project_id: str, project_name: str) -> None:
+        if not project_id or not project_name:
+            return
+        old = self._project_names.get(project_id)
+        if old is not None and old != project_name and self._project_ids_by_name.get(old) == project_id:
+            del self._project_ids_by_name[old]
+        self._project_names[project_id] = project_name
+        self._project_ids_by_name[project_name] = project_id
+
+    # -- queries -----------------------------------------------------------
+    @property
+    def environments(self) -> Mapping[str, EnvironmentEntry]:
+        return self._environments
+
+    @property
+    def bindings(self) -> Mapping[tuple[str, str], BindingEntry]:
+        return self._bindings
+
+    def project_id(self, project: str) -> str | None:
+        if project in self._project_names:
+            return project
+        found = self._project_ids_by_name.get(project)
+        if found is None and project.lower() != project:
+            found = self._project_ids_by_name.get(project.lower())
+        return found
+
+    def environment(self, project_id: str, environment: str) -> EnvironmentEntry | None:
+        env = self._environments.get(environment)
+        if env is not None and env.project_id == project_id:
+            return env
+        env_id = self._env_by_name.get((project_id, environment))
+        if env_id is None and environment.lower() != environment:
+            env_id = self._env_by_name.get((project_id, environment.lower()))
+        return self._environments.get(env_id) if env_id else None
+
+    def resolve(self, project: str, environment: str, deployment: str = "") -> Route:
+        """The route for a request addressed to ``project``/``environment``
+        (each a name or an id), optionally pinned to ``deployment``.
+        Raises ``RouteError`` with a message a person can act on."""
+        project_id = self.project_id(project)
+        if project_id is None:
+            raise RouteError(404, "project_not_found", f"no project named or with id {project!r}")
+        project_name = self._project_names.get(project_id, "")
+        env = self.environment(project_id, environment)
+        if env is None:
+            raise RouteError(
+                404,
+                "environment_not_found",
+                f"project {project_name!r} has no environment named or with id {environment!r}",
+            )
+        if deployment:
+            binding = self._bindings.get((env.id, deployment))
+            if binding is None or not binding.active:
+                binding = next(
+                    (
+                        b
+                        for b in self._bindings.values()
+                        if b.project_id == project_id and b.deployment_id == deployment and b.active
+                    ),
+                    None,
+                )
+            if binding is None:
+                raise RouteError(
+                    404,
+                    "deployment_not_bound",
+                    f"deployment {deployment!r} is not bound to environment {env.name!r} nor active in any "
+                    f"environment of project {project_name!r}; promote it first or drop the X-Berth-Deployment header",
+                )
+            bound_env = self._environments.get(binding.environment_id, env)
+            return Route(project_id, project_name, bound_env.id, bound_env.name, deployment)
+        if not env.deployment_id:
+            raise RouteError(
+                404,
+                "no_deployment",
+                f"environment {env.name!r} of project {project_name!r} has no deployment yet; "
+                f"deploy one with `berth deploy --env {env.name}`",
+            )
+        return Route(project_id, project_name, env.id, env.name, env.deployment_id)
+
+
+def parse_host(host: str, domain: str) -> tuple[str, str] | None:
+    """``{environment}.{project}.{domain}[:port]`` -> (project, environment),
+    or None when the host is not of that form."""
+    host = host.strip().lower()
+    if host.startswith("["):  # an IPv6 literal is never a routed name
+        return None
+    host = host.rsplit(":", 1)[0] if ":" in host else host
+    host = host.rstrip(".")
+    suffix = "." + domain.lower().strip(".")
+    if not host.endswith(suffix):
+        return None
+    labels = host[: -len(suffix)]
+    environment, _, project = labels.partition(".")
+    if not environment or not project:
+        return None
+    return project, environment
+
+
+class EndpointSet:
+    """Ready replica addresses per binding (environment id, deployment id),
+    replaced whole on every scheduler snapshot. Waiters are woken on change."""
+
+    def __init__(self) -> None:
+        self._addresses: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._changed: asyncio.Future[None] | None = None
+        self.waiting = 0  # requests currently held for a ready replica
+
+    def replace(self, sets: Iterable[tuple[str, str, Iterable[str]]]) -> None:
+        fresh: dict[tuple[str, str], tuple[str, ...]] = {}
+        for environment_id, deployment_id, addresses in sets:
+            merged = fresh.get((environment_id, deployment_id), ()) + tuple(a for a in addresses if a)
+            fresh[(environment_id, deployment_id)] = tuple(dict.fromkeys(merged))
+        self._addresses = fresh
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+        self._changed = None
+
+    def get(self, key: tuple[str, str]) -> tuple[str, ...]:
+        return self._addresses.get(key, ())
+
+    def snapshot(self) -> dict[tuple[str, str], tuple[str, ...]]:
+        return dict(self._addresses)
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future completed at the next ``replace``."""
+        if self._changed is None or self._changed.done():
+            self._changed = asyncio.get_running_loop().create_future()
+        return self._changed
+
+    async def wait_for(self, key: tuple[str, str], timeout: float) -> tuple[str, ...]:
+        """The binding's addresses, waiting up to ``timeout`` seconds for at
+        least one; () when none became ready in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            addresses = self.get(key)
+            if addresses:
+                return addresses
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return ()
+            self.waiting += 1
+            try:
+                await asyncio.wait_for(asyncio.shield(self.changed()), remaining)
+            except TimeoutError:
+                return ()
+            finally:
+                self.waiting -= 1
+
+
+class RoutingState:
+    """What the proxy reads: the current table (replaced whole when a new
+    registry snapshot completes) and the endpoint sets."""
+
+    def __init__(self, table: RoutingTable | None = None, endpoints: EndpointSet | None = None) -> None:
+        self.table = table or RoutingTable()
+        self.endpoints = endpoints or EndpointSet()

@@ -1,0 +1,198 @@
+"""Consumers of the control plane's streams: the registry's Watch (pointer
+table) and the scheduler's WatchEndpoints (ready replicas). Each keeps its
+stream open, and reconnects with jittered exponential backoff when it breaks;
+a reconnect replaces the state with the new snapshot."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from berth.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from services.common.remote import channel, credentials
+from services.router.table import BindingEntry, EnvironmentEntry, RoutingState, RoutingTable
+
+log = logging.getLogger("berth.router.watch")
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after progress."""
+
+    def __init__(self, initial: float = 0.1, maximum: float = 5.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._attempt = 0
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2**self._attempt))
+        self._attempt = min(self._attempt + 1, 30)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+class _StreamWatcher:
+    name = "stream"
+
+    def __init__(self, address: str, service_token: str, *, backoff: Backoff | None = None) -> None:
+        self.address = address
+        self._metadata = credentials(service_token)
+        self._backoff = backoff or Backoff()
+        self._channel: grpc.aio.Channel | None = None
+        self.synced = asyncio.Event()  # set once the first snapshot arrived
+        self.connects = 0  # streams opened so far (for observability and tests)
+        self.last_error = ""
+
+    async def run(self) -> None:
+        self._channel = channel(self.address)
+        try:
+            while True:
+                self.connects += 1
+                try:
+                    await self._consume(self._channel)
+                    self.last_error = "stream ended by the server"
+                except grpc.aio.AioRpcError as exc:
+                    self.last_error = f"{exc.code().name}: {exc.details()}"
+                delay = self._backoff.next_delay()
+                log.warning(
+                    "watch_broken",
+                    extra={"stream": self.name, "address": self.address, "error": self.last_error,
+                           "retry_in_s": round(delay, 3)},
+                )
+                await asyncio.sleep(delay)
+        finally:
+            await self._channel.close()
+
+    async def _consume(self, ch: grpc.aio.Channel) -> None:
+        raise NotImplementedError
+
+    def _progress(self) -> None:
+        self._backoff.reset()
+        self.last_error = ""
+        if not self.synced.is_set():
+            log.info("watch_synced", extra={"stream": self.name, "address": self.address})
+        self.synced.set()
+
+
+def environment_entry(env) -> EnvironmentEntry:  # type: ignore[no-untyped-def]
+    return EnvironmentEntry(
+        id=env.id, project_id=env.project_id, project_name=env.project_name, name=env.name,
+        deployment_id=env.deployment_id,
+    )
+
+
+def binding_entry(b) -> BindingEntry:  # type: ignore[no-untyped-def]
+    return BindingEntry(
+        project_id=b.project_id, environment_id=b.environment_id, deployment_id=b.deployment.id,
+        state=b.state, serving=b.serving, min_replicas=b.min_replicas, max_replicas=b.max_replicas,
+    )
+
+
+def apply_event(table: RoutingTable, event: registry_pb2.WatchEvent) -> None:
+    which = event.WhichOneof("change")
+    if which == "environment":
+        table.upsert_environment(environment_entry(event.environment))
+    elif which == "binding":
+        table.upsert_binding(binding_entry(event.binding), event.binding.project_name)
+    elif which == "environment_deleted":
+        table.delete_environment(event.environment_deleted)
+
+
+class RegistryWatcher(_StreamWatcher):
+    """Keeps ``state.table`` equal to the registry's environments and bindings."""
+
+    name = "registry"
+
+    def __init__(self, address: str, service_token: str, state: RoutingState, *, backoff: Backoff | None = None):
+        super().__init__(address, service_token, backoff=backoff)
+        self.state = state
+        self.revision = 0
+
+    async def _consume(self, ch: grpc.aio.Channel) -> None:
+        stub = registry_pb2_grpc.RegistryStub(ch)
+        fresh: RoutingTable | None = RoutingTable()  # built until the snapshot completes
+        async for event in stub.Watch(registry_pb2.WatchRequest(since_revision=0), metadata=self._metadata):
+            apply_event(fresh if fresh is not None else self.state.table, event)
+            self.revision = max(self.revision, event.revision)
+            if event.snapshot_complete and fresh is not None:
+                self.state.table = fresh
+                fresh = None
+                log.info("routing_table_loaded", extra={"environments": len(self.state.table.environments),
+                                                        "bindings": len(self.state.table.bindings)})
+                self._progress()
+
+
+class EndpointWatcher(_StreamWatcher):
+    """Keeps ``state.endpoints`` equal to the scheduler's latest snapshot."""
+
+    name = "scheduler"
+
+    def __init__(self, address: str, service_token: str, state: RoutingState, *, backoff: Backoff | None = None):
+        super().__init__(address, service_token, backoff=backoff)
+        self.state = state
+
+    async def _consume(self, ch: grpc.aio.Channel) -> None:
+        stub = scheduler_pb2_grpc.SchedulerStub(ch)
+        async for snapshot in stub.WatchEndpoints(scheduler_pb2.WatchEndpointsRequest(), metadata=self._metadata):
+            self.state.endpoints.replace(
+                (s.environment_id, s.deployment_id, list(s.addresses)) for s in snapshot.sets
+            )
+            self._progress()
+
+
+class HealthProbe:
+    """Asks each dependency's grpc.health.v1 service, every ``interval``
+    seconds in the background, whether it is SERVING."""
+
+    def __init__(self, targets: dict[str, tuple[str, str]], *, interval: float = 2.0, timeout: float = 1.0) -> None:
+        # name -> (address, gRPC service name)
+        self.targets = targets
+        self.interval = interval
+        self.timeout = timeout
+        self.status: dict[str, str] = {name: "not checked yet" for name in targets}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def serving(self, name: str) -> bool:
+        return self.status.get(name) == "SERVING"
+
+    async def check_once(self) -> None:
+        async def one(name: str, address: str, service: str) -> None:
+            ch = self._channels.get(name)
+            if ch is None:
+                ch = self._channels[name] = channel(address)
+            stub = health_pb2_grpc.HealthStub(ch)
+            try:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+                self.status[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+            except grpc.aio.AioRpcError as exc:
+                self.status[name] = f"unreachable at {address} ({exc.code().name})"
+
+        await asyncio.gather(*(one(n, a, s) for n, (a, s) in self.targets.items()))
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self.check_once()
+                await asyncio.sleep(self.interval)
+        finally:
+            for ch in self._channels.values():
+                await ch.close()
+
+
+async def run_forever(name: str, fn: Callable[[], Awaitable[None]]) -> None:
+    """Runs a background loop; a bug in it is logged, then the loop restarts
+    after a pause, so one bad event never silently stops routing updates."""
+    while True:
+        try:
+            await fn()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the one place a background loop's bug is caught
+            log.exception("background_task_failed", extra={"task": name})
+            await asyncio.sleep(1.0)

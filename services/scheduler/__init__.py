@@ -1,0 +1,1 @@
+"""Berth scheduler: runs replicas of bindings on Docker and reports what runs."""

@@ -1,0 +1,99 @@
+"""Wiring: flags, the Docker adapter, the desired-state watcher, the
+reconciler, the event store and the gRPC server."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+
+import docker
+
+from berth.v1 import scheduler_pb2_grpc
+from services.common import logs
+from services.common.config import add_common_flags, env
+from services.common.remote import RegistryAuthenticator
+from services.common.server import serve_until_signalled, start_server
+
+from .desired import DesiredTable, RegistryWatcher
+from .docker_adapter import DockerAdapter
+from .events import EventStore
+from .reconciler import Reconciler, SchedulerConfig
+from .remote_deps import GrpcImageRecorder, GrpcSecretsResolver
+from .servicer import SERVICE_NAME, SchedulerServicer
+
+log = logging.getLogger("berth.scheduler")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.scheduler", description="Berth scheduler")
+    add_common_flags(parser, default_port=50053)
+    parser.add_argument(
+        "--instance",
+        default=env("BERTH_INSTANCE", "default"),
+        help="label value separating this platform's containers from any other (env BERTH_INSTANCE)",
+    )
+    parser.add_argument("--network", default=env("BERTH_NETWORK", "bridge"), help="Docker network (env BERTH_NETWORK)")
+    parser.add_argument(
+        "--reconcile-interval", type=float, default=float(env("BERTH_RECONCILE_INTERVAL", "2")), help="seconds"
+    )
+    parser.add_argument(
+        "--pull-timeout", type=float, default=float(env("BERTH_PULL_TIMEOUT", "60")), help="deadline of a pull, seconds"
+    )
+    parser.add_argument(
+        "--data-dir", default=env("BERTH_DATA_DIR") or None, help="where the event store lives (env BERTH_DATA_DIR)"
+    )
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = SchedulerConfig(
+        instance=args.instance, reconcile_interval=args.reconcile_interval, pull_timeout=args.pull_timeout
+    )
+    adapter = DockerAdapter(docker.from_env(timeout=60), network=args.network)
+    events = EventStore(args.data_dir)
+    table = DesiredTable()
+    secrets = GrpcSecretsResolver(args.secrets, args.service_token)
+    recorder = GrpcImageRecorder(args.registry, args.service_token)
+    reconciler = Reconciler(adapter, table, secrets, events, config, record_image=recorder)
+    watcher = RegistryWatcher(table, args.registry, args.service_token)
+    authenticator = RegistryAuthenticator(args.registry, args.service_token, admin_key=os.environ.get("BERTH_ADMIN_KEY", ""))
+    servicer = SchedulerServicer(table, reconciler, events)
+
+    running = await start_server(
+        host=args.host,
+        port=args.port,
+        service_names=[SERVICE_NAME],
+        register=lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server),
+        authenticate=authenticator,
+    )
+    tasks = [
+        asyncio.create_task(watcher.run(), name="registry-watch"),
+        asyncio.create_task(reconciler.run(), name="reconcile"),
+    ]
+    log.info("scheduler_started", extra={"instance": config.instance, "network": args.network, "port": running.port})
+
+    async def on_stop() -> None:
+        # Stop the loops; replicas keep running and are adopted on restart.
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await reconciler.close()
+
+    try:
+        await serve_until_signalled(running, name="scheduler", on_stop=on_stop)
+    finally:
+        for closer in (secrets.close, recorder.close, authenticator.close):
+            await closer()
+        adapter.close()
+        events.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logs.configure("scheduler", args.log_level)
+    asyncio.run(serve(args))

@@ -1,0 +1,274 @@
+"""The only module that touches the Docker SDK.
+
+Blocking SDK calls run in a small thread pool (about 4 threads: the engine is
+the limit, see DOCKER-NOTES.md); pulls run in their own pool so a slow
+registry cannot starve container operations. Docker errors are translated
+here, once, into the scheduler's own exceptions below.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import re
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.utils import parse_repository_tag
+
+log = logging.getLogger("berth.scheduler.docker")
+
+T = TypeVar("T")
+
+MANAGED_LABEL = "berth.managed"
+INSTANCE_LABEL = "berth.instance"
+PROJECT_LABEL = "berth.project"
+ENVIRONMENT_LABEL = "berth.environment"
+DEPLOYMENT_LABEL = "berth.deployment"
+REPLICA_LABEL = "berth.replica"
+GENERATION_LABEL = "berth.generation"
+SPEC_HASH_LABEL = "berth.spec-hash"
+
+
+class EngineError(Exception):
+    """Base of the scheduler's Docker errors; ``message`` is the engine's text."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class EngineUnavailable(EngineError):
+    """The engine cannot be reached."""
+
+
+class ContainerGone(EngineError):
+    """The container vanished (NotFound): for a removal, that means done."""
+
+
+class NameConflict(EngineError):
+    """409: a container of that name exists already; re-read, do not fail."""
+
+
+class StartFailed(EngineError):
+    """The engine refused to create or start the container (bad command,
+    invalid resources, port in use...). Any leftover container was removed."""
+
+
+class PullFailed(EngineError):
+    """The image could not be pulled (or not within the deadline)."""
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    status: str
+    exit_code: int
+    oom_killed: bool
+    error: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    ip: str
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    image_id: str
+    environment: Mapping[str, str] = field(repr=False)  # holds secret values: never logged
+    labels: Mapping[str, str]
+    command: Sequence[str] = ()
+    mem_limit: int = 0
+    nano_cpus: int = 0
+
+
+_TIME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(?:\.(\d+))?(Z|[+-]\d{2}:\d{2})?$")
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    """Docker's RFC 3339 times carry nanoseconds; Python takes microseconds."""
+    match = _TIME.match(value or "")
+    if not match or value.startswith("0001-01-01"):  # type: ignore[union-attr]
+        return None
+    whole, frac, zone = match.groups()
+    parsed = datetime.fromisoformat(f"{whole}.{(frac or '0')[:6]:0<6}{'+00:00' if zone in (None, 'Z') else zone}")
+    return parsed.astimezone(timezone.utc)
+
+
+def _explanation(exc: docker.errors.APIError) -> str:
+    text = exc.explanation
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    return str(text or exc)
+
+
+class DockerAdapter:
+    def __init__(self, client: docker.DockerClient, *, network: str = "bridge", workers: int = 4) -> None:
+        self._client = client
+        self.network = network
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
+        self._pull_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="docker-pull")
+
+    async def _run(self, fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(pool or self._pool, functools.partial(_translated, fn, *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pull_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- containers ---------------------------------------------------------
+    async def list_managed(self, instance: str, extra: Mapping[str, str] | None = None) -> list[ContainerInfo]:
+        """Every container labelled ``berth.managed=true`` and this instance
+        (plus ``extra`` label filters), whatever its state."""
+        labels = [f"{MANAGED_LABEL}=true", f"{INSTANCE_LABEL}={instance}"]
+        labels += [f"{k}={v}" for k, v in (extra or {}).items()]
+
+        def list_() -> list[ContainerInfo]:
+            found = self._client.containers.list(all=True, filters={"label": labels}, ignore_removed=True)
+            return [self._info(c.attrs) for c in found]
+
+        return await self._run(list_)
+
+    async def inspect(self, container_id: str) -> ContainerInfo:
+        def inspect_() -> ContainerInfo:
+            return self._info(self._client.api.inspect_container(container_id))
+
+        return await self._run(inspect_)
+
+    def _info(self, attrs: Mapping[str, Any]) -> ContainerInfo:
+        state = attrs.get("State") or {}
+        networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        ip = (networks.get(self.network) or {}).get("IPAddress") or ""
+        return ContainerInfo(
+            id=attrs["Id"],
+            name=(attrs.get("Name") or "").lstrip("/"),
+            labels=dict((attrs.get("Config") or {}).get("Labels") or {}),
+            status=state.get("Status", "dead"),
+            exit_code=int(state.get("ExitCode") or 0),
+            oom_killed=bool(state.get("OOMKilled")),
+            error=state.get("Error") or "",
+            started_at=_parse_time(state.get("StartedAt")),
+            finished_at=_parse_time(state.get("FinishedAt")),
+            ip=ip,
+        )
+
+    async def run(self, spec: RunSpec) -> ContainerInfo:
+        """Creates and starts a container (detached, ``init``, no restart
+        policy: the scheduler replaces). On a start failure the leftover
+        container is removed and ``StartFailed`` carries the engine's text."""
+
+        def run_() -> ContainerInfo:
+            kwargs: dict[str, Any] = {
+                "name": spec.name,
+                "environment": dict(spec.environment),
+                "labels": dict(spec.labels),
+                "detach": True,
+                "init": True,
+                "network": self.network,
+            }
+            if spec.command:
+                kwargs["command"] = list(spec.command)
+            if spec.mem_limit:
+                kwargs["mem_limit"] = spec.mem_limit
+            if spec.nano_cpus:
+                kwargs["nano_cpus"] = spec.nano_cpus
+            try:
+                container = self._client.containers.create(spec.image_id, **kwargs)
+            except docker.errors.ImageNotFound as exc:
+                raise StartFailed(_explanation(exc)) from None
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    raise NameConflict(_explanation(exc)) from None
+                raise StartFailed(_explanation(exc)) from None
+            try:
+                container.start()
+            except docker.errors.APIError as exc:
+                message = _explanation(exc)
+                try:
+                    container.remove(force=True)
+                except docker.errors.APIError:
+                    pass  # NotFound: gone already; otherwise the next pass removes it
+                raise StartFailed(message) from None
+            return self._info(self._client.api.inspect_container(container.id))
+
+        return await self._run(run_)
+
+    async def remove(self, container_id: str, *, grace: float = 10.0) -> None:
+        """Stops (SIGTERM, then ``grace`` seconds) and removes. A container
+        that is already gone counts as removed."""
+
+        def remove_() -> None:
+            try:
+                self._client.api.stop(container_id, timeout=int(max(grace, 0)))
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError:
+                pass  # not running, or being removed: remove(force) decides
+            try:
+                self._client.api.remove_container(container_id, force=True)
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409 and "already in progress" in _explanation(exc):
+                    return
+                raise
+
+        await self._run(remove_)
+
+    # -- images -------------------------------------------------------------
+    async def image_id(self, ref: str) -> str | None:
+        """The local image id for a reference or id, or None when absent."""
+
+        def get() -> str | None:
+            try:
+                return self._client.images.get(ref).id
+            except docker.errors.ImageNotFound:
+                return None
+
+        return await self._run(get)
+
+    async def pull(self, ref: str, *, timeout: float) -> str:
+        """Pulls ``ref`` explicitly and returns its image id. The SDK's
+        timeout does not bound a pull, so this has its own deadline; the
+        stream is checked for ``{"error": ...}`` items."""
+        repository, tag = parse_repository_tag(ref)
+
+        def pull_() -> str:
+            try:
+                for item in self._client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+                    if isinstance(item, dict) and item.get("error"):
+                        raise PullFailed(str(item.get("error")))
+                return self._client.images.get(ref).id
+            except docker.errors.APIError as exc:
+                raise PullFailed(_explanation(exc)) from None
+
+        try:
+            return await asyncio.wait_for(self._run(pull_, pool=self._pull_pool), timeout)
+        except asyncio.TimeoutError:
+            raise PullFailed(f"pulling {ref} did not finish within {timeout:g} s") from None
+
+
+def _translated(fn: Callable[..., T], *args: Any) -> T:
+    """Runs a blocking SDK call, turning transport failures and unexpected
+    NotFound into scheduler errors."""
+    try:
+        return fn(*args)
+    except EngineError:
+        raise
+    except docker.errors.NotFound as exc:
+        raise ContainerGone(_explanation(exc)) from None
+    except docker.errors.APIError as exc:
+        raise EngineError(_explanation(exc)) from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise EngineUnavailable(f"Docker engine unreachable: {exc}") from None
+    except docker.errors.DockerException as exc:
+        raise EngineUnavailable(str(exc)) from None

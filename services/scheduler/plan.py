@@ -1,0 +1,214 @@
+"""The convergence plan: a pure function of desired and observed state.
+
+``plan()`` looks at what should run (``DesiredReplicas`` per binding) and what
+the engine reports (``ObservedReplica`` per managed container of this
+instance) and returns a ``Plan`` value: which replicas to create and which
+containers to remove. It performs no I/O; the reconciler executes the plan.
+
+Rules (per binding, per replica index):
+- indexes ``>= desired`` are removed, highest index first (scale down);
+- exited/dead/never-started containers are removed and, when the index is
+  still wanted, recreated (subject to the restart backoff);
+- a live container whose spec hash differs from the desired one is replaced
+  start-new-then-stop-old: a new container is created under the next
+  generation, and the stale one is removed only once a current one is ready,
+  so a binding never drops below the replicas it had ready;
+- duplicates at one index (e.g. left by a crash mid-replace) keep the best one;
+- containers of bindings absent from the desired table are removed, but only
+  once the desired table holds a complete snapshot; before that nothing is
+  ever removed.
+A converged state yields an empty plan (idempotence).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+BindingKey = tuple[str, str]  # (environment_id, deployment_id)
+SlotKey = tuple[str, str, int]  # (environment_id, deployment_id, replica index)
+
+
+class ContainerStatus(str, Enum):
+    """Docker's ``State.Status`` values."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    RESTARTING = "restarting"
+    PAUSED = "paused"
+    REMOVING = "removing"
+    EXITED = "exited"
+    DEAD = "dead"
+
+    @classmethod
+    def parse(cls, value: str) -> ContainerStatus:
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.DEAD
+
+
+LIVE = frozenset({ContainerStatus.RUNNING, ContainerStatus.RESTARTING, ContainerStatus.PAUSED})
+GONE = frozenset({ContainerStatus.EXITED, ContainerStatus.DEAD, ContainerStatus.CREATED})
+
+
+class RemoveReason(str, Enum):
+    SCALE_DOWN = "scale_down"
+    ORPHAN = "orphan"  # binding absent from the desired table
+    REPLACED = "replaced"  # stale spec, a current replica is ready
+    EXITED = "exited"  # exited/dead: a restart when the index is still wanted
+    NEVER_STARTED = "never_started"  # left in "created"
+    DUPLICATE = "duplicate"
+
+
+class CreateReason(str, Enum):
+    MISSING = "missing"
+    REPLACE = "replace"
+    RECREATE = "recreate"
+
+
+@dataclass(frozen=True)
+class DesiredReplicas:
+    key: BindingKey
+    count: int
+    # None: the spec cannot be resolved right now (image pull failed, secrets
+    # unavailable): keep what runs, create nothing.
+    spec_hash: str | None
+
+
+@dataclass(frozen=True)
+class ObservedReplica:
+    container_id: str
+    name: str
+    key: BindingKey
+    index: int
+    generation: int
+    spec_hash: str
+    status: ContainerStatus
+    ready: bool = False
+
+
+@dataclass(frozen=True)
+class Create:
+    key: BindingKey
+    index: int
+    generation: int
+    reason: CreateReason
+
+
+@dataclass(frozen=True)
+class Remove:
+    container_id: str
+    name: str
+    key: BindingKey
+    index: int
+    reason: RemoveReason
+
+
+@dataclass(frozen=True)
+class Plan:
+    creates: tuple[Create, ...] = ()
+    removes: tuple[Remove, ...] = ()
+    # Slots held back by the restart backoff (reported, not acted on).
+    deferred: tuple[SlotKey, ...] = field(default=())
+
+    @property
+    def empty(self) -> bool:
+        return not self.creates and not self.removes
+
+
+def plan(
+    desired: Iterable[DesiredReplicas],
+    observed: Iterable[ObservedReplica],
+    *,
+    snapshot_complete: bool,
+    now: float = 0.0,
+    not_before: Mapping[SlotKey, float] | None = None,
+) -> Plan:
+    """Computes what to create and remove; see the module docstring."""
+    wanted = {d.key: d for d in desired}
+    by_key: dict[BindingKey, list[ObservedReplica]] = defaultdict(list)
+    for replica in observed:
+        if replica.status is ContainerStatus.REMOVING:
+            continue  # already going away
+        by_key[replica.key].append(replica)
+    backoff = not_before or {}
+
+    creates: list[Create] = []
+    removes: list[Remove] = []
+    deferred: list[SlotKey] = []
+
+    for key in sorted(set(wanted) | set(by_key)):
+        replicas = by_key.get(key, [])
+        want = wanted.get(key)
+        if want is None:
+            removes.extend(_remove(r, RemoveReason.ORPHAN) for r in replicas)
+            continue
+        by_index: dict[int, list[ObservedReplica]] = defaultdict(list)
+        for r in replicas:
+            by_index[r.index].append(r)
+        for index in sorted(set(by_index) | set(range(want.count))):
+            here = by_index.get(index, [])
+            if index >= want.count:
+                removes.extend(_remove(r, RemoveReason.SCALE_DOWN) for r in here)
+                continue
+            slot_creates, slot_removes, blocked = _converge_slot(want, index, here, now, backoff)
+            creates.extend(slot_creates)
+            removes.extend(slot_removes)
+            if blocked:
+                deferred.append((key[0], key[1], index))
+
+    if not snapshot_complete:
+        removes = []  # nothing is removed before the desired table is whole
+    removes.sort(key=lambda r: (r.key, -r.index, r.container_id))
+    creates.sort(key=lambda c: (c.key, c.index))
+    return Plan(creates=tuple(creates), removes=tuple(removes), deferred=tuple(deferred))
+
+
+def _converge_slot(
+    want: DesiredReplicas,
+    index: int,
+    here: list[ObservedReplica],
+    now: float,
+    backoff: Mapping[SlotKey, float],
+) -> tuple[list[Create], list[Remove], bool]:
+    creates: list[Create] = []
+    removes: list[Remove] = []
+    gone = [r for r in here if r.status in GONE]
+    live = [r for r in here if r.status in LIVE]
+    for r in gone:
+        reason = RemoveReason.NEVER_STARTED if r.status is ContainerStatus.CREATED else RemoveReason.EXITED
+        removes.append(_remove(r, reason))
+
+    if want.spec_hash is None:
+        current, stale = live, []
+    else:
+        current = [r for r in live if r.spec_hash == want.spec_hash]
+        stale = [r for r in live if r.spec_hash != want.spec_hash]
+
+    if current:
+        # Keep the best current replica: ready first, then the newest generation.
+        keep = max(current, key=lambda r: (r.ready, r.generation))
+        removes.extend(_remove(r, RemoveReason.DUPLICATE) for r in current if r is not keep)
+        if keep.ready:
+            removes.extend(_remove(r, RemoveReason.REPLACED) for r in stale)
+        return creates, removes, False
+
+    if want.spec_hash is None:
+        return creates, removes, False
+    if backoff.get((want.key[0], want.key[1], index), 0.0) > now:
+        return creates, removes, True
+    generation = max((r.generation for r in here), default=-1) + 1
+    if stale:
+        reason = CreateReason.REPLACE
+    elif gone:
+        reason = CreateReason.RECREATE
+    else:
+        reason = CreateReason.MISSING
+    creates.append(Create(key=want.key, index=index, generation=generation, reason=reason))
+    return creates, removes, False
+
+
+def _remove(r: ObservedReplica, reason: RemoveReason) -> Remove:
+    return Remove(container_id=r.container_id, name=r.name, key=r.key, index=r.index, reason=reason)

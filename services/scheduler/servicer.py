@@ -1,0 +1,165 @@
+"""Thin gRPC handlers for ``berth.v1.Scheduler``: proto in, domain calls,
+proto out. Errors are raised as ``berth.errors`` exceptions; the shared
+interceptor maps them to status codes."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from berth import errors
+from berth.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common.auth import Principal, caller, require_service
+
+from .desired import DesiredTable
+from .events import EventStore
+from .reconciler import Reconciler
+
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def _names_project(given: str, binding: common_pb2.Binding) -> bool:
+    return given in (binding.project_id, binding.project_name)
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, table: DesiredTable, reconciler: Reconciler, events: EventStore) -> None:
+        self._table = table
+        self._reconciler = reconciler
+        self._events = events
+
+    # -- helpers ------------------------------------------------------------
+    def _authorize(self, principal: Principal, requested_project: str, project_id: str, project_name: str) -> None:
+        names = {project_id, project_name}
+        if principal.project_id == project_id and principal.project_name:
+            names.add(principal.project_name)
+        if requested_project and requested_project not in names - {""}:
+            if principal.admin or principal.service:
+                raise errors.NotFound(f"deployment not found in project {requested_project!r}")
+            raise errors.PermissionDenied("this deployment belongs to another project")
+        if principal.admin or principal.service:
+            return
+        if not principal.project_id or principal.project_id != project_id:
+            raise errors.PermissionDenied("this deployment belongs to another project")
+
+    def _latest_deployment_id(self, principal: Principal, requested_project: str) -> str:
+        if principal.admin or principal.service:
+            if not requested_project:
+                raise errors.InvalidArgument("project: required when deployment_id is empty for this credential")
+            mine = [b for b in self._table.bindings() if _names_project(requested_project, b)]
+        else:
+            if requested_project and requested_project not in (principal.project_id, principal.project_name):
+                raise errors.PermissionDenied("your API key belongs to another project")
+            mine = [b for b in self._table.bindings() if b.project_id == principal.project_id]
+        if not mine:
+            raise errors.NotFound("no deployment found in this project", hint="deploy one with `berth deploy`")
+        latest = max(mine, key=lambda b: (b.deployment.created_at.seconds, b.deployment.created_at.nanos))
+        return latest.deployment.id
+
+    def _bindings_of(self, deployment_id: str) -> list[common_pb2.Binding]:
+        return [b for b in self._table.bindings() if b.deployment.id == deployment_id]
+
+    # -- RPCs ---------------------------------------------------------------
+    async def GetDeploymentStatus(  # noqa: N802
+        self, request: scheduler_pb2.GetDeploymentStatusRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.DeploymentStatus:
+        principal = caller()
+        deployment_id = request.deployment_id or self._latest_deployment_id(principal, request.project)
+        bindings = self._bindings_of(deployment_id)
+        if not bindings:
+            raise errors.NotFound(
+                f"deployment {deployment_id} not found: it is not bound to any environment",
+                hint="list deployments with `berth deployments`",
+            )
+        first = bindings[0]
+        self._authorize(principal, request.project, first.project_id, first.project_name)
+        views = await self._reconciler.status(deployment_id)
+        if request.environment:
+            views = [
+                v for v in views if request.environment in (v.binding.environment_id, v.binding.environment_name)
+            ]
+            if not views:
+                raise errors.NotFound(
+                    f"deployment {deployment_id} is not bound to environment {request.environment!r}"
+                )
+        response = scheduler_pb2.DeploymentStatus(deployment=first.deployment)
+        for view in sorted(views, key=lambda v: v.binding.environment_name):
+            b = view.binding
+            status = response.bindings.add(
+                environment_id=b.environment_id,
+                environment=b.environment_name,
+                status=view.status.value,
+                min_replicas=b.min_replicas,
+                max_replicas=b.max_replicas,
+                serving=b.serving,
+            )
+            for r in view.replicas:
+                replica = status.replicas.add(
+                    id=r.container_id,
+                    name=r.name,
+                    index=r.index,
+                    state=r.state.value,
+                    restarts=r.restarts,
+                    address=r.address,
+                )
+                started = _timestamp(r.started_at)
+                if started is not None:
+                    replica.started_at.CopyFrom(started)
+        return response
+
+    async def ListDeploymentErrors(  # noqa: N802
+        self, request: scheduler_pb2.ListDeploymentErrorsRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.ListDeploymentErrorsResponse:
+        principal = caller()
+        deployment_id = request.deployment_id or self._latest_deployment_id(principal, request.project)
+        bindings = self._bindings_of(deployment_id)
+        if bindings:
+            project_id, project_name = bindings[0].project_id, bindings[0].project_name
+        else:
+            # Events outlive bindings: the stored project decides ownership.
+            owner = self._events.project_of(deployment_id)
+            if owner is None:
+                raise errors.NotFound(f"deployment {deployment_id} not found")
+            project_id, project_name = owner, ""
+        self._authorize(principal, request.project, project_id, project_name)
+        response = scheduler_pb2.ListDeploymentErrorsResponse()
+        for event in self._events.list(deployment_id):
+            error = response.errors.add(
+                kind=event.kind,
+                message=event.message,
+                deployment_id=event.deployment_id,
+                environment_id=event.environment_id,
+                environment=event.environment,
+                replica=event.replica,
+                count=event.count,
+            )
+            error.first_seen.FromDatetime(event.first_seen)
+            error.last_seen.FromDatetime(event.last_seen)
+        return response
+
+    async def WatchEndpoints(  # noqa: N802
+        self, request: scheduler_pb2.WatchEndpointsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.EndpointSnapshot]:
+        require_service()
+        async for sets in self._reconciler.endpoints.subscribe():
+            yield scheduler_pb2.EndpointSnapshot(
+                sets=[
+                    scheduler_pb2.EndpointSet(
+                        project_id=s.project_id,
+                        environment_id=s.environment_id,
+                        deployment_id=s.deployment_id,
+                        addresses=list(s.addresses),
+                    )
+                    for s in sets
+                ]
+            )

@@ -1,0 +1,133 @@
+"""Fixtures for the scheduler tests on a real Docker engine. Everything a
+session creates carries its own ``berth.instance`` (or the test label) and is
+removed at the end, even when a test fails."""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+
+import docker
+import pytest
+from google.protobuf import timestamp_pb2
+
+from berth.v1 import common_pb2
+from services.scheduler.docker_adapter import DockerAdapter
+from services.scheduler.spec import SecretValue
+from tests.support.docker_engine import TEST_LABEL, build_worker_image, engine
+
+SESSION_LABEL = "berth.test.session"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> docker.DockerClient:
+    return engine()
+
+
+@pytest.fixture(scope="session")
+def instance(docker_client: docker.DockerClient) -> Iterator[str]:
+    name = f"test{uuid.uuid4().hex[:8]}"
+    yield name
+    for label in (f"berth.instance={name}", f"{SESSION_LABEL}={name}"):
+        for c in docker_client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
+            try:
+                c.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+
+
+@pytest.fixture(scope="session")
+def built_images(docker_client: docker.DockerClient, instance: str) -> Iterator[list[str]]:
+    """Image ids this session built; removed at the end (after the
+    containers, which the ``instance`` fixture removes later... so force)."""
+    ids: list[str] = []
+    yield ids
+    for c in docker_client.containers.list(all=True, filters={"label": f"berth.instance={instance}"}, ignore_removed=True):
+        try:
+            c.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+    for c in docker_client.containers.list(all=True, filters={"label": f"{SESSION_LABEL}={instance}"}, ignore_removed=True):
+        try:
+            c.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+    for image_id in ids:
+        try:
+            docker_client.images.remove(image_id, force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+@pytest.fixture(scope="session")
+def worker_image(docker_client: docker.DockerClient, built_images: list[str], instance: str) -> tuple[str, str]:
+    tag, image_id = build_worker_image(docker_client, version="v1", labels={SESSION_LABEL: instance})
+    built_images.append(image_id)
+    return tag, image_id
+
+
+@pytest.fixture(scope="session")
+def adapter(docker_client: docker.DockerClient) -> Iterator[DockerAdapter]:
+    a = DockerAdapter(docker_client, network="bridge")
+    yield a
+    a.close()
+
+
+class FakeSecrets:
+    """Stands in for Secrets.ResolveSecrets: values already resolved."""
+
+    def __init__(self, secrets: Sequence[SecretValue] = ()) -> None:
+        self.secrets = list(secrets)
+        self.calls = 0
+
+    async def resolve(self, project_id: str, environment_id: str) -> Sequence[SecretValue]:
+        self.calls += 1
+        return list(self.secrets)
+
+
+def make_binding(
+    *,
+    image: str,
+    image_id: str = "",
+    deployment_id: str | None = None,
+    environment_id: str | None = None,
+    min_replicas: int = 1,
+    variables: dict[str, str] | None = None,
+    command: Sequence[str] = (),
+    project_id: str = "proj-1",
+    created_at: int = 1_700_000_000,
+) -> common_pb2.Binding:
+    return common_pb2.Binding(
+        project_id=project_id,
+        project_name="shop",
+        environment_id=environment_id or f"env{uuid.uuid4().hex[:8]}",
+        environment_name="staging",
+        deployment=common_pb2.Deployment(
+            id=deployment_id or f"dep{uuid.uuid4().hex[:8]}",
+            project_id=project_id,
+            image=image,
+            image_id=image_id,
+            config=common_pb2.WorkerConfig(port=8080, variables=variables or {}, command=list(command)),
+            state="active",
+            created_at=timestamp_pb2.Timestamp(seconds=created_at),
+        ),
+        min_replicas=min_replicas,
+        max_replicas=max(min_replicas, 3),
+        state="active",
+        serving=True,
+    )
+
+
+async def wait_for(condition: Callable[[], object], *, timeout: float = 30.0, what: str = "condition") -> object:
+    """Polls ``condition`` until truthy or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,22 @@
+"""The checked-in protobuf stubs must match protos/: regenerate and compare."""
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_generated_stubs_are_current(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)], check=True)
+    fresh = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "berth" / "v1").iterdir() if p.is_file()}
+    assert fresh, "the generator produced nothing"
+    checked_in = {
+        p.relative_to(ROOT): p.read_bytes()
+        for p in (ROOT / "berth" / "v1").iterdir()
+        if p.is_file() and p.name != "__init__.py"
+    }
+    assert sorted(map(str, fresh)) == sorted(map(str, checked_in)), "stub files added or removed: run scripts/gen_protos.py"
+    stale = [str(name) for name, data in fresh.items() if checked_in[name] != data]
+    assert not stale, f"stale stubs {stale}: run python scripts/gen_protos.py and commit"
