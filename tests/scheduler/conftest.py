@@ -15,7 +15,7 @@ from google.protobuf import timestamp_pb2
 from berth.v1 import common_pb2
 from services.scheduler.docker_adapter import DockerAdapter
 from services.scheduler.spec import SecretValue
-from tests.support.docker_engine import TEST_LABEL, build_worker_image, engine
+from tests.support.docker_engine import build_worker_image, engine
 
 SESSION_LABEL = "berth.test.session"
 
@@ -39,8 +39,8 @@ def instance(docker_client: docker.DockerClient) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def built_images(docker_client: docker.DockerClient, instance: str) -> Iterator[list[str]]:
-    """Image ids this session built; removed at the end (after the
-    containers, which the ``instance`` fixture removes later... so force)."""
+    """Image ids this session built; at the end the session's containers are
+    removed first, then these images."""
     ids: list[str] = []
     yield ids
     for c in docker_client.containers.list(all=True, filters={"label": f"berth.instance={instance}"}, ignore_removed=True):

@@ -18,7 +18,7 @@ from services.scheduler.events import EventStore
 from services.scheduler.reconciler import Reconciler, SchedulerConfig
 from services.scheduler.servicer import SERVICE_NAME, SchedulerServicer
 
-from .conftest import FakeSecrets, make_binding, wait_for
+from .conftest import FakeSecrets, make_binding
 
 pytestmark = pytest.mark.docker
 
