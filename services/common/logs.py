@@ -27,3 +27,4 @@ def configure(service: str, level: str | None = None) -> None:
     # The Docker SDK and urllib3 are chatty at DEBUG/INFO.
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("docker").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)

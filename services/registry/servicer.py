@@ -34,7 +34,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
 
     async def CreateProject(self, request, context):  # type: ignore[no-untyped-def]
         project, api_key = await asyncio.to_thread(self._service.create_project, caller(), request.name)
-        log.info("project_created", extra={"project": project.id, "name": project.name})
+        log.info("project_created", extra={"project": project.id, "project_name": project.name})
         return registry_pb2.CreateProjectResponse(project=project, api_key=api_key)
 
     async def GetProject(self, request, context):  # type: ignore[no-untyped-def]

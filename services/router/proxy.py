@@ -474,6 +474,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.uses = 0
         self._parser = httptools.HttpResponseParser(self)
+        # Workers such as busybox httpd CGIs end header lines with a bare LF;
+        # accept that from replicas, as nginx does (clients stay strict).
+        self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self._idle_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
 

@@ -59,7 +59,9 @@ class RunningPlatform:
             self.env.pop(key, None)
 
     def start(self, timeout: float = 90) -> None:
-        log = open(self.data_dir / "berth-up.out", "ab")
+        out_path = self.data_dir / "berth-up.out"
+        offset = out_path.stat().st_size if out_path.exists() else 0
+        log = open(out_path, "ab")
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "berth.cli", "up", "--data-dir", str(self.data_dir),
@@ -73,7 +75,7 @@ class RunningPlatform:
             assert self.process is not None
             if self.process.poll() is not None:
                 raise RuntimeError(f"berth up exited: {self.output()}")
-            return b"Berth is up" in (self.data_dir / "berth-up.out").read_bytes()
+            return b"Berth is up" in out_path.read_bytes()[offset:]
 
         eventually(up, timeout=timeout, what="berth up healthy")
 
