@@ -48,8 +48,9 @@ ERROR_CODES: dict[type[errors.BerthError], str] = {
     errors.Internal: "internal",
 }
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# Piped output is not cut to 80 columns: ids must stay whole for scripts.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 250)
 
 
 def to_dict(message: Any) -> dict[str, Any]:
