@@ -69,7 +69,7 @@ class Deployment(_message.Message):
     def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., config: _Optional[_Union[WorkerConfig, _Mapping]] = ..., state: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
 
 class Environment(_message.Message):
-    __slots__ = ("id", "project_id", "project_name", "name", "deployment_id", "sequence", "protected", "created_at")
+    __slots__ = ("id", "project_id", "project_name", "name", "deployment_id", "sequence", "protected", "created_at", "previous_deployment_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +78,7 @@ class Environment(_message.Message):
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PROTECTED_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     project_id: str
     project_name: str
@@ -86,7 +87,8 @@ class Environment(_message.Message):
     sequence: int
     protected: bool
     created_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., sequence: _Optional[int] = ..., protected: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    previous_deployment_id: str
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., sequence: _Optional[int] = ..., protected: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., previous_deployment_id: _Optional[str] = ...) -> None: ...
 
 class Binding(_message.Message):
     __slots__ = ("project_id", "project_name", "environment_id", "environment_name", "deployment", "min_replicas", "max_replicas", "state", "serving", "updated_at")
@@ -135,3 +137,19 @@ class HistoryEntry(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     reason: str
     def __init__(self, environment_id: _Optional[str] = ..., sequence: _Optional[int] = ..., kind: _Optional[str] = ..., deployment_id: _Optional[str] = ..., previous_deployment_id: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ApiKeyInfo(_message.Message):
+    __slots__ = ("id", "project_id", "name", "prefix", "created_at", "revoked_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    project_id: str
+    name: str
+    prefix: str
+    created_at: _timestamp_pb2.Timestamp
+    revoked_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., name: _Optional[str] = ..., prefix: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -47,6 +47,56 @@ class CreateEnvironmentRequest(_message.Message):
     name: str
     def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
+class DeleteEnvironmentRequest(_message.Message):
+    __slots__ = ("project", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class DeleteEnvironmentResponse(_message.Message):
+    __slots__ = ("environment",)
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    environment: _common_pb2.Environment
+    def __init__(self, environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ...) -> None: ...
+
+class CreateApiKeyRequest(_message.Message):
+    __slots__ = ("project", "name")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CreateApiKeyResponse(_message.Message):
+    __slots__ = ("key", "api_key")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    key: _common_pb2.ApiKeyInfo
+    api_key: str
+    def __init__(self, key: _Optional[_Union[_common_pb2.ApiKeyInfo, _Mapping]] = ..., api_key: _Optional[str] = ...) -> None: ...
+
+class ListApiKeysRequest(_message.Message):
+    __slots__ = ("project",)
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    def __init__(self, project: _Optional[str] = ...) -> None: ...
+
+class ListApiKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[_common_pb2.ApiKeyInfo]
+    def __init__(self, keys: _Optional[_Iterable[_Union[_common_pb2.ApiKeyInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeApiKeyRequest(_message.Message):
+    __slots__ = ("project", "key")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    key: str
+    def __init__(self, project: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
+
 class DeployRequest(_message.Message):
     __slots__ = ("project", "image", "image_id", "config", "environment", "min_replicas", "max_replicas", "expected_sequence", "confirm", "reason")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +212,64 @@ class ListHistoryResponse(_message.Message):
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     entries: _containers.RepeatedCompositeFieldContainer[_common_pb2.HistoryEntry]
     def __init__(self, entries: _Optional[_Iterable[_Union[_common_pb2.HistoryEntry, _Mapping]]] = ...) -> None: ...
+
+class ListBindingsRequest(_message.Message):
+    __slots__ = ("project", "deployment_id", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class ListBindingsResponse(_message.Message):
+    __slots__ = ("bindings",)
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    bindings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Binding]
+    def __init__(self, bindings: _Optional[_Iterable[_Union[_common_pb2.Binding, _Mapping]]] = ...) -> None: ...
+
+class ScaleBindingRequest(_message.Message):
+    __slots__ = ("project", "deployment_id", "environment", "min_replicas", "max_replicas")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    environment: str
+    min_replicas: int
+    max_replicas: int
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ...) -> None: ...
+
+class AdjustReplicasRequest(_message.Message):
+    __slots__ = ("project", "deployment_id", "environment", "delta")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    environment: str
+    delta: int
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ..., delta: _Optional[int] = ...) -> None: ...
+
+class TerminateDeploymentRequest(_message.Message):
+    __slots__ = ("project", "deployment_id")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ...) -> None: ...
+
+class StartDeploymentRequest(_message.Message):
+    __slots__ = ("project", "deployment_id")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ...) -> None: ...
 
 class AuthenticateRequest(_message.Message):
     __slots__ = ("api_key",)

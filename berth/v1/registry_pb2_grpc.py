@@ -58,6 +58,26 @@ class RegistryStub:
                 request_serializer=berth_dot_v1_dot_registry__pb2.CreateEnvironmentRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_common__pb2.Environment.FromString,
                 _registered_method=True)
+        self.DeleteEnvironment = channel.unary_unary(
+                '/berth.v1.Registry/DeleteEnvironment',
+                request_serializer=berth_dot_v1_dot_registry__pb2.DeleteEnvironmentRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.DeleteEnvironmentResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/berth.v1.Registry/CreateApiKey',
+                request_serializer=berth_dot_v1_dot_registry__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/berth.v1.Registry/ListApiKeys',
+                request_serializer=berth_dot_v1_dot_registry__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/berth.v1.Registry/RevokeApiKey',
+                request_serializer=berth_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_common__pb2.ApiKeyInfo.FromString,
+                _registered_method=True)
         self.Deploy = channel.unary_unary(
                 '/berth.v1.Registry/Deploy',
                 request_serializer=berth_dot_v1_dot_registry__pb2.DeployRequest.SerializeToString,
@@ -87,6 +107,31 @@ class RegistryStub:
                 '/berth.v1.Registry/ListHistory',
                 request_serializer=berth_dot_v1_dot_registry__pb2.ListHistoryRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_registry__pb2.ListHistoryResponse.FromString,
+                _registered_method=True)
+        self.ListBindings = channel.unary_unary(
+                '/berth.v1.Registry/ListBindings',
+                request_serializer=berth_dot_v1_dot_registry__pb2.ListBindingsRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.ListBindingsResponse.FromString,
+                _registered_method=True)
+        self.ScaleBinding = channel.unary_unary(
+                '/berth.v1.Registry/ScaleBinding',
+                request_serializer=berth_dot_v1_dot_registry__pb2.ScaleBindingRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_common__pb2.Binding.FromString,
+                _registered_method=True)
+        self.AdjustReplicas = channel.unary_unary(
+                '/berth.v1.Registry/AdjustReplicas',
+                request_serializer=berth_dot_v1_dot_registry__pb2.AdjustReplicasRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_common__pb2.Binding.FromString,
+                _registered_method=True)
+        self.TerminateDeployment = channel.unary_unary(
+                '/berth.v1.Registry/TerminateDeployment',
+                request_serializer=berth_dot_v1_dot_registry__pb2.TerminateDeploymentRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_common__pb2.Deployment.FromString,
+                _registered_method=True)
+        self.StartDeployment = channel.unary_unary(
+                '/berth.v1.Registry/StartDeployment',
+                request_serializer=berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_common__pb2.Deployment.FromString,
                 _registered_method=True)
         self.Authenticate = channel.unary_unary(
                 '/berth.v1.Registry/Authenticate',
@@ -136,6 +181,31 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteEnvironment(self, request, context):
+        """Only when nothing points to it (no deployment) and it is not protected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Deploy(self, request, context):
         """Registers an immutable deployment and points an environment at it.
         """
@@ -169,6 +239,41 @@ class RegistryServicer:
 
     def ListHistory(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBindings(self, request, context):
+        """Replica bounds and lifecycle of bindings (the scheduler converges on them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScaleBinding(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdjustReplicas(self, request, context):
+        """scale-up / scale-down: min moves by delta; max widens when min would pass
+        it; min may reach 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TerminateDeployment(self, request, context):
+        """Stops every replica of every binding; record and image stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartDeployment(self, request, context):
+        """Brings a terminated deployment's bindings back to their bounds.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -219,6 +324,26 @@ def add_RegistryServicer_to_server(servicer, server):
                     request_deserializer=berth_dot_v1_dot_registry__pb2.CreateEnvironmentRequest.FromString,
                     response_serializer=berth_dot_v1_dot_common__pb2.Environment.SerializeToString,
             ),
+            'DeleteEnvironment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteEnvironment,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.DeleteEnvironmentRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.DeleteEnvironmentResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_common__pb2.ApiKeyInfo.SerializeToString,
+            ),
             'Deploy': grpc.unary_unary_rpc_method_handler(
                     servicer.Deploy,
                     request_deserializer=berth_dot_v1_dot_registry__pb2.DeployRequest.FromString,
@@ -248,6 +373,31 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ListHistory,
                     request_deserializer=berth_dot_v1_dot_registry__pb2.ListHistoryRequest.FromString,
                     response_serializer=berth_dot_v1_dot_registry__pb2.ListHistoryResponse.SerializeToString,
+            ),
+            'ListBindings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBindings,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.ListBindingsRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.ListBindingsResponse.SerializeToString,
+            ),
+            'ScaleBinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScaleBinding,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.ScaleBindingRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_common__pb2.Binding.SerializeToString,
+            ),
+            'AdjustReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdjustReplicas,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.AdjustReplicasRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_common__pb2.Binding.SerializeToString,
+            ),
+            'TerminateDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.TerminateDeployment,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.TerminateDeploymentRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_common__pb2.Deployment.SerializeToString,
+            ),
+            'StartDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartDeployment,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_common__pb2.Deployment.SerializeToString,
             ),
             'Authenticate': grpc.unary_unary_rpc_method_handler(
                     servicer.Authenticate,
@@ -376,6 +526,114 @@ class Registry:
             '/berth.v1.Registry/CreateEnvironment',
             berth_dot_v1_dot_registry__pb2.CreateEnvironmentRequest.SerializeToString,
             berth_dot_v1_dot_common__pb2.Environment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteEnvironment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/DeleteEnvironment',
+            berth_dot_v1_dot_registry__pb2.DeleteEnvironmentRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.DeleteEnvironmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/CreateApiKey',
+            berth_dot_v1_dot_registry__pb2.CreateApiKeyRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/ListApiKeys',
+            berth_dot_v1_dot_registry__pb2.ListApiKeysRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/RevokeApiKey',
+            berth_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.SerializeToString,
+            berth_dot_v1_dot_common__pb2.ApiKeyInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -538,6 +796,141 @@ class Registry:
             '/berth.v1.Registry/ListHistory',
             berth_dot_v1_dot_registry__pb2.ListHistoryRequest.SerializeToString,
             berth_dot_v1_dot_registry__pb2.ListHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBindings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/ListBindings',
+            berth_dot_v1_dot_registry__pb2.ListBindingsRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.ListBindingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScaleBinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/ScaleBinding',
+            berth_dot_v1_dot_registry__pb2.ScaleBindingRequest.SerializeToString,
+            berth_dot_v1_dot_common__pb2.Binding.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdjustReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/AdjustReplicas',
+            berth_dot_v1_dot_registry__pb2.AdjustReplicasRequest.SerializeToString,
+            berth_dot_v1_dot_common__pb2.Binding.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TerminateDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/TerminateDeployment',
+            berth_dot_v1_dot_registry__pb2.TerminateDeploymentRequest.SerializeToString,
+            berth_dot_v1_dot_common__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/StartDeployment',
+            berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.SerializeToString,
+            berth_dot_v1_dot_common__pb2.Deployment.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,3 +82,59 @@ class ResolveSecretsResponse(_message.Message):
     SECRETS_FIELD_NUMBER: _ClassVar[int]
     secrets: _containers.RepeatedCompositeFieldContainer[ResolvedSecret]
     def __init__(self, secrets: _Optional[_Iterable[_Union[ResolvedSecret, _Mapping]]] = ...) -> None: ...
+
+class DeleteSecretRequest(_message.Message):
+    __slots__ = ("project", "name", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class DeleteSecretResponse(_message.Message):
+    __slots__ = ("secret",)
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    secret: SecretInfo
+    def __init__(self, secret: _Optional[_Union[SecretInfo, _Mapping]] = ...) -> None: ...
+
+class ListSecretVersionsRequest(_message.Message):
+    __slots__ = ("project", "name", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class ListSecretVersionsResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[SecretInfo]
+    def __init__(self, versions: _Optional[_Iterable[_Union[SecretInfo, _Mapping]]] = ...) -> None: ...
+
+class RollbackSecretRequest(_message.Message):
+    __slots__ = ("project", "name", "environment", "to_version")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    environment: str
+    to_version: int
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., environment: _Optional[str] = ..., to_version: _Optional[int] = ...) -> None: ...
+
+class RotateMasterKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RotateMasterKeyResponse(_message.Message):
+    __slots__ = ("data_keys_rewrapped", "key_fingerprint")
+    DATA_KEYS_REWRAPPED_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    data_keys_rewrapped: int
+    key_fingerprint: str
+    def __init__(self, data_keys_rewrapped: _Optional[int] = ..., key_fingerprint: _Optional[str] = ...) -> None: ...

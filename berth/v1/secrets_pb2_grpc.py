@@ -46,6 +46,26 @@ class SecretsStub:
                 request_serializer=berth_dot_v1_dot_secrets__pb2.ListSecretsRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_secrets__pb2.ListSecretsResponse.FromString,
                 _registered_method=True)
+        self.DeleteSecret = channel.unary_unary(
+                '/berth.v1.Secrets/DeleteSecret',
+                request_serializer=berth_dot_v1_dot_secrets__pb2.DeleteSecretRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_secrets__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
+        self.ListSecretVersions = channel.unary_unary(
+                '/berth.v1.Secrets/ListSecretVersions',
+                request_serializer=berth_dot_v1_dot_secrets__pb2.ListSecretVersionsRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_secrets__pb2.ListSecretVersionsResponse.FromString,
+                _registered_method=True)
+        self.RollbackSecret = channel.unary_unary(
+                '/berth.v1.Secrets/RollbackSecret',
+                request_serializer=berth_dot_v1_dot_secrets__pb2.RollbackSecretRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_secrets__pb2.SecretInfo.FromString,
+                _registered_method=True)
+        self.RotateMasterKey = channel.unary_unary(
+                '/berth.v1.Secrets/RotateMasterKey',
+                request_serializer=berth_dot_v1_dot_secrets__pb2.RotateMasterKeyRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_secrets__pb2.RotateMasterKeyResponse.FromString,
+                _registered_method=True)
         self.ResolveSecrets = channel.unary_unary(
                 '/berth.v1.Secrets/ResolveSecrets',
                 request_serializer=berth_dot_v1_dot_secrets__pb2.ResolveSecretsRequest.SerializeToString,
@@ -70,6 +90,32 @@ class SecretsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSecret(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSecretVersions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackSecret(self, request, context):
+        """Restores an earlier version's value as a new version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateMasterKey(self, request, context):
+        """Admin key: re-wraps every project's data key under a new master key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ResolveSecrets(self, request, context):
         """Internal (service token): the values a binding's replicas receive.
         """
@@ -89,6 +135,26 @@ def add_SecretsServicer_to_server(servicer, server):
                     servicer.ListSecrets,
                     request_deserializer=berth_dot_v1_dot_secrets__pb2.ListSecretsRequest.FromString,
                     response_serializer=berth_dot_v1_dot_secrets__pb2.ListSecretsResponse.SerializeToString,
+            ),
+            'DeleteSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecret,
+                    request_deserializer=berth_dot_v1_dot_secrets__pb2.DeleteSecretRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_secrets__pb2.DeleteSecretResponse.SerializeToString,
+            ),
+            'ListSecretVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecretVersions,
+                    request_deserializer=berth_dot_v1_dot_secrets__pb2.ListSecretVersionsRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_secrets__pb2.ListSecretVersionsResponse.SerializeToString,
+            ),
+            'RollbackSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackSecret,
+                    request_deserializer=berth_dot_v1_dot_secrets__pb2.RollbackSecretRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_secrets__pb2.SecretInfo.SerializeToString,
+            ),
+            'RotateMasterKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateMasterKey,
+                    request_deserializer=berth_dot_v1_dot_secrets__pb2.RotateMasterKeyRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_secrets__pb2.RotateMasterKeyResponse.SerializeToString,
             ),
             'ResolveSecrets': grpc.unary_unary_rpc_method_handler(
                     servicer.ResolveSecrets,
@@ -152,6 +218,114 @@ class Secrets:
             '/berth.v1.Secrets/ListSecrets',
             berth_dot_v1_dot_secrets__pb2.ListSecretsRequest.SerializeToString,
             berth_dot_v1_dot_secrets__pb2.ListSecretsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Secrets/DeleteSecret',
+            berth_dot_v1_dot_secrets__pb2.DeleteSecretRequest.SerializeToString,
+            berth_dot_v1_dot_secrets__pb2.DeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecretVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Secrets/ListSecretVersions',
+            berth_dot_v1_dot_secrets__pb2.ListSecretVersionsRequest.SerializeToString,
+            berth_dot_v1_dot_secrets__pb2.ListSecretVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Secrets/RollbackSecret',
+            berth_dot_v1_dot_secrets__pb2.RollbackSecretRequest.SerializeToString,
+            berth_dot_v1_dot_secrets__pb2.SecretInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateMasterKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Secrets/RotateMasterKey',
+            berth_dot_v1_dot_secrets__pb2.RotateMasterKeyRequest.SerializeToString,
+            berth_dot_v1_dot_secrets__pb2.RotateMasterKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,
