@@ -264,6 +264,72 @@ def env_create(ctx: Ctx, name: str) -> None:
     ctx.emit({"environment": env_dict(e)}, lambda: out.print(f"Created environment [bold]{e.name}[/] ({e.id})"))
 
 
+@env_group.command("delete")
+@click.argument("name")
+@command
+def env_delete(ctx: Ctx, name: str) -> None:
+    """Delete an environment nothing points to."""
+    c = ctx.client()
+    resp = c.call(c.registry.DeleteEnvironment, registry_pb2.DeleteEnvironmentRequest(project=ctx.project, environment=name))
+    e = resp.environment
+    ctx.emit({"environment": env_dict(e)}, lambda: out.print(f"Deleted environment [bold]{e.name}[/] ({e.id})"))
+
+
+# ---------------------------------------------------------------- keys
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke a project's API keys."""
+
+
+def key_dict(k: common_pb2.ApiKeyInfo) -> dict[str, Any]:
+    d = to_dict(k)
+    return {"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": d.get("created_at", ""),
+            "revoked_at": d.get("revoked_at", "") if k.HasField("revoked_at") else ""}
+
+
+@keys.command("create")
+@click.argument("name")
+@command
+def keys_create(ctx: Ctx, name: str) -> None:
+    """Create a named key; the key itself is shown once."""
+    c = ctx.client()
+    resp = c.call(c.registry.CreateApiKey, registry_pb2.CreateApiKeyRequest(project=ctx.project, name=name))
+
+    def human() -> None:
+        out.print(f"Created key [bold]{resp.key.name}[/] ({resp.key.id}); shown only once:")
+        out.print(f"  {resp.api_key}")
+
+    ctx.emit({"key": key_dict(resp.key), "api_key": resp.api_key}, human)
+
+
+@keys.command("list")
+@command
+def keys_list(ctx: Ctx) -> None:
+    c = ctx.client()
+    found = c.call(c.registry.ListApiKeys, registry_pb2.ListApiKeysRequest(project=ctx.project)).keys
+    rows = [key_dict(k) for k in found]
+
+    def human() -> None:
+        t = table("NAME", "ID", "PREFIX", "CREATED", "REVOKED")
+        for r in rows:
+            t.add_row(r["name"], r["id"], r["prefix"] + "…", short_time(r["created_at"]), short_time(r["revoked_at"]) if r["revoked_at"] else "")
+        out.print(t)
+
+    ctx.emit({"keys": rows}, human)
+
+
+@keys.command("revoke")
+@click.argument("key")
+@command
+def keys_revoke(ctx: Ctx, key: str) -> None:
+    """Revoke a key by name or id; it stops working at once."""
+    c = ctx.client()
+    k = c.call(c.registry.RevokeApiKey, registry_pb2.RevokeApiKeyRequest(project=ctx.project, key=key))
+    ctx.emit({"key": key_dict(k)}, lambda: out.print(f"Revoked key [bold]{k.name}[/] ({k.id})"))
+
+
 # ---------------------------------------------------------------- deploy
 
 
@@ -298,26 +364,37 @@ def build_image(path: pathlib.Path, dockerfile: str, project: str, quiet: bool) 
 
 
 def wait_for_binding(ctx: Ctx, deployment_id: str, environment: str, timeout: float) -> scheduler_pb2.BindingStatus | None:
-    """Polls the scheduler until the binding runs or fails (bounded)."""
+    """Polls the scheduler until the binding runs or fails (bounded), with a
+    live line on a terminal."""
     c = ctx.client()
     deadline = time.monotonic() + timeout
     last: scheduler_pb2.BindingStatus | None = None
-    while time.monotonic() < deadline:
-        try:
-            status = c.call(
-                c.scheduler.GetDeploymentStatus,
-                scheduler_pb2.GetDeploymentStatusRequest(project=ctx.project, deployment_id=deployment_id, environment=environment),
-                timeout=5,
-            )
-            for b in status.bindings:
-                if environment in (b.environment, b.environment_id):
-                    last = b
-                    if b.status in ("running", "failed"):
-                        return b
-        except errors.NotFound:
-            pass  # the scheduler has not seen the binding yet
-        time.sleep(0.3)
-    return last
+    live = out.status("waiting for the scheduler...") if out.is_terminal and not ctx.json else None
+    try:
+        if live is not None:
+            live.start()
+        while time.monotonic() < deadline:
+            try:
+                status = c.call(
+                    c.scheduler.GetDeploymentStatus,
+                    scheduler_pb2.GetDeploymentStatusRequest(project=ctx.project, deployment_id=deployment_id, environment=environment),
+                    timeout=5,
+                )
+                for b in status.bindings:
+                    if environment in (b.environment, b.environment_id):
+                        last = b
+                        if live is not None:
+                            ready = sum(1 for r in b.replicas if r.state == "ready")
+                            live.update(f"{b.environment}: {b.status}, {ready}/{b.min_replicas} replicas ready")
+                        if b.status in ("running", "failed"):
+                            return b
+            except errors.NotFound:
+                pass  # the scheduler has not seen the binding yet
+            time.sleep(0.3)
+        return last
+    finally:
+        if live is not None:
+            live.stop()
 
 
 def print_errors(ctx: Ctx, deployment_id: str) -> None:
@@ -537,6 +614,89 @@ def deployment_errors(ctx: Ctx, deployment_id: str | None) -> None:
     ctx.emit({"deployment_id": deployment_id, "errors": rows}, human)
 
 
+def binding_dict(b: common_pb2.Binding) -> dict[str, Any]:
+    return {
+        "environment": b.environment_name,
+        "environment_id": b.environment_id,
+        "deployment_id": b.deployment.id,
+        "min_replicas": b.min_replicas,
+        "max_replicas": b.max_replicas,
+        "state": b.state,
+        "serving": b.serving,
+    }
+
+
+def report_binding(ctx: Ctx, verb: str, b: common_pb2.Binding) -> None:
+    ctx.emit(
+        {"binding": binding_dict(b)},
+        lambda: out.print(
+            f"{verb} {b.deployment.id} in [bold]{b.environment_name}[/]: replicas {b.min_replicas}..{b.max_replicas}"
+        ),
+    )
+
+
+@deployment.command("scale")
+@click.argument("deployment_id")
+@click.option("--min-replicas", type=int, required=True)
+@click.option("--max-replicas", type=int, required=True)
+@click.option("--environment", "-e", default="", help="Needed when the deployment serves several environments.")
+@command
+def deployment_scale(ctx: Ctx, deployment_id: str, min_replicas: int, max_replicas: int, environment: str) -> None:
+    """Set a binding's replica bounds."""
+    c = ctx.client()
+    b = c.call(c.registry.ScaleBinding, registry_pb2.ScaleBindingRequest(
+        project=ctx.project, deployment_id=deployment_id, environment=environment,
+        min_replicas=min_replicas, max_replicas=max_replicas))
+    report_binding(ctx, "Scaled", b)
+
+
+def _adjust(ctx: Ctx, deployment_id: str, environment: str, delta: int, verb: str) -> None:
+    c = ctx.client()
+    b = c.call(c.registry.AdjustReplicas, registry_pb2.AdjustReplicasRequest(
+        project=ctx.project, deployment_id=deployment_id, environment=environment, delta=delta))
+    report_binding(ctx, verb, b)
+
+
+@deployment.command("scale-up")
+@click.argument("deployment_id")
+@click.option("--by", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--environment", "-e", default="")
+@command
+def deployment_scale_up(ctx: Ctx, deployment_id: str, by: int, environment: str) -> None:
+    """Raise min replicas by N (max widens if needed)."""
+    _adjust(ctx, deployment_id, environment, by, "Scaled up")
+
+
+@deployment.command("scale-down")
+@click.argument("deployment_id")
+@click.option("--by", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--environment", "-e", default="")
+@command
+def deployment_scale_down(ctx: Ctx, deployment_id: str, by: int, environment: str) -> None:
+    """Lower min replicas by N (may reach 0)."""
+    _adjust(ctx, deployment_id, environment, -by, "Scaled down")
+
+
+@deployment.command("terminate")
+@click.argument("deployment_id")
+@command
+def deployment_terminate(ctx: Ctx, deployment_id: str) -> None:
+    """Stop every replica; the record and image stay."""
+    c = ctx.client()
+    d = c.call(c.registry.TerminateDeployment, registry_pb2.TerminateDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
+    ctx.emit({"deployment": deployment_dict(d)}, lambda: out.print(f"Terminated [bold]{d.id}[/] (start it again with 'berth deployment start {d.id}')"))
+
+
+@deployment.command("start")
+@click.argument("deployment_id")
+@command
+def deployment_start(ctx: Ctx, deployment_id: str) -> None:
+    """Bring a terminated deployment back to its bounds."""
+    c = ctx.client()
+    d = c.call(c.registry.StartDeployment, registry_pb2.StartDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
+    ctx.emit({"deployment": deployment_dict(d)}, lambda: out.print(f"Started [bold]{d.id}[/]"))
+
+
 # ---------------------------------------------------------------- promote / rollback / history
 
 
@@ -695,6 +855,101 @@ def secrets_list(ctx: Ctx, environment: str) -> None:
         out.print(t)
 
     ctx.emit({"secrets": rows}, human)
+
+
+@secrets.command("delete")
+@click.option("--name", required=True)
+@click.option("--environment", "-e", default="")
+@command
+def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
+    c = ctx.client()
+    s = c.call(c.secrets.DeleteSecret, secrets_pb2.DeleteSecretRequest(project=ctx.project, name=name, environment=environment)).secret
+    ctx.emit({"secret": secret_dict(s)}, lambda: out.print(f"Deleted {s.name} ({s.scope})"))
+
+
+@secrets.command("versions")
+@click.option("--name", required=True)
+@click.option("--environment", "-e", default="")
+@command
+def secrets_versions(ctx: Ctx, name: str, environment: str) -> None:
+    """Every version of a secret (never the values)."""
+    c = ctx.client()
+    found = c.call(c.secrets.ListSecretVersions, secrets_pb2.ListSecretVersionsRequest(project=ctx.project, name=name, environment=environment)).versions
+    rows = [secret_dict(v) for v in found]
+
+    def human() -> None:
+        t = table("VERSION", "TYPE", "SCOPE", "CREATED", "BY")
+        for r in rows:
+            t.add_row(str(r["version"]), r["type"], r["scope"], short_time(r["updated_at"]), r["updated_by"])
+        out.print(t)
+
+    ctx.emit({"name": name, "versions": rows}, human)
+
+
+@secrets.command("rollback")
+@click.option("--name", required=True)
+@click.option("--to-version", type=int, required=True)
+@click.option("--environment", "-e", default="")
+@command
+def secrets_rollback(ctx: Ctx, name: str, to_version: int, environment: str) -> None:
+    """Restore an earlier version's value as a new version."""
+    c = ctx.client()
+    s = c.call(c.secrets.RollbackSecret, secrets_pb2.RollbackSecretRequest(project=ctx.project, name=name, environment=environment, to_version=to_version))
+    ctx.emit({"secret": secret_dict(s)}, lambda: out.print(f"Restored {s.name} to the value of version {to_version} as version {s.version}"))
+
+
+@secrets.command("rotate-key")
+@command
+def secrets_rotate_key(ctx: Ctx) -> None:
+    """Re-wrap every data key under a new master key (admin key; no downtime)."""
+    admin = local.admin_key()
+    if not admin:
+        raise errors.Unauthenticated("rotating the master key needs the platform's admin key", hint="run it where 'berth up' runs, or set BERTH_ADMIN_KEY")
+    c = ctx.client(api_key=admin)
+    resp = c.call(c.secrets.RotateMasterKey, secrets_pb2.RotateMasterKeyRequest())
+    ctx.emit({"data_keys_rewrapped": resp.data_keys_rewrapped, "key_fingerprint": resp.key_fingerprint},
+             lambda: out.print(f"Rotated the master key ({resp.key_fingerprint}); re-wrapped {resp.data_keys_rewrapped} data keys"))
+
+
+# ---------------------------------------------------------------- init and completion
+
+
+@main.command()
+@click.argument("directory", required=False, default=".", type=click.Path(file_okay=False, path_type=pathlib.Path))
+@click.option("--project", "project_name", default="", help="Project name (default: the directory's name).")
+@click.option("--dockerfile", default="Dockerfile", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--health-path", default="/", show_default=True)
+@click.option("--memory", default="", help="Memory limit, e.g. 256m.")
+@click.option("--cpus", type=float, default=0.0)
+@click.option("--var", "variables", multiple=True, help="Plain variable KEY=VALUE (repeatable).")
+@click.option("--force", is_flag=True, help="Overwrite an existing berth.toml.")
+@click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text")
+def init(directory: pathlib.Path, project_name: str, dockerfile: str, port: int, health_path: str, memory: str,
+         cpus: float, variables: tuple[str, ...], force: bool, output: str) -> None:
+    """Write berth.toml: what to build and how to run it."""
+    ctx = Ctx(output, None)
+    try:
+        path = local.write_project_file(
+            directory, project=project_name or directory.resolve().name, dockerfile=dockerfile, port=port,
+            health_path=health_path, memory=memory, cpus=cpus, variables=variables, force=force,
+        )
+    except errors.BerthError as error:
+        fail(ctx, error)
+        return
+    ctx.emit({"path": str(path), "config": local.load_project_file(path.parent).__dict__ | {"path": str(path)}},
+             lambda: out.print(f"Wrote {path}; next: berth deploy {directory}"))
+
+
+@main.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: eval "$(berth completion bash)"."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(main, {}, "berth", "_BERTH_COMPLETE").source())
 
 
 if __name__ == "__main__":

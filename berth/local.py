@@ -133,3 +133,48 @@ def parse_memory(text: str) -> int:
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text or 0)
+
+
+def write_project_file(
+    directory: pathlib.Path,
+    *,
+    project: str,
+    dockerfile: str,
+    port: int,
+    health_path: str,
+    memory: str,
+    cpus: float,
+    variables: tuple[str, ...],
+    force: bool,
+) -> pathlib.Path:
+    """Writes ``berth.toml`` (refuses to overwrite unless ``force``)."""
+    path = directory / PROJECT_FILE
+    if path.exists() and not force:
+        raise InvalidArgument(f"{path} already exists", hint="pass --force to overwrite it")
+    pairs = []
+    for item in variables:
+        if "=" not in item:
+            raise InvalidArgument(f"--var {item!r} must look like KEY=VALUE")
+        pairs.append(item.split("=", 1))
+    if memory:
+        parse_memory(memory)  # fail early on a typo
+    lines = [
+        "# Berth project file: what to build and how to run it (see README).",
+        f"project = {json.dumps(project)}",
+        "",
+        "[worker]",
+        f"dockerfile = {json.dumps(dockerfile)}",
+        f"port = {int(port)}",
+        f"health_path = {json.dumps(health_path)}",
+        "",
+        "[worker.resources]",
+        f"memory = {json.dumps(memory or '0')}",
+        f"cpus = {float(cpus)}",
+        "",
+        "[variables]",
+        *(f"{key} = {json.dumps(value)}" for key, value in pairs),
+        "",
+    ]
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return path

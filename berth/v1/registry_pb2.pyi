@@ -304,15 +304,17 @@ class WatchRequest(_message.Message):
     def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
 
 class WatchEvent(_message.Message):
-    __slots__ = ("revision", "environment", "binding", "environment_deleted", "snapshot_complete")
+    __slots__ = ("revision", "environment", "binding", "environment_deleted", "snapshot_complete", "resumed")
     REVISION_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     BINDING_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_DELETED_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
     revision: int
     environment: _common_pb2.Environment
     binding: _common_pb2.Binding
     environment_deleted: str
     snapshot_complete: bool
-    def __init__(self, revision: _Optional[int] = ..., environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., binding: _Optional[_Union[_common_pb2.Binding, _Mapping]] = ..., environment_deleted: _Optional[str] = ..., snapshot_complete: _Optional[bool] = ...) -> None: ...
+    resumed: bool
+    def __init__(self, revision: _Optional[int] = ..., environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., binding: _Optional[_Union[_common_pb2.Binding, _Mapping]] = ..., environment_deleted: _Optional[str] = ..., snapshot_complete: _Optional[bool] = ..., resumed: _Optional[bool] = ...) -> None: ...

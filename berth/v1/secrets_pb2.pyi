@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SecretInfo(_message.Message):
-    __slots__ = ("name", "type", "scope", "environment_id", "version", "created_at", "updated_at", "updated_by")
+    __slots__ = ("name", "type", "scope", "environment_id", "version", "created_at", "updated_at", "updated_by", "deleted")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class SecretInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
     scope: str
@@ -27,7 +28,8 @@ class SecretInfo(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     updated_by: str
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., scope: _Optional[str] = ..., environment_id: _Optional[str] = ..., version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ...) -> None: ...
+    deleted: bool
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., scope: _Optional[str] = ..., environment_id: _Optional[str] = ..., version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
 
 class SetSecretRequest(_message.Message):
     __slots__ = ("project", "name", "type", "value", "environment")

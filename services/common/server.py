@@ -152,7 +152,14 @@ async def start_server(
 ) -> RunningServer:
     server = grpc.aio.server(
         interceptors=[CallInterceptor(authenticate, public_methods)],
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Clients keep long watch streams alive with pings every 20 s;
+            # accept them instead of answering GOAWAY "too_many_pings".
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
+        ],
     )
     register(server)
     health = health_aio.HealthServicer()
