@@ -161,10 +161,20 @@ def main() -> None:
 @click.option("--secrets-port", default=50052, envvar="BERTH_SECRETS_PORT", show_default=True)
 @click.option("--scheduler-port", default=50053, envvar="BERTH_SCHEDULER_PORT", show_default=True)
 @click.option("--domain", default="localhost", envvar="BERTH_DOMAIN", show_default=True)
+@click.option("--detach", "-d", is_flag=True, help="Run in the background; return once the platform serves.")
 def up(data_dir: str | None, database_url: str | None, host: str, router_port: int, registry_port: int,
-       secrets_port: int, scheduler_port: int, domain: str) -> None:
+       secrets_port: int, scheduler_port: int, domain: str, detach: bool) -> None:
     """Run the whole platform here until interrupted (replicas keep running)."""
-    from berth.platform import Platform, PlatformConfig
+    from berth.platform import Platform, PlatformConfig, start_detached
+
+    if detach:
+        args = [a for a in sys.argv[1:] if a not in ("--detach", "-d")]
+        try:
+            print(start_detached(local.data_dir(data_dir), args), end="")
+        except RuntimeError as exc:
+            err.print(f"[bold red]error:[/] {exc}")
+            sys.exit(8)
+        return
 
     config = PlatformConfig(
         data_dir=local.data_dir(data_dir), host=host, registry_port=registry_port, secrets_port=secrets_port,
@@ -198,6 +208,19 @@ def up(data_dir: str | None, database_url: str | None, host: str, router_port: i
         platform.stop()
 
 
+@main.command()
+@click.option("--data-dir", default=None, help="The data directory of the platform to stop.")
+def down(data_dir: str | None) -> None:
+    """Stop a platform started with 'berth up' (replicas keep running)."""
+    from berth.platform import stop_running
+
+    directory = local.data_dir(data_dir)
+    if stop_running(directory):
+        out.print("Berth is down (replicas keep running; the next 'berth up' adopts them)")
+    else:
+        out.print(f"No platform is running from {directory}")
+
+
 # ---------------------------------------------------------------- projects
 
 
@@ -208,8 +231,9 @@ def projects() -> None:
 
 @projects.command("create")
 @click.argument("name")
+@click.option("--print-env", is_flag=True, help='Print only shell exports: eval "$(berth projects create NAME --print-env)".')
 @command
-def projects_create(ctx: Ctx, name: str) -> None:
+def projects_create(ctx: Ctx, name: str, print_env: bool) -> None:
     """Create a project; prints its id and first API key (shown once)."""
     admin = local.admin_key()
     if not admin:
@@ -218,6 +242,10 @@ def projects_create(ctx: Ctx, name: str) -> None:
         )
     resp = ctx.client(api_key=admin).call(ctx.client().registry.CreateProject, registry_pb2.CreateProjectRequest(name=name))
     data = {"project": {"id": resp.project.id, "name": resp.project.name}, "api_key": resp.api_key}
+
+    if print_env and not ctx.json:
+        click.echo(f"export BERTH_API_KEY={resp.api_key}\nexport BERTH_PROJECT={resp.project.name}")
+        return
 
     def human() -> None:
         out.print(f"Created project [bold]{resp.project.name}[/] ({resp.project.id})")
@@ -429,10 +457,11 @@ def deployment_dict(d: common_pb2.Deployment) -> dict[str, Any]:
 @click.option("--yes", is_flag=True, help="Confirm a move of a protected environment.")
 @click.option("--wait/--no-wait", default=True, help="Wait until the replicas are ready (or failed).")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the deployment id (for scripts).")
 @command
 def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: str, min_replicas: int,
            max_replicas: int, port: int, health_path: str, variables: tuple[str, ...], yes: bool, wait: bool,
-           timeout: float) -> None:
+           timeout: float, quiet: bool) -> None:
     """Build PATH (or take --image) and point an environment at the new deployment."""
     if (path is None) == (image is None):
         raise errors.InvalidArgument("give either a PATH to build or --image REF", hint="berth deploy ./app  or  berth deploy --image repo/app:1")
@@ -455,7 +484,7 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
     c = ctx.client()
     image_id = ""
     if path is not None:
-        image, image_id = build_image(path.resolve(), project_file.dockerfile, project, quiet=ctx.json)
+        image, image_id = build_image(path.resolve(), project_file.dockerfile, project, quiet=ctx.json or quiet)
     resp = c.call(
         c.registry.Deploy,
         registry_pb2.DeployRequest(
@@ -470,6 +499,9 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
         data["status"] = status.status
 
     def human() -> None:
+        if quiet:
+            click.echo(d.id)
+            return
         out.print(f"Deployed [bold]{d.id}[/] ({d.image}) to [bold]{e.name}[/]")
         if status is not None:
             ready = sum(1 for r in status.replicas if r.state == "ready")

@@ -187,3 +187,47 @@ class Platform:
         for child in reversed(self.children):
             child.wait(grace)
         (self.config.data_dir / local.PLATFORM_FILE).unlink(missing_ok=True)
+
+
+def start_detached(data_dir: pathlib.Path, up_args: list[str], timeout: float = 120) -> str:
+    """Starts ``berth up`` in its own session, logging to the data directory,
+    and returns its banner once the platform serves."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "berth-up.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "berth.cli", *up_args], stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "BERTH_DATA_DIR": str(data_dir)},
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_bytes()[offset:].decode(errors="replace")
+        if "Berth is up" in text:
+            return text[text.index("Berth is up"):]
+        if process.poll() is not None:
+            raise RuntimeError(f"berth up exited with code {process.returncode}:\n{text[-2000:]}")
+        time.sleep(0.2)
+    raise RuntimeError(f"the platform did not come up within {timeout:.0f} s; see {log_path}")
+
+
+def stop_running(data_dir: pathlib.Path, timeout: float = 30) -> bool:
+    """SIGTERMs the ``berth up`` recorded in ``platform.json``; waits for it."""
+    path = data_dir / local.PLATFORM_FILE
+    if not path.exists():
+        return False
+    try:
+        pid = int(json.loads(path.read_text())["pid"])
+        os.kill(pid, signal.SIGTERM)
+    except (ValueError, KeyError, ProcessLookupError, OSError):
+        path.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    return True
