@@ -261,7 +261,7 @@ def projects_create(ctx: Ctx, name: str, print_env: bool) -> None:
 
 @main.group("env")
 def env_group() -> None:
-    """List and create environments."""
+    """List, create and delete environments."""
 
 
 def env_dict(e: common_pb2.Environment) -> dict[str, Any]:
@@ -517,6 +517,7 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
 @click.option("--environment", "-e", default="", help="Only deployments bound to this environment.")
 @command
 def deployments_list(ctx: Ctx, environment: str) -> None:
+    """The project's deployments, newest first."""
     c = ctx.client()
     deps = c.call(c.registry.ListDeployments, registry_pb2.ListDeploymentsRequest(project=ctx.project, environment=environment)).deployments
 
@@ -534,7 +535,7 @@ def deployments_list(ctx: Ctx, environment: str) -> None:
 
 @main.group()
 def deployment() -> None:
-    """Inspect one deployment."""
+    """Inspect and operate one deployment: status, errors, scale, terminate, start."""
 
 
 def latest_deployment_id(ctx: Ctx) -> str:
@@ -844,7 +845,7 @@ def history(ctx: Ctx, environment: str) -> None:
 
 @main.group()
 def secrets() -> None:
-    """Set and list secrets (values are write-only)."""
+    """Set, list, version and delete secrets (values are write-only)."""
 
 
 def secret_dict(s: secrets_pb2.SecretInfo) -> dict[str, Any]:

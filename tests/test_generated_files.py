@@ -20,3 +20,8 @@ def test_generated_stubs_are_current(tmp_path):
     assert sorted(map(str, fresh)) == sorted(map(str, checked_in)), "stub files added or removed: run scripts/gen_protos.py"
     stale = [str(name) for name, data in fresh.items() if checked_in[name] != data]
     assert not stale, f"stale stubs {stale}: run python scripts/gen_protos.py and commit"
+
+
+def test_cli_reference_is_current():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_cli_docs.py"), "--check"])
+    assert result.returncode == 0, "docs/cli.md is stale: run python scripts/gen_cli_docs.py and commit"
