@@ -111,8 +111,8 @@ class RunningPlatform:
                 pass
 
     def cli(self, *args: str, api_key: str = "", input: str | None = None, check: bool = True,
-            cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
-        env = {**self.env, "BERTH_API_KEY": api_key}
+            cwd: pathlib.Path | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        env = {**self.env, "BERTH_API_KEY": api_key, **(env_extra or {})}
         result = subprocess.run(
             [sys.executable, "-m", "berth.cli", *args], env=env, capture_output=True, text=True,
             input=input, timeout=300, cwd=cwd or ROOT,
