@@ -849,7 +849,7 @@ def secrets() -> None:
 
 
 def secret_dict(s: secrets_pb2.SecretInfo) -> dict[str, Any]:
-    return {"name": s.name, "type": s.type, "scope": s.scope, "version": s.version,
+    return {"name": s.name, "type": s.type, "scope": s.scope, "version": s.version, "deleted": s.deleted,
             "updated_at": to_dict(s).get("updated_at", ""), "updated_by": s.updated_by}
 
 
@@ -897,7 +897,7 @@ def secrets_list(ctx: Ctx, environment: str) -> None:
 def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
     c = ctx.client()
     s = c.call(c.secrets.DeleteSecret, secrets_pb2.DeleteSecretRequest(project=ctx.project, name=name, environment=environment)).secret
-    ctx.emit({"secret": secret_dict(s)}, lambda: out.print(f"Deleted {s.name} ({s.scope})"))
+    ctx.emit({"secret": secret_dict(s)}, lambda: out.print(f"Deleted {s.name} ({s.scope}) as version {s.version}; replicas that resolved it are replaced"))
 
 
 @secrets.command("versions")
@@ -911,9 +911,9 @@ def secrets_versions(ctx: Ctx, name: str, environment: str) -> None:
     rows = [secret_dict(v) for v in found]
 
     def human() -> None:
-        t = table("VERSION", "TYPE", "SCOPE", "CREATED", "BY")
+        t = table("VERSION", "TYPE", "SCOPE", "DELETED", "CREATED", "BY")
         for r in rows:
-            t.add_row(str(r["version"]), r["type"], r["scope"], short_time(r["updated_at"]), r["updated_by"])
+            t.add_row(str(r["version"]), r["type"], r["scope"], "yes" if r["deleted"] else "", short_time(r["updated_at"]), r["updated_by"])
         out.print(t)
 
     ctx.emit({"name": name, "versions": rows}, human)

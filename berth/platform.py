@@ -104,7 +104,12 @@ class Platform:
             registry_args += ["--database-url", c.database_url]
         return [
             Child("registry", registry_args, {**base, "BERTH_ADMIN_KEY": self.admin_key}, logs / "registry.log"),
-            Child("secrets", ["services.secrets", "--host", c.host, "--port", str(c.secrets_port)], base, logs / "secrets.log"),
+            Child(
+                "secrets",
+                ["services.secrets", "--host", c.host, "--port", str(c.secrets_port)],
+                {**base, "BERTH_ADMIN_KEY": self.admin_key},  # rotate-key is an admin operation
+                logs / "secrets.log",
+            ),
             Child(
                 "scheduler",
                 ["services.scheduler", "--host", c.host, "--port", str(c.scheduler_port), "--instance", self.instance,

@@ -31,6 +31,7 @@ def _info(info: SecretInfo) -> secrets_pb2.SecretInfo:
         created_at=_ts(info.created_at),
         updated_at=_ts(info.updated_at),
         updated_by=info.updated_by,
+        deleted=info.deleted,
     )
 
 
@@ -99,6 +100,50 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):
         )
         log.info("secret_set", extra={"project": project_id, "secret": info.name, "scope": info.scope, "version": info.version})
         return _info(info)
+
+    async def _scope(self, project_id: str, environment: str) -> tuple[str, str]:
+        if not environment:
+            return "", ""
+        return await self._directory.environment(project_id, environment)
+
+    async def DeleteSecret(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        project_id = project_of(principal, request.project)
+        env_id, env_name = await self._scope(project_id, request.environment)
+        info = await asyncio.to_thread(
+            lambda: self._service.delete_secret(
+                principal, project_id=project_id, environment_id=env_id, environment_name=env_name, name=request.name
+            )
+        )
+        log.info("secret_deleted", extra={"project": project_id, "secret": info.name, "scope": info.scope, "version": info.version})
+        return secrets_pb2.DeleteSecretResponse(secret=_info(info))
+
+    async def ListSecretVersions(self, request, context):  # type: ignore[no-untyped-def]
+        project_id = project_of(caller(), request.project)
+        env_id, env_name = await self._scope(project_id, request.environment)
+        versions = await asyncio.to_thread(self._service.list_versions, project_id, env_id, env_name, request.name)
+        return secrets_pb2.ListSecretVersionsResponse(versions=[_info(v) for v in versions])
+
+    async def RollbackSecret(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        project_id = project_of(principal, request.project)
+        env_id, env_name = await self._scope(project_id, request.environment)
+        info = await asyncio.to_thread(
+            lambda: self._service.rollback_secret(
+                principal, project_id=project_id, environment_id=env_id, environment_name=env_name,
+                name=request.name, to_version=request.to_version,
+            )
+        )
+        log.info(
+            "secret_rolled_back",
+            extra={"project": project_id, "secret": info.name, "scope": info.scope, "version": info.version,
+                   "from_version": request.to_version},
+        )
+        return _info(info)
+
+    async def RotateMasterKey(self, request, context):  # type: ignore[no-untyped-def]
+        count, key_id = await asyncio.to_thread(self._service.rotate_master_key, caller())
+        return secrets_pb2.RotateMasterKeyResponse(data_keys_rewrapped=count, key_fingerprint=key_id)
 
     async def ListSecrets(self, request, context):  # type: ignore[no-untyped-def]
         project_id = project_of(caller(), request.project)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pathlib
 from datetime import datetime
 
-from sqlalchemy import DateTime, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
@@ -21,10 +21,13 @@ class DataKeyRow(Base):
     nonce: Mapped[bytes] = mapped_column(LargeBinary)
     wrapped_key: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Fingerprint of the master key that wrapped it ("" = unknown, pre-0002).
+    master_key_id: Mapped[str] = mapped_column(String(64), default="")
 
 
 class SecretVersionRow(Base):
-    """One version of one secret; versions are never rewritten."""
+    """One version of one secret; versions are never rewritten. A deletion
+    is a version too (``deleted``, empty ciphertext): numbering goes on."""
 
     __tablename__ = "secret_versions"
     __table_args__ = (UniqueConstraint("project_id", "environment_id", "name", "version", name="uq_secret_version"),)
@@ -39,6 +42,7 @@ class SecretVersionRow(Base):
     ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_by: Mapped[str] = mapped_column(String(80))
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 def migrate(engine) -> None:  # type: ignore[no-untyped-def]

@@ -3,43 +3,15 @@ write-only values, tamper evidence."""
 from __future__ import annotations
 
 import base64
-import os
 
-import grpc
 import pytest
 from sqlalchemy import create_engine, text
 
 from berth import errors
-from berth.client import error_from_rpc
-from berth.v1 import secrets_pb2, secrets_pb2_grpc
-from services.secrets import app as secrets_app
-from tests.registry.conftest import SERVICE_TOKEN, Registry
-from tests.support.inproc import start_in_background
+from berth.v1 import secrets_pb2
+from tests.secrets.support import SERVICE_TOKEN, Registry, Secrets, environment_ids
 
 CANARY = "canary-4f1d2b9e"
-
-
-class Secrets:
-    def __init__(self, registry: Registry, database_url: str) -> None:
-        self.bg, (self.running, self.closers) = start_in_background(
-            lambda: secrets_app.start(
-                host="127.0.0.1", port=0, database_url=database_url, master_key=os.urandom(32),
-                registry=f"127.0.0.1:{registry.running.port}", service_token=SERVICE_TOKEN,
-            )
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
-        self.stub = secrets_pb2_grpc.SecretsStub(self.channel)
-
-    def call(self, name, request, key):  # type: ignore[no-untyped-def]
-        try:
-            return getattr(self.stub, name)(request, metadata=(("x-api-key", key),), timeout=10)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
-
-    def close(self) -> None:
-        self.channel.close()
-        self.bg.run(self.running.stop(0.5))
-        self.bg.close()
 
 
 @pytest.fixture
@@ -66,7 +38,7 @@ def test_environment_overrides_project_and_values_stay_write_only(platform):
     assert [(s.name, s.scope, s.version) for s in staging.secrets] == [("API_TOKEN", "environment:staging", 1)]
     assert CANARY not in str(listed) + str(staging)
 
-    envs = {e.name: e.id for e in registry.call("ListEnvironments", __import__("berth.v1.registry_pb2", fromlist=["x"]).ListEnvironmentsRequest(), key).environments}
+    envs = environment_ids(registry, key)
     resolved = secrets.call("ResolveSecrets", secrets_pb2.ResolveSecretsRequest(project_id=project_id, environment_id=envs["staging"]), SERVICE_TOKEN)
     assert [(s.name, s.value) for s in resolved.secrets] == [("API_TOKEN", "staging-" + CANARY)]
     resolved = secrets.call("ResolveSecrets", secrets_pb2.ResolveSecretsRequest(project_id=project_id, environment_id=envs["preview"]), SERVICE_TOKEN)
@@ -127,3 +99,88 @@ def test_master_key_file_is_private(tmp_path):
     assert load_master_key(env_value=base64.b64encode(b"k" * 32).decode(), key_file=None) == b"k" * 32
     with pytest.raises(errors.InvalidArgument):
         load_master_key(env_value=base64.b64encode(b"short").decode(), key_file=None)
+
+
+def _resolve(secrets, project_id, environment_id=""):  # type: ignore[no-untyped-def]
+    request = secrets_pb2.ResolveSecretsRequest(project_id=project_id, environment_id=environment_id)
+    return {s.name: s.value for s in secrets.call("ResolveSecrets", request, SERVICE_TOKEN).secrets}
+
+
+def test_rows_moved_across_projects_and_environments_and_wrapped_keys_fail(platform):
+    """Each copy below is the strongest forgery an attacker with write access
+    to the database has: same name, same version, only the place differs."""
+    registry, secrets, db_url = platform
+    pa, key_a = registry.create_project("alpha")
+    pb, key_b = registry.create_project("beta")
+    envs = environment_ids(registry, key_a)
+    set_ = secrets_pb2.SetSecretRequest
+    secrets.call("SetSecret", set_(name="TOKEN", type="token", value="a-" + CANARY), key_a)
+    secrets.call("SetSecret", set_(name="TOKEN", type="token", value="a-staging-" + CANARY, environment="staging"), key_a)
+    secrets.call("SetSecret", set_(name="TOKEN", type="token", value="a-production-" + CANARY, environment="production"), key_a)
+    secrets.call("SetSecret", set_(name="TOKEN", type="token", value="b-value"), key_b)
+    engine = create_engine(db_url)
+
+    def row(project_id, environment_id):  # type: ignore[no-untyped-def]
+        with engine.connect() as conn:
+            return conn.execute(
+                text("SELECT nonce, ciphertext FROM secret_versions WHERE project_id=:p AND environment_id=:e"),
+                {"p": project_id, "e": environment_id},
+            ).one()
+
+    def put(project_id, environment_id, nonce, ciphertext):  # type: ignore[no-untyped-def]
+        with engine.begin() as conn:
+            conn.execute(
+                text("UPDATE secret_versions SET nonce=:n, ciphertext=:c WHERE project_id=:p AND environment_id=:e"),
+                {"n": nonce, "c": ciphertext, "p": project_id, "e": environment_id},
+            )
+
+    originals = {
+        "b": row(pb, ""), "staging": row(pa, envs["staging"]), "production": row(pa, envs["production"]),
+    }
+    # Project A's ciphertext in project B's row.
+    put(pb, "", *row(pa, ""))
+    with pytest.raises(errors.FailedPrecondition, match="secret 'TOKEN' version 1 \\(project\\) failed to decrypt") as info:
+        _resolve(secrets, pb)
+    assert CANARY not in str(info.value)
+    put(pb, "", *originals["b"])
+    assert _resolve(secrets, pb) == {"TOKEN": "b-value"}
+
+    # Staging's ciphertext in production's row (same project, same data key).
+    put(pa, envs["production"], *originals["staging"])
+    with pytest.raises(errors.FailedPrecondition, match="environment:production\\) failed to decrypt") as info:
+        _resolve(secrets, pa, envs["production"])
+    assert CANARY not in str(info.value)
+    assert _resolve(secrets, pa, envs["staging"]) == {"TOKEN": "a-staging-" + CANARY}  # the source still works
+    put(pa, envs["production"], *originals["production"])
+    assert _resolve(secrets, pa, envs["production"]) == {"TOKEN": "a-production-" + CANARY}
+
+    # The project scope's ciphertext in the staging row.
+    put(pa, envs["staging"], *row(pa, ""))
+    with pytest.raises(errors.FailedPrecondition, match="failed to decrypt"):
+        _resolve(secrets, pa, envs["staging"])
+    put(pa, envs["staging"], *originals["staging"])
+
+    # Wrapped data keys: A's in B's row, then one flipped byte.
+    with engine.connect() as conn:
+        keys = {r.project_id: r for r in conn.execute(text("SELECT project_id, nonce, wrapped_key FROM secret_data_keys"))}
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE secret_data_keys SET nonce=:n, wrapped_key=:w WHERE project_id=:p"),
+                     {"n": keys[pa].nonce, "w": keys[pa].wrapped_key, "p": pb})
+    with pytest.raises(errors.FailedPrecondition, match=f"the data key of project {pb} failed to decrypt"):
+        _resolve(secrets, pb)
+    flipped = bytearray(keys[pb].wrapped_key)
+    flipped[len(flipped) // 2] ^= 0x80
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE secret_data_keys SET nonce=:n, wrapped_key=:w WHERE project_id=:p"),
+                     {"n": keys[pb].nonce, "w": bytes(flipped), "p": pb})
+    with pytest.raises(errors.FailedPrecondition, match="data key of project"):
+        _resolve(secrets, pb)
+    # A set into a project whose data key is broken fails the same way, and stores nothing.
+    with pytest.raises(errors.FailedPrecondition, match="data key of project"):
+        secrets.call("SetSecret", set_(name="OTHER", type="token", value="x-" + CANARY), key_b)
+    # Project A is untouched and the service keeps serving.
+    assert _resolve(secrets, pa) == {"TOKEN": "a-" + CANARY}
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE secret_data_keys SET wrapped_key=:w WHERE project_id=:p"),
+                     {"w": keys[pb].wrapped_key, "p": pb})
+    assert _resolve(secrets, pb) == {"TOKEN": "b-value"}
