@@ -45,12 +45,62 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--data-dir", default=env("BERTH_DATA_DIR") or None, help="where the event store lives (env BERTH_DATA_DIR)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--target-concurrency",
+        type=float,
+        default=float(env("BERTH_TARGET_CONCURRENCY", "10")),
+        help="in-flight requests per replica the autoscaler aims at (env BERTH_TARGET_CONCURRENCY)",
+    )
+    parser.add_argument(
+        "--scale-down-window",
+        type=float,
+        default=float(env("BERTH_SCALE_DOWN_WINDOW", "30")),
+        help="seconds the load must stay lower before replicas are removed (env BERTH_SCALE_DOWN_WINDOW)",
+    )
+    parser.add_argument(
+        "--idle-window",
+        type=float,
+        default=float(env("BERTH_IDLE_WINDOW", "60")),
+        help="seconds without requests before a min-0 binding scales to zero (env BERTH_IDLE_WINDOW)",
+    )
+    parser.add_argument(
+        "--stop-grace", type=float, default=float(env("BERTH_STOP_GRACE", "10")), help="seconds after SIGTERM"
+    )
+    parser.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=float(env("BERTH_RESTART_BACKOFF", "1")),
+        help="first delay before restarting a crashed replica, doubled per quick crash (env BERTH_RESTART_BACKOFF)",
+    )
+    parser.add_argument(
+        "--unhealthy-after",
+        type=int,
+        default=int(env("BERTH_UNHEALTHY_AFTER", "3")),
+        help="consecutive failed health checks before a running replica is replaced",
+    )
+    args = parser.parse_args(argv)
+    for name in ("target_concurrency", "reconcile_interval", "pull_timeout"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("scale_down_window", "idle_window", "stop_grace", "restart_backoff"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} cannot be negative")
+    if args.unhealthy_after < 1:
+        parser.error("--unhealthy-after must be at least 1")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
     config = SchedulerConfig(
-        instance=args.instance, reconcile_interval=args.reconcile_interval, pull_timeout=args.pull_timeout
+        instance=args.instance,
+        reconcile_interval=args.reconcile_interval,
+        pull_timeout=args.pull_timeout,
+        stop_grace=args.stop_grace,
+        restart_backoff=args.restart_backoff,
+        unhealthy_after=args.unhealthy_after,
+        target_concurrency=args.target_concurrency,
+        scale_down_window=args.scale_down_window,
+        idle_window=args.idle_window,
     )
     adapter = DockerAdapter(docker.from_env(timeout=60), network=args.network)
     events = EventStore(args.data_dir)

@@ -30,10 +30,14 @@ def binding_key(binding: common_pb2.Binding) -> BindingKey:
     return (binding.environment_id, binding.deployment.id)
 
 
+def is_terminated(binding: common_pb2.Binding) -> bool:
+    return binding.state == TERMINATED or binding.deployment.state == TERMINATED
+
+
 def desired_count(binding: common_pb2.Binding) -> int:
-    """Skeleton policy (autoscaling comes later): min_replicas unless the
-    binding or its deployment is terminated."""
-    if binding.state == TERMINATED or binding.deployment.state == TERMINATED:
+    """The floor of a binding: min_replicas unless the binding or its
+    deployment is terminated (autoscaling may ask for more, see autoscale)."""
+    if is_terminated(binding):
         return 0
     return max(0, binding.min_replicas)
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import re
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import docker
@@ -34,6 +34,8 @@ DEPLOYMENT_LABEL = "berth.deployment"
 REPLICA_LABEL = "berth.replica"
 GENERATION_LABEL = "berth.generation"
 SPEC_HASH_LABEL = "berth.spec-hash"
+RESTARTS_LABEL = "berth.restarts"  # replacements so far in this replica slot
+CRASHES_LABEL = "berth.crashes"  # consecutive quick exits before this container
 
 
 class EngineError(Exception):
@@ -80,6 +82,12 @@ class ContainerInfo:
 
 
 @dataclass(frozen=True)
+class HostResources:
+    cpus: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
 class RunSpec:
     name: str
     image_id: str
@@ -100,7 +108,7 @@ def _parse_time(value: str | None) -> datetime | None:
         return None
     whole, frac, zone = match.groups()
     parsed = datetime.fromisoformat(f"{whole}.{(frac or '0')[:6]:0<6}{'+00:00' if zone in (None, 'Z') else zone}")
-    return parsed.astimezone(timezone.utc)
+    return parsed.astimezone(UTC)
 
 
 def _explanation(exc: docker.errors.APIError) -> str:
@@ -179,6 +187,7 @@ class DockerAdapter:
                 kwargs["command"] = list(spec.command)
             if spec.mem_limit:
                 kwargs["mem_limit"] = spec.mem_limit
+                kwargs["memswap_limit"] = spec.mem_limit  # a hard limit: no swap beyond it
             if spec.nano_cpus:
                 kwargs["nano_cpus"] = spec.nano_cpus
             try:
@@ -201,6 +210,27 @@ class DockerAdapter:
             return self._info(self._client.api.inspect_container(container.id))
 
         return await self._run(run_)
+
+    async def stop(self, container_id: str, *, grace: float = 10.0) -> None:
+        """Stops (SIGTERM, then ``grace`` seconds) without removing: the
+        exited container stays as the record of what happened to it."""
+
+        def stop_() -> None:
+            try:
+                self._client.api.stop(container_id, timeout=int(max(grace, 0)))
+            except docker.errors.NotFound:
+                return
+
+        await self._run(stop_)
+
+    async def host_resources(self) -> HostResources:
+        """What the engine's host has (``docker info`` NCPU and MemTotal)."""
+
+        def info() -> HostResources:
+            data = self._client.info()
+            return HostResources(cpus=int(data.get("NCPU") or 0), memory_bytes=int(data.get("MemTotal") or 0))
+
+        return await self._run(info)
 
     async def remove(self, container_id: str, *, grace: float = 10.0) -> None:
         """Stops (SIGTERM, then ``grace`` seconds) and removes. A container
@@ -253,7 +283,7 @@ class DockerAdapter:
 
         try:
             return await asyncio.wait_for(self._run(pull_, pool=self._pull_pool), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PullFailed(f"pulling {ref} did not finish within {timeout:g} s") from None
 
 

@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import Enum
 
 from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, create_engine, select
@@ -73,7 +73,7 @@ def scrub(message: str, secret_values: Iterable[str]) -> str:
 
 
 def _utc(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class EventStore:
@@ -104,7 +104,7 @@ class EventStore:
         replica: str = "",
         at: datetime | None = None,
     ) -> None:
-        now = at or datetime.now(timezone.utc)
+        now = at or datetime.now(UTC)
         with self._lock, Session(self._engine) as session, session.begin():
             row = session.scalars(
                 select(_EventRow).where(

@@ -8,7 +8,11 @@ containers to remove. It performs no I/O; the reconciler executes the plan.
 Rules (per binding, per replica index):
 - indexes ``>= desired`` are removed, highest index first (scale down);
 - exited/dead/never-started containers are removed and, when the index is
-  still wanted, recreated (subject to the restart backoff);
+  still wanted, recreated; while the restart backoff holds a slot its exited
+  container is kept: it is the record (labels, finish time) the backoff and
+  the restart count are derived from, so they survive a scheduler restart.
+  The replacement carries ``restarts + 1`` and the consecutive quick-crash
+  count in its labels;
 - a live container whose spec hash differs from the desired one is replaced
   start-new-then-stop-old: a new container is created under the next
   generation, and the stale one is removed only once a current one is ready,
@@ -87,6 +91,11 @@ class ObservedReplica:
     spec_hash: str
     status: ContainerStatus
     ready: bool = False
+    restarts: int = 0  # label berth.restarts
+    # For an exited container: the quick-crash count its replacement inherits
+    # and the time (same clock as ``now``) before which it is not replaced.
+    next_crashes: int = 0
+    not_before: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class Create:
     index: int
     generation: int
     reason: CreateReason
+    restarts: int = 0
+    crashes: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,9 +188,17 @@ def _converge_slot(
     removes: list[Remove] = []
     gone = [r for r in here if r.status in GONE]
     live = [r for r in here if r.status in LIVE]
+    latest_gone = max(gone, key=lambda r: r.generation, default=None)
+    slot_not_before = max(
+        backoff.get((want.key[0], want.key[1], index), 0.0), latest_gone.not_before if latest_gone else 0.0
+    )
+    held = not live and want.spec_hash is not None and slot_not_before > now
+
     for r in gone:
-        reason = RemoveReason.NEVER_STARTED if r.status is ContainerStatus.CREATED else RemoveReason.EXITED
-        removes.append(_remove(r, reason))
+        if held and r is latest_gone and r.status is not ContainerStatus.CREATED:
+            continue  # kept as the record of the crash until the backoff is due
+        why = RemoveReason.NEVER_STARTED if r.status is ContainerStatus.CREATED else RemoveReason.EXITED
+        removes.append(_remove(r, why))
 
     if want.spec_hash is None:
         current, stale = live, []
@@ -197,16 +216,21 @@ def _converge_slot(
 
     if want.spec_hash is None:
         return creates, removes, False
-    if backoff.get((want.key[0], want.key[1], index), 0.0) > now:
+    if slot_not_before > now:
         return creates, removes, True
     generation = max((r.generation for r in here), default=-1) + 1
     if stale:
         reason = CreateReason.REPLACE
-    elif gone:
+        restarts, crashes = max(r.restarts for r in stale), 0
+    elif latest_gone is not None:
         reason = CreateReason.RECREATE
+        restarts, crashes = latest_gone.restarts + 1, latest_gone.next_crashes
     else:
         reason = CreateReason.MISSING
-    creates.append(Create(key=want.key, index=index, generation=generation, reason=reason))
+        restarts, crashes = 0, 0
+    creates.append(
+        Create(key=want.key, index=index, generation=generation, reason=reason, restarts=restarts, crashes=crashes)
+    )
     return creates, removes, False
 
 

@@ -20,7 +20,7 @@ async def probe_http(ip: str, port: int, path: str = "/", *, timeout: float = PR
     path = path if path.startswith("/") else "/" + path
     try:
         return await asyncio.wait_for(_get(ip, port, path), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return ProbeResult(False, f"GET {path} on {ip}:{port} timed out after {timeout:g} s")
     except OSError as exc:
         return ProbeResult(False, f"GET {path} on {ip}:{port}: {exc.strerror or exc}")

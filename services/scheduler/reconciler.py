@@ -1,19 +1,27 @@
 """Observe -> plan -> execute.
 
 Each pass lists this instance's managed containers by label (the engine is
-the truth; nothing here is cached as truth), probes running replicas,
-resolves each wanted binding's spec (image id, secrets), asks ``plan.plan``
-what to change and carries it out. Passes run on every desired-state change,
-after a new replica becomes ready, and on a periodic tick. What the
-reconciler keeps in memory is only bookkeeping the engine cannot tell:
-readiness, restart counts/backoff and the last failure of each binding.
+the truth; nothing here is cached as truth), probes running replicas, decides
+each binding's replica count (bounds + autoscaling on the router's load
+reports, starting from the replicas that exist), resolves each wanted
+binding's spec (image id, secrets), asks ``plan.plan`` what to change and
+carries it out. Passes run on every desired-state change, after a new replica
+becomes ready, on an activation, and on a periodic tick.
+
+What survives a restart lives on the containers: replica index, generation,
+spec hash, restart count (``berth.restarts``) and consecutive quick crashes
+(``berth.crashes``); an exited container is kept until its restart backoff is
+due, so the backoff is derived from its finish time. In memory there is only
+what the engine cannot tell and may be lost: readiness and consecutive probe
+failures, the load signal, pull/start retry timers and the last failure of
+each binding (for status).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -25,9 +33,12 @@ from berth.v1 import common_pb2
 
 from . import docker_adapter as da
 from . import spec as specs
-from .desired import DesiredTable, binding_key, desired_count
+from .autoscale import Bounds, LoadTracker, ScalePolicy
+from .desired import DesiredTable, binding_key, is_terminated
 from .events import EventKind, EventStore, scrub
 from .plan import (
+    GONE,
+    LIVE,
     BindingKey,
     ContainerStatus,
     Create,
@@ -53,12 +64,17 @@ class SchedulerConfig:
     probe_timeout: float = 1.0
     fast_probe_interval: float = 0.1
     startup_timeout: float = 120.0
-    quick_exit: float = 10.0  # a replica that ran less than this restarted "quickly"
+    unhealthy_after: int = 3  # consecutive failed probes of a running replica
+    quick_exit: float = 10.0  # a replica that ran less than this crashed "quickly"
     crash_loop_after: int = 3
     restart_backoff: float = 1.0
     restart_backoff_max: float = 60.0
     pull_retry: float = 5.0
     pull_retry_max: float = 300.0
+    target_concurrency: float = 10.0
+    scale_down_window: float = 30.0
+    idle_window: float = 60.0
+    host_refresh: float = 60.0
 
 
 class SecretsResolver(Protocol):
@@ -91,14 +107,16 @@ class BindingState(str, Enum):
 class _Readiness:
     ready: bool = False
     ever_ready: bool = False
+    failures: int = 0  # consecutive failed probes
     message: str = ""
 
 
 @dataclass
-class _Restarts:
-    total: int = 0
-    quick: int = 0
-    not_before: float = 0.0
+class _StartBackoff:
+    """Start failures leave no container to carry a label: kept in memory."""
+
+    failures: int = 0
+    not_before: float = 0.0  # wall clock
 
 
 @dataclass(frozen=True)
@@ -120,6 +138,7 @@ class EndpointSet:
     environment_id: str
     deployment_id: str
     addresses: tuple[str, ...]
+    status: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,11 +156,12 @@ class ReplicaView:
 class BindingView:
     binding: common_pb2.Binding = field(repr=False)
     status: BindingState
+    desired: int
     replicas: tuple[ReplicaView, ...]
 
 
 class EndpointBroadcast:
-    """Latest-value broadcast of the ready endpoint sets."""
+    """Latest-value broadcast of the endpoint sets."""
 
     def __init__(self) -> None:
         self._value: tuple[EndpointSet, ...] = ()
@@ -183,6 +203,13 @@ class EndpointBroadcast:
             self._queues.discard(queue)
 
 
+def _int_label(labels: Mapping[str, str], name: str, default: int = 0) -> int:
+    try:
+        return int(labels.get(name, default))
+    except ValueError:
+        return default
+
+
 def _labels_ok(labels: Mapping[str, str]) -> bool:
     try:
         int(labels.get(da.REPLICA_LABEL, ""))
@@ -205,6 +232,19 @@ def _address_of(c: da.ContainerInfo) -> str:
     return f"{c.ip}:{port}" if c.ip else ""
 
 
+def _slots_in_use(containers: Sequence[da.ContainerInfo]) -> int:
+    """Replica slots a binding occupies on the engine now: the count the
+    autoscaler starts from (so a restart neither loses nor doubles them)."""
+    return len({_index_of(c) for c in containers if ContainerStatus.parse(c.status) is not ContainerStatus.REMOVING})
+
+
+def restart_delay(crashes: int, base: float, cap: float) -> float:
+    """Exponential backoff before restarting after ``crashes`` quick exits."""
+    if crashes <= 0:
+        return 0.0
+    return min(cap, base * 2 ** (crashes - 1))
+
+
 class Reconciler:
     def __init__(
         self,
@@ -222,17 +262,31 @@ class Reconciler:
         self._events = events
         self.config = config
         self._record_image = record_image
+        self.load = LoadTracker(
+            ScalePolicy(
+                target_concurrency=config.target_concurrency,
+                scale_down_window=config.scale_down_window,
+                idle_window=config.idle_window,
+            )
+        )
         self.endpoints = EndpointBroadcast()
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()
         self._observed: list[da.ContainerInfo] = []
+        self._desired: dict[BindingKey, int] = {}
+        self._statuses: dict[BindingKey, BindingState] = {}
         self._readiness: dict[str, _Readiness] = {}
-        self._restarts: dict[SlotKey, _Restarts] = {}
+        self._draining: set[str] = set()
+        self._noted_exits: set[str] = set()
+        self._start_backoff: dict[SlotKey, _StartBackoff] = {}
         self._problems: dict[BindingKey, _Problem] = {}
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._pull_failures: dict[str, _PullFailure] = {}
         self._recorded_images: set[str] = set()
         self._startup_probes: dict[str, asyncio.Task[None]] = {}
+        self._host: da.HostResources | None = None
+        self._host_checked = 0.0
+        self._engine_down: str = ""
         table.on_change(self.wake)
 
     # -- loop ---------------------------------------------------------------
@@ -247,13 +301,15 @@ class Reconciler:
                 await self.reconcile_once()
             except asyncio.CancelledError:
                 raise
+            except da.EngineUnavailable as exc:
+                self._engine_unreachable(exc.message)
             except da.EngineError as exc:
                 log.warning("reconcile_failed", extra={"error": exc.message})
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
+            except Exception:
                 log.exception("reconcile_crashed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.reconcile_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def close(self) -> None:
@@ -265,50 +321,72 @@ class Reconciler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    # -- load signal --------------------------------------------------------
+    def report_load(self, loads: Mapping[BindingKey, tuple[int, int]]) -> None:
+        """The router's report; every known binding absent from it had no
+        load. Wakes the loop when a binding now wants more replicas."""
+        full = {binding_key(b): (0, 0) for b in self._table.bindings()}
+        full.update({k: v for k, v in loads.items() if k in full})
+        self.load.report(full)
+        for b in self._table.bindings():
+            key = binding_key(b)
+            if is_terminated(b) or key not in self._desired:
+                continue
+            if self._decide(b, self._slots.get(key, 0)) != self._desired[key]:
+                self.wake()
+                return
+
+    def activate(self, key: BindingKey) -> None:
+        """A request is waiting for this binding: at least one replica now."""
+        self.load.activate(key)
+        self.wake()
+
+    def _decide(self, b: common_pb2.Binding, slots: int) -> int:
+        if is_terminated(b):
+            return 0
+        return self.load.decide(binding_key(b), Bounds(b.min_replicas, b.max_replicas), slots)
+
+    @property
+    def _slots(self) -> dict[BindingKey, int]:
+        by_key: dict[BindingKey, list[da.ContainerInfo]] = defaultdict(list)
+        for c in self._observed:
+            by_key[_key_of(c)].append(c)
+        return {k: _slots_in_use(v) for k, v in by_key.items()}
+
     # -- one pass -----------------------------------------------------------
     async def reconcile_once(self) -> Plan:
         async with self._pass_lock:
-            observed = [
-                c for c in await self._adapter.list_managed(self.config.instance) if _labels_ok(c.labels)
-            ]
+            observed = [c for c in await self._adapter.list_managed(self.config.instance) if _labels_ok(c.labels)]
+            if self._engine_down:
+                log.info("engine_reachable_again")
+                self._engine_down = ""
             self._observed = observed
             await self._probe_running(observed)
             live_ids = {c.id for c in observed}
             for gone in [cid for cid in self._readiness if cid not in live_ids and cid not in self._startup_probes]:
                 del self._readiness[gone]
-            self._publish_endpoints()
+            self._draining &= live_ids
+            self._noted_exits &= live_ids
 
+            slots = self._slots
+            self._desired = {binding_key(b): self._decide(b, slots.get(binding_key(b), 0)) for b in self._table.bindings()}
+            now = time.time()
+            replicas = [self._observed_replica(c) for c in observed]
+            self._note_exits(observed, replicas)
             resolved = await self._resolve_specs()
             desired = [
-                DesiredReplicas(
-                    key=binding_key(b),
-                    count=desired_count(b),
-                    spec_hash=(resolved[binding_key(b)].spec_hash if binding_key(b) in resolved else None),
-                )
-                for b in self._table.bindings()
+                DesiredReplicas(key=key, count=count, spec_hash=resolved[key].spec_hash if key in resolved else None)
+                for key, count in self._desired.items()
             ]
-            replicas = [
-                ObservedReplica(
-                    container_id=c.id,
-                    name=c.name,
-                    key=_key_of(c),
-                    index=_index_of(c),
-                    generation=int(c.labels.get(da.GENERATION_LABEL, "0")),
-                    spec_hash=c.labels.get(da.SPEC_HASH_LABEL, ""),
-                    status=ContainerStatus.parse(c.status),
-                    ready=self._readiness.get(c.id, _Readiness()).ready,
-                )
-                for c in observed
-            ]
-            now = time.monotonic()
             result = plan(
                 desired,
                 replicas,
                 snapshot_complete=self._table.snapshot_complete,
                 now=now,
-                not_before={slot: r.not_before for slot, r in self._restarts.items()},
+                not_before={slot: b.not_before for slot, b in self._start_backoff.items()},
             )
             self._clear_recovered(replicas, desired)
+            self._publish_endpoints()
             if not result.empty:
                 log.info(
                     "plan",
@@ -320,22 +398,97 @@ class Reconciler:
             await self._execute(result, resolved, {c.id: c for c in observed})
             return result
 
+    def _observed_replica(self, c: da.ContainerInfo) -> ObservedReplica:
+        status = ContainerStatus.parse(c.status)
+        crashes = _int_label(c.labels, da.CRASHES_LABEL)
+        next_crashes, not_before = 0, 0.0
+        if status in GONE and status is not ContainerStatus.CREATED:
+            ran = (
+                (c.finished_at - c.started_at).total_seconds()
+                if c.started_at and c.finished_at and c.finished_at >= c.started_at
+                else 0.0
+            )
+            next_crashes = crashes + 1 if ran < self.config.quick_exit else 0
+            if next_crashes and c.finished_at is not None:
+                not_before = c.finished_at.timestamp() + restart_delay(
+                    next_crashes, self.config.restart_backoff, self.config.restart_backoff_max
+                )
+        return ObservedReplica(
+            container_id=c.id,
+            name=c.name,
+            key=_key_of(c),
+            index=_index_of(c),
+            generation=_int_label(c.labels, da.GENERATION_LABEL),
+            spec_hash=c.labels.get(da.SPEC_HASH_LABEL, ""),
+            status=status,
+            ready=self._readiness.get(c.id, _Readiness()).ready,
+            restarts=_int_label(c.labels, da.RESTARTS_LABEL),
+            next_crashes=next_crashes,
+            not_before=not_before,
+        )
+
+    def _note_exits(self, observed: list[da.ContainerInfo], replicas: list[ObservedReplica]) -> None:
+        """Events for replicas that exited on their own (first sight only)."""
+        live_slots = {(r.key, r.index) for r in replicas if r.status in LIVE}
+        for c, r in zip(observed, replicas):
+            if r.status not in GONE or r.status is ContainerStatus.CREATED or c.id in self._noted_exits:
+                continue
+            self._noted_exits.add(c.id)
+            if (r.key, r.index) in live_slots or self._desired.get(r.key, 0) <= r.index:
+                continue  # replaced or scaled away: not a crash of a wanted replica
+            detail = f"exit code {c.exit_code}" + (f": {c.error}" if c.error else "")
+            if c.oom_killed:
+                self._record_for_container(
+                    c, EventKind.OOM_KILLED, f"replica {r.index} was killed for exceeding its memory limit ({detail})"
+                )
+            if r.next_crashes >= self.config.crash_loop_after:
+                self._record_for_container(
+                    c,
+                    EventKind.CRASH_LOOP,
+                    f"replica {r.index} exited {r.next_crashes} times in quick succession; last {detail}",
+                )
+
     async def _probe_running(self, observed: list[da.ContainerInfo]) -> None:
         running = [
             c for c in observed if c.status == ContainerStatus.RUNNING.value and c.id not in self._startup_probes
         ]
         results = await asyncio.gather(*(self._probe(c) for c in running))
+        now = datetime.now().astimezone()
         for c, (ok, message) in zip(running, results):
             state = self._readiness.setdefault(c.id, _Readiness())
-            was_ready = state.ready
             state.ready, state.message = ok, message
             if ok:
                 state.ever_ready = True
-            elif was_ready:
-                self._record_for_container(c, EventKind.HEALTH_CHECK_FAILED, f"health check failed: {message}")
+                state.failures = 0
+                continue
+            # Count failures of replicas that were ready once, or that had
+            # their whole startup time (adopted after a restart).
+            old = c.started_at is not None and (now - c.started_at).total_seconds() > self.config.startup_timeout
+            if not (state.ever_ready or old):
+                continue
+            state.failures += 1
+            if state.failures >= self.config.unhealthy_after:
+                self._record_for_container(
+                    c,
+                    EventKind.HEALTH_CHECK_FAILED,
+                    f"replica {c.labels.get(da.REPLICA_LABEL, '')} failed {state.failures} health checks "
+                    f"in a row: {message}; replacing it",
+                )
+                await self._stop_unhealthy(c)
         for c in observed:
             if c.status != ContainerStatus.RUNNING.value and c.id in self._readiness:
                 self._readiness[c.id].ready = False
+
+    async def _stop_unhealthy(self, c: da.ContainerInfo) -> None:
+        """Out of the pool, then stopped: the exited container is replaced
+        by the next pass (with the restart backoff)."""
+        self._draining.add(c.id)
+        self._publish_endpoints()
+        try:
+            await self._adapter.stop(c.id, grace=self.config.stop_grace)
+        except da.EngineError as exc:
+            log.warning("stop_failed", extra={"container": c.name, "error": exc.message})
+        self.wake()
 
     async def _probe(self, c: da.ContainerInfo) -> tuple[bool, str]:
         port = int(c.labels.get(specs.PORT_LABEL) or specs.DEFAULT_PORT)
@@ -345,18 +498,38 @@ class Reconciler:
         return result.ok, result.message
 
     def _publish_endpoints(self) -> None:
-        groups: dict[tuple[str, str, str], list[str]] = {}
+        """One set per binding (empty when nothing is ready) with its status,
+        so the router can fall back when a binding has ``failed``."""
+        groups: dict[BindingKey, list[str]] = defaultdict(list)
+        project_of: dict[BindingKey, str] = {}
+        by_key: dict[BindingKey, list[da.ContainerInfo]] = defaultdict(list)
         for c in self._observed:
-            if c.status != ContainerStatus.RUNNING.value or not self._readiness.get(c.id, _Readiness()).ready:
+            key = _key_of(c)
+            by_key[key].append(c)
+            project_of.setdefault(key, c.labels.get(da.PROJECT_LABEL, ""))
+            if c.status != ContainerStatus.RUNNING.value or c.id in self._draining:
+                continue
+            if not self._readiness.get(c.id, _Readiness()).ready:
                 continue
             address = _address_of(c)
-            if not address:
-                continue
-            env_id, dep_id = _key_of(c)
-            groups.setdefault((c.labels.get(da.PROJECT_LABEL, ""), env_id, dep_id), []).append(address)
+            if address:
+                groups[key].append(address)
+        statuses: dict[BindingKey, str] = {}
+        for b in self._table.bindings():
+            key = binding_key(b)
+            project_of[key] = b.project_id
+            state = self._binding_state(b, self._desired.get(key, 0), self._views(key, by_key.get(key, [])))
+            self._statuses[key] = state
+            statuses[key] = state.value
         value = tuple(
-            EndpointSet(project_id=p, environment_id=e, deployment_id=d, addresses=tuple(sorted(addrs)))
-            for (p, e, d), addrs in sorted(groups.items())
+            EndpointSet(
+                project_id=project_of.get(key, ""),
+                environment_id=key[0],
+                deployment_id=key[1],
+                addresses=tuple(sorted(groups.get(key, ()))),
+                status=statuses.get(key, ""),
+            )
+            for key in sorted(set(groups) | set(statuses))
         )
         if self.endpoints.publish(value):
             log.info("endpoints_changed", extra={"sets": len(value), "addresses": sum(len(s.addresses) for s in value)})
@@ -367,12 +540,35 @@ class Reconciler:
             if want.count and len(ready) >= want.count:
                 self._problems.pop(want.key, None)
 
+    def _engine_unreachable(self, message: str) -> None:
+        """Every binding that wants replicas gets a ``scheduling_failure``
+        (folded: one row per binding, counted per failed pass)."""
+        first = not self._engine_down
+        self._engine_down = message
+        log.warning("engine_unreachable", extra={"error": message})
+        for b in self._table.bindings():
+            if is_terminated(b) or self._desired.get(binding_key(b), b.min_replicas) <= 0:
+                continue
+            if first or self._problems.get(binding_key(b)) != _Problem(EventKind.SCHEDULING_FAILURE, message):
+                self._fail(b, EventKind.SCHEDULING_FAILURE, message)
+
     # -- specs --------------------------------------------------------------
+    async def _host_resources(self) -> da.HostResources | None:
+        if self._host is None or time.monotonic() - self._host_checked > self.config.host_refresh:
+            self._host = await self._adapter.host_resources()
+            self._host_checked = time.monotonic()
+        return self._host
+
     async def _resolve_specs(self) -> dict[BindingKey, specs.ResolvedSpec]:
-        wanted = [b for b in self._table.bindings() if desired_count(b) > 0]
+        wanted = [b for b in self._table.bindings() if self._desired.get(binding_key(b), 0) > 0]
         secrets_by_env: dict[tuple[str, str], Sequence[specs.SecretValue] | None] = {}
         resolved: dict[BindingKey, specs.ResolvedSpec] = {}
         for b in wanted:
+            invalid = specs.invalid_config(b.deployment.config, await self._host_resources())
+            if invalid is not None:
+                if self._problems.get(binding_key(b)) != _Problem(EventKind.SCHEDULING_FAILURE, invalid):
+                    self._fail(b, EventKind.SCHEDULING_FAILURE, invalid)
+                continue
             image_id = await self._image_for(b)
             if image_id is None:
                 continue
@@ -397,10 +593,13 @@ class Reconciler:
         """The image id to run, or None (pull pending or failed)."""
         dep = b.deployment
         if dep.image_id and await self._adapter.image_id(dep.image_id):
+            self._clear_problem(b, EventKind.IMAGE_PULL_ERROR)
             return dep.image_id
         ref = dep.image
         if not ref:
-            self._fail(b, EventKind.IMAGE_PULL_ERROR, f"image {dep.image_id} is not present on this engine")
+            message = f"image {dep.image_id} is not present on this engine"
+            if self._problems.get(binding_key(b)) != _Problem(EventKind.IMAGE_PULL_ERROR, message):
+                self._fail(b, EventKind.IMAGE_PULL_ERROR, message)
             return None
         local = await self._adapter.image_id(ref)
         if local is None:
@@ -415,8 +614,7 @@ class Reconciler:
                 b, EventKind.IMAGE_PULL_ERROR, f"{ref} resolves to {local}, but the deployment is pinned to {dep.image_id}"
             )
             return None
-        if self._problems.get(binding_key(b), _Problem(EventKind.CRASH_LOOP, "")).kind is EventKind.IMAGE_PULL_ERROR:
-            del self._problems[binding_key(b)]
+        self._clear_problem(b, EventKind.IMAGE_PULL_ERROR)
         if not dep.image_id and self._record_image is not None and dep.id not in self._recorded_images:
             try:
                 await self._record_image(dep.id, local)
@@ -424,6 +622,11 @@ class Reconciler:
             except errors.BerthError as exc:
                 log.warning("resolve_image_failed", extra={"deployment_id": dep.id, "error": exc.message})
         return local
+
+    def _clear_problem(self, b: common_pb2.Binding, kind: EventKind) -> None:
+        problem = self._problems.get(binding_key(b))
+        if problem is not None and problem.kind is kind:
+            del self._problems[binding_key(b)]
 
     async def _pull(self, ref: str) -> None:
         try:
@@ -437,7 +640,7 @@ class Reconciler:
             self._pull_failures[ref] = _PullFailure(exc.message, time.monotonic() + backoff, backoff)
             log.warning("pull_failed", extra={"image": ref, "error": exc.message})
             for b in self._table.bindings():
-                if b.deployment.image == ref and desired_count(b) > 0:
+                if b.deployment.image == ref and self._desired.get(binding_key(b), 0) > 0:
                     self._fail(b, EventKind.IMAGE_PULL_ERROR, exc.message)
         finally:
             self._pulls.pop(ref, None)
@@ -447,12 +650,19 @@ class Reconciler:
     async def _execute(
         self, p: Plan, resolved: dict[BindingKey, specs.ResolvedSpec], observed: dict[str, da.ContainerInfo]
     ) -> None:
+        # Graceful drain: live replicas leave the router's pool first.
+        leaving = {
+            r.container_id
+            for r in p.removes
+            if r.reason not in (RemoveReason.EXITED, RemoveReason.NEVER_STARTED)
+        }
+        if leaving - self._draining:
+            self._draining |= leaving
+            self._publish_endpoints()
         await asyncio.gather(*(self._remove(r, observed.get(r.container_id)) for r in p.removes))
         await asyncio.gather(*(self._create(c, resolved[c.key]) for c in p.creates if c.key in resolved))
 
     async def _remove(self, r: Remove, info: da.ContainerInfo | None) -> None:
-        if r.reason is RemoveReason.EXITED and info is not None:
-            self._note_exit(r, info)
         probe = self._startup_probes.pop(r.container_id, None)
         if probe is not None:
             probe.cancel()
@@ -467,37 +677,12 @@ class Reconciler:
         self._readiness.pop(r.container_id, None)
         log.info("removed", extra={"container": r.name, "reason": r.reason.value})
 
-    def _note_exit(self, r: Remove, info: da.ContainerInfo) -> None:
-        slot = (r.key[0], r.key[1], r.index)
-        record = self._restarts.setdefault(slot, _Restarts())
-        record.total += 1
-        ran = (
-            (info.finished_at - info.started_at).total_seconds()
-            if info.started_at and info.finished_at and info.finished_at >= info.started_at
-            else 0.0
-        )
-        record.quick = record.quick + 1 if ran < self.config.quick_exit else 0
-        if record.quick:
-            delay = min(self.config.restart_backoff_max, self.config.restart_backoff * 2 ** (record.quick - 1))
-            record.not_before = time.monotonic() + delay * random.uniform(0.8, 1.2)
-        else:
-            record.not_before = 0.0
-        detail = f"exit code {info.exit_code}" + (f": {info.error}" if info.error else "")
-        if info.oom_killed:
-            self._record_for_container(
-                info, EventKind.OOM_KILLED, f"replica {r.index} was killed for exceeding its memory limit ({detail})"
-            )
-        if record.quick >= self.config.crash_loop_after:
-            self._record_for_container(
-                info,
-                EventKind.CRASH_LOOP,
-                f"replica {r.index} exited {record.quick} times in quick succession; last {detail}",
-            )
-            self._problems[r.key] = _Problem(EventKind.CRASH_LOOP, detail)
-
     async def _create(self, c: Create, spec: specs.ResolvedSpec) -> None:
-        run = specs.run_spec(self.config.instance, spec, c.index, c.generation)
+        run = specs.run_spec(
+            self.config.instance, spec, c.index, c.generation, restarts=c.restarts, crashes=c.crashes
+        )
         b = spec.binding
+        slot = (c.key[0], c.key[1], c.index)
         try:
             info = await self._adapter.run(run)
         except da.NameConflict:
@@ -506,19 +691,18 @@ class Reconciler:
             return
         except da.StartFailed as exc:
             message = scrub(exc.message, spec.secret_values)
-            slot = (c.key[0], c.key[1], c.index)
-            record = self._restarts.setdefault(slot, _Restarts())
-            record.quick += 1
-            record.not_before = time.monotonic() + min(
-                self.config.restart_backoff_max, self.config.restart_backoff * 2 ** (record.quick - 1)
+            record = self._start_backoff.setdefault(slot, _StartBackoff())
+            record.failures += 1
+            record.not_before = time.time() + restart_delay(
+                record.failures, self.config.restart_backoff, self.config.restart_backoff_max
             )
             self._fail(b, EventKind.SCHEDULING_FAILURE, message, replica=str(c.index))
             return
         except da.EngineError as exc:
             log.warning("create_failed", extra={"container": run.name, "error": scrub(exc.message, spec.secret_values)})
             return
-        if self._problems.get(c.key, _Problem(EventKind.CRASH_LOOP, "")).kind is EventKind.SCHEDULING_FAILURE:
-            del self._problems[c.key]
+        self._start_backoff.pop(slot, None)
+        self._clear_problem(b, EventKind.SCHEDULING_FAILURE)
         self._readiness[info.id] = _Readiness()
         log.info("created", extra={"container": run.name, "id": info.id[:12], "reason": c.reason.value})
         self._startup_probes[info.id] = asyncio.create_task(
@@ -526,7 +710,8 @@ class Reconciler:
         )
 
     async def _startup_probe(self, info: da.ContainerInfo, port: int, path: str) -> None:
-        """Probes a new replica every ~100 ms until it is ready."""
+        """Probes a new replica every ~100 ms until it is ready; one that
+        never gets ready within the startup timeout is replaced."""
         deadline = time.monotonic() + self.config.startup_timeout
         message = ""
         try:
@@ -535,6 +720,7 @@ class Reconciler:
                 if result.ok:
                     state = self._readiness.setdefault(info.id, _Readiness())
                     state.ready = state.ever_ready = True
+                    state.failures = 0
                     state.message = result.message
                     log.info("ready", extra={"container": info.name})
                     return
@@ -543,8 +729,9 @@ class Reconciler:
             self._record_for_container(
                 info,
                 EventKind.HEALTH_CHECK_FAILED,
-                f"not ready within {self.config.startup_timeout:g} s: {message}",
+                f"not ready within {self.config.startup_timeout:g} s: {message}; replacing it",
             )
+            await self._stop_unhealthy(info)
         finally:
             self._startup_probes.pop(info.id, None)
             self.wake()
@@ -580,32 +767,46 @@ class Reconciler:
     # -- status -------------------------------------------------------------
     async def status(self, deployment_id: str) -> list[BindingView]:
         """Re-reads the deployment's containers from the engine and derives
-        each binding's status."""
-        containers = [
-            c
-            for c in await self._adapter.list_managed(self.config.instance, {da.DEPLOYMENT_LABEL: deployment_id})
-            if _labels_ok(c.labels)
-        ]
+        each binding's status. An unreachable engine is UNAVAILABLE."""
+        try:
+            listed = await self._adapter.list_managed(self.config.instance, {da.DEPLOYMENT_LABEL: deployment_id})
+        except da.EngineUnavailable as exc:
+            raise errors.Unavailable(
+                f"the scheduler cannot reach its Docker engine, so replica status is unknown: {exc.message}",
+                hint="check that the Docker engine is running; the call can be retried",
+            ) from None
+        containers = [c for c in listed if _labels_ok(c.labels)]
         views = []
         for b in self._table.bindings():
             if b.deployment.id != deployment_id:
                 continue
             key = binding_key(b)
-            mine = sorted((c for c in containers if _key_of(c) == key), key=lambda c: (_index_of(c), c.name))
-            replicas = tuple(
-                ReplicaView(
-                    container_id=c.id,
-                    name=c.name,
-                    index=_index_of(c),
-                    state=self._replica_state(c),
-                    started_at=c.started_at,
-                    restarts=self._restarts.get((key[0], key[1], _index_of(c)), _Restarts()).total,
-                    address=_address_of(c),
-                )
-                for c in mine
+            mine = [c for c in containers if _key_of(c) == key]
+            replicas = self._views(key, mine)
+            desired = self._decide(b, _slots_in_use(mine))
+            views.append(
+                BindingView(binding=b, status=self._binding_state(b, desired, replicas), desired=desired, replicas=replicas)
             )
-            views.append(BindingView(binding=b, status=self._binding_state(b, replicas), replicas=replicas))
         return views
+
+    def binding_status(self, key: BindingKey) -> BindingState | None:
+        """The status from the last pass (for Activate's answer)."""
+        return self._statuses.get(key)
+
+    def _views(self, key: BindingKey, containers: Sequence[da.ContainerInfo]) -> tuple[ReplicaView, ...]:
+        mine = sorted(containers, key=lambda c: (_index_of(c), c.name))
+        return tuple(
+            ReplicaView(
+                container_id=c.id,
+                name=c.name,
+                index=_index_of(c),
+                state=self._replica_state(c),
+                started_at=c.started_at,
+                restarts=_int_label(c.labels, da.RESTARTS_LABEL),
+                address=_address_of(c),
+            )
+            for c in mine
+        )
 
     def _replica_state(self, c: da.ContainerInfo) -> ReplicaState:
         status = ContainerStatus.parse(c.status)
@@ -613,30 +814,32 @@ class Reconciler:
         if status is ContainerStatus.CREATED:
             return ReplicaState.PENDING
         if status is ContainerStatus.RUNNING:
-            if readiness.ready:
+            if readiness.ready and c.id not in self._draining:
                 return ReplicaState.READY
             return ReplicaState.UNHEALTHY if readiness.ever_ready else ReplicaState.STARTING
         if status in (ContainerStatus.RESTARTING,):
             return ReplicaState.STARTING
         if status is ContainerStatus.PAUSED:
             return ReplicaState.UNHEALTHY
-        if c.oom_killed or c.error:
+        if c.oom_killed or c.error or _int_label(c.labels, da.CRASHES_LABEL) + 1 >= self.config.crash_loop_after:
             return ReplicaState.FAILED
         return ReplicaState.EXITED
 
-    def _binding_state(self, b: common_pb2.Binding, replicas: tuple[ReplicaView, ...]) -> BindingState:
-        if b.state == "terminated" or b.deployment.state == "terminated":
+    def _binding_state(self, b: common_pb2.Binding, want: int, replicas: tuple[ReplicaView, ...]) -> BindingState:
+        if is_terminated(b):
             return BindingState.TERMINATED
-        want = desired_count(b)
+        live = [r for r in replicas if r.state in (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY,
+                                                   ReplicaState.UNHEALTHY)]
+        ready = len({r.index for r in replicas if r.state is ReplicaState.READY})
         if want == 0:
-            return BindingState.SCALED_TO_ZERO
-        ready = len({r.index for r in replicas if r.state is ReplicaState.READY and r.index < want})
-        if ready >= want:
-            return BindingState.RUNNING
+            return BindingState.RUNNING if live and ready else BindingState.SCALED_TO_ZERO
+        if ready >= max(1, b.min_replicas):
+            return BindingState.RUNNING  # at least min ready (autoscaling may be adding more)
         problem = self._problems.get(binding_key(b))
         if problem is not None and problem.kind in (EventKind.IMAGE_PULL_ERROR, EventKind.SCHEDULING_FAILURE):
             return BindingState.FAILED
-        if problem is not None and problem.kind is EventKind.CRASH_LOOP:
+        crash_looping = any(r.state is ReplicaState.FAILED for r in replicas)
+        if crash_looping:
             return BindingState.DEGRADED if ready else BindingState.FAILED
         if ready or any(r.state in (ReplicaState.UNHEALTHY, ReplicaState.EXITED) for r in replicas):
             return BindingState.DEGRADED

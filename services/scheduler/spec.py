@@ -91,7 +91,37 @@ def container_name(instance: str, environment_id: str, deployment_id: str, index
     return base if generation == 0 else f"{base}-g{generation}"
 
 
-def run_spec(instance: str, spec: ResolvedSpec, index: int, generation: int) -> da.RunSpec:
+MIN_MEMORY_BYTES = 6 * 1024 * 1024  # the engine refuses less
+
+
+def invalid_config(config: common_pb2.WorkerConfig, host: da.HostResources | None) -> str | None:
+    """Why this worker config cannot be scheduled here, or None. Pure."""
+    if config.port and not 0 < config.port < 65536:
+        return f"port {config.port} is not a TCP port (1-65535)"
+    resources = config.resources
+    if resources.memory_bytes < 0:
+        return f"memory limit {resources.memory_bytes} is negative"
+    if resources.cpus < 0:
+        return f"cpus {resources.cpus:g} is negative"
+    if 0 < resources.memory_bytes < MIN_MEMORY_BYTES:
+        return (
+            f"memory limit {resources.memory_bytes} bytes is below the engine's minimum of "
+            f"{MIN_MEMORY_BYTES} bytes (6 MiB)"
+        )
+    if host is not None:
+        if host.memory_bytes and resources.memory_bytes > host.memory_bytes:
+            return (
+                f"memory limit {resources.memory_bytes} bytes exceeds this host's memory "
+                f"({host.memory_bytes} bytes)"
+            )
+        if host.cpus and resources.cpus > host.cpus:
+            return f"cpus {resources.cpus:g} exceeds this host's {host.cpus} CPUs"
+    return None
+
+
+def run_spec(
+    instance: str, spec: ResolvedSpec, index: int, generation: int, *, restarts: int = 0, crashes: int = 0
+) -> da.RunSpec:
     b = spec.binding
     resources = b.deployment.config.resources
     labels = {
@@ -103,6 +133,8 @@ def run_spec(instance: str, spec: ResolvedSpec, index: int, generation: int) -> 
         da.REPLICA_LABEL: str(index),
         da.GENERATION_LABEL: str(generation),
         da.SPEC_HASH_LABEL: spec.spec_hash,
+        da.RESTARTS_LABEL: str(restarts),
+        da.CRASHES_LABEL: str(crashes),
         PORT_LABEL: str(spec.port),
         HEALTH_PATH_LABEL: spec.health_path,
     }

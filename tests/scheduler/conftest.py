@@ -4,6 +4,8 @@ removed at the end, even when a test fails."""
 from __future__ import annotations
 
 import asyncio
+import io
+import tarfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -15,7 +17,7 @@ from google.protobuf import timestamp_pb2
 from berth.v1 import common_pb2
 from services.scheduler.docker_adapter import DockerAdapter
 from services.scheduler.spec import SecretValue
-from tests.support.docker_engine import build_worker_image, engine
+from tests.support.docker_engine import BUSYBOX, TEST_LABEL, build_worker_image, engine
 
 SESSION_LABEL = "berth.test.session"
 
@@ -68,6 +70,32 @@ def worker_image(docker_client: docker.DockerClient, built_images: list[str], in
 
 
 @pytest.fixture(scope="session")
+def busybox_image(docker_client: docker.DockerClient, built_images: list[str], instance: str) -> str:
+    """A bare busybox image with no entrypoint, so a deployment's
+    ``command`` is the whole command line (crash, OOM and start-failure
+    tests). Returns its image id."""
+    dockerfile = (
+        "FROM scratch\nCOPY busybox /bin/busybox\nENV PATH=/bin\n"
+        'CMD ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/"]\n'
+    )
+    with open(BUSYBOX, "rb") as f:
+        busybox = f.read()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data, mode in (("Dockerfile", dockerfile.encode(), 0o644), ("busybox", busybox, 0o755)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), mode
+            tar.addfile(info, io.BytesIO(data))
+    buf.seek(0)
+    image, _ = docker_client.images.build(
+        fileobj=buf, custom_context=True, tag=f"berth-test-busybox:{instance}",
+        labels={TEST_LABEL: "1", SESSION_LABEL: instance}, rm=True,
+    )
+    built_images.append(image.id)
+    return image.id
+
+
+@pytest.fixture(scope="session")
 def adapter(docker_client: docker.DockerClient) -> Iterator[DockerAdapter]:
     a = DockerAdapter(docker_client, network="bridge")
     yield a
@@ -93,6 +121,7 @@ def make_binding(
     deployment_id: str | None = None,
     environment_id: str | None = None,
     min_replicas: int = 1,
+    max_replicas: int | None = None,
     variables: dict[str, str] | None = None,
     command: Sequence[str] = (),
     project_id: str = "proj-1",
@@ -113,7 +142,7 @@ def make_binding(
             created_at=timestamp_pb2.Timestamp(seconds=created_at),
         ),
         min_replicas=min_replicas,
-        max_replicas=max(min_replicas, 3),
+        max_replicas=max(min_replicas, 3) if max_replicas is None else max_replicas,
         state="active",
         serving=True,
     )

@@ -23,7 +23,7 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
         self.break_first = asyncio.Event()
         self.finish_second = asyncio.Event()
 
-    async def Watch(self, request, context):  # noqa: N802
+    async def Watch(self, request, context):
         self.tokens.append(dict(context.invocation_metadata()).get("x-api-key", ""))
         self.streams += 1
         if self.streams == 1:

@@ -143,14 +143,48 @@ def test_nothing_is_removed_before_the_snapshot_is_complete():
 
 
 def test_restart_backoff_defers_recreation_until_due():
+    """A start failure (no container to carry labels): the in-memory timer."""
     observed = [rep(A, 0, status=ContainerStatus.EXITED, ready=False)]
     desired = [DesiredReplicas(A, 1, H1)]
     early = plan(desired, observed, snapshot_complete=True, now=10.0, not_before={("env-a", "dep-1", 0): 12.0})
-    assert removed(early) == [("env-a-dep-1-0-g0", RemoveReason.EXITED)]
+    assert removed(early) == []  # the exited container is kept while the slot waits
     assert early.creates == ()
     assert early.deferred == (("env-a", "dep-1", 0),)
     due = plan(desired, observed, snapshot_complete=True, now=12.5, not_before={("env-a", "dep-1", 0): 12.0})
-    assert due.creates == (Create(A, 0, 1, CreateReason.RECREATE),)
+    assert removed(due) == [("env-a-dep-1-0-g0", RemoveReason.EXITED)]
+    assert due.creates == (Create(A, 0, 1, CreateReason.RECREATE, restarts=1, crashes=0),)
+
+
+def test_crash_backoff_comes_from_the_exited_container():
+    """The backoff and the counts live on the container (labels + finish
+    time), so a restarted scheduler derives the same decision."""
+    crashed = ObservedReplica(
+        container_id="c0", name="c0", key=A, index=0, generation=4, spec_hash=H1,
+        status=ContainerStatus.EXITED, restarts=4, next_crashes=3, not_before=100.0,
+    )
+    older = ObservedReplica(
+        container_id="c-old", name="c-old", key=A, index=0, generation=2, spec_hash=H1,
+        status=ContainerStatus.DEAD, restarts=2, next_crashes=1, not_before=50.0,
+    )
+    desired = [DesiredReplicas(A, 1, H1)]
+    held = plan(desired, [crashed, older], snapshot_complete=True, now=99.0)
+    assert removed(held) == [("c-old", RemoveReason.EXITED)]  # the latest record stays
+    assert held.creates == () and held.deferred == (("env-a", "dep-1", 0),)
+    due = plan(desired, [crashed], snapshot_complete=True, now=100.5)
+    assert removed(due) == [("c0", RemoveReason.EXITED)]
+    assert due.creates == (Create(A, 0, 5, CreateReason.RECREATE, restarts=5, crashes=3),)
+    # Scaled away while held: removed, not recreated.
+    gone = plan([DesiredReplicas(A, 0, H1)], [crashed], snapshot_complete=True, now=99.0)
+    assert removed(gone) == [("c0", RemoveReason.SCALE_DOWN)] and gone.creates == ()
+
+
+def test_drift_replacement_keeps_the_restart_count():
+    stale = ObservedReplica(
+        container_id="s", name="s", key=A, index=0, generation=1, spec_hash=H1,
+        status=ContainerStatus.RUNNING, ready=True, restarts=2,
+    )
+    p = plan([DesiredReplicas(A, 1, H2)], [stale], snapshot_complete=True)
+    assert p.creates == (Create(A, 0, 2, CreateReason.REPLACE, restarts=2, crashes=0),)
 
 
 def test_only_managed_input_is_acted_on():

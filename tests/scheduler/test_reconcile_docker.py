@@ -28,7 +28,7 @@ def config(instance: str) -> SchedulerConfig:
 
 
 def http_get(address: str) -> str:
-    with urllib.request.urlopen(f"http://{address}/", timeout=5) as response:  # noqa: S310 - test worker
+    with urllib.request.urlopen(f"http://{address}/", timeout=5) as response:
         return response.read().decode()
 
 
@@ -104,6 +104,8 @@ def test_replicas_run_are_adopted_and_scale_down(docker_client, adapter: DockerA
         assert adopted.empty, adopted
         assert managed_ids(docker_client, instance, dep) == ids
         assert sorted(addresses(second, dep)) == sorted(ready)  # type: ignore[arg-type]
+        assert (await second.reconcile_once()).empty
+        assert sorted(addresses(second, dep)) == sorted(ready)  # type: ignore[arg-type]
         [view] = await second.status(dep)
         assert view.status is BindingState.RUNNING
         assert [(r.index, r.state, r.container_id) for r in view.replicas] == [
@@ -112,9 +114,9 @@ def test_replicas_run_are_adopted_and_scale_down(docker_client, adapter: DockerA
         ]
         assert all(r.started_at is not None for r in view.replicas)
 
-        # Lowering the count removes the highest index.
+        # Lowering the bounds removes the highest index.
         smaller = make_binding(
-            image=tag, image_id=image_id, min_replicas=1, deployment_id=dep,
+            image=tag, image_id=image_id, min_replicas=1, max_replicas=1, deployment_id=dep,
             environment_id=binding.environment_id, variables=dict(binding.deployment.config.variables),
         )
         table.upsert_binding(smaller)
@@ -153,22 +155,23 @@ def test_nonexistent_image_is_an_image_pull_error(docker_client, adapter: Docker
     asyncio.run(scenario())
 
 
-def test_start_failure_is_a_scheduling_failure_without_leftovers(docker_client, adapter, instance, worker_image):
+def test_start_failure_is_a_scheduling_failure_without_leftovers(docker_client, instance, worker_image):
+    # The engine refuses to create a container on a network that does not exist.
     tag, image_id = worker_image
     binding = make_binding(image=tag, image_id=image_id, min_replicas=1)
-    binding.deployment.config.resources.memory_bytes = 1024 * 1024  # the engine refuses limits under 6 MB
     dep = binding.deployment.id
+    broken = DockerAdapter(docker_client, network="berth-test-no-such-network")
 
     async def scenario() -> None:
         table = DesiredTable()
         table.replace([], [binding])
         events = EventStore()
-        reconciler = Reconciler(adapter, table, FakeSecrets([SecretValue("API_TOKEN", CANARY, 1)]), events,
+        reconciler = Reconciler(broken, table, FakeSecrets([SecretValue("API_TOKEN", CANARY, 1)]), events,
                                 config(instance))
         await reconciler.reconcile_once()
         [event] = events.list(dep)
         assert event.kind == "scheduling_failure"
-        assert "memory" in event.message.lower()  # the engine's own text
+        assert "berth-test-no-such-network" in event.message  # the engine's own text
         assert CANARY not in event.message
         assert managed_ids(docker_client, instance, dep) == {}  # the leftover was removed
         [view] = await reconciler.status(dep)
@@ -177,6 +180,46 @@ def test_start_failure_is_a_scheduling_failure_without_leftovers(docker_client, 
         again = await reconciler.reconcile_once()
         assert again.creates == () and again.deferred
         assert events.list(dep)[0].count == 1
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        broken.close()
+
+
+@pytest.mark.parametrize(
+    ("memory", "cpus", "expected"),
+    [
+        (1024 * 1024, 0.0, "below the engine's minimum"),
+        (1 << 50, 0.0, "exceeds this host's memory"),
+        (0, 4096.0, "exceeds this host's"),
+    ],
+    ids=["under-engine-minimum", "more-memory-than-host", "more-cpus-than-host"],
+)
+def test_impossible_resources_are_a_scheduling_failure_before_create(
+    docker_client, adapter, instance, worker_image, memory, cpus, expected
+):
+    tag, image_id = worker_image
+    binding = make_binding(image=tag, image_id=image_id, min_replicas=1)
+    binding.deployment.config.resources.memory_bytes = memory
+    binding.deployment.config.resources.cpus = cpus
+    dep = binding.deployment.id
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [binding])
+        events = EventStore()
+        reconciler = Reconciler(adapter, table, FakeSecrets(), events, config(instance))
+        first = await reconciler.reconcile_once()
+        second = await reconciler.reconcile_once()
+        assert first.creates == () and second.creates == ()
+        [event] = events.list(dep)
+        assert event.kind == "scheduling_failure" and expected in event.message
+        assert event.count == 1  # the same failure is not re-recorded every pass
+        assert managed_ids(docker_client, instance, dep) == {}
+        [view] = await reconciler.status(dep)
+        assert view.status is BindingState.FAILED
+        assert [s.status for s in reconciler.endpoints.current if s.deployment_id == dep] == ["failed"]
 
     asyncio.run(scenario())
 

@@ -119,3 +119,148 @@ def test_watch_endpoints_and_status_over_grpc(adapter, instance, worker_image):
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+@contextlib.asynccontextmanager
+async def serving(table: DesiredTable, reconciler: Reconciler, events: EventStore):  # type: ignore[no-untyped-def]
+    servicer = SchedulerServicer(table, reconciler, events)
+    server = await start_server(
+        host="127.0.0.1",
+        port=0,
+        service_names=[SERVICE_NAME],
+        register=lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
+        authenticate=fake_authenticate,
+    )
+    loop_task = asyncio.create_task(reconciler.run())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            yield scheduler_pb2_grpc.SchedulerStub(channel)
+    finally:
+        loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop_task
+        await reconciler.close()
+        await server.stop(0)
+
+
+def test_unreachable_engine_is_a_scheduling_failure_and_unavailable():
+    import docker
+
+    from services.scheduler.docker_adapter import DockerAdapter
+
+    binding = make_binding(image="x", image_id="sha256:" + "0" * 64, min_replicas=1)
+    dep = binding.deployment.id
+    nowhere = DockerAdapter(docker.DockerClient(base_url="unix:///tmp/berth-test-no-engine.sock", version="1.41"))
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [binding])
+        events = EventStore()
+        reconciler = Reconciler(nowhere, table, FakeSecrets(), events, SchedulerConfig(reconcile_interval=0.2))
+        async with serving(table, reconciler, events) as stub:
+            await asyncio.wait_for(_until(lambda: events.list(dep)), 10)
+            [event] = events.list(dep)
+            assert event.kind == "scheduling_failure" and "unreachable" in event.message.lower()
+            with pytest.raises(grpc.aio.AioRpcError) as down:
+                await stub.GetDeploymentStatus(
+                    scheduler_pb2.GetDeploymentStatusRequest(deployment_id=dep),
+                    metadata=credentials("key-owner"), timeout=5,
+                )
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "Docker engine" in (down.value.details() or "")
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        nowhere.close()
+
+
+async def _until(condition):  # type: ignore[no-untyped-def]
+    while not condition():
+        await asyncio.sleep(0.05)
+
+
+def test_activate_and_report_load_drive_replicas(adapter, instance, worker_image):
+    tag, image_id = worker_image
+    binding = make_binding(image=tag, image_id=image_id, min_replicas=0, max_replicas=3)
+    dep, env_id = binding.deployment.id, binding.environment_id
+    config = SchedulerConfig(
+        instance=instance, reconcile_interval=0.3, stop_grace=1.0,
+        target_concurrency=10, scale_down_window=1.5, idle_window=3.0,
+    )
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [binding])
+        events = EventStore()
+        reconciler = Reconciler(adapter, table, FakeSecrets(), events, config)
+        async with serving(table, reconciler, events) as stub:
+            svc = credentials("svc-token")
+
+            async def status() -> scheduler_pb2.BindingStatus:
+                answer = await stub.GetDeploymentStatus(
+                    scheduler_pb2.GetDeploymentStatusRequest(deployment_id=dep), metadata=svc, timeout=5
+                )
+                return answer.bindings[0]
+
+            async def ready_count(n: int, state: str = "running") -> bool:
+                b = await status()
+                return b.status == state and len([r for r in b.replicas if r.state == "ready"]) == n \
+                    and len(b.replicas) == n
+
+            async def wait(check, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+                deadline = asyncio.get_running_loop().time() + timeout
+                while not await check():
+                    assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+                    await asyncio.sleep(0.1)
+
+            await wait(lambda: ready_count(0, "scaled_to_zero"), "scaled_to_zero at first")
+            for forbidden in (
+                stub.Activate(scheduler_pb2.ActivateRequest(environment_id=env_id, deployment_id=dep),
+                              metadata=credentials("key-owner"), timeout=5),
+                stub.ReportLoad(scheduler_pb2.ReportLoadRequest(), metadata=credentials("key-owner"), timeout=5),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as denied:
+                    await forbidden
+                assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.ReportLoad(
+                    scheduler_pb2.ReportLoadRequest(bindings=[scheduler_pb2.BindingLoad(
+                        environment_id=env_id, deployment_id=dep, in_flight=-1)]),
+                    metadata=svc, timeout=5,
+                )
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "in_flight" in bad.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await stub.Activate(scheduler_pb2.ActivateRequest(environment_id=env_id, deployment_id="nope"),
+                                    metadata=svc, timeout=5)
+            assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+            # A request for a binding at zero: one replica at once.
+            answer = await stub.Activate(
+                scheduler_pb2.ActivateRequest(project_id="proj-1", environment_id=env_id, deployment_id=dep),
+                metadata=svc, timeout=5,
+            )
+            assert answer.status == "deploying"
+            await wait(lambda: ready_count(1), "activated replica")
+
+            async def report(in_flight: int, requests: int = 0) -> None:
+                await stub.ReportLoad(
+                    scheduler_pb2.ReportLoadRequest(bindings=[scheduler_pb2.BindingLoad(
+                        project_id="proj-1", environment_id=env_id, deployment_id=dep,
+                        in_flight=in_flight, requests=requests)]),
+                    metadata=svc, timeout=5,
+                )
+
+            # 25 in flight at 10 per replica: 3 (the max), fast.
+            await report(25, 40)
+            await wait(lambda: ready_count(3), "scale up to 3")
+            # Quiet: back to 1 after the scale-down window, then 0 after the idle window.
+            async def quiet_then(n: int, state: str = "running") -> bool:
+                await report(0)
+                return await ready_count(n, state)
+
+            await wait(lambda: quiet_then(1), "scale down to 1 after the window")
+            await wait(lambda: quiet_then(0, "scaled_to_zero"), "scale to zero after the idle window")
+            assert [s.status for s in reconciler.endpoints.current if s.deployment_id == dep] == ["scaled_to_zero"]
+
+    asyncio.run(scenario())
