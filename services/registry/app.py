@@ -16,7 +16,7 @@ from services.common.auth import ADMIN_PRINCIPAL, SERVICE_PRINCIPAL, Principal, 
 from services.common.config import add_common_flags, env
 from services.common.server import RunningServer, serve_until_signalled, start_server
 from services.registry.changes import ChangeHub
-from services.registry.service import RegistryService
+from services.registry.service import RegistryService, read_revision
 from services.registry.servicer import RegistryServicer
 from services.registry.storage import make_engine, migrate
 
@@ -32,10 +32,11 @@ def default_database_url() -> str:
 async def start(*, host: str, port: int, database_url: str, admin_key: str, service_token: str) -> tuple[RunningServer, RegistryService]:
     engine = make_engine(database_url)
     await asyncio.to_thread(migrate, engine)
-    hub = ChangeHub()
-    service = RegistryService(
-        sessionmaker(engine, expire_on_commit=False), hub, admin_key=admin_key, service_token=service_token
-    )
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    # A watcher resuming from the revision it last saw before a restart has
+    # missed nothing if nothing changed since; older ones get a snapshot.
+    hub = ChangeHub(start_revision=await asyncio.to_thread(read_revision, sessions))
+    service = RegistryService(sessions, hub, admin_key=admin_key, service_token=service_token)
 
     async def authenticate(api_key: str) -> Principal:
         if not api_key:

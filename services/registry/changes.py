@@ -1,7 +1,19 @@
 """Fan-out of committed registry changes to watchers, ordered by revision.
 
-Writers publish after their transaction commits; watchers subscribe before
-reading a snapshot, so no change falls between the snapshot and the stream.
+Writers publish after their transaction commits, in commit order (the
+service holds a publish lock across commit and publish); watchers subscribe
+before reading a snapshot or a replay, so no change falls in between.
+
+The hub keeps the most recent changes in memory so that a watcher that
+reconnects with ``since_revision`` resumes exactly where it left off. When
+that revision is older than what is kept (or unknown to this process, e.g.
+after a registry restart), the watcher gets a full snapshot instead and must
+replace its table.
+
+The log is per process: changes made through another registry process on the
+same database do not reach this hub. Run one registry per database (the
+compare-and-swap protects correctness either way; only the watch would miss
+the other process's changes).
 """
 from __future__ import annotations
 
@@ -22,19 +34,30 @@ class Change:
 
 
 class ChangeHub:
-    def __init__(self) -> None:
+    def __init__(self, start_revision: int = 0, *, keep: int = RECENT_CHANGES_KEPT) -> None:
         self._lock = threading.Lock()
         self._subscribers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Change]]] = set()
-        self._recent: deque[Change] = deque(maxlen=RECENT_CHANGES_KEPT)
+        self._recent: deque[Change] = deque()
+        self._keep = keep
+        # Every change after ``_floor`` is held in ``_recent``; ``_latest`` is
+        # the newest revision this process has seen committed.
+        self._floor = start_revision
+        self._latest = start_revision
 
     def publish(self, changes: list[Change]) -> None:
-        """Called from any thread after a commit."""
+        """Called from any thread after a commit, in commit order."""
         with self._lock:
             self._recent.extend(changes)
+            while len(self._recent) > self._keep:
+                self._floor = max(self._floor, self._recent.popleft().revision)
+            self._latest = max([self._latest, *(c.revision for c in changes)])
             subscribers = list(self._subscribers)
         for loop, queue in subscribers:
             for change in changes:
-                loop.call_soon_threadsafe(queue.put_nowait, change)
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, change)
+                except RuntimeError:  # that watcher's loop is closed: it is gone
+                    pass
 
     def subscribe(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[Change]]:
         entry = (asyncio.get_running_loop(), asyncio.Queue[Change]())
@@ -46,12 +69,17 @@ class ChangeHub:
         with self._lock:
             self._subscribers.discard(entry)
 
-    def since(self, revision: int) -> list[Change] | None:
-        """Changes after ``revision`` if still held in memory, else None (the
-        caller then needs a fresh snapshot)."""
+    @property
+    def latest_revision(self) -> int:
         with self._lock:
-            if not self._recent:
-                return None
-            if self._recent[0].revision > revision + 1:
+            return self._latest
+
+    def since(self, revision: int) -> list[Change] | None:
+        """The changes after ``revision`` if every one of them is still held,
+        else None (the caller then needs a fresh snapshot). A revision newer
+        than anything this process has seen also gets None: it comes from
+        another history (a restored or different database)."""
+        with self._lock:
+            if revision < self._floor or revision > self._latest:
                 return None
             return [c for c in self._recent if c.revision > revision]

@@ -2,20 +2,20 @@
 reads its rows back from protos)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth.v1 import common_pb2
 from services.registry import domain
-from services.registry.storage import BindingRow, DeploymentRow, EnvironmentRow, HistoryRow, ProjectRow
+from services.registry.storage import ApiKeyRow, BindingRow, DeploymentRow, EnvironmentRow, HistoryRow, ProjectRow
 
 
 def timestamp(value: datetime | None) -> Timestamp:
     ts = Timestamp()
     if value is not None:
         if value.tzinfo is None:  # SQLite drops the zone; we only ever store UTC
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         ts.FromDatetime(value)
     return ts
 
@@ -67,7 +67,18 @@ def environment(row: EnvironmentRow, project_name: str) -> common_pb2.Environmen
         sequence=row.sequence,
         protected=row.protected,
         created_at=timestamp(row.created_at),
+        previous_deployment_id=row.previous_deployment_id or "",
     )
+
+
+def api_key(row: ApiKeyRow) -> common_pb2.ApiKeyInfo:
+    """What may be shown of a key: never the key or its hash."""
+    info = common_pb2.ApiKeyInfo(
+        id=row.id, project_id=row.project_id, name=row.name, prefix=row.prefix, created_at=timestamp(row.created_at)
+    )
+    if row.revoked_at is not None:
+        info.revoked_at.CopyFrom(timestamp(row.revoked_at))
+    return info
 
 
 def binding(

@@ -5,6 +5,7 @@ values and persists what they decide.
 """
 from __future__ import annotations
 
+import math
 import re
 import secrets as _secrets
 from dataclasses import dataclass, field
@@ -21,6 +22,11 @@ MAX_REPLICAS_LIMIT = 100
 DEFAULT_PORT = 8080
 MIN_MEMORY_BYTES = 6 * 1024 * 1024  # the engine refuses smaller limits
 MAX_REASON_LENGTH = 500
+MAX_REPLICA_DELTA = MAX_REPLICAS_LIMIT
+MAX_CPUS = 1024.0
+MAX_MEMORY_BYTES = 1 << 50  # 1 PiB: anything above is a typo
+MAX_REFERENCE_LENGTH = 80
+API_KEY_ID_PREFIX = "key_"
 
 PROJECT_ID_PREFIX = "prj_"
 ENVIRONMENT_ID_PREFIX = "env_"
@@ -29,6 +35,9 @@ DEPLOYMENT_ID_PREFIX = "dep_"
 # Names appear in host names ({environment}.{project}.{domain}), so they are
 # DNS labels: lowercase letters, digits and dashes, starting with a letter.
 NAME_PATTERN = re.compile(r"^[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+# What a reference to a project, environment, deployment or key (a name or an
+# id) may look like at all; anything else cannot exist and is a caller error.
+REFERENCE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 ENV_VAR_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_VARIABLE_PREFIX = "BERTH_"
 RESERVED_VARIABLES = frozenset({"PORT"})
@@ -74,6 +83,26 @@ def validate_name(value: str, *, field_name: str) -> str:
             "starting with a letter and not ending with a dash"
         )
     return value
+
+
+def validate_reference(value: str, *, field_name: str, what: str) -> str:
+    """Syntax check of a name-or-id used to look something up: an unknown one
+    is NOT_FOUND later, an impossible one is INVALID_ARGUMENT now."""
+    if not value:
+        raise InvalidArgument(f"{field_name} is required: give the {what}'s name or id")
+    if len(value) > MAX_REFERENCE_LENGTH:
+        raise InvalidArgument(f"{field_name} is {len(value)} characters long; at most {MAX_REFERENCE_LENGTH} are allowed")
+    if not REFERENCE_PATTERN.match(value):
+        raise InvalidArgument(
+            f"{field_name} {value!r} is not a valid {what} name or id "
+            "(letters, digits, '-', '_' and '.' only)"
+        )
+    return value
+
+
+def _check_text(value: str, *, field_name: str) -> None:
+    if "\x00" in value:
+        raise InvalidArgument(f"{field_name} must not contain NUL characters")
 
 
 def validate_image(image: str, image_id: str) -> None:
@@ -131,18 +160,36 @@ def validate_config(config: WorkerConfig) -> WorkerConfig:
     if not 1 <= port <= 65535:
         raise InvalidArgument(f"config.port {port} is out of range 1-65535")
     health_path = config.health_path or "/"
-    if not health_path.startswith("/") or any(c.isspace() for c in health_path) or len(health_path) > 1024:
+    if (
+        not health_path.startswith("/")
+        or any(c.isspace() or not c.isprintable() for c in health_path)
+        or len(health_path) > 1024
+    ):
         raise InvalidArgument(f"config.health_path {health_path!r} must be an absolute URL path such as '/healthz'")
     for name in config.variables:
         if not ENV_VAR_PATTERN.match(name):
             raise InvalidArgument(f"config.variables: {name!r} is not a valid environment variable name")
         if name in RESERVED_VARIABLES or name.startswith(RESERVED_VARIABLE_PREFIX):
             raise InvalidArgument(f"config.variables: {name!r} is set by Berth itself and cannot be overridden")
+    for name, value in config.variables.items():
+        if len(value) > 32768:
+            raise InvalidArgument(f"config.variables: the value of {name!r} is longer than 32768 characters")
+        _check_text(value, field_name=f"config.variables[{name!r}]")
+    if len(config.variables) > 1000:
+        raise InvalidArgument("config.variables has more than 1000 entries")
     if len(config.command) > 256 or any(len(part) > 4096 for part in config.command):
-        raise InvalidArgument("config.command is too long")
+        raise InvalidArgument("config.command is too long (at most 256 parts of 4096 characters)")
+    for part in config.command:
+        _check_text(part, field_name="config.command")
     resources = config.resources
+    if not math.isfinite(resources.cpus):
+        raise InvalidArgument("config.resources.cpus must be a finite number")
     if resources.memory_bytes < 0 or resources.cpus < 0:
         raise InvalidArgument("config.resources must not be negative")
+    if resources.cpus > MAX_CPUS:
+        raise InvalidArgument(f"config.resources.cpus {resources.cpus} is above the limit of {MAX_CPUS:g}")
+    if resources.memory_bytes > MAX_MEMORY_BYTES:
+        raise InvalidArgument(f"config.resources.memory_bytes {resources.memory_bytes} is above the limit of 1 PiB")
     if 0 < resources.memory_bytes < MIN_MEMORY_BYTES:
         raise InvalidArgument(f"config.resources.memory_bytes must be at least {MIN_MEMORY_BYTES} (6 MiB) or 0")
     return WorkerConfig(
@@ -182,9 +229,46 @@ def resolve_bounds(
     return ReplicaBounds(minimum, maximum)
 
 
+def validate_scale(min_replicas: int, max_replicas: int) -> ReplicaBounds:
+    """Explicit bounds (ScaleBinding): nothing defaults, 0 is a real minimum."""
+    if min_replicas < 0:
+        raise InvalidArgument(f"min_replicas {min_replicas} must not be negative")
+    if max_replicas < 1:
+        raise InvalidArgument(f"max_replicas {max_replicas} must be at least 1")
+    if max_replicas > MAX_REPLICAS_LIMIT:
+        raise InvalidArgument(f"max_replicas {max_replicas} is above the limit of {MAX_REPLICAS_LIMIT}")
+    if min_replicas > max_replicas:
+        raise InvalidArgument(f"min_replicas {min_replicas} is greater than max_replicas {max_replicas}")
+    return ReplicaBounds(min_replicas, max_replicas)
+
+
+def adjust_bounds(current: ReplicaBounds, delta: int) -> ReplicaBounds:
+    """scale-up (+N) / scale-down (-N): min moves by delta, floored at 0; max
+    widens when min would pass it."""
+    if delta == 0:
+        raise InvalidArgument("delta must not be 0: use +N to scale up or -N to scale down")
+    if abs(delta) > MAX_REPLICA_DELTA:
+        raise InvalidArgument(f"delta {delta} is out of range: at most {MAX_REPLICA_DELTA} replicas at once")
+    minimum = max(0, current.min_replicas + delta)
+    if minimum > MAX_REPLICAS_LIMIT:
+        raise InvalidArgument(
+            f"scaling up by {delta} would take min_replicas to {minimum}, above the limit of {MAX_REPLICAS_LIMIT}"
+        )
+    return ReplicaBounds(minimum, max(current.max_replicas, minimum, 1))
+
+
+def start_bounds(current: ReplicaBounds, *, serving: bool) -> ReplicaBounds:
+    """Bounds a binding gets back when its deployment is started again: its
+    own, except that the serving binding runs at least one replica."""
+    if serving and current.min_replicas < 1:
+        return ReplicaBounds(1, max(current.max_replicas, 1))
+    return current
+
+
 def validate_reason(reason: str) -> str:
     if len(reason) > MAX_REASON_LENGTH:
         raise InvalidArgument(f"reason is longer than {MAX_REASON_LENGTH} characters")
+    _check_text(reason, field_name="reason")
     return reason
 
 
@@ -196,10 +280,12 @@ def check_protected(environment_name: str, protected: bool, confirm: bool) -> No
         )
 
 
-def check_expected_sequence(environment_name: str, current: int, expected: int) -> None:
+def check_expected_sequence(environment_name: str, current: int, expected: int | None) -> None:
+    """``expected`` None means the caller asked for no check; 0 means it
+    expects an empty history."""
     from berth.errors import Aborted
 
-    if expected and expected != current:
+    if expected is not None and expected != current:
         raise Aborted(
             f"environment {environment_name!r} moved meanwhile: expected sequence {expected}, it is at {current}",
             hint="re-read the history and retry",

@@ -2,16 +2,39 @@
 the registry revision, and publishes its changes to watchers after commit.
 
 Callers pass the principal explicitly; authorisation is decided here.
+
+Concurrency. Correctness rests on the database, not on this process:
+
+- ``_Tx.bump`` locks the single ``registry_meta`` row (``SELECT ... FOR
+  UPDATE``) and increments the revision. Every transaction that changes
+  watched state takes it, so revisions are handed out in commit order, across
+  any number of processes.
+- A pointer move is a compare-and-swap: ``UPDATE environments SET
+  sequence = s + 1 ... WHERE id = :id AND sequence = s``, where ``s`` is the
+  sequence the move's decision was based on (and the caller's
+  ``expected_sequence``, when given). Zero rows updated means another move
+  won: the loser gets ABORTED and its transaction records nothing. The
+  ``history`` primary key (environment, sequence) makes a duplicate entry
+  impossible even then.
+- Lock order, to stay free of deadlocks on PostgreSQL: a transaction calls
+  ``bump()`` before it updates or deletes an existing row; only inserts of new
+  rows may come before it.
+
+On SQLite (one writer at a time anyway) writers of this process are also
+serialised by ``_write_lock``, which spares them SQLite's busy-waiting; on
+PostgreSQL there is no in-process lock around the transaction.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from berth.errors import (
@@ -49,6 +72,7 @@ class _Tx:
     revision: int = 0
     environments: dict[str, EnvironmentRow] = field(default_factory=dict)
     bindings: dict[tuple[str, str], BindingRow] = field(default_factory=dict)
+    deleted_environments: list[str] = field(default_factory=list)
 
     def bump(self) -> int:
         if not self.revision:
@@ -66,6 +90,26 @@ class _Tx:
         self.bindings[(row.environment_id, row.deployment_id)] = row
 
 
+def _rowcount(result: Any) -> int:
+    """Rows an UPDATE/DELETE matched (a CursorResult; typed loosely by
+    SQLAlchemy's stubs)."""
+    return int(result.rowcount)
+
+
+def read_revision(sessions: sessionmaker[Session]) -> int:
+    try:
+        with sessions() as session:
+            return session.execute(select(MetaRow.revision).where(MetaRow.id == 1)).scalar_one()
+    except OperationalError as exc:
+        raise Unavailable("the registry database is unavailable; retry shortly") from exc
+
+
+def key_prefix(api_key: str) -> str:
+    """What a listing shows of a key: the recognisable prefix and 4 more
+    characters (24 bits of 256), never enough to use it."""
+    return api_key[: len(PROJECT_KEY_PREFIX) + 4]
+
+
 @dataclass(frozen=True)
 class MoveResult:
     environment: common_pb2.Environment
@@ -79,9 +123,15 @@ class RegistryService:
         self._hub = hub
         self._admin_key = admin_key
         self._service_token = service_token
-        # Serialises writers of this process; across processes the locked
-        # meta row and the compare-and-swap do the same.
-        self._write_lock = threading.Lock()
+        bind = sessions.kw.get("bind")
+        self.dialect = bind.dialect.name if bind is not None else "sqlite"
+        # SQLite only: serialises this process's writers (see module doc).
+        self._write_lock: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
+        )
+        # Held from just before a revision-bumping commit until its changes
+        # are published, so watchers see changes in revision order.
+        self._publish_lock = threading.Lock()
 
     # ---- transactions -------------------------------------------------
 
@@ -92,23 +142,44 @@ class RegistryService:
                 yield session
         except OperationalError as exc:
             raise Unavailable("the registry database is unavailable; retry shortly") from exc
+        except DataError as exc:
+            raise InvalidArgument("a value in the request cannot be stored or compared (check for control characters)") from exc
 
     @contextmanager
     def _write(self) -> Iterator[_Tx]:
         with self._write_lock:
+            publishing = False
             try:
                 with self._sessions() as session:
                     tx = _Tx(session)
-                    with session.begin():
+                    session.begin()
+                    try:
                         yield tx
                         session.flush()
                         changes = self._changes(tx)
+                        if tx.revision:
+                            self._publish_lock.acquire()
+                            publishing = True
+                        session.commit()
+                    except BaseException:
+                        session.rollback()
+                        raise
+                    if changes:
+                        self._hub.publish(changes)
             except IntegrityError as exc:
                 raise Aborted("a concurrent change won; re-read and retry") from exc
             except OperationalError as exc:
                 raise Unavailable("the registry database is unavailable; retry shortly") from exc
-            if changes:
-                self._hub.publish(changes)
+            except DataError as exc:
+                raise InvalidArgument(
+                    "a value in the request cannot be stored (check for control characters)"
+                ) from exc
+            finally:
+                if publishing:
+                    self._publish_lock.release()
+
+    def current_revision(self) -> int:
+        return read_revision(self._sessions)
 
     def _changes(self, tx: _Tx) -> list[Change]:
         changes: list[Change] = []
@@ -118,10 +189,12 @@ class RegistryService:
         for env in tx.environments.values():
             changes.append(Change(tx.revision, "environment", convert.environment(env, names[env.project_id])))
         for row in tx.bindings.values():
-            env = tx.session.get(EnvironmentRow, row.environment_id)
+            bound = tx.session.get(EnvironmentRow, row.environment_id)
             dep = tx.session.get(DeploymentRow, row.deployment_id)
-            assert env is not None and dep is not None
-            changes.append(Change(tx.revision, "binding", convert.binding(row, env, dep, names[row.project_id])))
+            assert bound is not None and dep is not None
+            changes.append(Change(tx.revision, "binding", convert.binding(row, bound, dep, names[row.project_id])))
+        for env_id in tx.deleted_environments:
+            changes.append(Change(tx.revision, "environment_deleted", env_id))
         return changes
 
     @staticmethod
@@ -142,8 +215,7 @@ class RegistryService:
             if not principal.project_id:
                 raise InvalidArgument("project is required")
             ref = principal.project_id
-        if len(ref) > 80:
-            raise InvalidArgument("project is longer than 80 characters")
+        domain.validate_reference(ref, field_name="project", what="project")
         column = ProjectRow.id if ref.startswith(domain.PROJECT_ID_PREFIX) else ProjectRow.name
         row = session.execute(select(ProjectRow).where(column == ref)).scalar_one_or_none()
         if not principal.service and (row is None or row.id != principal.project_id):
@@ -156,15 +228,10 @@ class RegistryService:
         return row
 
     @staticmethod
-    def _environment(session: Session, project: ProjectRow, ref: str, *, for_update: bool = False) -> EnvironmentRow:
-        if not ref:
-            raise InvalidArgument("environment is required")
-        if len(ref) > 80:
-            raise InvalidArgument("environment is longer than 80 characters")
+    def _environment(session: Session, project: ProjectRow, ref: str) -> EnvironmentRow:
+        domain.validate_reference(ref, field_name="environment", what="environment")
         column = EnvironmentRow.id if ref.startswith(domain.ENVIRONMENT_ID_PREFIX) else EnvironmentRow.name
         query = select(EnvironmentRow).where(EnvironmentRow.project_id == project.id, column == ref)
-        if for_update:
-            query = query.with_for_update()
         row = session.execute(query).scalar_one_or_none()
         if row is None:
             known = session.execute(
@@ -180,7 +247,8 @@ class RegistryService:
     def _deployment(session: Session, project: ProjectRow, deployment_id: str) -> DeploymentRow:
         if not deployment_id:
             raise InvalidArgument("deployment_id is required")
-        row = session.get(DeploymentRow, deployment_id) if len(deployment_id) <= 80 else None
+        domain.validate_reference(deployment_id, field_name="deployment_id", what="deployment")
+        row = session.get(DeploymentRow, deployment_id)
         if row is None or row.project_id != project.id:
             raise NotFound(f"deployment {deployment_id!r} not found in project {project.name!r}")
         return row
@@ -223,7 +291,7 @@ class RegistryService:
                         project_id=project.id,
                         name="default",
                         key_hash=hash_key(api_key),
-                        prefix=api_key[: len(PROJECT_KEY_PREFIX) + 4],
+                        prefix=key_prefix(api_key),
                         created_at=now,
                     )
                 )
@@ -285,6 +353,130 @@ class RegistryService:
         except Aborted:
             raise AlreadyExists(f"environment {name!r} already exists") from None
 
+    def delete_environment(self, principal: Principal, project_ref: str, environment_ref: str) -> common_pb2.Environment:
+        """Deletes an environment nothing points to. Watchers get
+        ``environment_deleted`` (they drop the environment and any binding
+        of it; an environment that never had a pointer has none)."""
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            env = self._environment(tx.session, project, environment_ref)
+            if env.protected:
+                raise FailedPrecondition(f"environment {env.name!r} is protected and cannot be deleted")
+            if env.deployment_id:
+                raise FailedPrecondition(
+                    f"environment {env.name!r} points to deployment {env.deployment_id}; "
+                    "only an environment nothing points to can be deleted",
+                )
+            result = convert.environment(env, project.name)
+            tx.bump()
+            deleted = _rowcount(tx.session.execute(
+                delete(EnvironmentRow)
+                .where(
+                    EnvironmentRow.id == env.id,
+                    EnvironmentRow.sequence == 0,
+                    EnvironmentRow.deployment_id.is_(None),
+                )
+                .execution_options(synchronize_session=False)
+            ))
+            if deleted != 1:
+                still = tx.session.execute(
+                    select(EnvironmentRow.deployment_id).where(EnvironmentRow.id == env.id)
+                ).one_or_none()
+                if still is None:
+                    raise NotFound(f"environment {env.name!r} was deleted meanwhile")
+                raise FailedPrecondition(
+                    f"environment {env.name!r} was pointed at deployment {still[0]} meanwhile; it cannot be deleted"
+                )
+            tx.session.expunge(env)
+            tx.deleted_environments.append(env.id)
+            return result
+
+    # ---- API keys -----------------------------------------------------
+
+    def create_api_key(self, principal: Principal, project_ref: str, name: str) -> tuple[common_pb2.ApiKeyInfo, str]:
+        domain.validate_name(name, field_name="key name")
+        api_key = new_key(PROJECT_KEY_PREFIX)
+        try:
+            with self._write() as tx:
+                project = self._project(tx.session, principal, project_ref)
+                self._check_key_name_free(tx.session, project, name)
+                row = ApiKeyRow(
+                    id=domain.new_id(domain.API_KEY_ID_PREFIX),
+                    project_id=project.id,
+                    name=name,
+                    key_hash=hash_key(api_key),
+                    prefix=key_prefix(api_key),
+                    created_at=utcnow(),
+                )
+                tx.session.add(row)
+                tx.session.flush()
+                return convert.api_key(row), api_key
+        except Aborted:  # the partial unique index: a concurrent create won
+            raise AlreadyExists(f"an active API key named {name!r} already exists") from None
+
+    @staticmethod
+    def _check_key_name_free(session: Session, project: ProjectRow, name: str) -> None:
+        taken = session.execute(
+            select(ApiKeyRow.id).where(
+                ApiKeyRow.project_id == project.id, ApiKeyRow.name == name, ApiKeyRow.revoked_at.is_(None)
+            )
+        ).first()
+        if taken:
+            raise AlreadyExists(
+                f"an active API key named {name!r} already exists in project {project.name!r}",
+                hint="choose another name, or revoke that key first",
+            )
+
+    def list_api_keys(self, principal: Principal, project_ref: str) -> list[common_pb2.ApiKeyInfo]:
+        with self._read() as session:
+            project = self._project(session, principal, project_ref)
+            rows = session.execute(
+                select(ApiKeyRow).where(ApiKeyRow.project_id == project.id).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
+            ).scalars()
+            return [convert.api_key(row) for row in rows]
+
+    def revoke_api_key(self, principal: Principal, project_ref: str, key_ref: str) -> common_pb2.ApiKeyInfo:
+        """Revokes a key by id or name. It stops working on the registry at
+        once (other services cache authentications for up to 10 s). The last
+        active key of a project cannot be revoked: the admin key cannot make
+        a new one, so the project would be locked out."""
+        if not key_ref:
+            raise InvalidArgument("key is required: give the key's id (key_...) or name")
+        domain.validate_reference(key_ref, field_name="key", what="API key")
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            query = select(ApiKeyRow).where(ApiKeyRow.project_id == project.id)
+            if key_ref.startswith(domain.API_KEY_ID_PREFIX):
+                query = query.where(ApiKeyRow.id == key_ref)
+            else:
+                query = query.where(ApiKeyRow.name == key_ref, ApiKeyRow.revoked_at.is_(None))
+            row = tx.session.execute(query).scalar_one_or_none()
+            if row is None:
+                raise NotFound(
+                    f"no active API key {key_ref!r} in project {project.name!r}",
+                    hint="see the keys with ListApiKeys",
+                )
+            if row.revoked_at is not None:
+                return convert.api_key(row)  # already revoked: nothing to do
+            # Lock the project's active keys so two revocations cannot both
+            # see "another key is left" and lock the project out.
+            active = tx.session.execute(
+                select(ApiKeyRow.id)
+                .where(ApiKeyRow.project_id == project.id, ApiKeyRow.revoked_at.is_(None))
+                .with_for_update()
+            ).scalars().all()
+            if row.id not in active:
+                return convert.api_key(tx.session.get(ApiKeyRow, row.id, populate_existing=True))  # type: ignore[arg-type]
+            if len(active) <= 1:
+                raise FailedPrecondition(
+                    f"API key {row.name!r} is the last active key of project {project.name!r}; "
+                    "revoking it would lock the project out",
+                    hint="create another key first",
+                )
+            row.revoked_at = utcnow()
+            tx.session.flush()
+            return convert.api_key(row)
+
     # ---- deployments and pointer moves -------------------------------
 
     def _move(
@@ -296,24 +488,35 @@ class RegistryService:
         *,
         kind: domain.MoveKind,
         bounds: domain.ReplicaBounds,
-        expected_sequence: int,
+        expected_sequence: int | None,
         reason: str,
         scale_previous_to_zero: bool = False,
     ) -> HistoryRow:
         """Moves ``env``'s pointer to ``dep`` with compare-and-swap on the
-        sequence, appends the history entry and upserts the binding."""
+        sequence ``env`` was read at, appends the history entry and upserts
+        the binding. Raises Aborted, recording nothing, if another move won."""
         domain.check_expected_sequence(env.name, env.sequence, expected_sequence)
         previous_id = env.deployment_id or ""
         current = env.sequence
         revision = tx.bump()
-        swapped = tx.session.execute(
+        swapped = _rowcount(tx.session.execute(
             update(EnvironmentRow)
             .where(EnvironmentRow.id == env.id, EnvironmentRow.sequence == current)
-            .values(sequence=current + 1, deployment_id=dep.id, revision=revision)
+            .values(
+                sequence=current + 1, deployment_id=dep.id, previous_deployment_id=previous_id, revision=revision
+            )
             .execution_options(synchronize_session=False)
-        ).rowcount
+        ))
         if swapped != 1:
-            raise Aborted(f"environment {env.name!r} moved meanwhile", hint="re-read the history and retry")
+            now = tx.session.execute(
+                select(EnvironmentRow.sequence).where(EnvironmentRow.id == env.id)
+            ).scalar_one_or_none()
+            if now is None:
+                raise NotFound(f"environment {env.name!r} was deleted meanwhile")
+            raise Aborted(
+                f"environment {env.name!r} moved meanwhile: expected sequence {current}, it is at {now}",
+                hint="re-read the history and retry",
+            )
         tx.session.refresh(env)
         entry = HistoryRow(
             environment_id=env.id,
@@ -362,7 +565,7 @@ class RegistryService:
         environment_ref: str,
         min_replicas: int,
         max_replicas: int,
-        expected_sequence: int,
+        expected_sequence: int | None,
         confirm: bool,
         reason: str,
     ) -> tuple[common_pb2.Deployment, MoveResult]:
@@ -403,7 +606,7 @@ class RegistryService:
         min_replicas: int,
         max_replicas: int,
         scale_previous_to_zero: bool,
-        expected_sequence: int,
+        expected_sequence: int | None,
         confirm: bool,
         reason: str,
     ) -> MoveResult:
@@ -439,11 +642,13 @@ class RegistryService:
         project_ref: str,
         environment_ref: str,
         to_deployment_id: str,
-        expected_sequence: int,
+        expected_sequence: int | None,
         confirm: bool,
         reason: str,
     ) -> MoveResult:
         domain.validate_reason(reason)
+        if to_deployment_id:
+            domain.validate_reference(to_deployment_id, field_name="to_deployment_id", what="deployment")
         with self._write() as tx:
             project = self._project(tx.session, principal, project_ref)
             env = self._environment(tx.session, project, environment_ref)
@@ -473,18 +678,164 @@ class RegistryService:
             # scaled-to-zero deployment is started again.
             last_served = next(h for h in history if h.deployment_id == target_id)
             bounds = domain.ReplicaBounds(max(last_served.min_replicas, 1), max(last_served.max_replicas, 1))
+            entry = self._move(
+                tx, principal, env, dep, kind=domain.MoveKind.ROLLBACK, bounds=bounds,
+                expected_sequence=expected_sequence, reason=reason,
+            )
             if dep.state != domain.Lifecycle.ACTIVE.value:
                 dep.state = domain.Lifecycle.ACTIVE.value
                 for other in tx.session.execute(
                     select(BindingRow).where(BindingRow.deployment_id == dep.id)
                 ).scalars():
                     tx.touch_binding(other)  # their deployment's state changed
-            entry = self._move(
-                tx, principal, env, dep, kind=domain.MoveKind.ROLLBACK, bounds=bounds,
-                expected_sequence=expected_sequence, reason=reason,
-            )
             deployment = convert.deployment(dep)
             return MoveResult(convert.environment(env, project.name), convert.history_entry(entry), deployment)
+
+    # ---- bindings (desired state the scheduler converges on) ---------
+
+    def list_bindings(
+        self, principal: Principal, project_ref: str, deployment_id: str, environment_ref: str
+    ) -> list[common_pb2.Binding]:
+        with self._read() as session:
+            project = self._project(session, principal, project_ref)
+            query = select(BindingRow, EnvironmentRow, DeploymentRow).join(
+                EnvironmentRow, EnvironmentRow.id == BindingRow.environment_id
+            ).join(DeploymentRow, DeploymentRow.id == BindingRow.deployment_id).where(
+                BindingRow.project_id == project.id
+            )
+            if deployment_id:
+                query = query.where(BindingRow.deployment_id == self._deployment(session, project, deployment_id).id)
+            if environment_ref:
+                query = query.where(BindingRow.environment_id == self._environment(session, project, environment_ref).id)
+            rows = session.execute(query.order_by(EnvironmentRow.name, DeploymentRow.created_at, DeploymentRow.id))
+            return [convert.binding(b, env, dep, project.name) for b, env, dep in rows]
+
+    def _binding(
+        self, session: Session, project: ProjectRow, dep: DeploymentRow, environment_ref: str
+    ) -> tuple[BindingRow, EnvironmentRow]:
+        """The binding of ``dep`` in the given environment; with none given,
+        its only binding."""
+        rows = session.execute(
+            select(BindingRow, EnvironmentRow)
+            .join(EnvironmentRow, EnvironmentRow.id == BindingRow.environment_id)
+            .where(BindingRow.deployment_id == dep.id)
+            .order_by(EnvironmentRow.name)
+        ).all()
+        if environment_ref:
+            env = self._environment(session, project, environment_ref)
+            for binding, bound_env in rows:
+                if bound_env.id == env.id:
+                    return binding, bound_env
+            raise NotFound(
+                f"deployment {dep.id} is not bound to environment {env.name!r}",
+                hint="bound to: " + (", ".join(e.name for _, e in rows) or "no environment"),
+            )
+        if not rows:
+            raise NotFound(f"deployment {dep.id} is not bound to any environment")
+        if len(rows) > 1:
+            raise InvalidArgument(
+                f"deployment {dep.id} is bound to several environments "
+                f"({', '.join(e.name for _, e in rows)}): environment is required",
+                hint="pass --environment NAME",
+            )
+        return rows[0][0], rows[0][1]
+
+    @staticmethod
+    def _require_active(dep: DeploymentRow) -> None:
+        if dep.state != domain.Lifecycle.ACTIVE.value:
+            raise FailedPrecondition(
+                f"deployment {dep.id} is terminated; its replica bounds cannot change",
+                hint=f"start it first: berth deployment start {dep.id}",
+            )
+
+    def _set_bounds(
+        self, tx: _Tx, project: ProjectRow, binding: BindingRow, env: EnvironmentRow, dep: DeploymentRow,
+        bounds: domain.ReplicaBounds,
+    ) -> common_pb2.Binding:
+        if (binding.min_replicas, binding.max_replicas) != (bounds.min_replicas, bounds.max_replicas):
+            tx.bump()
+            binding.min_replicas = bounds.min_replicas
+            binding.max_replicas = bounds.max_replicas
+            binding.updated_at = utcnow()
+            tx.session.flush()
+            tx.touch_binding(binding)
+        return convert.binding(binding, env, dep, project.name)
+
+    def scale_binding(
+        self, principal: Principal, project_ref: str, deployment_id: str, environment_ref: str,
+        min_replicas: int, max_replicas: int,
+    ) -> common_pb2.Binding:
+        bounds = domain.validate_scale(min_replicas, max_replicas)
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            dep = self._deployment(tx.session, project, deployment_id)
+            binding, env = self._binding(tx.session, project, dep, environment_ref)
+            self._require_active(dep)
+            return self._set_bounds(tx, project, binding, env, dep, bounds)
+
+    def adjust_replicas(
+        self, principal: Principal, project_ref: str, deployment_id: str, environment_ref: str, delta: int
+    ) -> common_pb2.Binding:
+        domain.adjust_bounds(domain.ReplicaBounds(0, 1), delta)  # validates delta before any lookup
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            dep = self._deployment(tx.session, project, deployment_id)
+            binding, env = self._binding(tx.session, project, dep, environment_ref)
+            self._require_active(dep)
+            bounds = domain.adjust_bounds(domain.ReplicaBounds(binding.min_replicas, binding.max_replicas), delta)
+            return self._set_bounds(tx, project, binding, env, dep, bounds)
+
+    def terminate_deployment(self, principal: Principal, project_ref: str, deployment_id: str) -> common_pb2.Deployment:
+        """Every binding of the deployment goes to 0 replicas; the record, its
+        image and its history stay. Idempotent."""
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            dep = self._deployment(tx.session, project, deployment_id)
+            bindings = list(tx.session.execute(select(BindingRow).where(BindingRow.deployment_id == dep.id)).scalars())
+            terminated = domain.Lifecycle.TERMINATED.value
+            if dep.state == terminated and all(b.state == terminated for b in bindings):
+                return convert.deployment(dep)
+            tx.bump()
+            dep.state = terminated
+            now = utcnow()
+            for binding in bindings:
+                binding.state = terminated
+                binding.updated_at = now
+            tx.session.flush()
+            for binding in bindings:
+                tx.touch_binding(binding)
+            return convert.deployment(dep)
+
+    def start_deployment(self, principal: Principal, project_ref: str, deployment_id: str) -> common_pb2.Deployment:
+        """Brings a terminated deployment's bindings back to their bounds; a
+        binding scaled to 0 stays there unless it serves its environment,
+        which gets at least one replica. Idempotent."""
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            dep = self._deployment(tx.session, project, deployment_id)
+            rows = tx.session.execute(
+                select(BindingRow, EnvironmentRow)
+                .join(EnvironmentRow, EnvironmentRow.id == BindingRow.environment_id)
+                .where(BindingRow.deployment_id == dep.id)
+            ).all()
+            active = domain.Lifecycle.ACTIVE.value
+            if dep.state == active and all(b.state == active for b, _ in rows):
+                return convert.deployment(dep)
+            tx.bump()
+            dep.state = active
+            now = utcnow()
+            for binding, env in rows:
+                bounds = domain.start_bounds(
+                    domain.ReplicaBounds(binding.min_replicas, binding.max_replicas),
+                    serving=env.deployment_id == dep.id,
+                )
+                binding.state = active
+                binding.min_replicas, binding.max_replicas = bounds.min_replicas, bounds.max_replicas
+                binding.updated_at = now
+            tx.session.flush()
+            for binding, _ in rows:
+                tx.touch_binding(binding)
+            return convert.deployment(dep)
 
     def get_deployment(self, principal: Principal, project_ref: str, deployment_id: str) -> common_pb2.Deployment:
         with self._read() as session:
@@ -517,6 +868,7 @@ class RegistryService:
     def resolve_image(self, principal: Principal, deployment_id: str, image_id: str) -> common_pb2.Deployment:
         if not principal.service:
             raise PermissionDenied("only Berth's own services may record image ids")
+        domain.validate_reference(deployment_id, field_name="deployment_id", what="deployment")
         if not domain.IMAGE_ID_PATTERN.match(image_id):
             raise InvalidArgument(f"image_id {image_id!r} must be 'sha256:<64 hex digits>'")
         with self._write() as tx:
@@ -526,6 +878,7 @@ class RegistryService:
             if dep.image_id and dep.image_id != image_id:
                 raise FailedPrecondition(f"deployment {deployment_id} already runs image {dep.image_id}; it is immutable")
             if not dep.image_id:
+                tx.bump()
                 dep.image_id = image_id
                 for binding in tx.session.execute(
                     select(BindingRow).where(BindingRow.deployment_id == dep.id)
@@ -536,15 +889,22 @@ class RegistryService:
     # ---- watch --------------------------------------------------------
 
     def snapshot(self) -> tuple[int, list[Change]]:
-        """Every environment and binding at one revision."""
-        with self._read() as session, session.begin():
+        """Every environment and binding as of one revision: one consistent
+        read (REPEATABLE READ on PostgreSQL; on SQLite, under the write lock,
+        since its driver runs each SELECT on its own)."""
+        with self._write_lock, self._read() as session:
+            if self.dialect != "sqlite":
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             revision = session.execute(select(MetaRow.revision).where(MetaRow.id == 1)).scalar_one()
             names = {row.id: row.name for row in session.execute(select(ProjectRow.id, ProjectRow.name))}
             envs = {row.id: row for row in session.execute(select(EnvironmentRow)).scalars()}
             deps = {row.id: row for row in session.execute(
                 select(DeploymentRow).join(BindingRow, BindingRow.deployment_id == DeploymentRow.id)
             ).scalars()}
-            changes = [Change(env.revision, "environment", convert.environment(env, names[env.project_id])) for env in envs.values()]
+            changes = [
+                Change(env.revision, "environment", convert.environment(env, names[env.project_id]))
+                for env in envs.values()
+            ]
             for row in session.execute(select(BindingRow)).scalars():
                 env = envs[row.environment_id]
                 changes.append(

@@ -8,9 +8,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-import grpc
-
-from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from berth.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import caller, require_service
 from services.registry import convert
 from services.registry.changes import Change, ChangeHub
@@ -25,6 +23,12 @@ def _event(change: Change) -> registry_pb2.WatchEvent:
     if change.kind == "binding":
         return registry_pb2.WatchEvent(revision=change.revision, binding=change.payload)
     return registry_pb2.WatchEvent(revision=change.revision, environment_deleted=change.payload)
+
+
+def _expected(request) -> int | None:  # type: ignore[no-untyped-def]
+    """``expected_sequence`` is optional: unset = no check, 0 = expect an
+    empty history."""
+    return request.expected_sequence if request.HasField("expected_sequence") else None
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
@@ -47,6 +51,68 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def CreateEnvironment(self, request, context):  # type: ignore[no-untyped-def]
         return await asyncio.to_thread(self._service.create_environment, caller(), request.project, request.name)
 
+    async def DeleteEnvironment(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        env = await asyncio.to_thread(
+            self._service.delete_environment, principal, request.project, request.environment
+        )
+        log.info("environment_deleted", extra={"environment": env.id, "actor": principal.actor})
+        return registry_pb2.DeleteEnvironmentResponse(environment=env)
+
+    async def CreateApiKey(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        info, api_key = await asyncio.to_thread(self._service.create_api_key, principal, request.project, request.name)
+        log.info("api_key_created", extra={"key": info.id, "key_name": info.name, "actor": principal.actor})
+        return registry_pb2.CreateApiKeyResponse(key=info, api_key=api_key)
+
+    async def ListApiKeys(self, request, context):  # type: ignore[no-untyped-def]
+        keys = await asyncio.to_thread(self._service.list_api_keys, caller(), request.project)
+        return registry_pb2.ListApiKeysResponse(keys=keys)
+
+    async def RevokeApiKey(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        info = await asyncio.to_thread(self._service.revoke_api_key, principal, request.project, request.key)
+        log.info("api_key_revoked", extra={"key": info.id, "key_name": info.name, "actor": principal.actor})
+        return info
+
+    async def ListBindings(self, request, context):  # type: ignore[no-untyped-def]
+        bindings = await asyncio.to_thread(
+            self._service.list_bindings, caller(), request.project, request.deployment_id, request.environment
+        )
+        return registry_pb2.ListBindingsResponse(bindings=bindings)
+
+    async def ScaleBinding(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        binding = await asyncio.to_thread(
+            self._service.scale_binding, principal, request.project, request.deployment_id, request.environment,
+            request.min_replicas, request.max_replicas,
+        )
+        log.info("binding_scaled", extra={"deployment": binding.deployment.id, "environment": binding.environment_id,
+                                          "min": binding.min_replicas, "max": binding.max_replicas})
+        return binding
+
+    async def AdjustReplicas(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        binding = await asyncio.to_thread(
+            self._service.adjust_replicas, principal, request.project, request.deployment_id, request.environment,
+            request.delta,
+        )
+        log.info("binding_scaled", extra={"deployment": binding.deployment.id, "environment": binding.environment_id,
+                                          "min": binding.min_replicas, "max": binding.max_replicas})
+        return binding
+
+    async def TerminateDeployment(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        dep = await asyncio.to_thread(self._service.terminate_deployment, principal, request.project, request.deployment_id)
+        log.info("deployment_terminated", extra={"deployment": dep.id, "actor": principal.actor})
+        return dep
+
+    async def StartDeployment(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        dep = await asyncio.to_thread(self._service.start_deployment, principal, request.project, request.deployment_id)
+        log.info("deployment_started", extra={"deployment": dep.id, "actor": principal.actor})
+        return dep
+
     async def Deploy(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()
         deployment, move = await asyncio.to_thread(
@@ -59,7 +125,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 environment_ref=request.environment,
                 min_replicas=request.min_replicas,
                 max_replicas=request.max_replicas,
-                expected_sequence=request.expected_sequence,
+                expected_sequence=_expected(request),
                 confirm=request.confirm,
                 reason=request.reason,
             )
@@ -85,7 +151,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 min_replicas=request.min_replicas,
                 max_replicas=request.max_replicas,
                 scale_previous_to_zero=request.scale_previous_to_zero,
-                expected_sequence=request.expected_sequence,
+                expected_sequence=_expected(request),
                 confirm=request.confirm,
                 reason=request.reason,
             )
@@ -101,7 +167,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 project_ref=request.project,
                 environment_ref=request.environment,
                 to_deployment_id=request.to_deployment_id,
-                expected_sequence=request.expected_sequence,
+                expected_sequence=_expected(request),
                 confirm=request.confirm,
                 reason=request.reason,
             )
@@ -127,24 +193,29 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return await asyncio.to_thread(self._service.resolve_image, caller(), request.deployment_id, request.image_id)
 
     async def Watch(self, request, context) -> AsyncIterator[registry_pb2.WatchEvent]:  # type: ignore[no-untyped-def,override]
+        """A snapshot (or, with ``since_revision``, the changes after it when
+        this process still holds them), the ``snapshot_complete`` marker
+        (``resumed`` tells which of the two came before it), then every later
+        change once, in revision order."""
         require_service()
         subscription = self._hub.subscribe()  # before the snapshot: nothing falls in between
         try:
             _, queue = subscription
-            replay = self._hub.since(request.since_revision) if request.since_revision else None
+            replay = self._hub.since(request.since_revision) if request.since_revision > 0 else None
             if replay is not None:
                 revision = request.since_revision
                 for change in replay:
                     revision = max(revision, change.revision)
                     yield _event(change)
+                yield registry_pb2.WatchEvent(revision=revision, snapshot_complete=True, resumed=True)
             else:
                 revision, snapshot = await asyncio.to_thread(self._service.snapshot)
                 for change in snapshot:
                     yield _event(change)
-            yield registry_pb2.WatchEvent(revision=revision, snapshot_complete=True)
+                yield registry_pb2.WatchEvent(revision=revision, snapshot_complete=True)
             while True:
                 change = await queue.get()
-                if change.revision <= revision and change.kind != "environment_deleted":
+                if change.revision <= revision:
                     continue  # already in the snapshot or the replay
                 yield _event(change)
         finally:

@@ -4,7 +4,7 @@ migrations that create them. SQLite is the embedded default; PostgreSQL
 from __future__ import annotations
 
 import pathlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
@@ -24,7 +24,7 @@ MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -40,6 +40,8 @@ class ProjectRow(Base):
 
 class ApiKeyRow(Base):
     __tablename__ = "api_keys"
+    # Names are unique per project among active keys (partial unique index
+    # uq_api_key_active_name, migration 0002).
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), index=True)
     name: Mapped[str] = mapped_column(String(40))
@@ -56,6 +58,8 @@ class EnvironmentRow(Base):
     name: Mapped[str] = mapped_column(String(40))
     protected: Mapped[bool] = mapped_column(Boolean, default=False)
     deployment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # The deployment the latest history entry replaced ("" if none).
+    previous_deployment_id: Mapped[str] = mapped_column(String(40), default="")
     # Sequence of the latest history entry: the compare-and-swap version.
     sequence: Mapped[int] = mapped_column(Integer, default=0)
     revision: Mapped[int] = mapped_column(Integer, default=0)
@@ -112,7 +116,7 @@ class MetaRow(Base):
 
 def normalise_url(url: str) -> str:
     # "postgresql://" means psycopg 3 here, not psycopg2.
-    if url.startswith("postgresql://") or url.startswith("postgres://"):
+    if url.startswith(("postgresql://", "postgres://")):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
 

@@ -1,0 +1,193 @@
+"""The error contract: each RPC x bad input gets the exact status code and a
+message a person can act on, and leaves the registry unchanged; arbitrary
+requests never get UNKNOWN or INTERNAL."""
+from __future__ import annotations
+
+import math
+import re
+
+import grpc
+import pytest
+from google.protobuf.descriptor import FieldDescriptor
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from berth.v1 import common_pb2, registry_pb2
+from tests.registry.conftest import ADMIN_KEY, BACKENDS, SERVICE_TOKEN, Registry
+
+C = grpc.StatusCode
+R = registry_pb2
+
+
+class World:
+    """Two projects with a known history, shared by every case of a module."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        _, self.key = registry.create_project("shop")
+        _, self.other_key = registry.create_project("other")
+        call = registry.call
+        self.v1 = call("Deploy", R.DeployRequest(image="app:1"), self.key).deployment.id
+        call("Promote", R.PromoteRequest(deployment_id=self.v1, target_environment="staging"), self.key)
+        self.v2 = call("Deploy", R.DeployRequest(image="app:2"), self.key).deployment.id
+        call("Promote", R.PromoteRequest(deployment_id=self.v1, target_environment="production", confirm=True), self.key)
+        call("Promote", R.PromoteRequest(deployment_id=self.v2, target_environment="production", confirm=True), self.key)
+        call("CreateEnvironment", R.CreateEnvironmentRequest(name="qa"), self.key)
+        self.dead = call("Deploy", R.DeployRequest(image="app:3", environment="qa"), self.key).deployment.id
+        call("TerminateDeployment", R.TerminateDeploymentRequest(deployment_id=self.dead), self.key)
+        self.other_dep = call("Deploy", R.DeployRequest(image="app:9"), self.other_key).deployment.id
+        self.other_key_id = call("ListApiKeys", R.ListApiKeysRequest(), self.other_key).keys[0].id
+        self.ids = [self.v1, self.v2, self.dead, self.other_dep, self.other_key_id]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def world(request, tmp_path_factory):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'registry.db'}"
+    else:
+        url = request.getfixturevalue("postgres_cluster").create_database()
+    registry = Registry(url)
+    yield World(registry)
+    registry.close()
+
+
+# (rpc, request factory taking the world, key: "project" | "other" | "service" | "admin" | literal, code, message)
+CASES = [
+    ("ListEnvironments", lambda w: R.ListEnvironmentsRequest(), "", C.UNAUTHENTICATED, "no API key given"),
+    ("ListEnvironments", lambda w: R.ListEnvironmentsRequest(), "berth_pk_nope", C.UNAUTHENTICATED, "not valid"),
+    ("ListEnvironments", lambda w: R.ListEnvironmentsRequest(), "admin", C.PERMISSION_DENIED, "admin key only creates projects"),
+    ("CreateProject", lambda w: R.CreateProjectRequest(name="new"), "project", C.PERMISSION_DENIED, "needs the platform's admin key"),
+    ("CreateProject", lambda w: R.CreateProjectRequest(name="shop"), "admin", C.ALREADY_EXISTS, "'shop' already exists"),
+    ("CreateProject", lambda w: R.CreateProjectRequest(name=""), "admin", C.INVALID_ARGUMENT, "project name is required"),
+    ("GetProject", lambda w: R.GetProjectRequest(project="other"), "project", C.PERMISSION_DENIED, "belongs to project 'shop', not 'other'"),
+    ("GetProject", lambda w: R.GetProjectRequest(project="no such!"), "project", C.INVALID_ARGUMENT, "not a valid project"),
+    ("GetProject", lambda w: R.GetProjectRequest(project="p" * 81), "project", C.INVALID_ARGUMENT, "81 characters long"),
+    ("CreateEnvironment", lambda w: R.CreateEnvironmentRequest(name=""), "project", C.INVALID_ARGUMENT, "environment name is required"),
+    ("CreateEnvironment", lambda w: R.CreateEnvironmentRequest(name="e" * 41), "project", C.INVALID_ARGUMENT, "41 characters long"),
+    ("CreateEnvironment", lambda w: R.CreateEnvironmentRequest(name="Bad_Name"), "project", C.INVALID_ARGUMENT, "lowercase letters"),
+    ("CreateEnvironment", lambda w: R.CreateEnvironmentRequest(name="staging"), "project", C.ALREADY_EXISTS, "'staging' already exists"),
+    ("CreateEnvironment", lambda w: R.CreateEnvironmentRequest(project="other", name="x"), "project", C.PERMISSION_DENIED, "belongs to project"),
+    ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment=""), "project", C.INVALID_ARGUMENT, "environment is required"),
+    ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment="nope"), "project", C.NOT_FOUND, "'nope' not found.*known environments: preview"),
+    ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment="production"), "project", C.FAILED_PRECONDITION, "protected"),
+    ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment="preview"), "project", C.FAILED_PRECONDITION, "points to deployment"),
+    ("CreateApiKey", lambda w: R.CreateApiKeyRequest(name=""), "project", C.INVALID_ARGUMENT, "key name is required"),
+    ("CreateApiKey", lambda w: R.CreateApiKeyRequest(name="Not Valid"), "project", C.INVALID_ARGUMENT, "key name 'Not Valid' is not valid"),
+    ("CreateApiKey", lambda w: R.CreateApiKeyRequest(name="default"), "project", C.ALREADY_EXISTS, "'default' already exists"),
+    ("RevokeApiKey", lambda w: R.RevokeApiKeyRequest(key=""), "project", C.INVALID_ARGUMENT, "key is required"),
+    ("RevokeApiKey", lambda w: R.RevokeApiKeyRequest(key="key_000000000000"), "project", C.NOT_FOUND, "no active API key"),
+    ("RevokeApiKey", lambda w: R.RevokeApiKeyRequest(key=w.other_key_id), "project", C.NOT_FOUND, "no active API key"),
+    ("RevokeApiKey", lambda w: R.RevokeApiKeyRequest(key="default"), "project", C.FAILED_PRECONDITION, "last active key"),
+    ("Deploy", lambda w: R.DeployRequest(image=""), "project", C.INVALID_ARGUMENT, "image is required"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", environment="nope"), "project", C.NOT_FOUND, "environment 'nope' not found"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", environment="production"), "project", C.FAILED_PRECONDITION, "protected.*--yes"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", expected_sequence=7), "project", C.ABORTED, "expected sequence 7, it is at 2"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", expected_sequence=0), "project", C.ABORTED, "expected sequence 0, it is at 2"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", config=common_pb2.WorkerConfig(resources=common_pb2.Resources(cpus=math.nan))), "project", C.INVALID_ARGUMENT, "cpus must be a finite number"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", reason="a\x00b"), "project", C.INVALID_ARGUMENT, "reason must not contain NUL"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", project="other"), "project", C.PERMISSION_DENIED, "belongs to project"),
+    ("GetDeployment", lambda w: R.GetDeploymentRequest(), "project", C.INVALID_ARGUMENT, "deployment_id is required"),
+    ("GetDeployment", lambda w: R.GetDeploymentRequest(deployment_id="dep nope"), "project", C.INVALID_ARGUMENT, "not a valid deployment"),
+    ("GetDeployment", lambda w: R.GetDeploymentRequest(deployment_id="dep_000000000000"), "project", C.NOT_FOUND, "not found in project 'shop'"),
+    ("GetDeployment", lambda w: R.GetDeploymentRequest(deployment_id=w.other_dep), "project", C.NOT_FOUND, "not found in project 'shop'"),
+    ("ListDeployments", lambda w: R.ListDeploymentsRequest(environment="nope"), "project", C.NOT_FOUND, "environment 'nope' not found"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id="dep_000000000000", target_environment="staging"), "project", C.NOT_FOUND, "not found"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id=w.other_dep, target_environment="staging"), "project", C.NOT_FOUND, "not found in project 'shop'"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id=w.v2, target_environment="nope"), "project", C.NOT_FOUND, "environment 'nope'"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id=w.v1, target_environment="production"), "project", C.FAILED_PRECONDITION, "protected"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id=w.v2, target_environment="staging", expected_sequence=5), "project", C.ABORTED, "expected sequence 5, it is at 1"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id=w.v1, target_environment="staging"), "project", C.FAILED_PRECONDITION, "already serves"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id=w.dead, target_environment="staging"), "project", C.FAILED_PRECONDITION, "terminated and cannot be promoted"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id=w.v2, target_environment="staging", min_replicas=4, max_replicas=2), "project", C.INVALID_ARGUMENT, "min_replicas 4 is greater"),
+    ("Rollback", lambda w: R.RollbackRequest(environment="staging"), "project", C.FAILED_PRECONDITION, "no earlier deployment"),
+    ("Rollback", lambda w: R.RollbackRequest(environment="preview", to_deployment_id=w.other_dep), "project", C.FAILED_PRECONDITION, "never served"),
+    ("Rollback", lambda w: R.RollbackRequest(environment="preview", expected_sequence=1), "project", C.ABORTED, "expected sequence 1, it is at 2"),
+    ("Rollback", lambda w: R.RollbackRequest(environment="production"), "project", C.FAILED_PRECONDITION, "protected"),
+    ("Rollback", lambda w: R.RollbackRequest(environment=""), "project", C.INVALID_ARGUMENT, "environment is required"),
+    ("ListHistory", lambda w: R.ListHistoryRequest(environment="nope"), "project", C.NOT_FOUND, "'nope' not found"),
+    ("ListHistory", lambda w: R.ListHistoryRequest(project="shop", environment="preview"), "other", C.PERMISSION_DENIED, "belongs to project 'other'"),
+    ("ListBindings", lambda w: R.ListBindingsRequest(deployment_id=w.other_dep), "project", C.NOT_FOUND, "not found in project"),
+    ("ScaleBinding", lambda w: R.ScaleBindingRequest(deployment_id=w.v1, min_replicas=1, max_replicas=2), "project", C.INVALID_ARGUMENT, r"several environments \(preview, production, staging\)"),
+    ("ScaleBinding", lambda w: R.ScaleBindingRequest(deployment_id=w.v2, environment="staging", min_replicas=1, max_replicas=2), "project", C.NOT_FOUND, "not bound to environment 'staging'"),
+    ("ScaleBinding", lambda w: R.ScaleBindingRequest(deployment_id=w.v2, environment="preview", min_replicas=3, max_replicas=1), "project", C.INVALID_ARGUMENT, "min_replicas 3 is greater"),
+    ("ScaleBinding", lambda w: R.ScaleBindingRequest(deployment_id=w.dead, min_replicas=1, max_replicas=1), "project", C.FAILED_PRECONDITION, "terminated"),
+    ("AdjustReplicas", lambda w: R.AdjustReplicasRequest(deployment_id=w.v2, environment="preview"), "project", C.INVALID_ARGUMENT, "delta must not be 0"),
+    ("AdjustReplicas", lambda w: R.AdjustReplicasRequest(deployment_id=w.other_dep, delta=1), "project", C.NOT_FOUND, "not found in project"),
+    ("TerminateDeployment", lambda w: R.TerminateDeploymentRequest(deployment_id="dep_000000000000"), "project", C.NOT_FOUND, "not found"),
+    ("StartDeployment", lambda w: R.StartDeploymentRequest(deployment_id=w.other_dep), "project", C.NOT_FOUND, "not found in project"),
+    ("Authenticate", lambda w: R.AuthenticateRequest(api_key="x"), "project", C.PERMISSION_DENIED, "only Berth's own services"),
+    ("Authenticate", lambda w: R.AuthenticateRequest(api_key="berth_pk_nope"), "service", C.UNAUTHENTICATED, "not valid"),
+    ("ResolveImage", lambda w: R.ResolveImageRequest(deployment_id=w.v1, image_id="sha256:" + "e" * 64), "project", C.PERMISSION_DENIED, "only Berth's own services"),
+    ("ResolveImage", lambda w: R.ResolveImageRequest(deployment_id=w.v1, image_id="latest"), "service", C.INVALID_ARGUMENT, "sha256:<64 hex digits>"),
+    ("ResolveImage", lambda w: R.ResolveImageRequest(deployment_id="dep_000000000000", image_id="sha256:" + "e" * 64), "service", C.NOT_FOUND, "not found"),
+]
+
+
+def key_for(world: World, which: str) -> str:
+    return {"project": world.key, "other": world.other_key, "service": SERVICE_TOKEN, "admin": ADMIN_KEY}.get(which, which)
+
+
+@pytest.mark.parametrize(("rpc", "make", "who", "code", "message"), CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_error_contract(world, rpc, make, who, code, message):
+    registry = world.registry
+    revision = registry.service.current_revision()
+    history = registry.call("ListHistory", R.ListHistoryRequest(environment="preview"), world.key).entries
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(registry.stub, rpc)(make(world), metadata=(("x-api-key", key_for(world, who)),), timeout=10)
+    assert info.value.code() == code, info.value.details()
+    assert re.search(message, info.value.details()), info.value.details()
+    # A refused call changes nothing.
+    assert registry.service.current_revision() == revision
+    assert registry.call("ListHistory", R.ListHistoryRequest(environment="preview"), world.key).entries == history
+
+
+# ---- arbitrary requests -----------------------------------------------------
+
+TEXT = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=120)
+SCALARS = {
+    FieldDescriptor.TYPE_BOOL: st.booleans(),
+    FieldDescriptor.TYPE_INT32: st.integers(-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_INT64: st.integers(-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_DOUBLE: st.floats(allow_nan=True, allow_infinity=True),
+}
+
+
+def message_strategy(descriptor, known: st.SearchStrategy[str], depth: int = 0):  # type: ignore[no-untyped-def]
+    """A request of the given type with every field drawn independently:
+    arbitrary text or a known-good name/id, any integer of its width, any
+    float (NaN and infinities included), nested messages, maps and lists."""
+    cls = getattr(registry_pb2, descriptor.name, None) or getattr(common_pb2, descriptor.name)
+    fields = {}
+    for f in descriptor.fields:
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            value = st.dictionaries(st.one_of(TEXT, st.sampled_from(["PORT", "BERTH_X", "OK_NAME"])), TEXT, max_size=3)
+        elif f.message_type is not None:
+            if depth > 2 or f.message_type.full_name.startswith("google."):
+                continue
+            value = message_strategy(f.message_type, known, depth + 1)
+        elif f.type == FieldDescriptor.TYPE_STRING:
+            value = st.one_of(TEXT, known)
+        else:
+            value = SCALARS[f.type]
+        if f.is_repeated and f.type != FieldDescriptor.TYPE_MESSAGE:
+            value = st.lists(value, max_size=3)
+        fields[f.name] = st.one_of(st.none(), value)
+    return st.fixed_dictionaries(fields).map(lambda kw: cls(**{k: v for k, v in kw.items() if v is not None}))
+
+
+UNARY = [m for m in registry_pb2.DESCRIPTOR.services_by_name["Registry"].methods if m.name != "Watch"]
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_arbitrary_requests_never_get_unknown_or_internal(world, data):
+    known = st.sampled_from([*world.ids, "shop", "other", "preview", "staging", "production", "qa", "default",
+                             "app:1", "sha256:" + "f" * 64, ""])
+    method = data.draw(st.sampled_from(UNARY), label="rpc")
+    request = data.draw(message_strategy(method.input_type, known), label="request")
+    who = data.draw(st.sampled_from(["project", "other", "service", "admin", "", "berth_pk_x"]), label="key")
+    try:
+        getattr(world.registry.stub, method.name)(request, metadata=(("x-api-key", key_for(world, who)),), timeout=10)
+    except grpc.RpcError as exc:
+        assert exc.code() not in (C.UNKNOWN, C.INTERNAL), f"{method.name}({request}) -> {exc.code()}: {exc.details()}"
+        assert exc.details(), "every error carries a message"

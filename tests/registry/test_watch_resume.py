@@ -1,0 +1,95 @@
+"""Watch: snapshot, ordered changes, and resuming with since_revision."""
+from __future__ import annotations
+
+from berth.v1 import registry_pb2
+from services.registry.changes import Change, ChangeHub
+from tests.registry.conftest import collect_until
+
+
+def moves(events):  # type: ignore[no-untyped-def]
+    return [(e.revision, e.environment.name, e.environment.sequence)
+            for e in events if e.WhichOneof("change") == "environment"]
+
+
+def test_resume_neither_misses_nor_repeats(registry):
+    _, key = registry.create_project("shop")
+    dep = registry.call("Deploy", registry_pb2.DeployRequest(image="app:1"), key).deployment
+    stream = registry.watch()
+    marker = collect_until(stream, lambda e: e.snapshot_complete)[-1]
+    assert not marker.resumed
+    registry.call("Promote", registry_pb2.PromoteRequest(deployment_id=dep.id, target_environment="staging"), key)
+    seen = collect_until(stream, lambda e: e.WhichOneof("change") == "environment" and e.environment.name == "staging")
+    stream.cancel()  # the client goes away; moves continue meanwhile
+    last = seen[-1].revision
+
+    v2 = registry.call("Deploy", registry_pb2.DeployRequest(image="app:2"), key).deployment
+    registry.call("Promote", registry_pb2.PromoteRequest(deployment_id=v2.id, target_environment="staging"), key)
+    registry.call("Rollback", registry_pb2.RollbackRequest(environment="staging"), key)
+
+    resumed = registry.watch(since_revision=last)
+    replay = collect_until(resumed, lambda e: e.snapshot_complete)
+    assert replay[-1].resumed
+    assert all(e.revision > last for e in replay[:-1])
+    assert moves(replay) == [(last + 1, "preview", 2), (last + 2, "staging", 2), (last + 3, "staging", 3)]
+    # ...then live changes, once each.
+    registry.call("Promote", registry_pb2.PromoteRequest(deployment_id=v2.id, target_environment="staging"), key)
+    live = collect_until(resumed, lambda e: e.WhichOneof("change") == "environment")
+    resumed.cancel()
+    assert moves(live) == [(last + 4, "staging", 4)]
+
+    # Resuming from the newest revision: nothing to replay.
+    current = registry.service.current_revision()
+    quiet = registry.watch(since_revision=current)
+    assert [e.snapshot_complete and e.resumed for e in collect_until(quiet, lambda e: e.snapshot_complete)] == [True]
+    quiet.cancel()
+
+
+def test_unknown_revision_gets_a_full_snapshot(registry):
+    _, key = registry.create_project("shop")
+    dep = registry.call("Deploy", registry_pb2.DeployRequest(image="app:1"), key).deployment
+    # A revision from the future (another database): a snapshot to replace the table with.
+    stream = registry.watch(since_revision=10_000)
+    events = collect_until(stream, lambda e: e.snapshot_complete)
+    stream.cancel()
+    assert not events[-1].resumed
+    assert {e.environment.name for e in events if e.WhichOneof("change") == "environment"} == {
+        "preview", "staging", "production"}
+    assert [e.binding.deployment.id for e in events if e.WhichOneof("change") == "binding"] == [dep.id]
+
+
+def test_restarted_registry_resumes_or_snapshots(database_url):
+    from tests.registry.conftest import Registry
+
+    first = Registry(database_url)
+    try:
+        _, key = first.create_project("shop")
+        first.call("Deploy", registry_pb2.DeployRequest(image="app:1"), key)
+        old = first.service.current_revision() - 1
+        latest = first.service.current_revision()
+    finally:
+        first.close()
+    second = Registry(database_url)
+    try:
+        # Up to date before the restart: nothing missed, no snapshot needed.
+        stream = second.watch(since_revision=latest)
+        assert [e.resumed for e in collect_until(stream, lambda e: e.snapshot_complete)] == [True]
+        stream.cancel()
+        # Behind: the new process does not hold those changes -> snapshot.
+        stream = second.watch(since_revision=old)
+        events = collect_until(stream, lambda e: e.snapshot_complete)
+        stream.cancel()
+        assert not events[-1].resumed and len(events) > 1
+    finally:
+        second.close()
+
+
+def test_hub_keeps_a_bounded_log():
+    hub = ChangeHub(start_revision=5, keep=3)
+    assert hub.since(5) == [] and hub.since(4) is None and hub.since(6) is None
+    hub.publish([Change(6, "environment", "a"), Change(6, "binding", "b")])
+    hub.publish([Change(7, "environment", "c")])
+    assert [c.payload for c in hub.since(5)] == ["a", "b", "c"]
+    hub.publish([Change(8, "environment", "d")])  # drops "a": revision 6 is no longer whole
+    assert hub.since(5) is None
+    assert [c.payload for c in hub.since(6)] == ["c", "d"]
+    assert hub.since(8) == [] and hub.latest_revision == 8
