@@ -61,6 +61,10 @@ class SchedulerConfig:
     reconcile_interval: float = 2.0
     pull_timeout: float = 60.0
     stop_grace: float = 10.0
+    # After a live replica leaves the published endpoints, wait this long
+    # before stopping it, so routers stop picking it and in-flight requests
+    # finish (busybox-like workers die on SIGTERM mid-request).
+    drain_delay: float = 2.0
     probe_timeout: float = 1.0
     fast_probe_interval: float = 0.1
     startup_timeout: float = 120.0
@@ -656,11 +660,18 @@ class Reconciler:
             for r in p.removes
             if r.reason not in (RemoveReason.EXITED, RemoveReason.NEVER_STARTED)
         }
-        if leaving - self._draining:
+        newly_draining = leaving - self._draining
+        if newly_draining:
             self._draining |= leaving
             self._publish_endpoints()
-        await asyncio.gather(*(self._remove(r, observed.get(r.container_id)) for r in p.removes))
-        await asyncio.gather(*(self._create(c, resolved[c.key]) for c in p.creates if c.key in resolved))
+
+        async def removes() -> None:
+            if newly_draining and self.config.drain_delay > 0:
+                await asyncio.sleep(self.config.drain_delay)
+            await asyncio.gather(*(self._remove(r, observed.get(r.container_id)) for r in p.removes))
+
+        creates = [self._create(c, resolved[c.key]) for c in p.creates if c.key in resolved]
+        await asyncio.gather(removes(), *creates)
 
     async def _remove(self, r: Remove, info: da.ContainerInfo | None) -> None:
         probe = self._startup_probes.pop(r.container_id, None)

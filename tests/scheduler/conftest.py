@@ -17,7 +17,7 @@ from google.protobuf import timestamp_pb2
 from berth.v1 import common_pb2
 from services.scheduler.docker_adapter import DockerAdapter
 from services.scheduler.spec import SecretValue
-from tests.support.docker_engine import BUSYBOX, TEST_LABEL, build_worker_image, engine
+from tests.support.docker_engine import BUSYBOX, RUN_ID, build_worker_image, engine
 
 SESSION_LABEL = "berth.test.session"
 
@@ -89,7 +89,7 @@ def busybox_image(docker_client: docker.DockerClient, built_images: list[str], i
     buf.seek(0)
     image, _ = docker_client.images.build(
         fileobj=buf, custom_context=True, tag=f"berth-test-busybox:{instance}",
-        labels={TEST_LABEL: "1", SESSION_LABEL: instance}, rm=True,
+        labels={"berth.test": RUN_ID, SESSION_LABEL: instance}, rm=True,
     )
     built_images.append(image.id)
     return image.id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import urllib.request
 from collections.abc import AsyncIterator
 
@@ -166,8 +167,10 @@ def test_start_failure_is_a_scheduling_failure_without_leftovers(docker_client, 
         table = DesiredTable()
         table.replace([], [binding])
         events = EventStore()
-        reconciler = Reconciler(broken, table, FakeSecrets([SecretValue("API_TOKEN", CANARY, 1)]), events,
-                                config(instance))
+        # A long backoff so "an immediate pass does not retry" holds however
+        # slow this machine is.
+        slow_retry = dataclasses.replace(config(instance), restart_backoff=60.0)
+        reconciler = Reconciler(broken, table, FakeSecrets([SecretValue("API_TOKEN", CANARY, 1)]), events, slow_retry)
         await reconciler.reconcile_once()
         [event] = events.list(dep)
         assert event.kind == "scheduling_failure"

@@ -11,7 +11,10 @@ import uuid
 
 import docker
 
-TEST_LABEL = "berth.test"  # every image/container a test creates carries it
+# Every image a test run builds carries berth.test=<this run's id>, so a run
+# cleans up only what it made, never another run's images on the same engine.
+RUN_ID = uuid.uuid4().hex[:12]
+TEST_LABEL = f"berth.test={RUN_ID}"
 
 
 def engine() -> docker.DockerClient:
@@ -92,7 +95,7 @@ ENTRYPOINT ["/bin/busybox", "sh", "/app/entrypoint.sh"]
         _add(tar, "cgi.sh", CGI_SCRIPT.encode())
     buf.seek(0)
     image, _ = client.images.build(
-        fileobj=buf, custom_context=True, tag=tag, labels={TEST_LABEL: "1", **(labels or {})}, rm=True
+        fileobj=buf, custom_context=True, tag=tag, labels={"berth.test": RUN_ID, **(labels or {})}, rm=True
     )
     return tag, image.id
 
@@ -115,7 +118,7 @@ COPY busybox /bin/busybox
 COPY entrypoint.sh /app/entrypoint.sh
 COPY cgi.sh /app/cgi.sh
 ENV WORKER_VERSION={version} PATH=/bin
-LABEL {TEST_LABEL}=1
+LABEL berth.test={RUN_ID}
 ENTRYPOINT ["/bin/busybox", "sh", "/app/entrypoint.sh"]
 """
         )
