@@ -25,7 +25,7 @@ CANARY = "canary-7f3a9c-not-a-real-secret"
 
 
 def config(instance: str) -> SchedulerConfig:
-    return SchedulerConfig(instance=instance, reconcile_interval=0.5, stop_grace=2.0, pull_timeout=30.0)
+    return SchedulerConfig(instance=instance, reconcile_interval=0.5, stop_grace=2.0, pull_timeout=30.0, drain_delay=0.3)
 
 
 def http_get(address: str) -> str:

@@ -185,7 +185,7 @@ def test_activate_and_report_load_drive_replicas(adapter, instance, worker_image
     binding = make_binding(image=tag, image_id=image_id, min_replicas=0, max_replicas=3)
     dep, env_id = binding.deployment.id, binding.environment_id
     config = SchedulerConfig(
-        instance=instance, reconcile_interval=0.3, stop_grace=1.0,
+        instance=instance, reconcile_interval=0.3, stop_grace=1.0, drain_delay=0.3,
         target_concurrency=10, scale_down_window=1.5, idle_window=3.0,
     )
 
