@@ -1,5 +1,6 @@
-"""Wiring: flags, the watches, the health probe, the proxy server, and a
-graceful shutdown on SIGTERM/SIGINT."""
+"""Wiring: flags, the watches, the health probe, the proxy server, the REST
+API and metrics, activation and load reports, and a graceful shutdown on
+SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,9 @@ from collections.abc import Sequence
 
 from services.common import logs
 from services.common.config import add_common_flags, env
+from services.router.api import PREFIX, RestApi, Services
+from services.router.control import Activator, LoadReporter, LoadTracker, SchedulerLink
+from services.router.metrics import RouterMetrics
 from services.router.platform import Platform, Readiness, build_platform
 from services.router.proxy import ProxyServer, ProxySettings
 from services.router.table import RoutingState
@@ -37,6 +41,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="largest request body accepted (413 beyond)")
     parser.add_argument("--shutdown-grace", type=float, default=float(env("BERTH_SHUTDOWN_GRACE", "10")),
                         help="seconds in-flight requests get to finish on SIGTERM")
+    parser.add_argument("--load-report-interval", type=float,
+                        default=float(env("BERTH_LOAD_REPORT_INTERVAL", "1")),
+                        help="seconds between load reports to the scheduler")
     parser.add_argument("--health-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -48,13 +55,24 @@ class RouterApp:
         self.args = args
         self.state = RoutingState()
         self.registry_watch = RegistryWatcher(args.registry, args.service_token, self.state)
-        self.endpoint_watch = EndpointWatcher(args.scheduler, args.service_token, self.state)
+        self.endpoint_watch = EndpointWatcher(
+            args.scheduler, args.service_token, self.state, on_removed=lambda gone: self.proxy.pool.forget(gone)
+        )
         addresses = {"registry": args.registry, "secrets": args.secrets, "scheduler": args.scheduler}
         self.probe = HealthProbe(
             {name: (addresses[name], service) for name, service in DEPENDENCIES.items()},
             interval=args.health_interval,
         )
+        self.load = LoadTracker()
+        self.scheduler_link = SchedulerLink(args.scheduler, args.service_token)
+        self.activator = Activator(self.scheduler_link.activate, hold=args.activation_timeout)
+        self.load_reporter = LoadReporter(self.load, self.scheduler_link.report_load, args.load_report_interval)
+        self.metrics = RouterMetrics(self.state, self.load, held=lambda: self.state.endpoints.waiting)
+        self.services = Services(args.registry, args.secrets, args.scheduler)
+        self.api = RestApi(self.services, self.state)
         self.platform: Platform = build_platform(Readiness(self.not_ready))
+        self.platform.mount(PREFIX, self.api.handle)
+        self.platform.route("GET", "/metrics", self.metrics.handle)
         self.proxy = ProxyServer(
             self.state,
             self.platform,
@@ -64,6 +82,9 @@ class RouterApp:
                 upstream_timeout=args.upstream_timeout,
                 max_body_bytes=args.max_body_bytes,
             ),
+            load=self.load,
+            metrics=self.metrics,
+            activator=self.activator,
         )
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -89,6 +110,7 @@ class RouterApp:
             ("registry_watch", self.registry_watch.run),
             ("endpoint_watch", self.endpoint_watch.run),
             ("health_probe", self.probe.run),
+            ("load_reports", self.load_reporter.run),
         ):
             self._tasks.append(loop.create_task(run_forever(name, fn), name=name))
         log.info("serving", extra={"port": port, "host": self.args.host, "domain": self.args.domain})
@@ -102,6 +124,9 @@ class RouterApp:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.activator.close()
+        await self.scheduler_link.close()
+        await self.services.close()
         log.info("stopped")
 
 

@@ -4,10 +4,18 @@ httptools (llhttp), and a pool of keep-alive connections per upstream replica.
 Bodies are streamed both ways with back-pressure (a slow reader pauses the
 other side's socket). Responses framed by EOF (busybox httpd) are re-framed as
 chunked for HTTP/1.1 clients, so the client's connection stays alive.
+Upgrades (WebSocket) are relayed, and after the replica's 101 the two
+connections become a byte tunnel until either side closes.
+
+A request is bound to the route (environment, deployment) resolved when its
+head arrived and finishes there; replicas are chosen among the addresses
+ready *now*, so an address that left the endpoint set gets no new request
+while the ones it is serving finish.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -19,6 +27,8 @@ from http import HTTPStatus
 
 import httptools
 
+from services.router.control import Activator, LoadTracker
+from services.router.metrics import RouterMetrics
 from services.router.platform import Platform
 from services.router.table import Route, RouteError, RoutingState, parse_host
 
@@ -44,8 +54,10 @@ HOP_BY_HOP = frozenset(
 OVERRIDDEN_REQUEST = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for", b"expect"})
 
 BODY_BUFFER_HIGH = 256 * 1024  # pause reading the client beyond this many unforwarded bytes
-MAX_PENDING_REQUESTS = 2  # pipelined requests parsed ahead before the client's socket is paused
+MAX_PENDING_REQUESTS = 4  # requests parsed ahead (pipelining) before the client's socket is paused
 MAX_IDLE_PER_ADDRESS = 64
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+MAX_REPLICA_RETRIES = 3
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -60,6 +72,13 @@ class ProxyError(Exception):
 
 class _ConnectFailed(Exception):
     """The replica never received the request: safe to try another."""
+
+
+class _ReplicaGone(Exception):
+    """The replica closed or reset the connection before sending one byte of
+    an answer to an idempotent request without a body (typically: it was
+    stopped while leaving the pool). Like nginx's ``proxy_next_upstream
+    error``, the request is tried on another ready replica."""
 
 
 class _StaleConnection(Exception):
@@ -184,6 +203,7 @@ class Request:
     chunked: bool
     upgrade: bool = False
     started: float = field(default_factory=time.perf_counter)
+    fallback: bool = False  # served by the previous deployment (the current one failed)
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -216,6 +236,9 @@ class ClientConnection(asyncio.Protocol):
         self._broken = False  # unparseable input: stop after what is in flight
         self.closed = False
         self.written = 0  # bytes written to the client so far
+        self.upgrade_buffer = b""  # bytes after an upgrade request's head (the new protocol's first bytes)
+        self.tunnel: UpstreamConnection | None = None  # after a 101: raw bytes go straight there
+        self._corked: list[bytes] | None = None  # writes gathered into one send (see cork)
 
     # -- transport ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -230,6 +253,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._cancel_idle_timer()
+        if self.tunnel is not None:
+            self.tunnel.close()
         self.server.connection_gone(self)
         if self._worker is not None:
             self._worker.cancel()
@@ -237,14 +262,23 @@ class ClientConnection(asyncio.Protocol):
             self.upstream_transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
         if self._broken:
+            if self.upgrade_buffer or "upgrade" in self._pause_reasons:
+                self.upgrade_buffer += data  # arrived before the pause took effect
             return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # The request itself was parsed; what follows is another protocol,
-            # which the router does not tunnel: serve the request, then close.
+        except httptools.HttpParserUpgrade as exc:
+            # The request itself was parsed; what follows is another protocol.
+            # Held until the replica answers: a 101 turns this connection into
+            # a tunnel (see Exchange.start_tunnel); anything else is served
+            # and the connection closes.
             self._broken = True
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self.upgrade_buffer = data[offset:]
             self.pause_reading("upgrade")
         except httptools.HttpParserError as exc:
             self._broken = True
@@ -282,7 +316,23 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.written += len(data)
-            self.transport.write(data)
+            if self._corked is not None:
+                self._corked.append(data)
+            else:
+                self.transport.write(data)
+
+    def cork(self) -> bool:
+        """Gathers writes until ``uncork``: a response head and the body that
+        arrived with it leave in one send. Returns False when already corked."""
+        if self._corked is not None:
+            return False
+        self._corked = []
+        return True
+
+    def uncork(self) -> None:
+        pending, self._corked = self._corked, None
+        if pending and not self.closed and self.transport is not None:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
@@ -479,6 +529,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
         self._idle_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
+        self.tunnel = False  # after a 101: bytes go straight to the client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -497,11 +548,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         exchange.activity()
+        client = exchange.client
+        if self.tunnel:
+            client.write(data)
+            return
+        corked = client.cork()
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            exchange.start_tunnel(data[offset:])
         except httptools.HttpParserError as exc:
             exchange.fail(ProxyError(502, "bad_upstream_response", f"the replica sent an invalid response ({exc})"))
             self.close()
+        finally:
+            if corked:
+                client.uncork()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -583,6 +645,7 @@ class Exchange:
         self.eof_framed = False
         self.chunked_to_client = False
         self.keep_client = False
+        self.upgraded = False  # the replica answered 101: a tunnel, not a response
         self.head_only = request.method == b"HEAD"
         self.last_activity = asyncio.get_running_loop().time()
         self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
@@ -610,6 +673,9 @@ class Exchange:
                 forwarded_for = forwarded_for + b", " + value if forwarded_for else value
             elif lname == b"host":
                 host = value
+        if request.upgrade:
+            drop.discard(b"upgrade")
+            out.append(b"Connection: Upgrade\r\n")
         for name, value in request.headers:
             if name.lower() not in drop:
                 out += (name, b": ", value, b"\r\n")
@@ -648,9 +714,13 @@ class Exchange:
         self.headers = []
 
     def on_headers_complete(self, status: int, version: str) -> None:
-        if 100 <= status < 200:
-            if status == 101:
+        if status == 101:
+            if not self.request.upgrade:
                 self.fail(ProxyError(502, "bad_upstream_response", "the replica switched protocols unasked"))
+                return
+            self._switch_protocols()
+            return
+        if 100 <= status < 200:
             return  # informational (e.g. 103): not relayed; the final response follows
         self.status = status
         client = self.client
@@ -678,6 +748,8 @@ class Exchange:
                 continue
             out += (name, b": ", value, b"\r\n")
         out += (b"X-Berth-Deployment: ", self.route.deployment_id.encode(), b"\r\n")
+        if self.route.fallback:
+            out.append(b"X-Berth-Fallback: 1\r\n")
         if self.chunked_to_client:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if not self.keep_client:
@@ -692,6 +764,34 @@ class Exchange:
             # here and do not reuse this connection.
             self._finish(reusable=False)
 
+    def _switch_protocols(self) -> None:
+        """Relays the 101 (with its Upgrade header); the tunnel starts when
+        the parser hands over the bytes after it (``start_tunnel``)."""
+        self.status = 101
+        self.upgraded = True
+        drop = set(HOP_BY_HOP) - {b"upgrade"} | {b"x-berth-deployment", b"content-length"}
+        out = [b"HTTP/1.1 101 %s\r\n" % (self.reason or b"Switching Protocols")]
+        for name, value in self.headers:
+            if name.lower() not in drop:
+                out += (name, b": ", value, b"\r\n")
+        out += (b"Connection: Upgrade\r\n", b"X-Berth-Deployment: ", self.route.deployment_id.encode(), b"\r\n\r\n")
+        self.client.write(b"".join(out))
+        self.response_started = True
+
+    def start_tunnel(self, upstream_bytes: bytes) -> None:
+        if not self.upgraded:
+            self.fail(ProxyError(502, "bad_upstream_response", "the replica switched protocols unasked"))
+            return
+        self.upstream.tunnel = True
+        client = self.client
+        client.tunnel = self.upstream
+        if upstream_bytes:
+            client.write(upstream_bytes)
+        early, client.upgrade_buffer = client.upgrade_buffer, b""
+        if early:
+            self.upstream.write(early)
+        client.resume_reading("upgrade")
+
     def on_body(self, data: bytes) -> None:
         if not self.response_started or self.done.done():
             return
@@ -701,14 +801,19 @@ class Exchange:
             self.client.write(data)
 
     def on_message_complete(self) -> None:
-        if self.status == 0 or self.done.done():
-            return  # end of an informational response, or already finished
+        if self.status == 0 or self.upgraded or self.done.done():
+            return  # end of an informational response or a 101, or already finished
         if self.chunked_to_client:
             self.client.write(b"0\r\n\r\n")
         self._finish(reusable=self.upstream.should_keep_alive() and not self.eof_framed)
 
     def upstream_closed(self, exc: Exception | None) -> None:
         if self.done.done():
+            return
+        if self.upgraded:
+            # End of a tunnel: the client's side closes too (after what was written).
+            self.client.tunnel = None
+            self._finish(reusable=False)
             return
         if self.response_started and self.eof_framed and exc is None:
             # The body ended at EOF (HTTP/1.0 style, e.g. busybox httpd).
@@ -717,6 +822,9 @@ class Exchange:
             self._finish(reusable=False)
         elif not self.received_any and self.upstream.uses > 1:
             self.fail(_StaleConnection())
+        elif not self.received_any and self.request.method in IDEMPOTENT_METHODS and not self.request.has_body \
+                and not self.request.upgrade:
+            self.fail(_ReplicaGone())
         else:
             what = "reset the connection" if exc else "closed the connection"
             self.fail(ProxyError(502, "upstream_failed", f"the replica {what} before a complete response"))
@@ -744,8 +852,11 @@ class UpstreamPool:
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self._idle: dict[str, list[UpstreamConnection]] = {}
+        self._busy: dict[str, set[UpstreamConnection]] = {}  # carrying an exchange now
+        self._watching: dict[str, asyncio.Task[None]] = {}
         self.outstanding: dict[str, int] = {}
         self.connections_opened = 0
+        self.gone_probe_interval = 1.0
 
     def choose(self, addresses: list[str]) -> str:
         least = min(self.outstanding.get(a, 0) for a in addresses)
@@ -757,6 +868,7 @@ class UpstreamPool:
             conn = idle.pop()
             if not conn.closed:
                 conn.take()
+                self._busy.setdefault(address, set()).add(conn)
                 return conn, True
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
@@ -769,9 +881,15 @@ class UpstreamPool:
             raise _ConnectFailed(f"{address}: {exc or type(exc).__name__}") from exc
         self.connections_opened += 1
         conn.take()
+        self._busy.setdefault(address, set()).add(conn)
         return conn, False
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        busy = self._busy.get(conn.address)
+        if busy is not None:
+            busy.discard(conn)
+            if not busy:
+                del self._busy[conn.address]
         conn.exchange = None
         idle = self._idle.setdefault(conn.address, [])
         if not reusable or conn.closed or len(idle) >= MAX_IDLE_PER_ADDRESS:
@@ -788,7 +906,50 @@ class UpstreamPool:
     def idle_count(self, address: str) -> int:
         return len(self._idle.get(address, ()))
 
+    def forget(self, addresses: set[str]) -> None:
+        """Closes idle connections to replicas that left the pool; requests
+        in flight there are not touched and finish. While some are in
+        flight, the address is probed: a replica whose container is gone
+        (no FIN, no RST: its network vanished) can never answer, so its
+        exchanges are failed at once instead of after the upstream timeout
+        (an idempotent request that got no byte yet is retried elsewhere)."""
+        for address in addresses:
+            for conn in self._idle.pop(address, []):
+                conn.close()
+            if self._busy.get(address) and address not in self._watching:
+                task = asyncio.get_running_loop().create_task(self._watch_leaving(address))
+                self._watching[address] = task
+                task.add_done_callback(functools.partial(self._stop_watching, address))
+
+    def _stop_watching(self, address: str, _: asyncio.Task[None]) -> None:
+        self._watching.pop(address, None)
+
+    async def _watch_leaving(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        failures = 0
+        while self._busy.get(address):
+            await asyncio.sleep(self.gone_probe_interval)
+            try:
+                _, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host.strip("[]"), int(port)), self.gone_probe_interval
+                )
+                writer.close()
+                failures = 0
+            except (OSError, TimeoutError):
+                failures += 1
+            if failures >= 2:
+                busy = list(self._busy.pop(address, ()))
+                log.warning("replica_gone", extra={"address": address, "in_flight": len(busy)})
+                for conn in busy:
+                    if conn.exchange is not None:
+                        conn.exchange.upstream_closed(ConnectionResetError(f"replica {address} is gone"))
+                    if conn.transport is not None:
+                        conn.transport.abort()
+                return
+
     def close_all(self) -> None:
+        for task in list(self._watching.values()):
+            task.cancel()
         for idle in list(self._idle.values()):
             for conn in list(idle):
                 conn.close()
@@ -801,10 +962,22 @@ class UpstreamPool:
 
 
 class ProxyServer:
-    def __init__(self, state: RoutingState, platform: Platform, settings: ProxySettings | None = None) -> None:
+    def __init__(
+        self,
+        state: RoutingState,
+        platform: Platform,
+        settings: ProxySettings | None = None,
+        *,
+        load: LoadTracker | None = None,
+        metrics: RouterMetrics | None = None,
+        activator: Activator | None = None,
+    ) -> None:
         self.state = state
         self.platform = platform
         self.settings = settings or ProxySettings()
+        self.load = load or LoadTracker()
+        self.metrics = metrics
+        self.activator = activator
         self.pool = UpstreamPool(self.settings)
         self.connections: set[ClientConnection] = set()
         self.closing = False
@@ -874,11 +1047,15 @@ class ProxyServer:
                                  "X-Berth-Project and X-Berth-Environment (names or ids)")
             if request.method == b"CONNECT":
                 raise ProxyError(405, "method_not_allowed", "the router does not tunnel CONNECT")
-            route = self.state.table.resolve(project, environment, pinned or "")
+            route = self.state.table.resolve(project, environment, pinned or "", self.state.endpoints)
             if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
                 raise ProxyError(413, "body_too_large",
                                  f"request body exceeds the router's limit of {self.settings.max_body_bytes} bytes")
-            status, keep = await self._proxy(client, request, route)
+            load = self.load.begin(route)
+            try:
+                status, keep = await self._proxy(client, request, route)
+            finally:
+                self.load.end(load)
             return keep
         except RouteError as exc:
             status = exc.status
@@ -889,18 +1066,32 @@ class ProxyServer:
             return client.write_error(exc.status, exc.code, exc.message, request=request,
                                       deployment_id=route.deployment_id if route else "", retry_after=exc.retry_after)
         finally:
+            elapsed = time.perf_counter() - request.started
+            status = status or 499  # the client went away before an answer
+            if self.metrics is not None:
+                if route is not None:
+                    self.metrics.observe(route.project_name, route.environment_name, route.deployment_id,
+                                         status, elapsed)
+                    if route.fallback:
+                        self.metrics.fallbacks.labels(route.project_name, route.environment_name).inc()
+                else:
+                    self.metrics.observe("", "", "", status, elapsed)
             if access_log.isEnabledFor(logging.INFO):
+                # Only these fields: never a header value (API keys, Authorization,
+                # Cookie) and never the query string (tokens travel there too).
                 path = request.target.split(b"?", 1)[0].decode("latin-1")
                 access_log.info(
                     "request",
                     extra={
                         "method": request.method.decode("latin-1"),
                         "path": path,
-                        "status": status or 499,
-                        "ms": round((time.perf_counter() - request.started) * 1000, 2),
+                        "status": status,
+                        "ms": round(elapsed * 1000, 2),
+                        "peer": client.peer,
                         "project": route.project_name if route else "",
                         "environment": route.environment_name if route else "",
                         "deployment": route.deployment_id if route else "",
+                        "fallback": bool(route and route.fallback),
                     },
                 )
 
@@ -932,6 +1123,8 @@ class ProxyServer:
         settings = self.settings
         key = route.binding_key
         if not self.state.endpoints.get(key):
+            if self.activator is not None:
+                self.activator.request(route)
             ready = await self.state.endpoints.wait_for(key, settings.activation_timeout)
             if not ready:
                 raise ProxyError(
@@ -944,6 +1137,7 @@ class ProxyServer:
                 )
         tried: set[str] = set()
         stale_retries = 0
+        gone_retries = 0
         while True:
             candidates = [a for a in self.state.endpoints.get(key) if a not in tried]
             if not candidates:
@@ -963,8 +1157,24 @@ class ProxyServer:
                                                                   "deployment": route.deployment_id})
                     tried.add(address)
                     continue
+                if address not in self.state.endpoints.get(key):
+                    # The replica left the pool while we connected: its IP may
+                    # already belong to another container (Docker reuses them),
+                    # so this connection is never used.
+                    self.pool.release(upstream, False)
+                    tried.add(address)
+                    continue
                 try:
                     return await self._exchange(client, request, route, upstream)
+                except _ReplicaGone:
+                    gone_retries += 1
+                    tried.add(address)
+                    log.warning("upstream_gone_retrying", extra={"address": address, "deployment": route.deployment_id,
+                                                                 "attempt": gone_retries})
+                    if gone_retries > MAX_REPLICA_RETRIES:
+                        raise ProxyError(502, "upstream_failed",
+                                         "the replicas closed the connection before answering") from None
+                    continue
                 except _StaleConnection:
                     stale_retries += 1
                     if request.has_body or stale_retries > MAX_IDLE_PER_ADDRESS:
@@ -990,6 +1200,10 @@ class ProxyServer:
             loop = asyncio.get_running_loop()
             timeout = self.settings.upstream_timeout
             while True:
+                if exchange.upgraded:
+                    # A tunnel lives as long as both sides keep it open.
+                    reusable = await asyncio.shield(exchange.done)
+                    break
                 remaining = exchange.last_activity + timeout - loop.time()
                 if remaining <= 0:
                     raise ProxyError(504, "upstream_timeout",

@@ -19,6 +19,8 @@ class EnvironmentEntry:
     project_name: str
     name: str
     deployment_id: str  # "" = nothing deployed yet
+    sequence: int = 0  # of the latest history entry (read-your-write after a move)
+    previous_deployment_id: str = ""  # where traffic falls back while the binding has failed
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Route:
     environment_id: str
     environment_name: str
     deployment_id: str
+    fallback: bool = False  # the pointer's binding failed; served by the previous deployment
 
     @property
     def binding_key(self) -> tuple[str, str]:
@@ -131,10 +134,17 @@ class RoutingTable:
             env_id = self._env_by_name.get((project_id, environment.lower()))
         return self._environments.get(env_id) if env_id else None
 
-    def resolve(self, project: str, environment: str, deployment: str = "") -> Route:
+    def resolve(
+        self, project: str, environment: str, deployment: str = "", endpoints: EndpointSet | None = None
+    ) -> Route:
         """The route for a request addressed to ``project``/``environment``
         (each a name or an id), optionally pinned to ``deployment``.
-        Raises ``RouteError`` with a message a person can act on."""
+        Raises ``RouteError`` with a message a person can act on.
+
+        With ``endpoints``: when the pointer's binding has failed and the
+        previous deployment's binding in the same environment has ready
+        replicas, the route falls back to it (``Route.fallback``). A pinned
+        request never falls back."""
         project_id = self.project_id(project)
         if project_id is None:
             raise RouteError(404, "project_not_found", f"no project named or with id {project!r}")
@@ -173,6 +183,11 @@ class RoutingTable:
                 f"environment {env.name!r} of project {project_name!r} has no deployment yet; "
                 f"deploy one with `berth deploy --env {env.name}`",
             )
+        if endpoints is not None and env.previous_deployment_id and (
+            endpoints.status((env.id, env.deployment_id)) == "failed"
+            and endpoints.get((env.id, env.previous_deployment_id))
+        ):
+            return Route(project_id, project_name, env.id, env.name, env.previous_deployment_id, fallback=True)
         return Route(project_id, project_name, env.id, env.name, env.deployment_id)
 
 
@@ -200,21 +215,34 @@ class EndpointSet:
 
     def __init__(self) -> None:
         self._addresses: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._status: dict[tuple[str, str], str] = {}
         self._changed: asyncio.Future[None] | None = None
         self.waiting = 0  # requests currently held for a ready replica
 
-    def replace(self, sets: Iterable[tuple[str, str, Iterable[str]]]) -> None:
+    def replace(
+        self, sets: Iterable[tuple[str, str, Iterable[str]]], statuses: Mapping[tuple[str, str], str] | None = None
+    ) -> set[str]:
+        """Installs a complete snapshot; returns the addresses that left
+        every set (no new request goes to them from now on)."""
         fresh: dict[tuple[str, str], tuple[str, ...]] = {}
         for environment_id, deployment_id, addresses in sets:
             merged = fresh.get((environment_id, deployment_id), ()) + tuple(a for a in addresses if a)
             fresh[(environment_id, deployment_id)] = tuple(dict.fromkeys(merged))
+        before = {a for addresses in self._addresses.values() for a in addresses}
+        after = {a for addresses in fresh.values() for a in addresses}
         self._addresses = fresh
+        self._status = dict(statuses or {})
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
         self._changed = None
+        return before - after
 
     def get(self, key: tuple[str, str]) -> tuple[str, ...]:
         return self._addresses.get(key, ())
+
+    def status(self, key: tuple[str, str]) -> str:
+        """The binding's status as the scheduler last reported it ("" if unknown)."""
+        return self._status.get(key, "")
 
     def snapshot(self) -> dict[tuple[str, str], tuple[str, ...]]:
         return dict(self._addresses)
@@ -253,3 +281,33 @@ class RoutingState:
     def __init__(self, table: RoutingTable | None = None, endpoints: EndpointSet | None = None) -> None:
         self.table = table or RoutingTable()
         self.endpoints = endpoints or EndpointSet()
+        self.revision = 0  # the registry revision the table reflects
+        self._table_changed: asyncio.Future[None] | None = None
+
+    def table_updated(self) -> None:
+        """Called by the registry watcher after it applied changes."""
+        if self._table_changed is not None and not self._table_changed.done():
+            self._table_changed.set_result(None)
+        self._table_changed = None
+
+    def environment_sequence(self, environment_id: str) -> int:
+        env = self.table.environments.get(environment_id)
+        return env.sequence if env is not None else -1
+
+    async def wait_for_sequence(self, environment_id: str, sequence: int, timeout: float) -> bool:
+        """Waits (bounded) until the table shows ``environment_id`` at
+        ``sequence`` or later: after a pointer move returns, the router's own
+        table routes new requests by it (read your own write)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.environment_sequence(environment_id) < sequence:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            if self._table_changed is None or self._table_changed.done():
+                self._table_changed = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._table_changed), remaining)
+            except TimeoutError:
+                return self.environment_sequence(environment_id) >= sequence
+        return True

@@ -82,7 +82,7 @@ class _StreamWatcher:
 def environment_entry(env) -> EnvironmentEntry:  # type: ignore[no-untyped-def]
     return EnvironmentEntry(
         id=env.id, project_id=env.project_id, project_name=env.project_name, name=env.name,
-        deployment_id=env.deployment_id,
+        deployment_id=env.deployment_id, sequence=env.sequence, previous_deployment_id=env.previous_deployment_id,
     )
 
 
@@ -119,11 +119,17 @@ class RegistryWatcher(_StreamWatcher):
         async for event in stub.Watch(registry_pb2.WatchRequest(since_revision=0), metadata=self._metadata):
             apply_event(fresh if fresh is not None else self.state.table, event)
             self.revision = max(self.revision, event.revision)
-            if event.snapshot_complete and fresh is not None:
+            if fresh is None:
+                self.state.revision = self.revision
+                self.state.table_updated()
+            elif event.snapshot_complete:
                 self.state.table = fresh
                 fresh = None
+                self.state.revision = self.revision
+                self.state.table_updated()
                 log.info("routing_table_loaded", extra={"environments": len(self.state.table.environments),
-                                                        "bindings": len(self.state.table.bindings)})
+                                                        "bindings": len(self.state.table.bindings),
+                                                        "revision": self.revision})
                 self._progress()
 
 
@@ -132,16 +138,30 @@ class EndpointWatcher(_StreamWatcher):
 
     name = "scheduler"
 
-    def __init__(self, address: str, service_token: str, state: RoutingState, *, backoff: Backoff | None = None):
+    def __init__(
+        self,
+        address: str,
+        service_token: str,
+        state: RoutingState,
+        *,
+        backoff: Backoff | None = None,
+        on_removed: Callable[[set[str]], None] | None = None,
+    ):
         super().__init__(address, service_token, backoff=backoff)
         self.state = state
+        self._on_removed = on_removed  # addresses that left the pool (idle connections to them are closed)
 
     async def _consume(self, ch: grpc.aio.Channel) -> None:
         stub = scheduler_pb2_grpc.SchedulerStub(ch)
         async for snapshot in stub.WatchEndpoints(scheduler_pb2.WatchEndpointsRequest(), metadata=self._metadata):
-            self.state.endpoints.replace(
-                (s.environment_id, s.deployment_id, list(s.addresses)) for s in snapshot.sets
+            removed = self.state.endpoints.replace(
+                ((s.environment_id, s.deployment_id, list(s.addresses)) for s in snapshot.sets),
+                {(s.environment_id, s.deployment_id): s.status for s in snapshot.sets if s.status},
             )
+            if removed:
+                log.info("replicas_left_pool", extra={"addresses": sorted(removed)})
+                if self._on_removed is not None:
+                    self._on_removed(removed)
             self._progress()
 
 

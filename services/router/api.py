@@ -1,0 +1,674 @@
+"""The REST API ``/api/v1``: JSON over HTTP, translated to the gRPC services.
+
+The caller's ``X-API-KEY`` header travels as the ``x-api-key`` metadata of
+every call: the services authenticate and scope it to the key's project (the
+router only refuses a request that carries no key at all).
+
+Decisions (also in the OpenAPI document, ``openapi.py``):
+
+* Bodies are JSON objects. Unknown fields are rejected with 400 naming them,
+  so a typo (``target_environment``) never silently does something else.
+  Wrong types, out-of-range numbers and control characters in ids are 400
+  naming the field. An empty body counts as ``{}``.
+* Unknown query parameters are ignored.
+* Environments may be given by name or id everywhere (``environment_id``).
+* Errors are ``{"error": {"code", "message"}}``; ``HTTP_BY_GRPC`` is the one
+  place gRPC status codes become HTTP statuses.
+* After promote/rollback returns, this router already routes new requests by
+  the move: the handler waits (bounded) until its watched table shows the new
+  history entry, and says so in ``"routed"``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from berth.v1 import (
+    common_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
+from services.common.remote import channel
+from services.router.platform import PlatformRequest, PlatformResponse, error_response, json_response
+from services.router.table import RoutingState
+
+log = logging.getLogger("berth.router.api")
+
+PREFIX = "/api/v1"
+RETRY_AFTER_S = 2
+MAX_REPLICAS = 1000
+
+# --------------------------------------------------------------------------
+# Errors: the one gRPC -> HTTP mapping
+# --------------------------------------------------------------------------
+
+HTTP_BY_GRPC: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_argument"),
+    grpc.StatusCode.OUT_OF_RANGE: (400, "invalid_argument"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "unauthenticated"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_denied"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "already_exists"),
+    grpc.StatusCode.ABORTED: (409, "aborted"),
+    grpc.StatusCode.FAILED_PRECONDITION: (412, "failed_precondition"),
+    grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented"),
+    grpc.StatusCode.UNAVAILABLE: (503, "unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (503, "unavailable"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "unavailable"),
+}
+RETRYABLE_STATUSES = frozenset({503})
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError, service: str) -> ApiError:
+        status, code = HTTP_BY_GRPC.get(exc.code(), (500, "internal"))
+        message = exc.details() or exc.code().name
+        if status == 503:
+            message = f"the {service} service is unavailable ({message}); retry shortly"
+        elif status == 501:
+            message = f"this platform's {service} service does not implement the call yet ({message})"
+        elif status == 500:
+            log.error("service_error", extra={"service": service, "code": exc.code().name, "error": message})
+            message = f"the {service} service failed; see its log"
+        return cls(status, code, message)
+
+    def response(self) -> PlatformResponse:
+        headers = [("Retry-After", str(RETRY_AFTER_S))] if self.status in RETRYABLE_STATUSES else []
+        return error_response(self.status, self.code, self.message, headers)
+
+
+def bad(field: str, why: str) -> ApiError:
+    return ApiError(400, "invalid_argument", f"{field}: {why}")
+
+
+# --------------------------------------------------------------------------
+# Input: bodies described once, validated here and documented in OpenAPI
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: type  # str | int | bool
+    required: bool = False
+    description: str = ""
+    minimum: int | None = None
+    maximum: int | None = None
+    default: Any = None
+    plain_text: bool = True  # strings: no control characters (ids, names)
+
+    def schema(self) -> dict[str, Any]:
+        kind = {str: "string", int: "integer", bool: "boolean"}[self.type]
+        out: dict[str, Any] = {"type": kind}
+        if self.description:
+            out["description"] = self.description
+        if self.type is str and self.required:
+            out["minLength"] = 1
+        if self.minimum is not None:
+            out["minimum"] = self.minimum
+        if self.maximum is not None:
+            out["maximum"] = self.maximum
+        if self.default is not None:
+            out["default"] = self.default
+        return out
+
+
+@dataclass(frozen=True)
+class Body:
+    fields: tuple[Field, ...]
+
+    def schema(self) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "additionalProperties": False,
+            "required": [f.name for f in self.fields if f.required],
+            "properties": {f.name: f.schema() for f in self.fields},
+        }
+
+    @property
+    def required(self) -> bool:
+        return any(f.required for f in self.fields)
+
+    def parse(self, raw: bytes) -> dict[str, Any]:
+        if raw.strip():
+            try:
+                data = json.loads(raw)
+            except UnicodeDecodeError:
+                raise ApiError(400, "invalid_json", "the request body is not UTF-8 encoded JSON") from None
+            except json.JSONDecodeError as exc:
+                raise ApiError(400, "invalid_json",
+                               f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} "
+                               f"column {exc.colno})") from None
+        else:
+            data = {}
+        if not isinstance(data, dict):
+            raise ApiError(400, "invalid_argument", f"the request body must be a JSON object, not {_json_type(data)}")
+        known = {f.name: f for f in self.fields}
+        for name in data:
+            if name not in known:
+                accepted = ", ".join(known) or "no fields"
+                raise bad(str(name), f"unknown field; this endpoint accepts {accepted}")
+        out: dict[str, Any] = {}
+        for f in self.fields:
+            if f.name not in data or data[f.name] is None:
+                if f.required:
+                    raise bad(f.name, "is required")
+                out[f.name] = f.default
+                continue
+            out[f.name] = check_value(f, data[f.name])
+        return out
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if value is None:
+        return "null"
+    return "an object"
+
+
+def check_value(f: Field, value: Any) -> Any:
+    if f.type is bool:
+        if not isinstance(value, bool):
+            raise bad(f.name, f"must be true or false, not {_json_type(value)}")
+        return value
+    if f.type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise bad(f.name, f"must be an integer, not {_json_type(value)}")
+        if f.minimum is not None and value < f.minimum:
+            raise bad(f.name, f"must be at least {f.minimum}, not {value}")
+        if f.maximum is not None and value > f.maximum:
+            raise bad(f.name, f"must be at most {f.maximum}, not {value}")
+        return value
+    if not isinstance(value, str):
+        raise bad(f.name, f"must be a string, not {_json_type(value)}")
+    return check_text(f.name, value, required=f.required, plain=f.plain_text)
+
+
+def check_text(name: str, value: str, *, required: bool, plain: bool = True) -> str:
+    if required and not value:
+        raise bad(name, "must not be empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad(name, "is not valid Unicode text (lone surrogate)") from None
+    if plain:
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise bad(name, "must not contain control characters")
+        if len(value) > 256:
+            raise bad(name, f"is {len(value)} characters long; at most 256")
+    elif "\x00" in value:
+        raise bad(name, "must not contain NUL characters")
+    return value
+
+
+ENV_FIELD_DOC = "environment name or id"
+PROMOTE = Body((
+    Field("source_deployment_id", str, True, "the deployment to promote"),
+    Field("target_environment_id", str, True, "the environment to point at it (" + ENV_FIELD_DOC + ")"),
+    Field("min_replicas", int, description="replica bounds of the new binding (default: the registry's)",
+          minimum=0, maximum=MAX_REPLICAS),
+    Field("max_replicas", int, minimum=0, maximum=MAX_REPLICAS),
+    Field("scale_previous_to_zero", bool, description="scale the previously serving binding to zero", default=False),
+    Field("confirm", bool, description="required to move a protected environment (production)", default=False),
+    Field("reason", str, description="recorded in the history"),
+    Field("expected_sequence", int, description="compare-and-swap: the environment's current sequence",
+          minimum=0),
+))
+ROLLBACK = Body((
+    Field("environment_id", str, True, ENV_FIELD_DOC),
+    Field("deployment_id", str, description="roll back to this deployment (must appear in the history); "
+          "default: the previously serving one"),
+    Field("confirm", bool, description="required to move a protected environment (production)", default=False),
+    Field("reason", str, description="recorded in the history"),
+    Field("expected_sequence", int, description="compare-and-swap: the environment's current sequence",
+          minimum=0),
+))
+SCALE = Body((
+    Field("by", int, description="replicas to add or remove", minimum=1, maximum=MAX_REPLICAS, default=1),
+    Field("environment_id", str, description=ENV_FIELD_DOC + "; needed when the deployment has several bindings"),
+))
+EMPTY = Body(())
+PUT_SECRET = Body((
+    Field("name", str, True, "secret name (an environment variable name)"),
+    Field("type", str, True, "api_key | password | token | certificate | generic"),
+    Field("value", str, True, "the value; write-only, never returned", plain_text=False),
+    Field("environment_id", str, description=ENV_FIELD_DOC + "; absent = project scope"),
+))
+
+
+# --------------------------------------------------------------------------
+# Output: the same plain names as the CLI's JSON
+# --------------------------------------------------------------------------
+
+
+def _ts(message: Message, name: str) -> str:
+    return getattr(message, name).ToJsonString() if message.HasField(name) else ""
+
+
+def deployment_json(d: common_pb2.Deployment) -> dict[str, Any]:
+    c = d.config
+    return {
+        "id": d.id,
+        "project_id": d.project_id,
+        "image": d.image,
+        "image_id": d.image_id,
+        "state": d.state,
+        "created_at": _ts(d, "created_at"),
+        "created_by": d.created_by,
+        "config": {
+            "port": c.port,
+            "command": list(c.command),
+            "health_path": c.health_path,
+            "variables": dict(c.variables),
+            "resources": {"memory_bytes": c.resources.memory_bytes, "cpus": c.resources.cpus},
+        },
+    }
+
+
+def environment_json(e: common_pb2.Environment) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "name": e.name,
+        "deployment_id": e.deployment_id,
+        "previous_deployment_id": e.previous_deployment_id,
+        "sequence": e.sequence,
+        "protected": e.protected,
+        "created_at": _ts(e, "created_at"),
+    }
+
+
+def entry_json(h: common_pb2.HistoryEntry) -> dict[str, Any]:
+    return {
+        "sequence": h.sequence,
+        "kind": h.kind,
+        "deployment_id": h.deployment_id,
+        "previous_deployment_id": h.previous_deployment_id,
+        "min_replicas": h.min_replicas,
+        "max_replicas": h.max_replicas,
+        "actor": h.actor,
+        "reason": h.reason,
+        "created_at": _ts(h, "created_at"),
+    }
+
+
+def binding_json(b: common_pb2.Binding) -> dict[str, Any]:
+    return {
+        "environment_id": b.environment_id,
+        "environment": b.environment_name,
+        "deployment_id": b.deployment.id,
+        "min_replicas": b.min_replicas,
+        "max_replicas": b.max_replicas,
+        "state": b.state,
+        "serving": b.serving,
+        "updated_at": _ts(b, "updated_at"),
+    }
+
+
+def status_json(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
+    data = deployment_json(s.deployment)
+    data["bindings"] = [
+        {
+            "environment": b.environment,
+            "environment_id": b.environment_id,
+            "status": b.status,
+            "serving": b.serving,
+            "min_replicas": b.min_replicas,
+            "max_replicas": b.max_replicas,
+            "replicas": [
+                {"id": r.id, "name": r.name, "index": r.index, "state": r.state,
+                 "started_at": _ts(r, "started_at"), "restarts": r.restarts, "address": r.address}
+                for r in b.replicas
+            ],
+        }
+        for b in s.bindings
+    ]
+    return data
+
+
+def error_json(e: scheduler_pb2.DeploymentError) -> dict[str, Any]:
+    return {
+        "kind": e.kind,
+        "message": e.message,
+        "environment": e.environment,
+        "environment_id": e.environment_id,
+        "replica": e.replica,
+        "count": e.count,
+        "first_seen": _ts(e, "first_seen"),
+        "last_seen": _ts(e, "last_seen"),
+    }
+
+
+def secret_json(s: secrets_pb2.SecretInfo) -> dict[str, Any]:
+    # SecretInfo has no value field: a value can never leak through here.
+    return {
+        "name": s.name,
+        "type": s.type,
+        "scope": s.scope,
+        "environment_id": s.environment_id,
+        "version": s.version,
+        "created_at": _ts(s, "created_at"),
+        "updated_at": _ts(s, "updated_at"),
+        "updated_by": s.updated_by,
+    }
+
+
+# --------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API request after routing: the key, path parameters, query."""
+
+    api_key: str
+    params: dict[str, str]
+    query: dict[str, str]
+    body: bytes
+
+
+ApiHandler = Callable[["RestApi", Call], Awaitable[PlatformResponse]]
+
+
+@dataclass(frozen=True)
+class Operation:
+    method: str
+    path: str  # below /api/v1, with {id} parameters
+    handler: ApiHandler
+    operation_id: str
+    summary: str
+    body: Body | None = None
+    query: tuple[tuple[str, str], ...] = ()  # (name, description)
+    response: str = ""  # schema name in openapi.py
+    auth: bool = True
+
+    @property
+    def segments(self) -> list[str]:
+        return [s for s in self.path.split("/") if s]
+
+
+class Services:
+    """gRPC stubs of the services the API translates to."""
+
+    def __init__(self, registry: str, secrets: str, scheduler: str) -> None:
+        self._channels = [channel(registry), channel(secrets), channel(scheduler)]
+        self.registry = registry_pb2_grpc.RegistryStub(self._channels[0])
+        self.secrets = secrets_pb2_grpc.SecretsStub(self._channels[1])
+        self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channels[2])
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+
+
+class RestApi:
+    def __init__(
+        self,
+        services: Services,
+        state: RoutingState,
+        *,
+        deadline: float = 10.0,
+        routing_wait: float = 5.0,
+        read_retry_within: float = 3.0,
+    ) -> None:
+        self.services = services
+        self.state = state
+        self.deadline = deadline
+        self.routing_wait = routing_wait
+        self.read_retry_within = read_retry_within
+
+    # -- dispatch ------------------------------------------------------------
+    async def handle(self, request: PlatformRequest) -> PlatformResponse:
+        try:
+            return await self._dispatch(request)
+        except ApiError as exc:
+            return exc.response()
+
+    async def _dispatch(self, request: PlatformRequest) -> PlatformResponse:
+        rest = request.path[len(PREFIX):]
+        raw_segments = [s for s in rest.split("/") if s]
+        try:
+            segments = [urllib.parse.unquote(s, errors="strict") for s in raw_segments]
+        except UnicodeDecodeError:
+            raise bad("path", "is not valid percent-encoded UTF-8") from None
+        method = "GET" if request.method == "HEAD" else request.method
+        allowed: list[str] = []
+        for op in OPERATIONS:
+            params = _match(op.segments, segments)
+            if params is None:
+                continue
+            if op.method != method:
+                allowed.append(op.method)
+                continue
+            for name, value in params.items():
+                check_text(name, value, required=True)
+            api_key = ""
+            if op.auth:
+                api_key = request.headers.get("x-api-key", "").strip()
+                if not api_key:
+                    raise ApiError(401, "unauthenticated", "no API key: send it in the X-API-KEY header")
+                if not api_key.isascii() or not api_key.isprintable():
+                    raise ApiError(401, "unauthenticated", "the API key is not valid (mistyped or revoked)")
+            try:
+                query = dict(urllib.parse.parse_qsl(request.query, keep_blank_values=True, errors="strict"))
+            except UnicodeDecodeError:
+                raise bad("query", "is not valid percent-encoded UTF-8") from None
+            for name, _ in op.query:
+                if name in query:
+                    check_text(name, query[name], required=False)
+            return await op.handler(self, Call(api_key, params, query, request.body))
+        if allowed:
+            allowed = sorted(set(allowed))
+            return error_response(405, "method_not_allowed", f"{request.path} accepts {', '.join(allowed)}",
+                                  [("Allow", ", ".join(allowed))])
+        return error_response(404, "not_found", f"no API endpoint {request.method} {request.path}; the API is "
+                               f"described at {PREFIX}/openapi.json")
+
+    # -- calling the services --------------------------------------------------
+    async def rpc(self, service: str, method: Callable[..., Any], message: Message, key: str, *,
+                  retry: bool = False) -> Any:
+        """One call carrying the caller's key; reads (``retry``) are retried
+        while the service is UNAVAILABLE, for a few seconds at most."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + (self.read_retry_within if retry else 0)
+        delay = 0.05
+        while True:
+            try:
+                return await method(message, metadata=(("x-api-key", key),), timeout=self.deadline)
+            except grpc.aio.AioRpcError as exc:
+                if retry and exc.code() == grpc.StatusCode.UNAVAILABLE and loop.time() + delay < give_up:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+                    continue
+                raise ApiError.from_rpc(exc, service) from None
+
+    async def moved(self, response: registry_pb2.PointerMoveResponse) -> PlatformResponse:
+        routed = await self.state.wait_for_sequence(
+            response.environment.id, response.entry.sequence, self.routing_wait
+        )
+        if not routed:
+            log.warning("routing_lagging", extra={"environment": response.environment.id,
+                                                  "sequence": response.entry.sequence})
+        return json_response(
+            200, {"environment": environment_json(response.environment), "entry": entry_json(response.entry),
+                  "routed": routed}
+        )
+
+    # -- the endpoints ---------------------------------------------------------
+    async def openapi(self, call: Call) -> PlatformResponse:
+        from services.router.openapi import document
+
+        return json_response(200, document())
+
+    async def promote(self, call: Call) -> PlatformResponse:
+        b = PROMOTE.parse(call.body)
+        request = registry_pb2.PromoteRequest(
+            deployment_id=b["source_deployment_id"], target_environment=b["target_environment_id"],
+            min_replicas=b["min_replicas"] or 0, max_replicas=b["max_replicas"] or 0,
+            scale_previous_to_zero=b["scale_previous_to_zero"], confirm=b["confirm"], reason=b["reason"] or "",
+        )
+        if b["expected_sequence"] is not None:
+            request.expected_sequence = b["expected_sequence"]
+        r = self.services.registry
+        return await self.moved(await self.rpc("registry", r.Promote, request, call.api_key))
+
+    async def rollback(self, call: Call) -> PlatformResponse:
+        b = ROLLBACK.parse(call.body)
+        request = registry_pb2.RollbackRequest(
+            environment=b["environment_id"], to_deployment_id=b["deployment_id"] or "", confirm=b["confirm"],
+            reason=b["reason"] or "",
+        )
+        if b["expected_sequence"] is not None:
+            request.expected_sequence = b["expected_sequence"]
+        r = self.services.registry
+        return await self.moved(await self.rpc("registry", r.Rollback, request, call.api_key))
+
+    async def _adjust(self, call: Call, sign: int) -> PlatformResponse:
+        b = SCALE.parse(call.body)
+        request = registry_pb2.AdjustReplicasRequest(
+            deployment_id=call.params["id"], environment=b["environment_id"] or "", delta=sign * b["by"]
+        )
+        binding = await self.rpc("registry", self.services.registry.AdjustReplicas, request, call.api_key)
+        return json_response(200, {"binding": binding_json(binding)})
+
+    async def scale_up(self, call: Call) -> PlatformResponse:
+        return await self._adjust(call, +1)
+
+    async def scale_down(self, call: Call) -> PlatformResponse:
+        return await self._adjust(call, -1)
+
+    async def terminate(self, call: Call) -> PlatformResponse:
+        EMPTY.parse(call.body)
+        request = registry_pb2.TerminateDeploymentRequest(deployment_id=call.params["id"])
+        d = await self.rpc("registry", self.services.registry.TerminateDeployment, request, call.api_key)
+        return json_response(200, {"deployment": deployment_json(d)})
+
+    async def start(self, call: Call) -> PlatformResponse:
+        EMPTY.parse(call.body)
+        request = registry_pb2.StartDeploymentRequest(deployment_id=call.params["id"])
+        d = await self.rpc("registry", self.services.registry.StartDeployment, request, call.api_key)
+        return json_response(200, {"deployment": deployment_json(d)})
+
+    async def list_deployments(self, call: Call) -> PlatformResponse:
+        request = registry_pb2.ListDeploymentsRequest(environment=call.query.get("environment_id", ""))
+        found = await self.rpc("registry", self.services.registry.ListDeployments, request, call.api_key, retry=True)
+        return json_response(200, {"deployments": [deployment_json(d) for d in found.deployments]})
+
+    async def get_deployment(self, call: Call) -> PlatformResponse:
+        request = registry_pb2.GetDeploymentRequest(deployment_id=call.params["id"])
+        d = await self.rpc("registry", self.services.registry.GetDeployment, request, call.api_key, retry=True)
+        return json_response(200, deployment_json(d))
+
+    async def deployment_status(self, call: Call) -> PlatformResponse:
+        request = scheduler_pb2.GetDeploymentStatusRequest(
+            deployment_id=call.params["id"], environment=call.query.get("environment_id", "")
+        )
+        s = await self.rpc("scheduler", self.services.scheduler.GetDeploymentStatus, request, call.api_key, retry=True)
+        return json_response(200, status_json(s))
+
+    async def deployment_errors(self, call: Call) -> PlatformResponse:
+        request = scheduler_pb2.ListDeploymentErrorsRequest(deployment_id=call.params["id"])
+        found = await self.rpc("scheduler", self.services.scheduler.ListDeploymentErrors, request, call.api_key,
+                               retry=True)
+        return json_response(200, {"deployment_id": call.params["id"], "errors": [error_json(e) for e in found.errors]})
+
+    async def list_environments(self, call: Call) -> PlatformResponse:
+        found = await self.rpc("registry", self.services.registry.ListEnvironments,
+                               registry_pb2.ListEnvironmentsRequest(), call.api_key, retry=True)
+        return json_response(200, {"environments": [environment_json(e) for e in found.environments]})
+
+    async def promotions(self, call: Call) -> PlatformResponse:
+        request = registry_pb2.ListHistoryRequest(environment=call.params["id"])
+        found = await self.rpc("registry", self.services.registry.ListHistory, request, call.api_key, retry=True)
+        return json_response(200, {"environment": call.params["id"], "entries": [entry_json(h) for h in found.entries]})
+
+    async def list_secrets(self, call: Call) -> PlatformResponse:
+        request = secrets_pb2.ListSecretsRequest(environment=call.query.get("environment_id", ""))
+        found = await self.rpc("secrets", self.services.secrets.ListSecrets, request, call.api_key, retry=True)
+        return json_response(200, {"secrets": [secret_json(s) for s in found.secrets]})
+
+    async def put_secret(self, call: Call) -> PlatformResponse:
+        b = PUT_SECRET.parse(call.body)
+        request = secrets_pb2.SetSecretRequest(
+            name=b["name"], type=b["type"], value=b["value"], environment=b["environment_id"] or ""
+        )
+        info = await self.rpc("secrets", self.services.secrets.SetSecret, request, call.api_key)
+        return json_response(200, {"secret": secret_json(info)})
+
+
+def _match(template: list[str], segments: list[str]) -> dict[str, str] | None:
+    if len(template) != len(segments):
+        return None
+    params: dict[str, str] = {}
+    for t, s in zip(template, segments, strict=True):
+        if t.startswith("{"):
+            params[t[1:-1]] = s
+        elif t != s:
+            return None
+    return params
+
+
+ENVIRONMENT_QUERY = (("environment_id", "only what concerns this environment (" + ENV_FIELD_DOC + ")"),)
+OPERATIONS: tuple[Operation, ...] = (
+    Operation("GET", "/openapi.json", RestApi.openapi, "getOpenApi", "This document", auth=False),
+    Operation("POST", "/deployments/promote", RestApi.promote, "promote",
+              "Point an environment at a deployment", PROMOTE, response="PointerMove"),
+    Operation("POST", "/deployments/rollback", RestApi.rollback, "rollback",
+              "Point an environment back at its previously serving deployment", ROLLBACK, response="PointerMove"),
+    Operation("POST", "/deployments/{id}/scale-up", RestApi.scale_up, "scaleUp",
+              "Raise a binding's minimum replicas (the maximum widens when needed)", SCALE,
+              response="BindingResult"),
+    Operation("POST", "/deployments/{id}/scale-down", RestApi.scale_down, "scaleDown",
+              "Lower a binding's minimum replicas (down to zero)", SCALE, response="BindingResult"),
+    Operation("POST", "/deployments/{id}/terminate", RestApi.terminate, "terminate",
+              "Stop every replica of the deployment; the record and image stay", EMPTY,
+              response="DeploymentResult"),
+    Operation("POST", "/deployments/{id}/start", RestApi.start, "start",
+              "Bring a terminated deployment's bindings back to their bounds", EMPTY, response="DeploymentResult"),
+    Operation("GET", "/deployments", RestApi.list_deployments, "listDeployments", "Deployments of the project",
+              query=ENVIRONMENT_QUERY, response="DeploymentList"),
+    Operation("GET", "/deployments/{id}", RestApi.get_deployment, "getDeployment", "One deployment",
+              response="Deployment"),
+    Operation("GET", "/deployments/{id}/status", RestApi.deployment_status, "getDeploymentStatus",
+              "Bindings and replicas of a deployment", query=ENVIRONMENT_QUERY, response="DeploymentStatus"),
+    Operation("GET", "/deployments/{id}/errors", RestApi.deployment_errors, "listDeploymentErrors",
+              "Folded scheduling, pull, crash and health errors", response="DeploymentErrors"),
+    Operation("GET", "/environments", RestApi.list_environments, "listEnvironments",
+              "Environments of the project", response="EnvironmentList"),
+    Operation("GET", "/environments/{id}/promotions", RestApi.promotions, "listPromotions",
+              "Promotion history of an environment (" + ENV_FIELD_DOC + ")", response="History"),
+    Operation("GET", "/secrets", RestApi.list_secrets, "listSecrets",
+              "Secrets (never their values); with environment_id, what that environment resolves",
+              query=ENVIRONMENT_QUERY, response="SecretList"),
+    Operation("PUT", "/secrets", RestApi.put_secret, "putSecret", "Set a secret (a new version)", PUT_SECRET,
+              response="SecretResult"),
+)

@@ -1,0 +1,196 @@
+"""What the router tells the scheduler: activation requests for bindings
+with no ready replica, and the load it carries per binding (in-flight
+concurrency and completed requests) for autoscaling.
+
+Both are best effort: routing never waits on these RPCs, and an older
+scheduler answering UNIMPLEMENTED is logged once, not fatal.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+
+from berth.v1 import scheduler_pb2, scheduler_pb2_grpc
+from services.common.remote import DEFAULT_DEADLINE, channel, credentials
+from services.router.table import Route
+
+log = logging.getLogger("berth.router.control")
+
+BindingKey = tuple[str, str]  # (environment id, deployment id)
+
+
+@dataclass
+class BindingLoad:
+    project_id: str
+    project_name: str
+    environment_name: str
+    in_flight: int = 0
+    completed: int = 0  # since the last report
+
+
+class LoadTracker:
+    """In-flight and completed requests per binding; updated on the event
+    loop by the proxy (plain integer arithmetic, no locks)."""
+
+    def __init__(self) -> None:
+        self.bindings: dict[BindingKey, BindingLoad] = {}
+        self.in_flight = 0
+
+    def begin(self, route: Route) -> BindingLoad:
+        load = self.bindings.get(route.binding_key)
+        if load is None:
+            load = self.bindings[route.binding_key] = BindingLoad(
+                route.project_id, route.project_name, route.environment_name
+            )
+        load.in_flight += 1
+        self.in_flight += 1
+        return load
+
+    def end(self, load: BindingLoad) -> None:
+        load.in_flight -= 1
+        load.completed += 1
+        self.in_flight -= 1
+
+    def drain_report(self) -> list[scheduler_pb2.BindingLoad]:
+        """The report to send now; completed counters restart at zero. A
+        binding that went quiet is reported (as zero) once more, then dropped."""
+        report = []
+        for (environment_id, deployment_id), load in list(self.bindings.items()):
+            report.append(
+                scheduler_pb2.BindingLoad(
+                    project_id=load.project_id,
+                    environment_id=environment_id,
+                    deployment_id=deployment_id,
+                    in_flight=load.in_flight,
+                    requests=load.completed,
+                )
+            )
+            if load.in_flight == 0 and load.completed == 0:
+                del self.bindings[(environment_id, deployment_id)]
+            load.completed = 0
+        return report
+
+
+class SchedulerLink:
+    """The router's calls to the scheduler (service token)."""
+
+    def __init__(self, address: str, service_token: str) -> None:
+        self.address = address
+        self._metadata = credentials(service_token)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: scheduler_pb2_grpc.SchedulerStub | None = None
+
+    @property
+    def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        if self._stub is None:
+            self._channel = channel(self.address)
+            self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        return self._stub
+
+    async def activate(self, route: Route) -> str:
+        answer = await self.stub.Activate(
+            scheduler_pb2.ActivateRequest(
+                project_id=route.project_id, environment_id=route.environment_id, deployment_id=route.deployment_id
+            ),
+            metadata=self._metadata,
+            timeout=DEFAULT_DEADLINE,
+        )
+        return answer.status
+
+    async def report_load(self, bindings: list[scheduler_pb2.BindingLoad]) -> None:
+        await self.stub.ReportLoad(
+            scheduler_pb2.ReportLoadRequest(bindings=bindings), metadata=self._metadata, timeout=DEFAULT_DEADLINE
+        )
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+class _OnceLogger:
+    """Logs a failing RPC at WARNING the first time per status code, then at DEBUG."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+
+    def __call__(self, event: str, exc: grpc.aio.AioRpcError, **extra: object) -> None:
+        code = exc.code().name
+        level = logging.DEBUG if code in self._seen else logging.WARNING
+        self._seen.add(code)
+        log.log(level, event, extra={"code": code, "error": exc.details(), **extra})
+
+
+class Activator:
+    """Asks the scheduler to start a replica of a binding that has none
+    ready: at most once per binding per ``hold`` seconds, however many
+    requests are waiting for it. Never raises into the request path."""
+
+    def __init__(self, activate: Callable[[Route], Awaitable[str]], hold: float) -> None:
+        self._activate = activate
+        self.hold = hold
+        self._last: dict[BindingKey, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._log = _OnceLogger()
+        self.calls = 0  # Activate RPCs made (observability and tests)
+
+    def request(self, route: Route) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        last = self._last.get(route.binding_key)
+        if last is not None and now - last < self.hold:
+            return
+        self._last[route.binding_key] = now
+        if len(self._last) > 10_000:  # forget bindings not asked about for a while
+            self._last = {k: t for k, t in self._last.items() if now - t < self.hold}
+        task = loop.create_task(self._call(route))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, route: Route) -> None:
+        self.calls += 1
+        try:
+            status = await self._activate(route)
+            log.info("activation_requested", extra={"deployment": route.deployment_id,
+                                                     "environment": route.environment_name, "status": status})
+        except grpc.aio.AioRpcError as exc:
+            self._log("activation_failed", exc, deployment=route.deployment_id, environment=route.environment_name)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class LoadReporter:
+    """Sends ``LoadTracker`` reports every ``interval`` seconds."""
+
+    def __init__(
+        self,
+        tracker: LoadTracker,
+        send: Callable[[list[scheduler_pb2.BindingLoad]], Awaitable[None]],
+        interval: float = 1.0,
+    ) -> None:
+        self.tracker = tracker
+        self._send = send
+        self.interval = interval
+        self._log = _OnceLogger()
+        self.reports = 0  # reports sent successfully
+
+    async def tick(self) -> None:
+        report = self.tracker.drain_report()
+        if not report:
+            return
+        try:
+            await self._send(report)
+            self.reports += 1
+        except grpc.aio.AioRpcError as exc:
+            self._log("load_report_failed", exc, bindings=len(report))
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.tick()

@@ -1,0 +1,220 @@
+"""The OpenAPI 3 document of ``/api/v1``, built from the same operation
+table and body descriptions the handlers use (``api.OPERATIONS``), plus the
+response schemas written here next to them."""
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+from services.router import api
+
+STRING = {"type": "string"}
+INTEGER = {"type": "integer"}
+BOOLEAN = {"type": "boolean"}
+TIME = {"type": "string", "description": "RFC 3339 time; empty when unknown"}
+
+
+def obj(properties: dict[str, Any], description: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {"type": "object", "required": list(properties), "properties": properties}
+    if description:
+        out["description"] = description
+    return out
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def array(items: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "array", "items": items}
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": obj({"error": obj({"code": STRING, "message": STRING})}),
+    "WorkerConfig": obj({
+        "port": INTEGER,
+        "command": array(STRING),
+        "health_path": STRING,
+        "variables": {"type": "object", "additionalProperties": STRING},
+        "resources": obj({"memory_bytes": INTEGER, "cpus": {"type": "number"}}),
+    }),
+    "Deployment": obj({
+        "id": STRING,
+        "project_id": STRING,
+        "image": {"type": "string", "description": "the reference given at deploy time"},
+        "image_id": {"type": "string", "description": "content-addressed sha256: id the scheduler runs"},
+        "state": {"type": "string", "description": "active | terminated"},
+        "created_at": TIME,
+        "created_by": STRING,
+        "config": ref("WorkerConfig"),
+    }),
+    "Environment": obj({
+        "id": STRING,
+        "name": STRING,
+        "deployment_id": {"type": "string", "description": "empty until the first deploy"},
+        "previous_deployment_id": STRING,
+        "sequence": {"type": "integer", "description": "sequence of the latest history entry; 0 = none"},
+        "protected": BOOLEAN,
+        "created_at": TIME,
+    }),
+    "HistoryEntry": obj({
+        "sequence": INTEGER,
+        "kind": {"type": "string", "description": "deploy | promote | rollback"},
+        "deployment_id": STRING,
+        "previous_deployment_id": STRING,
+        "min_replicas": INTEGER,
+        "max_replicas": INTEGER,
+        "actor": STRING,
+        "reason": STRING,
+        "created_at": TIME,
+    }),
+    "Binding": obj({
+        "environment_id": STRING,
+        "environment": STRING,
+        "deployment_id": STRING,
+        "min_replicas": INTEGER,
+        "max_replicas": INTEGER,
+        "state": {"type": "string", "description": "active | terminated"},
+        "serving": BOOLEAN,
+        "updated_at": TIME,
+    }),
+    "Replica": obj({
+        "id": STRING, "name": STRING, "index": INTEGER,
+        "state": {"type": "string", "description": "pending | starting | ready | unhealthy | exited | failed"},
+        "started_at": TIME, "restarts": INTEGER, "address": STRING,
+    }),
+    "BindingStatus": obj({
+        "environment": STRING,
+        "environment_id": STRING,
+        "status": {"type": "string",
+                   "description": "deploying | running | degraded | failed | scaled_to_zero | terminated"},
+        "serving": BOOLEAN,
+        "min_replicas": INTEGER,
+        "max_replicas": INTEGER,
+        "replicas": array(ref("Replica")),
+    }),
+    "DeploymentError": obj({
+        "kind": {"type": "string", "description": "image_pull_error | scheduling_failure | crash_loop | "
+                 "oom_killed | health_check_failed"},
+        "message": STRING, "environment": STRING, "environment_id": STRING, "replica": STRING,
+        "count": INTEGER, "first_seen": TIME, "last_seen": TIME,
+    }),
+    "Secret": obj({
+        "name": STRING,
+        "type": STRING,
+        "scope": {"type": "string", "description": "project | environment:<name>"},
+        "environment_id": STRING,
+        "version": INTEGER,
+        "created_at": TIME,
+        "updated_at": TIME,
+        "updated_by": STRING,
+    }, "a secret's metadata; values are write-only and never returned"),
+    # Results
+    "PointerMove": obj({
+        "environment": ref("Environment"),
+        "entry": ref("HistoryEntry"),
+        "routed": {"type": "boolean", "description": "true when this router already routes new requests by "
+                   "the move (read your own write); false if its table lagged beyond a few seconds"},
+    }),
+    "BindingResult": obj({"binding": ref("Binding")}),
+    "DeploymentResult": obj({"deployment": ref("Deployment")}),
+    "DeploymentList": obj({"deployments": array(ref("Deployment"))}),
+    "DeploymentStatus": {
+        "allOf": [ref("Deployment"), obj({"bindings": array(ref("BindingStatus"))})],
+    },
+    "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError"))}),
+    "EnvironmentList": obj({"environments": array(ref("Environment"))}),
+    "History": obj({"environment": STRING, "entries": array(ref("HistoryEntry"))}),
+    "SecretList": obj({"secrets": array(ref("Secret"))}),
+    "SecretResult": obj({"secret": ref("Secret")}),
+}
+
+ERRORS = {
+    "400": "Malformed input; the message names the field",
+    "401": "No API key, or not a valid one",
+    "403": "The key's project may not do this (another project's resource)",
+    "404": "Unknown resource (or another project's)",
+    "409": "Lost a compare-and-swap (re-read and retry), or already exists",
+    "412": "The current state forbids it (e.g. terminated deployment, unconfirmed production move)",
+    "413": "Request body larger than the router accepts",
+    "500": "A service failed (a bug; see its log)",
+    "501": "The platform's service does not implement this call",
+    "503": "A service is unavailable; retry after Retry-After seconds",
+}
+
+
+def _error(description: str, retry: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": ref("Error")}},
+    }
+    if retry:
+        out["headers"] = {"Retry-After": {"description": "seconds", "schema": INTEGER}}
+    return out
+
+
+def _operation(op: api.Operation) -> dict[str, Any]:
+    out: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary}
+    parameters: list[dict[str, Any]] = [
+        {"name": s[1:-1], "in": "path", "required": True, "schema": {"type": "string", "minLength": 1},
+         "description": "environment name or id" if "environments" in op.path else "deployment id"}
+        for s in op.segments if s.startswith("{")
+    ]
+    parameters += [
+        {"name": name, "in": "query", "required": False, "schema": STRING, "description": description}
+        for name, description in op.query
+    ]
+    if parameters:
+        out["parameters"] = parameters
+    if op.body is not None:
+        out["requestBody"] = {
+            "required": op.body.required,
+            "content": {"application/json": {"schema": op.body.schema()}},
+        }
+    if not op.auth:
+        out["security"] = []
+        out["responses"] = {"200": {"description": "The OpenAPI document",
+                                    "content": {"application/json": {"schema": {"type": "object"}}}}}
+        return out
+    responses: dict[str, Any] = {
+        "200": {"description": "OK", "content": {"application/json": {"schema": ref(op.response)}}},
+    }
+    for code, description in ERRORS.items():
+        if code == "413" and op.body is None:
+            continue
+        responses[code] = _error(description, retry=code == "503")
+    out["responses"] = responses
+    return out
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for op in api.OPERATIONS:
+        paths.setdefault(api.PREFIX + op.path, {})[op.method.lower()] = _operation(op)
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Berth REST API",
+            "version": "1",
+            "description": (
+                "Promote, roll back, scale and inspect deployments, environments and secrets of the project "
+                "the API key belongs to. Environments are given by name or id. Request bodies are JSON objects; "
+                "unknown fields are rejected (400), unknown query parameters ignored. Errors are "
+                '{"error": {"code", "message"}}. Once promote or rollback returns, this router routes new '
+                "requests by the move."
+            ),
+        },
+        "servers": [{"url": "/"}],
+        "components": {
+            "securitySchemes": {"apiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"}},
+            "schemas": SCHEMAS,
+        },
+        "security": [{"apiKey": []}],
+        "paths": paths,
+    }
+
+
+def document() -> dict[str, Any]:
+    return copy.deepcopy(_document())
