@@ -256,6 +256,14 @@ SCALE = Body((
     Field("by", int, description="replicas to add or remove", minimum=1, maximum=MAX_REPLICAS, default=1),
     Field("environment_id", str, description=ENV_FIELD_DOC + "; needed when the deployment has several bindings"),
 ))
+SCALE_BOUNDS = Body((
+    Field("min_replicas", int, True, "lowest replica count (0 allows scale to zero)", minimum=0, maximum=MAX_REPLICAS),
+    Field("max_replicas", int, True, "highest replica count", minimum=1, maximum=MAX_REPLICAS),
+    Field("environment_id", str, description=ENV_FIELD_DOC + "; needed when the deployment has several bindings"),
+))
+CREATE_ENVIRONMENT = Body((
+    Field("name", str, True, "lowercase letters, digits and dashes, starting with a letter"),
+))
 EMPTY = Body(())
 PUT_SECRET = Body((
     Field("name", str, True, "secret name (an environment variable name)"),
@@ -298,6 +306,8 @@ def environment_json(e: common_pb2.Environment) -> dict[str, Any]:
     return {
         "id": e.id,
         "name": e.name,
+        "project_id": e.project_id,
+        "project_name": e.project_name,
         "deployment_id": e.deployment_id,
         "previous_deployment_id": e.previous_deployment_id,
         "sequence": e.sequence,
@@ -560,6 +570,21 @@ class RestApi:
         binding = await self.rpc("registry", self.services.registry.AdjustReplicas, request, call.api_key)
         return json_response(200, {"binding": binding_json(binding)})
 
+    async def scale(self, call: Call) -> PlatformResponse:
+        b = SCALE_BOUNDS.parse(call.body)
+        request = registry_pb2.ScaleBindingRequest(
+            deployment_id=call.params["id"], environment=b["environment_id"] or "",
+            min_replicas=b["min_replicas"], max_replicas=b["max_replicas"],
+        )
+        binding = await self.rpc("registry", self.services.registry.ScaleBinding, request, call.api_key)
+        return json_response(200, {"binding": binding_json(binding)})
+
+    async def create_environment(self, call: Call) -> PlatformResponse:
+        b = CREATE_ENVIRONMENT.parse(call.body)
+        request = registry_pb2.CreateEnvironmentRequest(name=b["name"])
+        e = await self.rpc("registry", self.services.registry.CreateEnvironment, request, call.api_key)
+        return json_response(200, {"environment": environment_json(e)})
+
     async def scale_up(self, call: Call) -> PlatformResponse:
         return await self._adjust(call, +1)
 
@@ -649,6 +674,8 @@ OPERATIONS: tuple[Operation, ...] = (
               response="BindingResult"),
     Operation("POST", "/deployments/{id}/scale-down", RestApi.scale_down, "scaleDown",
               "Lower a binding's minimum replicas (down to zero)", SCALE, response="BindingResult"),
+    Operation("POST", "/deployments/{id}/scale", RestApi.scale, "scale",
+              "Set a binding's replica bounds", SCALE_BOUNDS, response="BindingResult"),
     Operation("POST", "/deployments/{id}/terminate", RestApi.terminate, "terminate",
               "Stop every replica of the deployment; the record and image stay", EMPTY,
               response="DeploymentResult"),
@@ -664,6 +691,8 @@ OPERATIONS: tuple[Operation, ...] = (
               "Folded scheduling, pull, crash and health errors", response="DeploymentErrors"),
     Operation("GET", "/environments", RestApi.list_environments, "listEnvironments",
               "Environments of the project", response="EnvironmentList"),
+    Operation("POST", "/environments", RestApi.create_environment, "createEnvironment",
+              "Create an environment", CREATE_ENVIRONMENT, response="EnvironmentResult"),
     Operation("GET", "/environments/{id}/promotions", RestApi.promotions, "listPromotions",
               "Promotion history of an environment (" + ENV_FIELD_DOC + ")", response="History"),
     Operation("GET", "/secrets", RestApi.list_secrets, "listSecrets",

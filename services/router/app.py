@@ -15,6 +15,7 @@ from services.router.api import PREFIX, RestApi, Services
 from services.router.control import Activator, LoadReporter, LoadTracker, SchedulerLink
 from services.router.metrics import RouterMetrics
 from services.router.platform import Platform, Readiness, build_platform
+from services.studio.handler import Studio
 from services.router.proxy import ProxyServer, ProxySettings
 from services.router.table import RoutingState
 from services.router.watchers import EndpointWatcher, HealthProbe, RegistryWatcher, run_forever
@@ -73,6 +74,7 @@ class RouterApp:
         self.platform: Platform = build_platform(Readiness(self.not_ready))
         self.platform.mount(PREFIX, self.api.handle)
         self.platform.route("GET", "/metrics", self.metrics.handle)
+        self.platform.mount("/studio", Studio())
         self.proxy = ProxyServer(
             self.state,
             self.platform,

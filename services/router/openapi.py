@@ -52,6 +52,8 @@ SCHEMAS: dict[str, Any] = {
     "Environment": obj({
         "id": STRING,
         "name": STRING,
+        "project_id": STRING,
+        "project_name": STRING,
         "deployment_id": {"type": "string", "description": "empty until the first deploy"},
         "previous_deployment_id": STRING,
         "sequence": {"type": "integer", "description": "sequence of the latest history entry; 0 = none"},
@@ -125,6 +127,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError"))}),
     "EnvironmentList": obj({"environments": array(ref("Environment"))}),
+    "EnvironmentResult": obj({"environment": ref("Environment")}),
     "History": obj({"environment": STRING, "entries": array(ref("HistoryEntry"))}),
     "SecretList": obj({"secrets": array(ref("Secret"))}),
     "SecretResult": obj({"secret": ref("Secret")}),

@@ -137,7 +137,7 @@ def test_studio_deployments_page(platform, browser):
     # An image that cannot be pulled shows up in the errors panel.
     platform.cli_json("deploy", "--image", "berth-test-missing.invalid/none:1", "--no-wait", "--project", "studio", api_key=key)
     page.get_by_role("tab", name="preview").click()
-    expect(page.locator("#errors")).to_contain_text("image_pull_error")
+    expect(page.locator("#errors")).to_contain_text("image pull error")
     expect(page.locator("#errors")).to_contain_text("berth-test-missing.invalid")
     shot(page, "08-pull-error")
 

@@ -95,9 +95,13 @@ function showApp() {
 
 // ---------------------------------------------------------------- data
 
+// The usual path of a build first, then the project's own environments.
+const ENV_ORDER = ["preview", "staging", "production"];
+const envRank = (e) => (ENV_ORDER.includes(e.name) ? ENV_ORDER.indexOf(e.name) : ENV_ORDER.length);
+
 async function loadEnvironments() {
   const data = await api("GET", "/environments");
-  state.environments = data.environments;
+  state.environments = [...data.environments].sort((a, b) => envRank(a) - envRank(b) || a.name.localeCompare(b.name));
   if (state.environments.length) $("project-label").textContent = `project ${state.environments[0].project_name || ""}`.trim();
 }
 
@@ -255,8 +259,11 @@ const numberInput = (id, value, min = 0) => el("input", { id, type: "number", mi
 function promoteDialog(env) {
   const source = el("select", { id: "promote-source" }, state.deployments.filter((d) => d.state === "active").map((d) =>
     el("option", { value: d.id, selected: d.id === env.deployment_id }, `${d.id}  ${d.image}`)));
-  const target = el("select", { id: "promote-target" }, state.environments.filter((e) => e.id !== env.id).map((e) =>
-    el("option", { value: e.id }, e.name)));
+  // Default target: the environment after this one (preview -> staging -> production).
+  const here = state.environments.findIndex((e) => e.id === env.id);
+  const next = state.environments[Math.min(here + 1, state.environments.length - 1)];
+  const target = el("select", { id: "promote-target" }, state.environments.map((e) =>
+    el("option", { value: e.id, selected: e.id === next.id }, e.name)));
   const min = numberInput("promote-min", 1);
   const max = numberInput("promote-max", 3, 1);
   const previous = el("input", { id: "promote-scale-previous", type: "checkbox" });
