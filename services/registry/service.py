@@ -86,7 +86,10 @@ class _Tx:
         self.environments[row.id] = row
 
     def touch_binding(self, row: BindingRow) -> None:
+        # updated_at marks the binding's last change, its serving flag
+        # included: the scheduler's keep-warm window counts from it.
         row.revision = self.bump()
+        row.updated_at = utcnow()
         self.bindings[(row.environment_id, row.deployment_id)] = row
 
 

@@ -67,6 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--stop-grace", type=float, default=float(env("BERTH_STOP_GRACE", "10")), help="seconds after SIGTERM"
     )
     parser.add_argument(
+        "--keep-warm",
+        type=float,
+        default=float(env("BERTH_KEEP_WARM", "600")),
+        help="seconds a previously serving binding keeps its minimum (warm rollback)",
+    )
+    parser.add_argument(
         "--drain-delay",
         type=float,
         default=float(env("BERTH_DRAIN_DELAY", "2")),
@@ -88,7 +94,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("target_concurrency", "reconcile_interval", "pull_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("scale_down_window", "idle_window", "stop_grace", "drain_delay", "restart_backoff"):
+    for name in ("scale_down_window", "idle_window", "stop_grace", "drain_delay", "keep_warm", "restart_backoff"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} cannot be negative")
     if args.unhealthy_after < 1:
@@ -103,6 +109,7 @@ async def serve(args: argparse.Namespace) -> None:
         pull_timeout=args.pull_timeout,
         stop_grace=args.stop_grace,
         drain_delay=args.drain_delay,
+        keep_warm=args.keep_warm,
         restart_backoff=args.restart_backoff,
         unhealthy_after=args.unhealthy_after,
         target_concurrency=args.target_concurrency,

@@ -78,6 +78,10 @@ class SchedulerConfig:
     target_concurrency: float = 10.0
     scale_down_window: float = 30.0
     idle_window: float = 60.0
+    # Warm rollback: a binding that stopped serving keeps its minimum this
+    # long (from its last change), so rolling back to it is a pure pointer
+    # move; afterwards its minimum counts as 0 and it scales to zero when idle.
+    keep_warm: float = 600.0
     host_refresh: float = 60.0
 
 
@@ -348,7 +352,14 @@ class Reconciler:
     def _decide(self, b: common_pb2.Binding, slots: int) -> int:
         if is_terminated(b):
             return 0
-        return self.load.decide(binding_key(b), Bounds(b.min_replicas, b.max_replicas), slots)
+        minimum = 0 if self._cooled(b) else b.min_replicas
+        return self.load.decide(binding_key(b), Bounds(minimum, b.max_replicas), slots)
+
+    def _cooled(self, b: common_pb2.Binding) -> bool:
+        """Not serving, and past the keep-warm window since its last change."""
+        if b.serving or not b.HasField("updated_at") or b.updated_at.seconds <= 0:
+            return False
+        return time.time() - b.updated_at.ToSeconds() >= self.config.keep_warm
 
     @property
     def _slots(self) -> dict[BindingKey, int]:

@@ -79,3 +79,40 @@ def test_tracker_forgets_old_samples_and_keeps_activation():
     assert tracker.decide(key, Bounds(0, 5), current=1) == 0  # idle for the whole idle window
     tracker.activate(key)
     assert tracker.decide(key, Bounds(0, 5), current=0) == 1
+
+
+def _binding_for_warmth(*, serving: bool, changed_ago: float | None) -> "common_pb2.Binding":
+    import time as _time
+
+    from google.protobuf import timestamp_pb2
+
+    from berth.v1 import common_pb2
+
+    b = common_pb2.Binding(
+        project_id="p", environment_id="env-warm", deployment=common_pb2.Deployment(id="dep-warm", state="active"),
+        min_replicas=2, max_replicas=3, state="active", serving=serving,
+    )
+    if changed_ago is not None:
+        b.updated_at.CopyFrom(timestamp_pb2.Timestamp(seconds=int(_time.time() - changed_ago)))
+    return b
+
+
+@pytest.mark.parametrize(
+    ("serving", "changed_ago", "wanted"),
+    [
+        (True, 10_000, 2),      # serving: always its minimum
+        (False, 30, 2),         # just replaced: warm, a rollback is a pure pointer move
+        (False, 10_000, 0),     # past the keep-warm window and idle: scaled to zero
+        (False, None, 2),       # no change time known: stay warm
+    ],
+)
+def test_previous_binding_stays_warm_for_the_window(serving, changed_ago, wanted):
+    from services.scheduler.desired import DesiredTable
+    from services.scheduler.events import EventStore
+    from services.scheduler.reconciler import Reconciler, SchedulerConfig
+
+    config = SchedulerConfig(keep_warm=600, idle_window=0, scale_down_window=0)
+    reconciler = Reconciler(None, DesiredTable(), None, EventStore(), config)  # type: ignore[arg-type]
+    binding = _binding_for_warmth(serving=serving, changed_ago=changed_ago)
+    reconciler.load.report({("env-warm", "dep-warm"): (0, 0)})
+    assert reconciler._decide(binding, 2) == wanted

@@ -245,11 +245,8 @@ def test_secret_changes_roll_replicas_under_load_and_the_canary_never_leaks(plat
                 found.append(f"output: {text_[:120]}")
     assert not found, f"canary leaked into: {found}"
 
-    if load.failures:
-        # Known gap outside the secrets service, reported to the scheduler/router owners:
-        # a replaced replica is stopped while the router still has it as a ready endpoint
-        # (the scheduler publishes endpoints before executing the removal in the same pass,
-        # and does not drain first); busybox httpd dies on SIGTERM mid-request. Shown as an
-        # expected failure (not a pass) with the evidence until that is fixed.
-        pytest.xfail(f"rolling replacement lost {len(load.failures)} of {load.ok + len(load.failures)} requests: "
-                     f"{load.failures[:3]}")
+    # The scheduler drains a replaced replica (out of the routers' pool, then
+    # stopped) and the router retries a cut idempotent request: no request fails.
+    assert not load.failures, (
+        f"rolling replacement lost {len(load.failures)} of {load.ok + len(load.failures)} requests: {load.failures[:3]}"
+    )
