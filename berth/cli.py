@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 import click
@@ -238,7 +239,7 @@ def projects_create(ctx: Ctx, name: str, print_env: bool) -> None:
     admin = local.admin_key()
     if not admin:
         raise errors.Unauthenticated(
-            "no admin key found", hint=f"run 'berth up' on this machine first, or set BERTH_ADMIN_KEY"
+            "no admin key found", hint="run 'berth up' on this machine first, or set BERTH_ADMIN_KEY"
         )
     resp = ctx.client(api_key=admin).call(ctx.client().registry.CreateProject, registry_pb2.CreateProjectRequest(name=name))
     data = {"project": {"id": resp.project.id, "name": resp.project.name}, "api_key": resp.api_key}
@@ -577,9 +578,9 @@ def status_dict(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
 def uptime(started_at: str) -> str:
     if not started_at:
         return "-"
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    seconds = int((datetime.now(timezone.utc) - datetime.fromisoformat(started_at.replace("Z", "+00:00"))).total_seconds())
+    seconds = int((datetime.now(UTC) - datetime.fromisoformat(started_at.replace("Z", "+00:00"))).total_seconds())
     if seconds < 120:
         return f"{seconds}s"
     if seconds < 7200:

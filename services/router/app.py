@@ -15,10 +15,10 @@ from services.router.api import PREFIX, RestApi, Services
 from services.router.control import Activator, LoadReporter, LoadTracker, SchedulerLink
 from services.router.metrics import RouterMetrics
 from services.router.platform import Platform, Readiness, build_platform
-from services.studio.handler import Studio
 from services.router.proxy import ProxyServer, ProxySettings
 from services.router.table import RoutingState
 from services.router.watchers import EndpointWatcher, HealthProbe, RegistryWatcher, run_forever
+from services.studio.handler import Studio
 
 log = logging.getLogger("berth.router")
 

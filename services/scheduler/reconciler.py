@@ -445,7 +445,7 @@ class Reconciler:
     def _note_exits(self, observed: list[da.ContainerInfo], replicas: list[ObservedReplica]) -> None:
         """Events for replicas that exited on their own (first sight only)."""
         live_slots = {(r.key, r.index) for r in replicas if r.status in LIVE}
-        for c, r in zip(observed, replicas):
+        for c, r in zip(observed, replicas, strict=True):
             if r.status not in GONE or r.status is ContainerStatus.CREATED or c.id in self._noted_exits:
                 continue
             self._noted_exits.add(c.id)
@@ -469,7 +469,7 @@ class Reconciler:
         ]
         results = await asyncio.gather(*(self._probe(c) for c in running))
         now = datetime.now().astimezone()
-        for c, (ok, message) in zip(running, results):
+        for c, (ok, message) in zip(running, results, strict=True):
             state = self._readiness.setdefault(c.id, _Readiness())
             state.ready, state.message = ok, message
             if ok:

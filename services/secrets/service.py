@@ -496,7 +496,7 @@ class SecretsService:
             for row in rows:
                 latest[(row.environment_id, row.name)] = row
             chosen: dict[str, SecretVersionRow] = {}
-            for (env_id, name), row in sorted(latest.items()):  # "" (project) sorts first: environments override
+            for (_env_id, name), row in sorted(latest.items()):  # "" (project) sorts first: environments override
                 if not row.deleted:
                     chosen[name] = row
             if not chosen:

@@ -1,9 +1,16 @@
 """Table-driven tests of the pure autoscaling decision."""
 from __future__ import annotations
 
-import pytest
+import time
 
+import pytest
+from google.protobuf import timestamp_pb2
+
+from berth.v1 import common_pb2
 from services.scheduler.autoscale import Bounds, LoadSample, LoadTracker, ScalePolicy, decide
+from services.scheduler.desired import DesiredTable
+from services.scheduler.events import EventStore
+from services.scheduler.reconciler import Reconciler, SchedulerConfig
 
 POLICY = ScalePolicy(target_concurrency=10, scale_down_window=30, idle_window=60)
 LONG_AGO = -1000.0  # the tracker has been observing for a long time
@@ -81,19 +88,13 @@ def test_tracker_forgets_old_samples_and_keeps_activation():
     assert tracker.decide(key, Bounds(0, 5), current=0) == 1
 
 
-def _binding_for_warmth(*, serving: bool, changed_ago: float | None) -> "common_pb2.Binding":
-    import time as _time
-
-    from google.protobuf import timestamp_pb2
-
-    from berth.v1 import common_pb2
-
+def _binding_for_warmth(*, serving: bool, changed_ago: float | None) -> common_pb2.Binding:
     b = common_pb2.Binding(
         project_id="p", environment_id="env-warm", deployment=common_pb2.Deployment(id="dep-warm", state="active"),
         min_replicas=2, max_replicas=3, state="active", serving=serving,
     )
     if changed_ago is not None:
-        b.updated_at.CopyFrom(timestamp_pb2.Timestamp(seconds=int(_time.time() - changed_ago)))
+        b.updated_at.CopyFrom(timestamp_pb2.Timestamp(seconds=int(time.time() - changed_ago)))
     return b
 
 
@@ -107,10 +108,6 @@ def _binding_for_warmth(*, serving: bool, changed_ago: float | None) -> "common_
     ],
 )
 def test_previous_binding_stays_warm_for_the_window(serving, changed_ago, wanted):
-    from services.scheduler.desired import DesiredTable
-    from services.scheduler.events import EventStore
-    from services.scheduler.reconciler import Reconciler, SchedulerConfig
-
     config = SchedulerConfig(keep_warm=600, idle_window=0, scale_down_window=0)
     reconciler = Reconciler(None, DesiredTable(), None, EventStore(), config)  # type: ignore[arg-type]
     binding = _binding_for_warmth(serving=serving, changed_ago=changed_ago)

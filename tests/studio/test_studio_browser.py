@@ -13,7 +13,6 @@ from playwright import sync_api as playwright_api
 from tests.support.docker_engine import TEST_LABEL, build_worker_image, engine, remove_labelled
 from tests.support.platform import ROOT, RunningPlatform
 
-
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -147,7 +146,7 @@ def test_studio_deployments_page(platform, browser):
     assert all(key not in url for url, _ in requests_seen)
     carrying = [url for url, headers in requests_seen if key in " ".join(headers.values())]
     assert carrying and all("/api/v1/" in url for url in carrying)
-    for url, headers in requests_seen:
+    for _url, headers in requests_seen:
         if key in headers.values():
             assert headers.get("x-api-key") == key
     context.close()
