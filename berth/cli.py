@@ -495,7 +495,7 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
     )
     d, e = resp.deployment, resp.environment
     status = wait_for_binding(ctx, d.id, e.id, timeout) if wait else None
-    data = {"deployment": deployment_dict(d), "environment": env_dict(e)}
+    data: dict[str, Any] = {"deployment": deployment_dict(d), "environment": env_dict(e)}
     if status is not None:
         data["status"] = status.status
 
@@ -760,7 +760,7 @@ def confirm_protected(ctx: Ctx, environment: str, yes: bool) -> bool:
 def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wait: bool, timeout: float) -> None:
     e, h = resp.environment, resp.entry
     status = wait_for_binding(ctx, h.deployment_id, e.id, timeout) if wait else None
-    data = {"environment": env_dict(e), "entry": entry_dict(h)}
+    data: dict[str, Any] = {"environment": env_dict(e), "entry": entry_dict(h)}
     if status is not None:
         data["status"] = status.status
 
