@@ -745,6 +745,11 @@ class Reconciler:
                     state.failures = 0
                     state.message = result.message
                     log.info("ready", extra={"container": info.name})
+                    # Route it now rather than after the pass that created it
+                    # (which may still be creating its siblings).
+                    if all(c.id != info.id for c in self._observed):
+                        self._observed.append(info)
+                    self._publish_endpoints()
                     return
                 message = result.message
                 await asyncio.sleep(self.config.fast_probe_interval)
