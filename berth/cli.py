@@ -749,12 +749,15 @@ def entry_dict(h: common_pb2.HistoryEntry) -> dict[str, Any]:
 
 
 def confirm_protected(ctx: Ctx, environment: str, yes: bool) -> bool:
-    """Asks at the prompt before moving a protected environment."""
+    """Asks at the prompt before moving a protected environment; a refusal
+    moves nothing. Without a terminal the registry refuses with a hint."""
     if yes or environment != "production":
         return yes
     if ctx.json or not sys.stdin.isatty():
-        return False  # the registry refuses with a clear message and hint
-    return click.confirm(f"Move the pointer of '{environment}'?", default=False)
+        return False
+    if not click.confirm(f"Move the pointer of '{environment}'?", default=False):
+        raise errors.FailedPrecondition(f"not confirmed: '{environment}' did not move", hint="pass --yes to skip the prompt")
+    return True
 
 
 def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wait: bool, timeout: float) -> None:
