@@ -31,7 +31,11 @@ fi
 if [ ! -x "$ROOT/.venv/bin/python" ]; then
   python3 -m venv "$ROOT/.venv"
 fi
-"$ROOT/.venv/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]" 2>&1 | grep -v '^WARNING: Location' || true
+if ! "$ROOT/.venv/bin/pip" install -q --disable-pip-version-check -e "$ROOT[dev]" > /tmp/berth-pip.log 2>&1; then
+  grep -v '^WARNING: Location' /tmp/berth-pip.log >&2
+  echo "setup: pip install failed" >&2
+  exit 1
+fi
 "$ROOT/.venv/bin/python" -c "import berth.cli, services.registry.app" 
 
 bash "$ROOT/scripts/seed-base-images.sh"
