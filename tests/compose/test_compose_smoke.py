@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import secrets
 import subprocess
 import sys
@@ -40,7 +39,7 @@ def compose(tmp_path_factory):
     finally:
         subprocess.run(["bash", str(ROOT / "scripts" / "compose.sh"), "down"], env=env, capture_output=True, timeout=300)
         docker = engine()
-        for image in docker.images.list(filters={"label": f"berth.project=smoke"}):
+        for image in docker.images.list(filters={"label": "berth.project=smoke"}):
             docker.images.remove(image.id, force=True)
 
 
