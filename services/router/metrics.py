@@ -72,15 +72,16 @@ class RouterMetrics:
             "current one failed", ("project", "environment"), registry=self.registry,
         )
         self.registry.register(_StateCollector(state, load, held))
-        self._children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
 
     def observe(self, project: str, environment: str, deployment: str, status: int, seconds: float) -> None:
-        key = (project, environment, deployment, status_class(status))
+        key = (project, environment, deployment, status)  # the status itself: no label formatting per request
         children = self._children.get(key)
         if children is None:
             if len(self._children) > 50_000:  # bounded memory however many deployments come and go
                 self._children.clear()
-            children = self._children[key] = (self.requests.labels(*key), self.latency.labels(*key))
+            labels = (project, environment, deployment, status_class(status))
+            children = self._children[key] = (self.requests.labels(*labels), self.latency.labels(*labels))
         children[0].inc()
         children[1].observe(seconds)
 

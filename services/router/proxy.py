@@ -21,13 +21,13 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import httptools
 
-from services.router.control import Activator, LoadTracker
+from services.router.control import Activator, BindingLoad, LoadTracker
 from services.router.metrics import RouterMetrics
 from services.router.platform import Platform
 from services.router.table import Route, RouteError, RoutingState, parse_host
@@ -53,12 +53,31 @@ HOP_BY_HOP = frozenset(
 # Set by the router itself on the way in.
 OVERRIDDEN_REQUEST = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for", b"expect"})
 
+_REQUEST_HEADERS_OF_INTEREST = frozenset(
+    {
+        b"host", b"x-berth-project", b"x-berth-environment", b"x-berth-deployment", b"content-length",
+        b"transfer-encoding", b"connection", b"x-forwarded-for", b"expect",
+    }
+)
+_DROP_REQUEST = HOP_BY_HOP | OVERRIDDEN_REQUEST
+_DROP_RESPONSE = HOP_BY_HOP | {b"x-berth-deployment"}
+ADDRESS_CACHE_SIZE = 4096  # addressing header values remembered (bounded whatever clients send)
+_UNKNOWN = object()
+TIMER_SLACK = 0.001  # a timer may fire this early (loop clock resolution); not worth re-arming for
+
 BODY_BUFFER_HIGH = 256 * 1024  # pause reading the client beyond this many unforwarded bytes
 MAX_PENDING_REQUESTS = 4  # requests parsed ahead (pipelining) before the client's socket is paused
 MAX_IDLE_PER_ADDRESS = 64
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_REPLICA_RETRIES = 3
 NO_BODY_STATUSES = frozenset({204, 304})
+
+
+def _running_loop_or_none() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None  # set by ProxyServer.start
 
 
 class ProxyError(Exception):
@@ -119,7 +138,7 @@ class RequestBody:
         self._on_end: Callable[[], None] | None = None
         self._on_too_large: Callable[[], None] | None = None
         self._expect_continue = expect_continue
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._done: asyncio.Future[None] | None = None  # created by read_all, the only waiter
 
     @property
     def empty(self) -> bool:
@@ -135,7 +154,7 @@ class RequestBody:
             self._conn.pause_reading("too_large")
             if self._on_too_large is not None:
                 self._on_too_large()
-            if not self._done.done():
+            if self._done is not None and not self._done.done():
                 self._done.set_result(None)
             return
         if self._sink is not None:
@@ -150,7 +169,7 @@ class RequestBody:
         self.complete = True
         if self._sink is not None and self._on_end is not None and not self.too_large:
             self._on_end()
-        if not self._done.done():
+        if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
     def _send_continue(self) -> None:
@@ -184,26 +203,55 @@ class RequestBody:
         self._buffered = 0
         self._conn.resume_reading("body")
         self._send_continue()
-        await self._done
+        if not (self.complete or self.too_large):
+            self._done = asyncio.get_running_loop().create_future()
+            await self._done
         self.detach()
         if self.too_large:
             raise ProxyError(413, "body_too_large", f"request body exceeds the router's limit of {self.limit} bytes")
         return b"".join(chunks)
 
 
-@dataclass
 class Request:
-    method: bytes
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
-    version: str
-    keep_alive: bool
-    body: RequestBody
-    content_length: int | None
-    chunked: bool
-    upgrade: bool = False
-    started: float = field(default_factory=time.perf_counter)
-    fallback: bool = False  # served by the previous deployment (the current one failed)
+    """One parsed request head. The headers the router itself acts on are
+    picked out once, when the head is parsed (the last one of a name wins;
+    X-Forwarded-For values and Connection tokens accumulate)."""
+
+    __slots__ = (
+        "method", "target", "headers", "version", "keep_alive", "body", "content_length", "chunked", "upgrade",
+        "started", "fallback", "project", "environment", "pinned", "host", "forwarded_for", "connection_tokens",
+    )
+
+    def __init__(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        version: str,
+        keep_alive: bool,
+        body: RequestBody,
+        content_length: int | None,
+        chunked: bool,
+        upgrade: bool = False,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers
+        self.version = version
+        self.keep_alive = keep_alive
+        self.body = body
+        self.content_length = content_length
+        self.chunked = chunked
+        self.upgrade = upgrade
+        self.started = time.perf_counter()
+        self.fallback = False  # served by the previous deployment (the current one failed)
+        # raw values of X-Berth-Project / -Environment / -Deployment and Host
+        self.project: bytes | None = None
+        self.environment: bytes | None = None
+        self.pinned: bytes | None = None
+        self.host: bytes | None = None
+        self.forwarded_for = b""  # X-Forwarded-For values joined with ", "
+        self.connection_tokens: set[bytes] | None = None  # lower-cased tokens of Connection headers
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -223,16 +271,22 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = ""
+        self.peer_bytes = b""
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._incoming: Request | None = None
         self._pending: deque[Request] = deque()
         self._worker: asyncio.Task[None] | None = None
+        # The exchange of a request being served by the fast path: started
+        # from the parser callback, finished from the replica's (no task).
+        self._fast: Exchange | None = None
+        self._resuming: Exchange | None = None  # failed fast exchange until the task taking it over runs
         self._pause_reasons: set[str] = set()
         self._write_paused = False
         self.upstream_transport: asyncio.Transport | None = None  # paused while the client is slow
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None  # loop time the connection went idle; None while serving
         self._broken = False  # unparseable input: stop after what is in flight
         self.closed = False
         self.written = 0  # bytes written to the client so far
@@ -246,6 +300,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        self.peer_bytes = self.peer.encode()
         self.server.connections.add(self)
         self.server.accepted += 1
         self._arm_idle_timer()
@@ -258,6 +313,12 @@ class ClientConnection(asyncio.Protocol):
         self.server.connection_gone(self)
         if self._worker is not None:
             self._worker.cancel()
+        if self._fast is not None:
+            self._fast.cancel()
+        if self._resuming is not None:
+            # handed to the general path by a task that never got to run
+            exchange, self._resuming = self._resuming, None
+            self.server.abandon(exchange)
         if self.upstream_transport is not None:
             self.upstream_transport.resume_reading()
 
@@ -336,6 +397,8 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:
+            if self._corked:
+                self.uncork()  # the response being relayed leaves before the FIN
             self.transport.close()
 
     def abort(self) -> None:
@@ -344,26 +407,38 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._incoming is None and not self._pending and self._worker is None
+        return self._incoming is None and not self._pending and self._worker is None and self._fast is None
 
+    # The keep-alive timer is not re-armed per request: one timer handle
+    # stays armed while the connection lives and, when it fires, closes the
+    # connection if it has been idle for the whole timeout or re-arms itself
+    # for the moment it would have been.
     def _arm_idle_timer(self) -> None:
-        self._cancel_idle_timer()
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self.server.settings.keepalive_timeout, self._idle_expired
-        )
+        loop = self.server.loop
+        self._idle_since = loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = loop.call_at(self._idle_since + self.server.settings.keepalive_timeout,
+                                            self._idle_expired)
 
     def _cancel_idle_timer(self) -> None:
+        self._idle_since = None
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
 
     def _idle_expired(self) -> None:
-        if self.idle:
+        self._idle_timer = None
+        if self.closed or self._idle_since is None:
+            return  # serving: the timer is armed again when the connection goes idle
+        deadline = self._idle_since + self.server.settings.keepalive_timeout
+        if self.server.loop.time() + TIMER_SLACK < deadline:
+            self._idle_timer = self.server.loop.call_at(deadline, self._idle_expired)
+        elif self.idle:
             self.close()
 
     # -- parser callbacks --------------------------------------------------
     def on_message_begin(self) -> None:
-        self._cancel_idle_timer()
+        self._idle_since = None
         self._url = b""
         self._headers = []
 
@@ -377,32 +452,55 @@ class ClientConnection(asyncio.Protocol):
         content_length: int | None = None
         chunked = False
         expect_continue = False
-        for name, value in self._headers:
+        project = environment = pinned = host = connection_tokens = None
+        forwarded_for = b""
+        headers = self._headers
+        for name, value in headers:
             lname = name.lower()
-            if lname == b"content-length":
+            if lname not in _REQUEST_HEADERS_OF_INTEREST:
+                continue
+            if lname == b"host":
+                host = value
+            elif lname == b"x-berth-project":
+                project = value
+            elif lname == b"x-berth-environment":
+                environment = value
+            elif lname == b"x-berth-deployment":
+                pinned = value
+            elif lname == b"content-length":
                 content_length = int(value)
             elif lname == b"transfer-encoding":
                 chunked = chunked or b"chunked" in value.lower()
+            elif lname == b"connection":
+                tokens = [t.strip().lower() for t in value.split(b",") if t.strip()]
+                connection_tokens = connection_tokens.union(tokens) if connection_tokens else set(tokens)
+            elif lname == b"x-forwarded-for":
+                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
             elif lname == b"expect":
                 expect_continue = value.strip().lower() == b"100-continue"
-        body = RequestBody(self, expect_continue=expect_continue)
+        parser = self._parser
         request = Request(
-            method=self._parser.get_method(),
-            target=self._url,
-            headers=self._headers,
-            version=self._parser.get_http_version(),
-            keep_alive=self._parser.should_keep_alive(),
-            body=body,
-            content_length=content_length,
-            chunked=chunked,
-            upgrade=self._parser.should_upgrade(),
+            parser.get_method(),
+            self._url,
+            headers,
+            parser.get_http_version(),
+            parser.should_keep_alive(),
+            RequestBody(self, expect_continue=expect_continue),
+            content_length,
+            chunked,
+            parser.should_upgrade(),
         )
+        request.project, request.environment, request.pinned, request.host = project, environment, pinned, host
+        request.forwarded_for, request.connection_tokens = forwarded_for, connection_tokens
         self._incoming = request
-        self._pending.append(request)
-        if len(self._pending) >= MAX_PENDING_REQUESTS:
+        pending = self._pending
+        pending.append(request)
+        if len(pending) >= MAX_PENDING_REQUESTS:
             self.pause_reading("pipeline")
-        if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._serve())
+        if self._worker is None and self._fast is None:
+            if len(pending) == 1 and self.server.start_fast(self, request):
+                return
+            self._worker = self.server.loop.create_task(self._serve())
 
     def on_body(self, data: bytes) -> None:
         if self._incoming is not None:
@@ -414,13 +512,36 @@ class ClientConnection(asyncio.Protocol):
             self._incoming = None
 
     # -- serving -----------------------------------------------------------
-    async def _serve(self) -> None:
+    def fast_failed(self, exchange: Exchange) -> None:
+        """The fast path's exchange failed: the general path takes the
+        request over from there (retry on another replica, error response)."""
+        self._fast = None
+        self._resuming = exchange
+        self._worker = self.server.loop.create_task(self._serve(exchange))
+
+    def fast_served(self, keep_alive: bool) -> None:
+        """The fast path's request was answered (what ``_serve`` does after
+        each request)."""
+        self._fast = None
+        pending = self._pending
+        pending.popleft()
+        if len(pending) < MAX_PENDING_REQUESTS:
+            self.resume_reading("pipeline")
+        if not keep_alive or self._broken or self.server.closing:
+            self.close()
+        elif pending:
+            self._worker = self.server.loop.create_task(self._serve())
+        elif not self.closed:
+            self._arm_idle_timer()
+
+    async def _serve(self, resume: Exchange | None = None) -> None:
+        self._resuming = None  # this task owns the exchange now
         try:
             while self._pending:
                 request = self._pending[0]
-                written_before = self.written
+                written_before = self.written if resume is None else resume.written_before
                 try:
-                    keep_alive = await self.server.handle(self, request)
+                    keep_alive = await self.server.handle(self, request, resume)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001 - a bug must not hang the client: 500, then close
@@ -431,6 +552,8 @@ class ClientConnection(asyncio.Protocol):
                     else:
                         self.abort()
                     return
+                finally:
+                    resume = None
                 self._pending.popleft()
                 if len(self._pending) < MAX_PENDING_REQUESTS:
                     self.resume_reading("pipeline")
@@ -527,7 +650,12 @@ class UpstreamConnection(asyncio.Protocol):
         # Workers such as busybox httpd CGIs end header lines with a bare LF;
         # accept that from replicas, as nginx does (clients stay strict).
         self._parser.set_dangerous_leniencies(lenient_optional_cr_before_lf=True)
-        self._idle_timer: asyncio.TimerHandle | None = None
+        # One timer per connection, not per request: when it fires it checks
+        # the exchange in progress (upstream timeout) or how long the
+        # connection has been idle, and re-arms itself for the next deadline.
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+        self._idle_timeout = 0.0
         self._write_paused = False
         self.tunnel = False  # after a 101: bytes go straight to the client
 
@@ -580,24 +708,56 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def close(self) -> None:
-        self._cancel_idle()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
         self.pool.discard(self)
 
     def start_idle(self, timeout: float) -> None:
-        self._cancel_idle()
-        self._idle_timer = asyncio.get_running_loop().call_later(timeout, self.close)
-
-    def _cancel_idle(self) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._idle_since = now = self.pool.loop.time()
+        self._idle_timeout = timeout
+        self._arm(now + timeout)
 
     def take(self) -> None:
-        self._cancel_idle()
+        self._idle_since = None
         self.uses += 1
+
+    def watch(self, exchange: Exchange) -> None:
+        """Starts the upstream timeout of the exchange just attached."""
+        self._arm(exchange.last_activity + exchange.timeout)
+
+    def _arm(self, deadline: float) -> None:
+        watchdog = self._watchdog
+        if watchdog is not None:
+            if watchdog.when() <= deadline:
+                return  # fires first; re-arms for this deadline then
+            watchdog.cancel()
+        self._watchdog = self.pool.loop.call_at(deadline, self._check)
+
+    def _check(self) -> None:
+        self._watchdog = None
+        if self.closed:
+            return
+        now = self.pool.loop.time()
+        exchange = self.exchange
+        if exchange is not None:
+            if exchange.done.done() or exchange.upgraded:
+                return  # finished (re-armed when idle) or a tunnel (no timeout)
+            deadline = exchange.last_activity + exchange.timeout
+            if now + TIMER_SLACK >= deadline:
+                exchange.fail(ProxyError(504, "upstream_timeout", f"deployment {exchange.route.deployment_id} "
+                                         f"did not answer within {exchange.timeout:g}s"))
+            else:
+                self._watchdog = self.pool.loop.call_at(deadline, self._check)
+        elif self._idle_since is not None:
+            deadline = self._idle_since + self._idle_timeout
+            if now + TIMER_SLACK >= deadline:
+                self.close()
+            else:
+                self._watchdog = self.pool.loop.call_at(deadline, self._check)
 
     def should_keep_alive(self) -> bool:
         return self._parser.should_keep_alive()
@@ -631,7 +791,15 @@ class UpstreamConnection(asyncio.Protocol):
 class Exchange:
     """One request relayed to one replica and its response relayed back."""
 
-    def __init__(self, client: ClientConnection, request: Request, upstream: UpstreamConnection, route: Route) -> None:
+    __slots__ = (
+        "client", "request", "upstream", "route", "reason", "headers", "status", "response_started", "received_any",
+        "request_sent", "eof_framed", "chunked_to_client", "keep_client", "upgraded", "head_only", "loop", "timeout",
+        "last_activity", "done", "fast", "address", "load", "written_before",
+    )
+
+    def __init__(
+        self, client: ClientConnection, request: Request, upstream: UpstreamConnection, route: Route, timeout: float
+    ) -> None:
         self.client = client
         self.request = request
         self.upstream = upstream
@@ -647,41 +815,55 @@ class Exchange:
         self.keep_client = False
         self.upgraded = False  # the replica answered 101: a tunnel, not a response
         self.head_only = request.method == b"HEAD"
-        self.last_activity = asyncio.get_running_loop().time()
-        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        loop = upstream.pool.loop
+        self.loop = loop
+        self.timeout = timeout
+        self.last_activity = loop.time()
+        self.done: asyncio.Future[bool] = loop.create_future()
+        # Fast path (see ProxyServer.start_fast): who is told when this ends,
+        # and what the general path needs to take it over.
+        self.fast = False
+        self.address = ""
+        self.load: BindingLoad | None = None
+        self.written_before = client.written
 
     def activity(self) -> None:
         self.received_any = True
-        self.last_activity = asyncio.get_running_loop().time()
+        self.last_activity = self.loop.time()
 
     def fail(self, error: BaseException) -> None:
         if not self.done.done():
             self.done.set_exception(error)
+            if self.fast:
+                self.fast = False
+                self.client.fast_failed(self)
+
+    def cancel(self) -> None:
+        """The client went away while the fast path served this exchange."""
+        if self.fast:
+            self.fast = False
+            self.done.cancel()
+            self.client.server.abandon(self)
 
     # -- request -----------------------------------------------------------
     def send_request(self) -> None:
         request = self.request
-        out = [request.method, b" ", _origin_form(request.target), b" HTTP/1.1\r\n"]
-        drop = set(HOP_BY_HOP) | OVERRIDDEN_REQUEST
-        forwarded_for = b""
-        host = b""
-        for name, value in request.headers:
-            lname = name.lower()
-            if lname == b"connection":
-                drop.update(t.strip().lower() for t in value.split(b",") if t.strip())
-            elif lname == b"x-forwarded-for":
-                forwarded_for = forwarded_for + b", " + value if forwarded_for else value
-            elif lname == b"host":
-                host = value
+        target = request.target
+        out = [request.method, b" ", target if target[:1] == b"/" else _origin_form(target), b" HTTP/1.1\r\n"]
+        drop = _DROP_REQUEST
+        if request.connection_tokens:
+            drop = drop | request.connection_tokens
         if request.upgrade:
-            drop.discard(b"upgrade")
+            drop = drop - {b"upgrade"}
             out.append(b"Connection: Upgrade\r\n")
         for name, value in request.headers:
             if name.lower() not in drop:
                 out += (name, b": ", value, b"\r\n")
-        peer = self.client.peer.encode()
-        out += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer, b"\r\n")
-        out.append(b"X-Forwarded-Proto: http\r\n")
+        forwarded_for = request.forwarded_for
+        peer = self.client.peer_bytes
+        out += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
+                b"\r\nX-Forwarded-Proto: http\r\n")
+        host = request.host
         if host:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
         if request.chunked:
@@ -726,15 +908,16 @@ class Exchange:
         client = self.client
         content_length: bytes | None = None
         chunked = False
-        drop = set(HOP_BY_HOP) | {b"x-berth-deployment"}
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = value
-            elif lname == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lname == b"connection":
-                drop.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        drop = _DROP_RESPONSE
+        lnames = [name.lower() for name, _ in self.headers]
+        for lname, (_, value) in zip(lnames, self.headers, strict=True):
+            if lname in drop or lname == b"content-length":
+                if lname == b"content-length":
+                    content_length = value
+                elif lname == b"transfer-encoding":
+                    chunked = b"chunked" in value.lower()
+                elif lname == b"connection":
+                    drop = drop | {t.strip().lower() for t in value.split(b",") if t.strip()}
         no_body = self.head_only or status in NO_BODY_STATUSES
         self.eof_framed = not no_body and not chunked and content_length is None
         client_11 = self.request.version != "1.0"
@@ -742,12 +925,11 @@ class Exchange:
         framed_for_client = no_body or content_length is not None or self.chunked_to_client
         self.keep_client = framed_for_client and client.keep_alive_after(self.request)
         out = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason or _reason(status))]
-        for name, value in self.headers:
-            lname = name.lower()
-            if lname in drop or (lname == b"content-length" and chunked):
+        for lname, (name, value) in zip(lnames, self.headers, strict=True):
+            if lname in drop or (chunked and lname == b"content-length"):
                 continue
             out += (name, b": ", value, b"\r\n")
-        out += (b"X-Berth-Deployment: ", self.route.deployment_id.encode(), b"\r\n")
+        out += (b"X-Berth-Deployment: ", _deployment_bytes(self.route.deployment_id), b"\r\n")
         if self.route.fallback:
             out.append(b"X-Berth-Fallback: 1\r\n")
         if self.chunked_to_client:
@@ -832,6 +1014,14 @@ class Exchange:
     def _finish(self, *, reusable: bool) -> None:
         if not self.done.done():
             self.done.set_result(reusable and self.request_sent)
+            if self.fast:
+                self.fast = False
+                self.client.server.fast_done(self)
+
+
+@functools.lru_cache(maxsize=1024)
+def _deployment_bytes(deployment_id: str) -> bytes:
+    return deployment_id.encode()
 
 
 def _origin_form(target: bytes) -> bytes:
@@ -857,19 +1047,32 @@ class UpstreamPool:
         self.outstanding: dict[str, int] = {}
         self.connections_opened = 0
         self.gone_probe_interval = 1.0
+        self.loop: asyncio.AbstractEventLoop = _running_loop_or_none()  # type: ignore[assignment]
 
-    def choose(self, addresses: list[str]) -> str:
+    def choose(self, addresses: Sequence[str]) -> str:
+        if len(addresses) == 1:
+            return addresses[0]
         least = min(self.outstanding.get(a, 0) for a in addresses)
         return random.choice([a for a in addresses if self.outstanding.get(a, 0) == least])
 
-    async def acquire(self, address: str) -> tuple[UpstreamConnection, bool]:
+    def take_idle(self, address: str) -> UpstreamConnection | None:
+        """A pooled keep-alive connection to ``address``, marked busy; None if there is none."""
         idle = self._idle.get(address)
         while idle:
             conn = idle.pop()
             if not conn.closed:
                 conn.take()
-                self._busy.setdefault(address, set()).add(conn)
-                return conn, True
+                busy = self._busy.get(address)
+                if busy is None:
+                    busy = self._busy[address] = set()
+                busy.add(conn)
+                return conn
+        return None
+
+    async def acquire(self, address: str) -> tuple[UpstreamConnection, bool]:
+        pooled = self.take_idle(address)
+        if pooled is not None:
+            return pooled, True
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         try:
@@ -985,9 +1188,13 @@ class ProxyServer:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._all_gone: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop = _running_loop_or_none()  # type: ignore[assignment]
+        # addressing headers as received -> what _parse_address made of them
+        self._addressed: dict[tuple[bytes | None, ...], tuple[str, str, str] | None] = {}
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
+        self.loop = self.pool.loop = loop
         self._server = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
@@ -1017,43 +1224,125 @@ class ProxyServer:
         self.pool.close_all()
 
     # -- one request ---------------------------------------------------------
-    async def handle(self, client: ClientConnection, request: Request) -> bool:
-        """Serves one request; returns whether the client connection stays open."""
+    def _address(self, request: Request) -> tuple[str, str, str] | None:
+        """(project, environment, pinned deployment) the request is addressed
+        to, or None for the platform's own endpoints. Raises ProxyError."""
+        key = (request.project, request.environment, request.pinned, request.host)
+        addressed = self._addressed.get(key, _UNKNOWN)
+        if addressed is _UNKNOWN:
+            addressed = self._parse_address(*key)
+            if len(self._addressed) >= ADDRESS_CACHE_SIZE:
+                self._addressed.clear()
+            self._addressed[key] = addressed
+        if addressed is not None and request.method == b"CONNECT":
+            raise ProxyError(405, "method_not_allowed", "the router does not tunnel CONNECT")
+        return addressed  # type: ignore[return-value]
+
+    def _parse_address(
+        self, project_raw: bytes | None, environment_raw: bytes | None, pinned_raw: bytes | None, host: bytes | None
+    ) -> tuple[str, str, str] | None:
+        project = project_raw.decode("latin-1").strip() if project_raw is not None else None
+        environment = environment_raw.decode("latin-1").strip() if environment_raw is not None else None
+        if project is None and environment is None and host is not None:
+            addressed = parse_host(host.decode("latin-1"), self.settings.domain)
+            if addressed is not None:
+                project, environment = addressed
+        if project is None and environment is None:
+            return None
+        if not project or not environment:
+            missing = "X-Berth-Environment" if project else "X-Berth-Project"
+            raise ProxyError(400, "incomplete_address", f"{missing} header is missing; send both "
+                             "X-Berth-Project and X-Berth-Environment (names or ids)")
+        pinned = pinned_raw.decode("latin-1").strip() if pinned_raw is not None else ""
+        return project, environment, pinned
+
+    def start_fast(self, client: ClientConnection, request: Request) -> bool:
+        """The fast path, from the client's parser callback: when the request
+        can go at once to an idle pooled connection of a ready replica, it is
+        sent there now and finished from the replica's callbacks
+        (``fast_done``), with no task and no await. Anything else (platform
+        endpoints, errors, activation, new connections, upgrades) returns False
+        and is served by ``handle``; an exchange that fails is handed over to
+        it too (``ClientConnection.fast_failed``), so retries and error
+        responses have one implementation. True: the request was taken."""
+        if request.upgrade or self.closing:
+            return False
+        try:
+            addressed = self._address(request)
+            if addressed is None:
+                return False
+            route = self.state.table.resolve(*addressed, self.state.endpoints)
+        except (ProxyError, RouteError):
+            return False  # handle() answers it
+        if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
+            return False
+        addresses = self.state.endpoints.get(route.binding_key)
+        if not addresses:
+            return False
+        pool = self.pool
+        address = pool.choose(addresses)
+        upstream = pool.take_idle(address)
+        if upstream is None:
+            return False
+        outstanding = pool.outstanding
+        outstanding[address] = outstanding.get(address, 0) + 1
+        exchange = self._attach(client, request, route, upstream)
+        exchange.fast = True
+        exchange.address = address
+        exchange.load = self.load.begin(route)
+        client._fast = exchange
+        try:
+            exchange.send_request()
+        except Exception as exc:  # noqa: BLE001 - handed to the general path, which logs it and answers 500
+            exchange.fail(exc)
+        return True
+
+    def fast_done(self, exchange: Exchange) -> None:
+        """A fast-path exchange completed: what ``_exchange``, ``_proxy``,
+        ``handle`` and ``ClientConnection._serve`` do after a response."""
+        client, request = exchange.client, exchange.request
+        self._detach(exchange, exchange.done.result())
+        self._release_address(exchange.address)
+        keep = exchange.keep_client and client.keep_alive_after(request)
+        assert exchange.load is not None
+        self.load.end(exchange.load)
+        self._record(client, request, exchange.route, exchange.status)
+        client.fast_served(keep)
+
+    def abandon(self, exchange: Exchange) -> None:
+        """The client of a fast-path exchange went away before the end."""
+        done = exchange.done
+        if done.done() and not done.cancelled():
+            done.exception()  # retrieved: the client is gone, nobody is told
+        self._detach(exchange, False)
+        self._release_address(exchange.address)
+        if exchange.load is not None:
+            self.load.end(exchange.load)
+        self._record(exchange.client, exchange.request, exchange.route, 0)
+
+    async def handle(self, client: ClientConnection, request: Request, resume: Exchange | None = None) -> bool:
+        """Serves one request; returns whether the client connection stays
+        open. ``resume``: the request's failed fast-path exchange, taken over
+        from where it stopped."""
         route: Route | None = None
         status = 0
         try:
-            headers = request.headers
-            project = environment = pinned = host = None
-            for name, value in headers:
-                lname = name.lower()
-                if lname == b"x-berth-project":
-                    project = value.decode("latin-1").strip()
-                elif lname == b"x-berth-environment":
-                    environment = value.decode("latin-1").strip()
-                elif lname == b"x-berth-deployment":
-                    pinned = value.decode("latin-1").strip()
-                elif lname == b"host":
-                    host = value.decode("latin-1")
-            if project is None and environment is None and host is not None:
-                addressed = parse_host(host, self.settings.domain)
-                if addressed is not None:
-                    project, environment = addressed
-            if project is None and environment is None:
-                status, keep = await self._platform(client, request)
-                return keep
-            if not project or not environment:
-                missing = "X-Berth-Environment" if project else "X-Berth-Project"
-                raise ProxyError(400, "incomplete_address", f"{missing} header is missing; send both "
-                                 "X-Berth-Project and X-Berth-Environment (names or ids)")
-            if request.method == b"CONNECT":
-                raise ProxyError(405, "method_not_allowed", "the router does not tunnel CONNECT")
-            route = self.state.table.resolve(project, environment, pinned or "", self.state.endpoints)
-            if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
-                raise ProxyError(413, "body_too_large",
-                                 f"request body exceeds the router's limit of {self.settings.max_body_bytes} bytes")
-            load = self.load.begin(route)
+            if resume is not None:
+                route = resume.route
+                assert resume.load is not None
+                load = resume.load
+            else:
+                addressed = self._address(request)
+                if addressed is None:
+                    status, keep = await self._platform(client, request)
+                    return keep
+                route = self.state.table.resolve(*addressed, self.state.endpoints)
+                if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
+                    raise ProxyError(413, "body_too_large",
+                                     f"request body exceeds the router's limit of {self.settings.max_body_bytes} bytes")
+                load = self.load.begin(route)
             try:
-                status, keep = await self._proxy(client, request, route)
+                status, keep = await self._proxy(client, request, route, resume)
             finally:
                 self.load.end(load)
             return keep
@@ -1066,34 +1355,38 @@ class ProxyServer:
             return client.write_error(exc.status, exc.code, exc.message, request=request,
                                       deployment_id=route.deployment_id if route else "", retry_after=exc.retry_after)
         finally:
-            elapsed = time.perf_counter() - request.started
-            status = status or 499  # the client went away before an answer
-            if self.metrics is not None:
-                if route is not None:
-                    self.metrics.observe(route.project_name, route.environment_name, route.deployment_id,
-                                         status, elapsed)
-                    if route.fallback:
-                        self.metrics.fallbacks.labels(route.project_name, route.environment_name).inc()
-                else:
-                    self.metrics.observe("", "", "", status, elapsed)
-            if access_log.isEnabledFor(logging.INFO):
-                # Only these fields: never a header value (API keys, Authorization,
-                # Cookie) and never the query string (tokens travel there too).
-                path = request.target.split(b"?", 1)[0].decode("latin-1")
-                access_log.info(
-                    "request",
-                    extra={
-                        "method": request.method.decode("latin-1"),
-                        "path": path,
-                        "status": status,
-                        "ms": round(elapsed * 1000, 2),
-                        "peer": client.peer,
-                        "project": route.project_name if route else "",
-                        "environment": route.environment_name if route else "",
-                        "deployment": route.deployment_id if route else "",
-                        "fallback": bool(route and route.fallback),
-                    },
-                )
+            self._record(client, request, route, status)
+
+    def _record(self, client: ClientConnection, request: Request, route: Route | None, status: int) -> None:
+        """Metrics and the access log line of a finished request."""
+        elapsed = time.perf_counter() - request.started
+        status = status or 499  # the client went away before an answer
+        if self.metrics is not None:
+            if route is not None:
+                self.metrics.observe(route.project_name, route.environment_name, route.deployment_id,
+                                     status, elapsed)
+                if route.fallback:
+                    self.metrics.fallbacks.labels(route.project_name, route.environment_name).inc()
+            else:
+                self.metrics.observe("", "", "", status, elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            # Only these fields: never a header value (API keys, Authorization,
+            # Cookie) and never the query string (tokens travel there too).
+            path = request.target.split(b"?", 1)[0].decode("latin-1")
+            access_log.info(
+                "request",
+                extra={
+                    "method": request.method.decode("latin-1"),
+                    "path": path,
+                    "status": status,
+                    "ms": round(elapsed * 1000, 2),
+                    "peer": client.peer,
+                    "project": route.project_name if route else "",
+                    "environment": route.environment_name if route else "",
+                    "deployment": route.deployment_id if route else "",
+                    "fallback": bool(route and route.fallback),
+                },
+            )
 
     async def _platform(self, client: ClientConnection, request: Request) -> tuple[int, bool]:
         if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
@@ -1119,10 +1412,13 @@ class ProxyServer:
         encoded = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in out_headers if n.lower() != "content-length"]
         return status, client.write_response(request, status, encoded, out_body)
 
-    async def _proxy(self, client: ClientConnection, request: Request, route: Route) -> tuple[int, bool]:
+
+    async def _proxy(
+        self, client: ClientConnection, request: Request, route: Route, resume: Exchange | None = None
+    ) -> tuple[int, bool]:
         settings = self.settings
         key = route.binding_key
-        if not self.state.endpoints.get(key):
+        if resume is None and not self.state.endpoints.get(key):
             if self.activator is not None:
                 self.activator.request(route)
             ready = await self.state.endpoints.wait_for(key, settings.activation_timeout)
@@ -1139,33 +1435,40 @@ class ProxyServer:
         stale_retries = 0
         gone_retries = 0
         while True:
-            candidates = [a for a in self.state.endpoints.get(key) if a not in tried]
-            if not candidates:
-                raise ProxyError(
-                    502,
-                    "upstream_unreachable",
-                    f"no replica of deployment {route.deployment_id} accepted a connection ({len(tried)} tried); "
-                    f"see `berth deployment errors {route.deployment_id}`",
-                )
-            address = self.pool.choose(candidates)
-            self.pool.outstanding[address] = self.pool.outstanding.get(address, 0) + 1
+            if resume is not None:
+                # The fast path's attempt (counted in ``outstanding`` already).
+                exchange: Exchange | None = resume
+                address, upstream, resume = resume.address, resume.upstream, None
+            else:
+                exchange = None
+                candidates = [a for a in self.state.endpoints.get(key) if a not in tried]
+                if not candidates:
+                    raise ProxyError(
+                        502,
+                        "upstream_unreachable",
+                        f"no replica of deployment {route.deployment_id} accepted a connection ({len(tried)} tried); "
+                        f"see `berth deployment errors {route.deployment_id}`",
+                    )
+                address = self.pool.choose(candidates)
+                self.pool.outstanding[address] = self.pool.outstanding.get(address, 0) + 1
             try:
+                if exchange is None:
+                    try:
+                        upstream, _ = await self.pool.acquire(address)
+                    except _ConnectFailed as exc:
+                        log.warning("upstream_connect_failed", extra={"address": address, "error": str(exc),
+                                                                      "deployment": route.deployment_id})
+                        tried.add(address)
+                        continue
+                    if address not in self.state.endpoints.get(key):
+                        # The replica left the pool while we connected: its IP may
+                        # already belong to another container (Docker reuses them),
+                        # so this connection is never used.
+                        self.pool.release(upstream, False)
+                        tried.add(address)
+                        continue
                 try:
-                    upstream, _ = await self.pool.acquire(address)
-                except _ConnectFailed as exc:
-                    log.warning("upstream_connect_failed", extra={"address": address, "error": str(exc),
-                                                                  "deployment": route.deployment_id})
-                    tried.add(address)
-                    continue
-                if address not in self.state.endpoints.get(key):
-                    # The replica left the pool while we connected: its IP may
-                    # already belong to another container (Docker reuses them),
-                    # so this connection is never used.
-                    self.pool.release(upstream, False)
-                    tried.add(address)
-                    continue
-                try:
-                    return await self._exchange(client, request, route, upstream)
+                    return await self._exchange(client, request, route, upstream, exchange)
                 except _ReplicaGone:
                     gone_retries += 1
                     tried.add(address)
@@ -1182,37 +1485,58 @@ class ProxyServer:
                                          "the replica closed the connection before answering") from None
                     continue
             finally:
-                self.pool.outstanding[address] -= 1
-                if not self.pool.outstanding[address]:
-                    del self.pool.outstanding[address]
+                self._release_address(address)
 
-    async def _exchange(
+    def _release_address(self, address: str) -> None:
+        outstanding = self.pool.outstanding
+        outstanding[address] -= 1
+        if not outstanding[address]:
+            del outstanding[address]
+
+    def _attach(
         self, client: ClientConnection, request: Request, route: Route, upstream: UpstreamConnection
-    ) -> tuple[int, bool]:
-        exchange = Exchange(client, request, upstream, route)
+    ) -> Exchange:
+        exchange = Exchange(client, request, upstream, route, self.settings.upstream_timeout)
         upstream.exchange = exchange
         client.upstream_transport = upstream.transport
         if client._write_paused and upstream.transport is not None:
             upstream.transport.pause_reading()
+        upstream.watch(exchange)
+        return exchange
+
+    def _detach(self, exchange: Exchange, reusable: bool) -> None:
+        client, upstream = exchange.client, exchange.upstream
+        exchange.request.body.detach()
+        client.upstream_transport = None
+        if upstream.transport is not None and not upstream.closed:
+            upstream.transport.resume_reading()
+        client.resume_reading("upstream")
+        if not exchange.done.done():
+            exchange.done.cancel()
+        self.pool.release(upstream, reusable)
+
+    async def _exchange(
+        self,
+        client: ClientConnection,
+        request: Request,
+        route: Route,
+        upstream: UpstreamConnection,
+        exchange: Exchange | None = None,
+    ) -> tuple[int, bool]:
+        """Relays the request to ``upstream`` (or finishes ``exchange``, a
+        fast-path attempt already under way there). The upstream timeout is
+        the connection's watchdog (``UpstreamConnection.watch``), which fails
+        ``exchange.done`` with a 504."""
         reusable = False
+        if exchange is None:
+            exchange = self._attach(client, request, route, upstream)
+            started = False
+        else:
+            started = True
         try:
-            exchange.send_request()
-            loop = asyncio.get_running_loop()
-            timeout = self.settings.upstream_timeout
-            while True:
-                if exchange.upgraded:
-                    # A tunnel lives as long as both sides keep it open.
-                    reusable = await asyncio.shield(exchange.done)
-                    break
-                remaining = exchange.last_activity + timeout - loop.time()
-                if remaining <= 0:
-                    raise ProxyError(504, "upstream_timeout",
-                                     f"deployment {route.deployment_id} did not answer within {timeout:g}s")
-                try:
-                    reusable = await asyncio.wait_for(asyncio.shield(exchange.done), remaining)
-                    break
-                except TimeoutError:
-                    continue
+            if not started:
+                exchange.send_request()
+            reusable = await exchange.done
         except ProxyError as exc:
             if exchange.response_started:
                 # Too late for an error response: cut the client's connection
@@ -1222,12 +1546,5 @@ class ProxyServer:
                 return exchange.status, False
             raise
         finally:
-            request.body.detach()
-            client.upstream_transport = None
-            if upstream.transport is not None and not upstream.closed:
-                upstream.transport.resume_reading()
-            client.resume_reading("upstream")
-            if not exchange.done.done():
-                exchange.done.cancel()
-            self.pool.release(upstream, reusable)
+            self._detach(exchange, reusable)
         return exchange.status, exchange.keep_client and client.keep_alive_after(request)

@@ -8,8 +8,11 @@ done once per request on the event loop, never an RPC.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+RESOLVED_CACHE_SIZE = 4096  # resolutions remembered until the table changes (bounded whatever clients send)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Route:
     deployment_id: str
     fallback: bool = False  # the pointer's binding failed; served by the previous deployment
 
-    @property
+    @functools.cached_property
     def binding_key(self) -> tuple[str, str]:
         return (self.environment_id, self.deployment_id)
 
@@ -78,9 +81,13 @@ class RoutingTable:
         self._project_ids_by_name: dict[str, str] = {}
         # (project id, environment name) -> environment id
         self._env_by_name: dict[tuple[str, str], str] = {}
+        # (project, environment, deployment) as requested -> (route, fallback route or None, environment);
+        # emptied by every change, so a hit is what resolving again would give
+        self._resolved: dict[tuple[str, str, str], tuple[Route, Route | None, EnvironmentEntry | None]] = {}
 
     # -- changes -----------------------------------------------------------
     def upsert_environment(self, env: EnvironmentEntry) -> None:
+        self._resolved.clear()
         old = self._environments.get(env.id)
         if old is not None and old.name != env.name:
             self._env_by_name.pop((old.project_id, old.name), None)
@@ -89,10 +96,12 @@ class RoutingTable:
         self._note_project(env.project_id, env.project_name)
 
     def upsert_binding(self, binding: BindingEntry, project_name: str = "") -> None:
+        self._resolved.clear()
         self._bindings[(binding.environment_id, binding.deployment_id)] = binding
         self._note_project(binding.project_id, project_name)
 
     def delete_environment(self, environment_id: str) -> None:
+        self._resolved.clear()
         env = self._environments.pop(environment_id, None)
         if env is not None:
             self._env_by_name.pop((env.project_id, env.name), None)
@@ -102,6 +111,7 @@ class RoutingTable:
     def _note_project(self, project_id: str, project_name: str) -> None:
         if not project_id or not project_name:
             return
+        self._resolved.clear()
         old = self._project_names.get(project_id)
         if old is not None and old != project_name and self._project_ids_by_name.get(old) == project_id:
             del self._project_ids_by_name[old]
@@ -145,6 +155,26 @@ class RoutingTable:
         previous deployment's binding in the same environment has ready
         replicas, the route falls back to it (``Route.fallback``). A pinned
         request never falls back."""
+        key = (project, environment, deployment)
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            resolved = self._resolve(project, environment, deployment)
+            if len(self._resolved) >= RESOLVED_CACHE_SIZE:
+                self._resolved.clear()
+            self._resolved[key] = resolved
+        route, fallback, env = resolved
+        if fallback is not None and endpoints is not None and env is not None and (
+            endpoints.status((env.id, env.deployment_id)) == "failed"
+            and endpoints.get((env.id, env.previous_deployment_id))
+        ):
+            return fallback
+        return route
+
+    def _resolve(
+        self, project: str, environment: str, deployment: str
+    ) -> tuple[Route, Route | None, EnvironmentEntry | None]:
+        """``resolve`` without the endpoint check: the route, the fallback
+        route if the environment has a previous deployment, the environment."""
         project_id = self.project_id(project)
         if project_id is None:
             raise RouteError(404, "project_not_found", f"no project named or with id {project!r}")
@@ -175,7 +205,7 @@ class RoutingTable:
                     f"environment of project {project_name!r}; promote it first or drop the X-Berth-Deployment header",
                 )
             bound_env = self._environments.get(binding.environment_id, env)
-            return Route(project_id, project_name, bound_env.id, bound_env.name, deployment)
+            return Route(project_id, project_name, bound_env.id, bound_env.name, deployment), None, None
         if not env.deployment_id:
             raise RouteError(
                 404,
@@ -183,12 +213,10 @@ class RoutingTable:
                 f"environment {env.name!r} of project {project_name!r} has no deployment yet; "
                 f"deploy one with `berth deploy --env {env.name}`",
             )
-        if endpoints is not None and env.previous_deployment_id and (
-            endpoints.status((env.id, env.deployment_id)) == "failed"
-            and endpoints.get((env.id, env.previous_deployment_id))
-        ):
-            return Route(project_id, project_name, env.id, env.name, env.previous_deployment_id, fallback=True)
-        return Route(project_id, project_name, env.id, env.name, env.deployment_id)
+        fallback = None
+        if env.previous_deployment_id:
+            fallback = Route(project_id, project_name, env.id, env.name, env.previous_deployment_id, fallback=True)
+        return Route(project_id, project_name, env.id, env.name, env.deployment_id), fallback, env
 
 
 def parse_host(host: str, domain: str) -> tuple[str, str] | None:
