@@ -19,12 +19,22 @@ from datetime import UTC
 from typing import Any
 
 import click
-from google.protobuf import json_format
 from rich.console import Console
 from rich.table import Table
 
 from berth import errors, local
 from berth.client import Client
+from berth.shapes import (
+    api_key_json,
+    binding_json,
+    deployment_json,
+    entry_json,
+    environment_json,
+    error_json,
+    secret_json,
+    status_json,
+    timestamp,
+)
 from berth.v1 import common_pb2, registry_pb2, scheduler_pb2, secrets_pb2
 
 EXIT_CODES: dict[type[errors.BerthError], int] = {
@@ -52,12 +62,6 @@ ERROR_CODES: dict[type[errors.BerthError], str] = {
 # Piped output is not cut to 80 columns: ids must stay whole for scripts.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 250)
-
-
-def to_dict(message: Any) -> dict[str, Any]:
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
 
 
 class Ctx:
@@ -265,9 +269,6 @@ def env_group() -> None:
     """List, create and delete environments."""
 
 
-def env_dict(e: common_pb2.Environment) -> dict[str, Any]:
-    return {"id": e.id, "name": e.name, "deployment_id": e.deployment_id, "sequence": e.sequence, "protected": e.protected}
-
 
 @env_group.command("list")
 @command
@@ -281,7 +282,7 @@ def env_list(ctx: Ctx) -> None:
             t.add_row(e.name, e.id, e.deployment_id or "-", str(e.sequence), "yes" if e.protected else "")
         out.print(t)
 
-    ctx.emit({"environments": [env_dict(e) for e in envs]}, human)
+    ctx.emit({"environments": [environment_json(e) for e in envs]}, human)
 
 
 @env_group.command("create")
@@ -290,7 +291,7 @@ def env_list(ctx: Ctx) -> None:
 def env_create(ctx: Ctx, name: str) -> None:
     c = ctx.client()
     e = c.call(c.registry.CreateEnvironment, registry_pb2.CreateEnvironmentRequest(project=ctx.project, name=name))
-    ctx.emit({"environment": env_dict(e)}, lambda: out.print(f"Created environment [bold]{e.name}[/] ({e.id})"))
+    ctx.emit({"environment": environment_json(e)}, lambda: out.print(f"Created environment [bold]{e.name}[/] ({e.id})"))
 
 
 @env_group.command("delete")
@@ -301,7 +302,7 @@ def env_delete(ctx: Ctx, name: str) -> None:
     c = ctx.client()
     resp = c.call(c.registry.DeleteEnvironment, registry_pb2.DeleteEnvironmentRequest(project=ctx.project, environment=name))
     e = resp.environment
-    ctx.emit({"environment": env_dict(e)}, lambda: out.print(f"Deleted environment [bold]{e.name}[/] ({e.id})"))
+    ctx.emit({"environment": environment_json(e)}, lambda: out.print(f"Deleted environment [bold]{e.name}[/] ({e.id})"))
 
 
 # ---------------------------------------------------------------- keys
@@ -311,11 +312,6 @@ def env_delete(ctx: Ctx, name: str) -> None:
 def keys() -> None:
     """Create, list and revoke a project's API keys."""
 
-
-def key_dict(k: common_pb2.ApiKeyInfo) -> dict[str, Any]:
-    d = to_dict(k)
-    return {"id": k.id, "name": k.name, "prefix": k.prefix, "created_at": d.get("created_at", ""),
-            "revoked_at": d.get("revoked_at", "") if k.HasField("revoked_at") else ""}
 
 
 @keys.command("create")
@@ -330,7 +326,7 @@ def keys_create(ctx: Ctx, name: str) -> None:
         out.print(f"Created key [bold]{resp.key.name}[/] ({resp.key.id}); shown only once:")
         out.print(f"  {resp.api_key}")
 
-    ctx.emit({"key": key_dict(resp.key), "api_key": resp.api_key}, human)
+    ctx.emit({"key": api_key_json(resp.key), "api_key": resp.api_key}, human)
 
 
 @keys.command("list")
@@ -338,7 +334,7 @@ def keys_create(ctx: Ctx, name: str) -> None:
 def keys_list(ctx: Ctx) -> None:
     c = ctx.client()
     found = c.call(c.registry.ListApiKeys, registry_pb2.ListApiKeysRequest(project=ctx.project)).keys
-    rows = [key_dict(k) for k in found]
+    rows = [api_key_json(k) for k in found]
 
     def human() -> None:
         t = table("NAME", "ID", "PREFIX", "CREATED", "REVOKED")
@@ -356,7 +352,7 @@ def keys_revoke(ctx: Ctx, key: str) -> None:
     """Revoke a key by name or id; it stops working at once."""
     c = ctx.client()
     k = c.call(c.registry.RevokeApiKey, registry_pb2.RevokeApiKeyRequest(project=ctx.project, key=key))
-    ctx.emit({"key": key_dict(k)}, lambda: out.print(f"Revoked key [bold]{k.name}[/] ({k.id})"))
+    ctx.emit({"key": api_key_json(k)}, lambda: out.print(f"Revoked key [bold]{k.name}[/] ({k.id})"))
 
 
 # ---------------------------------------------------------------- deploy
@@ -433,18 +429,6 @@ def print_errors(ctx: Ctx, deployment_id: str) -> None:
         err.print(f"  {e.kind} ({e.environment or e.environment_id}, x{e.count}): {e.message}")
 
 
-def deployment_dict(d: common_pb2.Deployment) -> dict[str, Any]:
-    return {
-        "id": d.id,
-        "project_id": d.project_id,
-        "image": d.image,
-        "image_id": d.image_id,
-        "state": d.state,
-        "created_at": to_dict(d).get("created_at", ""),
-        "created_by": d.created_by,
-        "config": to_dict(d.config),
-    }
-
 
 @main.command()
 @click.argument("path", required=False, type=click.Path(file_okay=False, path_type=pathlib.Path))
@@ -495,7 +479,7 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
     )
     d, e = resp.deployment, resp.environment
     status = wait_for_binding(ctx, d.id, e.id, timeout) if wait else None
-    data: dict[str, Any] = {"deployment": deployment_dict(d), "environment": env_dict(e)}
+    data: dict[str, Any] = {"deployment": deployment_json(d), "environment": environment_json(e)}
     if status is not None:
         data["status"] = status.status
 
@@ -525,10 +509,10 @@ def deployments_list(ctx: Ctx, environment: str) -> None:
     def human() -> None:
         t = table("DEPLOYMENT", "IMAGE", "STATE", "CREATED", "BY")
         for d in deps:
-            t.add_row(d.id, d.image, d.state, short_time(to_dict(d).get("created_at", "")), d.created_by)
+            t.add_row(d.id, d.image, d.state, short_time(timestamp(d, "created_at")), d.created_by)
         out.print(t)
 
-    ctx.emit({"deployments": [deployment_dict(d) for d in deps]}, human)
+    ctx.emit({"deployments": [deployment_json(d) for d in deps]}, human)
 
 
 # ---------------------------------------------------------------- deployment ...
@@ -546,33 +530,6 @@ def latest_deployment_id(ctx: Ctx) -> str:
         raise errors.NotFound("this project has no deployments yet", hint="berth deploy PATH")
     return deps[0].id
 
-
-def status_dict(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
-    data = deployment_dict(s.deployment)
-    data["bindings"] = [
-        {
-            "environment": b.environment,
-            "environment_id": b.environment_id,
-            "status": b.status,
-            "serving": b.serving,
-            "min_replicas": b.min_replicas,
-            "max_replicas": b.max_replicas,
-            "replicas": [
-                {
-                    "id": r.id,
-                    "name": r.name,
-                    "index": r.index,
-                    "state": r.state,
-                    "started_at": to_dict(r).get("started_at", ""),
-                    "restarts": r.restarts,
-                    "address": r.address,
-                }
-                for r in b.replicas
-            ],
-        }
-        for b in s.bindings
-    ]
-    return data
 
 
 def uptime(started_at: str) -> str:
@@ -600,7 +557,7 @@ def deployment_status(ctx: Ctx, deployment_id: str | None, environment: str) -> 
         c.scheduler.GetDeploymentStatus,
         scheduler_pb2.GetDeploymentStatusRequest(project=ctx.project, deployment_id=deployment_id, environment=environment),
     )
-    data = status_dict(s)
+    data = status_json(s)
 
     def human() -> None:
         out.print(f"Deployment [bold]{s.deployment.id}[/]  {s.deployment.image}  ({s.deployment.state})")
@@ -623,18 +580,7 @@ def deployment_errors(ctx: Ctx, deployment_id: str | None) -> None:
     c = ctx.client()
     deployment_id = deployment_id or latest_deployment_id(ctx)
     found = c.call(c.scheduler.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id)).errors
-    rows = [
-        {
-            "kind": e.kind,
-            "message": e.message,
-            "environment": e.environment,
-            "replica": e.replica,
-            "count": e.count,
-            "first_seen": to_dict(e).get("first_seen", ""),
-            "last_seen": to_dict(e).get("last_seen", ""),
-        }
-        for e in found
-    ]
+    rows = [error_json(e) for e in found]
 
     def human() -> None:
         if not rows:
@@ -648,21 +594,10 @@ def deployment_errors(ctx: Ctx, deployment_id: str | None) -> None:
     ctx.emit({"deployment_id": deployment_id, "errors": rows}, human)
 
 
-def binding_dict(b: common_pb2.Binding) -> dict[str, Any]:
-    return {
-        "environment": b.environment_name,
-        "environment_id": b.environment_id,
-        "deployment_id": b.deployment.id,
-        "min_replicas": b.min_replicas,
-        "max_replicas": b.max_replicas,
-        "state": b.state,
-        "serving": b.serving,
-    }
-
 
 def report_binding(ctx: Ctx, verb: str, b: common_pb2.Binding) -> None:
     ctx.emit(
-        {"binding": binding_dict(b)},
+        {"binding": binding_json(b)},
         lambda: out.print(
             f"{verb} {b.deployment.id} in [bold]{b.environment_name}[/]: replicas {b.min_replicas}..{b.max_replicas}"
         ),
@@ -718,7 +653,7 @@ def deployment_terminate(ctx: Ctx, deployment_id: str) -> None:
     """Stop every replica; the record and image stay."""
     c = ctx.client()
     d = c.call(c.registry.TerminateDeployment, registry_pb2.TerminateDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
-    ctx.emit({"deployment": deployment_dict(d)}, lambda: out.print(f"Terminated [bold]{d.id}[/] (start it again with 'berth deployment start {d.id}')"))
+    ctx.emit({"deployment": deployment_json(d)}, lambda: out.print(f"Terminated [bold]{d.id}[/] (start it again with 'berth deployment start {d.id}')"))
 
 
 @deployment.command("start")
@@ -728,24 +663,11 @@ def deployment_start(ctx: Ctx, deployment_id: str) -> None:
     """Bring a terminated deployment back to its bounds."""
     c = ctx.client()
     d = c.call(c.registry.StartDeployment, registry_pb2.StartDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
-    ctx.emit({"deployment": deployment_dict(d)}, lambda: out.print(f"Started [bold]{d.id}[/]"))
+    ctx.emit({"deployment": deployment_json(d)}, lambda: out.print(f"Started [bold]{d.id}[/]"))
 
 
 # ---------------------------------------------------------------- promote / rollback / history
 
-
-def entry_dict(h: common_pb2.HistoryEntry) -> dict[str, Any]:
-    return {
-        "sequence": h.sequence,
-        "kind": h.kind,
-        "deployment_id": h.deployment_id,
-        "previous_deployment_id": h.previous_deployment_id,
-        "min_replicas": h.min_replicas,
-        "max_replicas": h.max_replicas,
-        "actor": h.actor,
-        "reason": h.reason,
-        "created_at": to_dict(h).get("created_at", ""),
-    }
 
 
 def confirm_protected(ctx: Ctx, environment: str, yes: bool) -> bool:
@@ -763,7 +685,7 @@ def confirm_protected(ctx: Ctx, environment: str, yes: bool) -> bool:
 def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wait: bool, timeout: float) -> None:
     e, h = resp.environment, resp.entry
     status = wait_for_binding(ctx, h.deployment_id, e.id, timeout) if wait else None
-    data: dict[str, Any] = {"environment": env_dict(e), "entry": entry_dict(h)}
+    data: dict[str, Any] = {"environment": environment_json(e), "entry": entry_json(h)}
     if status is not None:
         data["status"] = status.status
 
@@ -832,7 +754,7 @@ def history(ctx: Ctx, environment: str) -> None:
     """The promotion history of an environment, oldest first."""
     c = ctx.client()
     entries = c.call(c.registry.ListHistory, registry_pb2.ListHistoryRequest(project=ctx.project, environment=environment)).entries
-    rows = [entry_dict(h) for h in entries]
+    rows = [entry_json(h) for h in entries]
 
     def human() -> None:
         t = table("SEQ", "KIND", "DEPLOYMENT", "PREVIOUS", "REPLICAS", "BY", "WHEN", "REASON")
@@ -852,10 +774,6 @@ def secrets() -> None:
     """Set, list, version and delete secrets (values are write-only)."""
 
 
-def secret_dict(s: secrets_pb2.SecretInfo) -> dict[str, Any]:
-    return {"name": s.name, "type": s.type, "scope": s.scope, "version": s.version, "deleted": s.deleted,
-            "updated_at": to_dict(s).get("updated_at", ""), "updated_by": s.updated_by}
-
 
 @secrets.command("set")
 @click.option("--name", required=True)
@@ -874,7 +792,7 @@ def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: b
         raise errors.InvalidArgument("no terminal to prompt on", hint="pipe the value and pass --stdin")
     c = ctx.client()
     s = c.call(c.secrets.SetSecret, secrets_pb2.SetSecretRequest(project=ctx.project, name=name, type=type_, value=value, environment=environment))
-    ctx.emit({"secret": secret_dict(s)}, lambda: out.print(f"Set {s.name} ({s.type}, {s.scope}) version {s.version}"))
+    ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Set {s.name} ({s.type}, {s.scope}) version {s.version}"))
 
 
 @secrets.command("list")
@@ -883,7 +801,7 @@ def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: b
 def secrets_list(ctx: Ctx, environment: str) -> None:
     c = ctx.client()
     found = c.call(c.secrets.ListSecrets, secrets_pb2.ListSecretsRequest(project=ctx.project, environment=environment)).secrets
-    rows = [secret_dict(s) for s in found]
+    rows = [secret_json(s) for s in found]
 
     def human() -> None:
         t = table("NAME", "TYPE", "SCOPE", "VERSION", "UPDATED")
@@ -901,7 +819,7 @@ def secrets_list(ctx: Ctx, environment: str) -> None:
 def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
     c = ctx.client()
     s = c.call(c.secrets.DeleteSecret, secrets_pb2.DeleteSecretRequest(project=ctx.project, name=name, environment=environment)).secret
-    ctx.emit({"secret": secret_dict(s)}, lambda: out.print(f"Deleted {s.name} ({s.scope}) as version {s.version}; replicas that resolved it are replaced"))
+    ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Deleted {s.name} ({s.scope}) as version {s.version}; replicas that resolved it are replaced"))
 
 
 @secrets.command("versions")
@@ -912,7 +830,7 @@ def secrets_versions(ctx: Ctx, name: str, environment: str) -> None:
     """Every version of a secret (never the values)."""
     c = ctx.client()
     found = c.call(c.secrets.ListSecretVersions, secrets_pb2.ListSecretVersionsRequest(project=ctx.project, name=name, environment=environment)).versions
-    rows = [secret_dict(v) for v in found]
+    rows = [secret_json(v) for v in found]
 
     def human() -> None:
         t = table("VERSION", "TYPE", "SCOPE", "DELETED", "CREATED", "BY")
@@ -932,7 +850,7 @@ def secrets_rollback(ctx: Ctx, name: str, to_version: int, environment: str) -> 
     """Restore an earlier version's value as a new version."""
     c = ctx.client()
     s = c.call(c.secrets.RollbackSecret, secrets_pb2.RollbackSecretRequest(project=ctx.project, name=name, environment=environment, to_version=to_version))
-    ctx.emit({"secret": secret_dict(s)}, lambda: out.print(f"Restored {s.name} to the value of version {to_version} as version {s.version}"))
+    ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Restored {s.name} to the value of version {to_version} as version {s.version}"))
 
 
 @secrets.command("rotate-key")

@@ -31,8 +31,16 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from berth.shapes import (
+    binding_json,
+    deployment_json,
+    entry_json,
+    environment_json,
+    error_json,
+    secret_json,
+    status_json,
+)
 from berth.v1 import (
-    common_pb2,
     registry_pb2,
     registry_pb2_grpc,
     scheduler_pb2,
@@ -271,124 +279,6 @@ PUT_SECRET = Body((
     Field("value", str, True, "the value; write-only, never returned", plain_text=False),
     Field("environment_id", str, description=ENV_FIELD_DOC + "; absent = project scope"),
 ))
-
-
-# --------------------------------------------------------------------------
-# Output: the same plain names as the CLI's JSON
-# --------------------------------------------------------------------------
-
-
-def _ts(message: Message, name: str) -> str:
-    return getattr(message, name).ToJsonString() if message.HasField(name) else ""
-
-
-def deployment_json(d: common_pb2.Deployment) -> dict[str, Any]:
-    c = d.config
-    return {
-        "id": d.id,
-        "project_id": d.project_id,
-        "image": d.image,
-        "image_id": d.image_id,
-        "state": d.state,
-        "created_at": _ts(d, "created_at"),
-        "created_by": d.created_by,
-        "config": {
-            "port": c.port,
-            "command": list(c.command),
-            "health_path": c.health_path,
-            "variables": dict(c.variables),
-            "resources": {"memory_bytes": c.resources.memory_bytes, "cpus": c.resources.cpus},
-        },
-    }
-
-
-def environment_json(e: common_pb2.Environment) -> dict[str, Any]:
-    return {
-        "id": e.id,
-        "name": e.name,
-        "project_id": e.project_id,
-        "project_name": e.project_name,
-        "deployment_id": e.deployment_id,
-        "previous_deployment_id": e.previous_deployment_id,
-        "sequence": e.sequence,
-        "protected": e.protected,
-        "created_at": _ts(e, "created_at"),
-    }
-
-
-def entry_json(h: common_pb2.HistoryEntry) -> dict[str, Any]:
-    return {
-        "sequence": h.sequence,
-        "kind": h.kind,
-        "deployment_id": h.deployment_id,
-        "previous_deployment_id": h.previous_deployment_id,
-        "min_replicas": h.min_replicas,
-        "max_replicas": h.max_replicas,
-        "actor": h.actor,
-        "reason": h.reason,
-        "created_at": _ts(h, "created_at"),
-    }
-
-
-def binding_json(b: common_pb2.Binding) -> dict[str, Any]:
-    return {
-        "environment_id": b.environment_id,
-        "environment": b.environment_name,
-        "deployment_id": b.deployment.id,
-        "min_replicas": b.min_replicas,
-        "max_replicas": b.max_replicas,
-        "state": b.state,
-        "serving": b.serving,
-        "updated_at": _ts(b, "updated_at"),
-    }
-
-
-def status_json(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
-    data = deployment_json(s.deployment)
-    data["bindings"] = [
-        {
-            "environment": b.environment,
-            "environment_id": b.environment_id,
-            "status": b.status,
-            "serving": b.serving,
-            "min_replicas": b.min_replicas,
-            "max_replicas": b.max_replicas,
-            "replicas": [
-                {"id": r.id, "name": r.name, "index": r.index, "state": r.state,
-                 "started_at": _ts(r, "started_at"), "restarts": r.restarts, "address": r.address}
-                for r in b.replicas
-            ],
-        }
-        for b in s.bindings
-    ]
-    return data
-
-
-def error_json(e: scheduler_pb2.DeploymentError) -> dict[str, Any]:
-    return {
-        "kind": e.kind,
-        "message": e.message,
-        "environment": e.environment,
-        "environment_id": e.environment_id,
-        "replica": e.replica,
-        "count": e.count,
-        "first_seen": _ts(e, "first_seen"),
-        "last_seen": _ts(e, "last_seen"),
-    }
-
-
-def secret_json(s: secrets_pb2.SecretInfo) -> dict[str, Any]:
-    # SecretInfo has no value field: a value can never leak through here.
-    return {
-        "name": s.name,
-        "type": s.type,
-        "scope": s.scope,
-        "environment_id": s.environment_id,
-        "version": s.version,
-        "created_at": _ts(s, "created_at"),
-        "updated_at": _ts(s, "updated_at"),
-        "updated_by": s.updated_by,
-    }
 
 
 # --------------------------------------------------------------------------

@@ -108,6 +108,7 @@ SCHEMAS: dict[str, Any] = {
         "scope": {"type": "string", "description": "project | environment:<name>"},
         "environment_id": STRING,
         "version": INTEGER,
+        "deleted": BOOLEAN,
         "created_at": TIME,
         "updated_at": TIME,
         "updated_by": STRING,
