@@ -67,6 +67,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--stop-grace", type=float, default=float(env("BERTH_STOP_GRACE", "10")), help="seconds after SIGTERM"
     )
     parser.add_argument(
+        "--engine-workers",
+        type=int,
+        default=int(env("BERTH_ENGINE_WORKERS", "8")),
+        help="concurrent calls to the Docker engine",
+    )
+    parser.add_argument(
         "--keep-warm",
         type=float,
         default=float(env("BERTH_KEEP_WARM", "600")),
@@ -97,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("scale_down_window", "idle_window", "stop_grace", "drain_delay", "keep_warm", "restart_backoff"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} cannot be negative")
+    if args.engine_workers < 1:
+        parser.error("--engine-workers must be at least 1")
     if args.unhealthy_after < 1:
         parser.error("--unhealthy-after must be at least 1")
     return args
@@ -116,7 +124,8 @@ async def serve(args: argparse.Namespace) -> None:
         scale_down_window=args.scale_down_window,
         idle_window=args.idle_window,
     )
-    adapter = DockerAdapter(docker.from_env(timeout=60), network=args.network)
+    adapter = DockerAdapter(docker.from_env(timeout=60, max_pool_size=args.engine_workers + 2),
+                            network=args.network, workers=args.engine_workers)
     events = EventStore(args.data_dir)
     table = DesiredTable()
     secrets = GrpcSecretsResolver(args.secrets, args.service_token)

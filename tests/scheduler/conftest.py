@@ -27,34 +27,53 @@ def docker_client() -> docker.DockerClient:
     return engine()
 
 
+def _remove_labelled(docker_client: docker.DockerClient, label: str) -> None:
+    for c in docker_client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
+        try:
+            c.remove(force=True)
+        except docker.errors.NotFound:
+            pass
+
+
 @pytest.fixture(scope="session")
-def instance(docker_client: docker.DockerClient) -> Iterator[str]:
+def session_name(docker_client: docker.DockerClient) -> Iterator[str]:
+    """Labels this session's images and stray containers."""
     name = f"test{uuid.uuid4().hex[:8]}"
     yield name
-    for label in (f"berth.instance={name}", f"{SESSION_LABEL}={name}"):
-        for c in docker_client.containers.list(all=True, filters={"label": label}, ignore_removed=True):
-            try:
-                c.remove(force=True)
-            except docker.errors.NotFound:
-                pass
+    _remove_labelled(docker_client, f"{SESSION_LABEL}={name}")
 
 
 @pytest.fixture(scope="session")
-def built_images(docker_client: docker.DockerClient, instance: str) -> Iterator[list[str]]:
+def _instances(docker_client: docker.DockerClient) -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    for name in names:  # again at the end: a create in flight when a test ended lands late
+        _remove_labelled(docker_client, f"berth.instance={name}")
+        _remove_labelled(docker_client, f"{SESSION_LABEL}={name}")
+
+
+@pytest.fixture
+def instance(docker_client: docker.DockerClient, _instances: list[str]) -> Iterator[str]:
+    """A platform instance of its own per test, so no test ever sees (or
+    removes as an orphan) another test's replicas."""
+    name = f"test{uuid.uuid4().hex[:8]}"
+    _instances.append(name)
+    yield name
+    _remove_labelled(docker_client, f"berth.instance={name}")
+    _remove_labelled(docker_client, f"{SESSION_LABEL}={name}")  # the test's own outside-Berth containers
+
+
+@pytest.fixture(scope="session")
+def built_images(
+    docker_client: docker.DockerClient, session_name: str, _instances: list[str]
+) -> Iterator[list[str]]:
     """Image ids this session built; at the end the session's containers are
     removed first, then these images."""
     ids: list[str] = []
     yield ids
-    for c in docker_client.containers.list(all=True, filters={"label": f"berth.instance={instance}"}, ignore_removed=True):
-        try:
-            c.remove(force=True)
-        except docker.errors.NotFound:
-            pass
-    for c in docker_client.containers.list(all=True, filters={"label": f"{SESSION_LABEL}={instance}"}, ignore_removed=True):
-        try:
-            c.remove(force=True)
-        except docker.errors.NotFound:
-            pass
+    for name in (*_instances, session_name):
+        _remove_labelled(docker_client, f"berth.instance={name}")
+        _remove_labelled(docker_client, f"{SESSION_LABEL}={name}")
     for image_id in ids:
         try:
             docker_client.images.remove(image_id, force=True)
@@ -63,14 +82,14 @@ def built_images(docker_client: docker.DockerClient, instance: str) -> Iterator[
 
 
 @pytest.fixture(scope="session")
-def worker_image(docker_client: docker.DockerClient, built_images: list[str], instance: str) -> tuple[str, str]:
-    tag, image_id = build_worker_image(docker_client, version="v1", labels={SESSION_LABEL: instance})
+def worker_image(docker_client: docker.DockerClient, built_images: list[str], session_name: str) -> tuple[str, str]:
+    tag, image_id = build_worker_image(docker_client, version="v1", labels={SESSION_LABEL: session_name})
     built_images.append(image_id)
     return tag, image_id
 
 
 @pytest.fixture(scope="session")
-def busybox_image(docker_client: docker.DockerClient, built_images: list[str], instance: str) -> str:
+def busybox_image(docker_client: docker.DockerClient, built_images: list[str], session_name: str) -> str:
     """A bare busybox image with no entrypoint, so a deployment's
     ``command`` is the whole command line (crash, OOM and start-failure
     tests). Returns its image id."""
@@ -88,8 +107,8 @@ def busybox_image(docker_client: docker.DockerClient, built_images: list[str], i
             tar.addfile(info, io.BytesIO(data))
     buf.seek(0)
     image, _ = docker_client.images.build(
-        fileobj=buf, custom_context=True, tag=f"berth-test-busybox:{instance}",
-        labels={"berth.test": RUN_ID, SESSION_LABEL: instance}, rm=True,
+        fileobj=buf, custom_context=True, tag=f"berth-test-busybox:{session_name}",
+        labels={"berth.test": RUN_ID, SESSION_LABEL: session_name}, rm=True,
     )
     built_images.append(image.id)
     return image.id

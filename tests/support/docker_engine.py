@@ -56,8 +56,10 @@ if [ -n "$SHOW_SECRET" ]; then eval "echo secret=\\$$SHOW_SECRET"; fi
 
 # busybox httpd does not pass the container's environment to CGIs, so the
 # entrypoint writes it into the script's directory first.
+# The image ships the applets it needs as symlinks (see APPLETS), so a replica
+# starts without installing busybox's applets first.
+APPLETS = ("sh", "mkdir", "cat", "chmod", "httpd", "env", "sleep", "dd", "true", "false")
 ENTRYPOINT = """#!/bin/sh
-/bin/busybox --install -s /bin
 mkdir -p /www/cgi-bin
 export -p > /www/env.sh
 { echo '#!/bin/sh'; echo '. /www/env.sh'; cat /app/cgi.sh; } > /www/cgi-bin/index.cgi
@@ -73,6 +75,14 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o755) -> Non
     tar.addfile(info, io.BytesIO(data))
 
 
+def _add_applets(tar: tarfile.TarFile) -> None:
+    for applet in APPLETS:
+        link = tarfile.TarInfo(f"applets/{applet}")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "busybox"
+        tar.addfile(link)
+
+
 def build_worker_image(
     client: docker.DockerClient, *, version: str, tag: str | None = None, labels: dict[str, str] | None = None
 ) -> tuple[str, str]:
@@ -81,6 +91,7 @@ def build_worker_image(
     tag = tag or f"berth-test-worker:{version}-{uuid.uuid4().hex[:8]}"
     dockerfile = f"""FROM scratch
 COPY busybox /bin/busybox
+COPY applets/ /bin/
 COPY entrypoint.sh /app/entrypoint.sh
 COPY cgi.sh /app/cgi.sh
 ENV WORKER_VERSION={version} PATH=/bin
@@ -93,6 +104,7 @@ ENTRYPOINT ["/bin/busybox", "sh", "/app/entrypoint.sh"]
             _add(tar, "busybox", f.read())
         _add(tar, "entrypoint.sh", ENTRYPOINT.encode())
         _add(tar, "cgi.sh", CGI_SCRIPT.encode())
+        _add_applets(tar)
     buf.seek(0)
     image, _ = client.images.build(
         fileobj=buf, custom_context=True, tag=tag, labels={"berth.test": RUN_ID, **(labels or {})}, rm=True
@@ -105,8 +117,12 @@ def write_worker_context(directory: str, *, version: str) -> None:
     ``berth deploy PATH``."""
     import os
 
-    os.makedirs(directory, exist_ok=True)
+    os.makedirs(os.path.join(directory, "applets"), exist_ok=True)
     shutil.copy(BUSYBOX, os.path.join(directory, "busybox"))
+    for applet in APPLETS:
+        link = os.path.join(directory, "applets", applet)
+        if not os.path.islink(link):
+            os.symlink("busybox", link)
     with open(os.path.join(directory, "entrypoint.sh"), "w") as f:
         f.write(ENTRYPOINT)
     with open(os.path.join(directory, "cgi.sh"), "w") as f:
@@ -115,6 +131,7 @@ def write_worker_context(directory: str, *, version: str) -> None:
         f.write(
             f"""FROM scratch
 COPY busybox /bin/busybox
+COPY applets/ /bin/
 COPY entrypoint.sh /app/entrypoint.sh
 COPY cgi.sh /app/cgi.sh
 ENV WORKER_VERSION={version} PATH=/bin
