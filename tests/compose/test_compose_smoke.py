@@ -41,6 +41,10 @@ def compose(tmp_path_factory):
         docker = engine()
         for image in docker.images.list(filters={"label": "berth.project=smoke"}):
             docker.images.remove(image.id, force=True)
+        try:
+            docker.images.remove("berth:dev", force=True)  # the platform image this test built
+        except Exception:  # noqa: BLE001 - already gone
+            pass
 
 
 def test_deploy_route_promote_through_compose(compose):
