@@ -10,13 +10,8 @@ export BERTH_DATA_DIR="$DATA_DIR"
 mkdir -p "$DATA_DIR"
 
 if ! curl -fsS http://127.0.0.1:8080/healthz >/dev/null 2>&1; then
-  echo "==> starting the platform (berth up), logs in $DATA_DIR/berth-up.log"
-  nohup berth up >"$DATA_DIR/berth-up.log" 2>&1 &
-  for _ in $(seq 1 90); do
-    grep -q "Berth is up" "$DATA_DIR/berth-up.log" 2>/dev/null && break
-    sleep 1
-  done
-  grep -q "Berth is up" "$DATA_DIR/berth-up.log" || { cat "$DATA_DIR/berth-up.log"; exit 1; }
+  echo "==> starting the platform in the background (logs in $DATA_DIR/berth-up.log; 'berth down' stops it)"
+  berth up --detach
 fi
 
 CREDENTIALS="$DATA_DIR/hello-project.env"
