@@ -207,7 +207,6 @@ def up(data_dir: str | None, database_url: str | None, host: str, router_port: i
         platform.supervise(lambda: stopping["flag"])
     except RuntimeError as exc:
         err.print(f"[bold red]error:[/] {exc}")
-        platform.stop()
         sys.exit(8)
     finally:
         platform.stop()
@@ -245,7 +244,8 @@ def projects_create(ctx: Ctx, name: str, print_env: bool) -> None:
         raise errors.Unauthenticated(
             "no admin key found", hint="run 'berth up' on this machine first, or set BERTH_ADMIN_KEY"
         )
-    resp = ctx.client(api_key=admin).call(ctx.client().registry.CreateProject, registry_pb2.CreateProjectRequest(name=name))
+    c = ctx.client(api_key=admin)
+    resp = c.call(c.registry.CreateProject, registry_pb2.CreateProjectRequest(name=name))
     data = {"project": {"id": resp.project.id, "name": resp.project.name}, "api_key": resp.api_key}
 
     if print_env and not ctx.json:

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import grpc
@@ -41,9 +40,12 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.BerthError:
 
 @dataclass(frozen=True)
 class Endpoints:
-    registry: str = os.environ.get("BERTH_REGISTRY_ADDR", "127.0.0.1:50051")
-    secrets: str = os.environ.get("BERTH_SECRETS_ADDR", "127.0.0.1:50052")
-    scheduler: str = os.environ.get("BERTH_SCHEDULER_ADDR", "127.0.0.1:50053")
+    """Service addresses; ``berth.local.endpoints()`` fills them from the
+    environment and the running platform's ``platform.json``."""
+
+    registry: str = "127.0.0.1:50051"
+    secrets: str = "127.0.0.1:50052"
+    scheduler: str = "127.0.0.1:50053"
 
 
 @dataclass

@@ -2,7 +2,6 @@
 of what is safe, and authentication through the registry."""
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -69,7 +68,6 @@ class RegistryAuthenticator:
         self._admin_key = admin_key
         self._ttl = ttl
         self._cache: dict[str, tuple[float, Principal]] = {}
-        self._lock = asyncio.Lock()
 
     async def __call__(self, api_key: str) -> Principal:
         if not api_key:
@@ -97,6 +95,8 @@ class RegistryAuthenticator:
             key_name=answer.key_name,
             admin=answer.admin,
         )
+        if len(self._cache) > 10_000:  # drop expired entries rather than grow without bound
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
         self._cache[api_key] = (now + self._ttl, principal)
         return principal
 
