@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 FLUSH_INTERVAL = 0.25
@@ -26,25 +27,41 @@ MAX_BUFFERED = 256
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+# (second, its text) and (millisecond, its text): each one tuple, replaced in
+# one assignment whichever thread formats.
+_second_stamp = (-1, "")
+_milli_stamp = (-1, "")
+
+
+def timestamp(created: float) -> str:
+    """``created`` (seconds since the epoch) as the ``time`` field of a line;
+    strftime runs once per second, the milliseconds once per millisecond (a
+    busy router writes dozens of lines in one)."""
+    global _second_stamp, _milli_stamp
+    milli = int(created * 1000)
+    cached_milli, text = _milli_stamp
+    if milli == cached_milli:
+        return text
+    second, fraction = divmod(milli, 1000)
+    cached_second, stamp = _second_stamp
+    if second != cached_second:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        _second_stamp = (second, stamp)
+    text = f"{stamp},{fraction:03d}"
+    _milli_stamp = (milli, text)
+    return text
+
+
 class JsonLineFormatter(logging.Formatter):
     """``{"time", "level", "logger", "event", "service", ...extra}`` per line."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
         self._service = service
-        self._second = -1
-        self._stamp = ""
-
-    def _time(self, created: float) -> str:
-        second = int(created)
-        if second != self._second:  # strftime once per second, not per line
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{int((created - second) * 1000):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": self._time(record.created),
+            "time": timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "event": record.getMessage(),
@@ -82,6 +99,15 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if urgent:
             self.flush()
 
+    def write_line(self, line: str) -> None:
+        """Adds a line formatted by the caller (an INFO line) to the batch."""
+        with self.lock:  # type: ignore[union-attr]
+            lines = self._lines
+            lines.append(line)
+            urgent = len(lines) >= MAX_BUFFERED
+        if urgent:
+            self.flush()
+
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
             if not self._lines:
@@ -102,6 +128,17 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._stop.set()
         self.flush()
         super().close()
+
+
+def line_writer() -> Callable[[str], None] | None:
+    """Where a hot path may hand preformatted JSON lines directly: the
+    batching handler installed by ``configure``, or None when logging is set
+    up otherwise (tests, embedding), where records must go through
+    ``logging``."""
+    handlers = logging.getLogger().handlers
+    if len(handlers) == 1 and isinstance(handlers[0], BatchingStreamHandler):
+        return handlers[0].write_line
+    return None
 
 
 def configure(service: str, level: str | None = None) -> None:

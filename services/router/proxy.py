@@ -27,13 +27,13 @@ from http import HTTPStatus
 
 import httptools
 
+from services.router.accesslog import AccessLog
 from services.router.control import Activator, BindingLoad, LoadTracker
 from services.router.metrics import RouterMetrics
 from services.router.platform import Platform
 from services.router.table import Route, RouteError, RoutingState, parse_host
 
 log = logging.getLogger("berth.router.proxy")
-access_log = logging.getLogger("berth.router.access")
 
 # Headers meaningful for one connection only (RFC 9110 §7.6.1), plus the
 # proxy's own concerns; never forwarded in either direction.
@@ -296,8 +296,8 @@ class ClientConnection(asyncio.Protocol):
 
     # -- transport ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports implement asyncio.Transport without subclassing it)
+        self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.peer_bytes = self.peer.encode()
@@ -660,8 +660,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False  # after a 101: bytes go straight to the client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -1174,8 +1173,10 @@ class ProxyServer:
         load: LoadTracker | None = None,
         metrics: RouterMetrics | None = None,
         activator: Activator | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.state = state
+        self.access_log = access_log or AccessLog()
         self.platform = platform
         self.settings = settings or ProxySettings()
         self.load = load or LoadTracker()
@@ -1369,24 +1370,9 @@ class ProxyServer:
                     self.metrics.fallbacks.labels(route.project_name, route.environment_name).inc()
             else:
                 self.metrics.observe("", "", "", status, elapsed)
-        if access_log.isEnabledFor(logging.INFO):
-            # Only these fields: never a header value (API keys, Authorization,
-            # Cookie) and never the query string (tokens travel there too).
-            path = request.target.split(b"?", 1)[0].decode("latin-1")
-            access_log.info(
-                "request",
-                extra={
-                    "method": request.method.decode("latin-1"),
-                    "path": path,
-                    "status": status,
-                    "ms": round(elapsed * 1000, 2),
-                    "peer": client.peer,
-                    "project": route.project_name if route else "",
-                    "environment": route.environment_name if route else "",
-                    "deployment": route.deployment_id if route else "",
-                    "fallback": bool(route and route.fallback),
-                },
-            )
+        access_log = self.access_log
+        if access_log.enabled:
+            access_log.record(request.method, request.target, status, elapsed, client.peer, route, time.time())
 
     async def _platform(self, client: ClientConnection, request: Request) -> tuple[int, bool]:
         if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
