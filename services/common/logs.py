@@ -99,12 +99,11 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if urgent:
             self.flush()
 
-    def write_line(self, line: str) -> None:
-        """Adds a line formatted by the caller (an INFO line) to the batch."""
+    def write_lines(self, lines: list[str]) -> None:
+        """Adds lines formatted by the caller (INFO lines) to the batch."""
         with self.lock:  # type: ignore[union-attr]
-            lines = self._lines
-            lines.append(line)
-            urgent = len(lines) >= MAX_BUFFERED
+            self._lines += lines
+            urgent = len(self._lines) >= MAX_BUFFERED
         if urgent:
             self.flush()
 
@@ -130,14 +129,14 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().close()
 
 
-def line_writer() -> Callable[[str], None] | None:
+def lines_writer() -> Callable[[list[str]], None] | None:
     """Where a hot path may hand preformatted JSON lines directly: the
     batching handler installed by ``configure``, or None when logging is set
     up otherwise (tests, embedding), where records must go through
     ``logging``."""
     handlers = logging.getLogger().handlers
     if len(handlers) == 1 and isinstance(handlers[0], BatchingStreamHandler):
-        return handlers[0].write_line
+        return handlers[0].write_lines
     return None
 
 

@@ -61,6 +61,7 @@ _REQUEST_HEADERS_OF_INTEREST = frozenset(
 )
 _DROP_REQUEST = HOP_BY_HOP | OVERRIDDEN_REQUEST
 _DROP_RESPONSE = HOP_BY_HOP | {b"x-berth-deployment"}
+_FRAMING_OR_DROPPED_RESPONSE = _DROP_RESPONSE | {b"content-length"}  # content-length is re-added when it frames
 ADDRESS_CACHE_SIZE = 4096  # addressing header values remembered (bounded whatever clients send)
 _UNKNOWN = object()
 TIMER_SLACK = 0.001  # a timer may fire this early (loop clock resolution); not worth re-arming for
@@ -212,6 +213,34 @@ class RequestBody:
         return b"".join(chunks)
 
 
+class NoBody(RequestBody):
+    """The body of a request that has none (no Content-Length, or zero, and
+    not chunked): complete from the start, shared by all such requests."""
+
+    def __init__(self) -> None:  # deliberately not RequestBody's: no connection, nothing to buffer
+        self._buffer = deque()
+        self._buffered = 0
+        self.received = 0
+        self.complete = True
+        self.too_large = False
+        self.limit = 0
+        self._sink = self._on_end = self._on_too_large = None
+        self._expect_continue = False
+        self._done = None
+
+    def feed(self, data: bytes) -> None:
+        raise AssertionError("a request without a body received body bytes")
+
+    def finish(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+
+NO_BODY = NoBody()
+
+
 class Request:
     """One parsed request head. The headers the router itself acts on are
     picked out once, when the head is parsed (the last one of a name wins;
@@ -220,6 +249,7 @@ class Request:
     __slots__ = (
         "method", "target", "headers", "version", "keep_alive", "body", "content_length", "chunked", "upgrade",
         "started", "fallback", "project", "environment", "pinned", "host", "forwarded_for", "connection_tokens",
+        "forward",
     )
 
     def __init__(
@@ -252,6 +282,7 @@ class Request:
         self.host: bytes | None = None
         self.forwarded_for = b""  # X-Forwarded-For values joined with ", "
         self.connection_tokens: set[bytes] | None = None  # lower-cased tokens of Connection headers
+        self.forward: list[bytes] | None = None  # pieces of the headers forwarded as they are (parser's work)
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -455,8 +486,11 @@ class ClientConnection(asyncio.Protocol):
         project = environment = pinned = host = connection_tokens = None
         forwarded_for = b""
         headers = self._headers
+        forward: list[bytes] = []  # "name: value\r\n" pieces of the headers passed on to the replica
         for name, value in headers:
             lname = name.lower()
+            if lname not in _DROP_REQUEST:
+                forward += (name, b": ", value, b"\r\n")
             if lname not in _REQUEST_HEADERS_OF_INTEREST:
                 continue
             if lname == b"host":
@@ -485,13 +519,14 @@ class ClientConnection(asyncio.Protocol):
             headers,
             parser.get_http_version(),
             parser.should_keep_alive(),
-            RequestBody(self, expect_continue=expect_continue),
+            RequestBody(self, expect_continue=expect_continue) if chunked or content_length else NO_BODY,
             content_length,
             chunked,
             parser.should_upgrade(),
         )
         request.project, request.environment, request.pinned, request.host = project, environment, pinned, host
         request.forwarded_for, request.connection_tokens = forwarded_for, connection_tokens
+        request.forward = forward
         self._incoming = request
         pending = self._pending
         pending.append(request)
@@ -658,6 +693,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._idle_timeout = 0.0
         self._write_paused = False
         self.tunnel = False  # after a 101: bytes go straight to the client
+        # the response head being parsed (read by the exchange once complete)
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._time = self.pool.loop.time if self.pool.loop is not None else time.monotonic
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -674,12 +713,17 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes while idle: the replica is confused; never reuse this one.
             self.close()
             return
-        exchange.activity()
+        exchange.received_any = True
+        exchange.last_activity = self._time()
         client = exchange.client
         if self.tunnel:
             client.write(data)
             return
-        corked = client.cork()
+        # Cork the client: the response head and the body bytes that came
+        # with it leave in one send.
+        corked = client._corked is None
+        if corked:
+            client._corked = []
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -743,7 +787,7 @@ class UpstreamConnection(asyncio.Protocol):
         now = self.pool.loop.time()
         exchange = self.exchange
         if exchange is not None:
-            if exchange.done.done() or exchange.upgraded:
+            if exchange.finished or exchange.upgraded:
                 return  # finished (re-armed when idle) or a tunnel (no timeout)
             deadline = exchange.last_activity + exchange.timeout
             if now + TIMER_SLACK >= deadline:
@@ -763,16 +807,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     # parser callbacks, forwarded to the exchange
     def on_message_begin(self) -> None:
-        if self.exchange is not None:
-            self.exchange.on_message_begin()
+        self.reason = b""
+        self.headers = []
 
     def on_status(self, status: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.reason += status
+        self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.exchange is not None:
-            self.exchange.headers.append((name, value))
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         if self.exchange is not None:
@@ -791,9 +833,9 @@ class Exchange:
     """One request relayed to one replica and its response relayed back."""
 
     __slots__ = (
-        "client", "request", "upstream", "route", "reason", "headers", "status", "response_started", "received_any",
+        "client", "request", "upstream", "route", "status", "response_started", "received_any",
         "request_sent", "eof_framed", "chunked_to_client", "keep_client", "upgraded", "head_only", "loop", "timeout",
-        "last_activity", "done", "fast", "address", "load", "written_before",
+        "last_activity", "finished", "reusable", "error", "_waiter", "fast", "address", "load", "written_before",
     )
 
     def __init__(
@@ -803,8 +845,6 @@ class Exchange:
         self.request = request
         self.upstream = upstream
         self.route = route
-        self.reason = b""
-        self.headers: list[tuple[bytes, bytes]] = []
         self.status = 0
         self.response_started = False  # head written to the client
         self.received_any = False
@@ -818,7 +858,13 @@ class Exchange:
         self.loop = loop
         self.timeout = timeout
         self.last_activity = loop.time()
-        self.done: asyncio.Future[bool] = loop.create_future()
+        # The outcome: set once by _finish (reusable: whether the upstream
+        # connection may carry another request) or fail (error). A future is
+        # made only when a task waits (``wait``); the fast path needs none.
+        self.finished = False
+        self.reusable = False
+        self.error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
         # Fast path (see ProxyServer.start_fast): who is told when this ends,
         # and what the general path needs to take it over.
         self.fast = False
@@ -826,13 +872,11 @@ class Exchange:
         self.load: BindingLoad | None = None
         self.written_before = client.written
 
-    def activity(self) -> None:
-        self.received_any = True
-        self.last_activity = self.loop.time()
-
     def fail(self, error: BaseException) -> None:
-        if not self.done.done():
-            self.done.set_exception(error)
+        if not self.finished:
+            self.finished = True
+            self.error = error
+            self._wake()
             if self.fast:
                 self.fast = False
                 self.client.fast_failed(self)
@@ -841,23 +885,40 @@ class Exchange:
         """The client went away while the fast path served this exchange."""
         if self.fast:
             self.fast = False
-            self.done.cancel()
+            self.finished = True
             self.client.server.abandon(self)
+
+    async def wait(self) -> bool:
+        """Waits for the outcome: whether the upstream connection is reusable,
+        or the error (a ProxyError, or a retry signal) raised."""
+        if not self.finished:
+            self._waiter = self.loop.create_future()
+            await self._waiter
+        if self.error is not None:
+            raise self.error
+        return self.reusable
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     # -- request -----------------------------------------------------------
     def send_request(self) -> None:
         request = self.request
         target = request.target
         out = [request.method, b" ", target if target[:1] == b"/" else _origin_form(target), b" HTTP/1.1\r\n"]
-        drop = _DROP_REQUEST
-        if request.connection_tokens:
-            drop = drop | request.connection_tokens
-        if request.upgrade:
-            drop = drop - {b"upgrade"}
-            out.append(b"Connection: Upgrade\r\n")
-        for name, value in request.headers:
-            if name.lower() not in drop:
-                out += (name, b": ", value, b"\r\n")
+        tokens = request.connection_tokens
+        if request.forward is not None and not request.upgrade and not (tokens and tokens - _DROP_REQUEST):
+            out += request.forward
+        else:
+            # An upgrade keeps its Upgrade header; Connection may name more headers to drop.
+            drop = _DROP_REQUEST | tokens if tokens else _DROP_REQUEST
+            if request.upgrade:
+                drop = drop - {b"upgrade"}
+                out.append(b"Connection: Upgrade\r\n")
+            for name, value in request.headers:
+                if name.lower() not in drop:
+                    out += (name, b": ", value, b"\r\n")
         forwarded_for = request.forwarded_for
         peer = self.client.peer_bytes
         out += (b"X-Forwarded-For: ", forwarded_for + b", " + peer if forwarded_for else peer,
@@ -890,10 +951,6 @@ class Exchange:
         self.fail(ProxyError(413, "body_too_large", f"request body exceeds the router's limit of {limit} bytes"))
 
     # -- response ----------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.reason = b""
-        self.headers = []
-
     def on_headers_complete(self, status: int, version: str) -> None:
         if status == 101:
             if not self.request.upgrade:
@@ -907,27 +964,37 @@ class Exchange:
         client = self.client
         content_length: bytes | None = None
         chunked = False
-        drop = _DROP_RESPONSE
-        lnames = [name.lower() for name, _ in self.headers]
-        for lname, (_, value) in zip(lnames, self.headers, strict=True):
-            if lname in drop or lname == b"content-length":
+        named_by_connection: frozenset[bytes] | None = None
+        headers = self.upstream.headers
+        out = [b"HTTP/1.1 %d %s\r\n" % (status, self.upstream.reason or _reason(status))]
+        for name, value in headers:
+            lname = name.lower()
+            if lname in _FRAMING_OR_DROPPED_RESPONSE:
                 if lname == b"content-length":
                     content_length = value
                 elif lname == b"transfer-encoding":
                     chunked = b"chunked" in value.lower()
                 elif lname == b"connection":
-                    drop = drop | {t.strip().lower() for t in value.split(b",") if t.strip()}
+                    tokens = _named_by_connection(value)
+                    if tokens:
+                        named_by_connection = tokens | named_by_connection if named_by_connection else tokens
+                continue
+            out += (name, b": ", value, b"\r\n")
+        if named_by_connection:
+            # Connection names end-to-end headers of this hop (rare): drop those too.
+            out = out[:1]
+            for name, value in headers:
+                lname = name.lower()
+                if lname not in _FRAMING_OR_DROPPED_RESPONSE and lname not in named_by_connection:
+                    out += (name, b": ", value, b"\r\n")
         no_body = self.head_only or status in NO_BODY_STATUSES
         self.eof_framed = not no_body and not chunked and content_length is None
         client_11 = self.request.version != "1.0"
         self.chunked_to_client = not no_body and (chunked or content_length is None) and client_11
         framed_for_client = no_body or content_length is not None or self.chunked_to_client
         self.keep_client = framed_for_client and client.keep_alive_after(self.request)
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, self.reason or _reason(status))]
-        for lname, (name, value) in zip(lnames, self.headers, strict=True):
-            if lname in drop or (chunked and lname == b"content-length"):
-                continue
-            out += (name, b": ", value, b"\r\n")
+        if content_length is not None and not chunked:
+            out += (b"Content-Length: ", content_length, b"\r\n")
         out += (b"X-Berth-Deployment: ", _deployment_bytes(self.route.deployment_id), b"\r\n")
         if self.route.fallback:
             out.append(b"X-Berth-Fallback: 1\r\n")
@@ -951,8 +1018,8 @@ class Exchange:
         self.status = 101
         self.upgraded = True
         drop = set(HOP_BY_HOP) - {b"upgrade"} | {b"x-berth-deployment", b"content-length"}
-        out = [b"HTTP/1.1 101 %s\r\n" % (self.reason or b"Switching Protocols")]
-        for name, value in self.headers:
+        out = [b"HTTP/1.1 101 %s\r\n" % (self.upstream.reason or b"Switching Protocols")]
+        for name, value in self.upstream.headers:
             if name.lower() not in drop:
                 out += (name, b": ", value, b"\r\n")
         out += (b"Connection: Upgrade\r\n", b"X-Berth-Deployment: ", self.route.deployment_id.encode(), b"\r\n\r\n")
@@ -974,7 +1041,7 @@ class Exchange:
         client.resume_reading("upgrade")
 
     def on_body(self, data: bytes) -> None:
-        if not self.response_started or self.done.done():
+        if not self.response_started or self.finished:
             return
         if self.chunked_to_client:
             self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -982,14 +1049,14 @@ class Exchange:
             self.client.write(data)
 
     def on_message_complete(self) -> None:
-        if self.status == 0 or self.upgraded or self.done.done():
+        if self.status == 0 or self.upgraded or self.finished:
             return  # end of an informational response or a 101, or already finished
         if self.chunked_to_client:
             self.client.write(b"0\r\n\r\n")
         self._finish(reusable=self.upstream.should_keep_alive() and not self.eof_framed)
 
     def upstream_closed(self, exc: Exception | None) -> None:
-        if self.done.done():
+        if self.finished:
             return
         if self.upgraded:
             # End of a tunnel: the client's side closes too (after what was written).
@@ -1011,11 +1078,20 @@ class Exchange:
             self.fail(ProxyError(502, "upstream_failed", f"the replica {what} before a complete response"))
 
     def _finish(self, *, reusable: bool) -> None:
-        if not self.done.done():
-            self.done.set_result(reusable and self.request_sent)
+        if not self.finished:
+            self.finished = True
+            self.reusable = reusable and self.request_sent
+            self._wake()
             if self.fast:
                 self.fast = False
                 self.client.server.fast_done(self)
+
+
+@functools.lru_cache(maxsize=1024)
+def _named_by_connection(value: bytes) -> frozenset[bytes]:
+    """Headers a response's Connection header names beyond the hop-by-hop
+    ones (usually none: "keep-alive" or "close")."""
+    return frozenset(t.strip().lower() for t in value.split(b",") if t.strip()) - _DROP_RESPONSE
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1223,6 +1299,7 @@ class ProxyServer:
                 for conn in list(self.connections):
                     conn.abort()
         self.pool.close_all()
+        self.access_log.flush()
 
     # -- one request ---------------------------------------------------------
     def _address(self, request: Request) -> tuple[str, str, str] | None:
@@ -1302,19 +1379,25 @@ class ProxyServer:
         """A fast-path exchange completed: what ``_exchange``, ``_proxy``,
         ``handle`` and ``ClientConnection._serve`` do after a response."""
         client, request = exchange.client, exchange.request
-        self._detach(exchange, exchange.done.result())
-        self._release_address(exchange.address)
+        self._detach(exchange, exchange.reusable)
+        outstanding = self.pool.outstanding
+        address = exchange.address
+        left = outstanding[address] - 1
+        if left:
+            outstanding[address] = left
+        else:
+            del outstanding[address]
         keep = exchange.keep_client and client.keep_alive_after(request)
-        assert exchange.load is not None
-        self.load.end(exchange.load)
+        load = exchange.load
+        assert load is not None
+        load.in_flight -= 1  # LoadTracker.end, inline
+        load.completed += 1
+        self.load.in_flight -= 1
         self._record(client, request, exchange.route, exchange.status)
         client.fast_served(keep)
 
     def abandon(self, exchange: Exchange) -> None:
         """The client of a fast-path exchange went away before the end."""
-        done = exchange.done
-        if done.done() and not done.cancelled():
-            done.exception()  # retrieved: the client is gone, nobody is told
         self._detach(exchange, False)
         self._release_address(exchange.address)
         if exchange.load is not None:
@@ -1496,9 +1579,9 @@ class ProxyServer:
         client.upstream_transport = None
         if upstream.transport is not None and not upstream.closed:
             upstream.transport.resume_reading()
-        client.resume_reading("upstream")
-        if not exchange.done.done():
-            exchange.done.cancel()
+        if client._pause_reasons:
+            client.resume_reading("upstream")
+        exchange.finished = True  # late callbacks from the replica are ignored
         self.pool.release(upstream, reusable)
 
     async def _exchange(
@@ -1512,7 +1595,7 @@ class ProxyServer:
         """Relays the request to ``upstream`` (or finishes ``exchange``, a
         fast-path attempt already under way there). The upstream timeout is
         the connection's watchdog (``UpstreamConnection.watch``), which fails
-        ``exchange.done`` with a 504."""
+        the exchange with a 504."""
         reusable = False
         if exchange is None:
             exchange = self._attach(client, request, route, upstream)
@@ -1522,7 +1605,7 @@ class ProxyServer:
         try:
             if not started:
                 exchange.send_request()
-            reusable = await exchange.done
+            reusable = await exchange.wait()
         except ProxyError as exc:
             if exchange.response_started:
                 # Too late for an error response: cut the client's connection
