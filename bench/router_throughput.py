@@ -1,12 +1,20 @@
 """Router throughput and latency against the same keep-alive replica:
 (a) direct, (b) nginx as a reverse proxy (one worker, keep-alive upstream),
-(c) the Berth router (metrics on; access log off, then on).
+(c) the Berth router as it runs in the product (uvloop, metrics on, access
+log on), and (d) the router with its access log off.
 
-Each target runs in its own process; load comes from wrk (``apt-get install
-wrk``; a Python keep-alive load generator is used when wrk is absent).
+Each target runs in its own process for the whole run; load comes from wrk
+(``apt-get install wrk``; a Python keep-alive load generator is used when
+wrk is absent). The machine's throughput drifts by tens of percent from one
+minute to the next (shared cores), so the targets are measured in turns for
+several rounds and each figure is the median over the rounds; ratios are
+medians of the per-round ratios, so a drift hits both sides of a ratio alike.
+Also printed: the CPU time each proxy process spends per request (user and
+system), which drifts much less than throughput.
+
 Prints figures and ratios; asserts nothing.
 
-    python bench/router_throughput.py [--duration 5] [--connections 64] [--threads 2]
+    python bench/router_throughput.py [--rounds 3] [--duration 5] [--connections 64] [--threads 2]
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 HEADERS = {"X-Berth-Project": "bench", "X-Berth-Environment": "production"}
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n"
             b"Connection: keep-alive\r\n\r\nhello, berth\n")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------- processes
@@ -59,18 +69,24 @@ def serve_backend(port: int) -> None:
 
 
 def serve_router(port: int, backend: str, access_log: bool) -> None:
+    """The router's proxy as ``python -m services.router`` runs it (same event
+    loop, metrics, access log through the service's log handler, written to
+    /dev/null here), with a fixed routing table instead of the watches."""
     import logging
 
     from services.common import logs
+    from services.router.accesslog import logger as access_logger
+    from services.router.app import run_event_loop
     from services.router.control import LoadTracker
     from services.router.metrics import RouterMetrics
     from services.router.platform import Platform
     from services.router.proxy import ProxyServer, ProxySettings
     from services.router.table import BindingEntry, EnvironmentEntry, RoutingState
 
-    logs.configure("router", "INFO" if access_log else "WARNING")
-    if access_log:
-        logging.getLogger().handlers[0].stream = open(os.devnull, "w")  # type: ignore[attr-defined]  # noqa: SIM115
+    logs.configure("router", "INFO")
+    logging.getLogger().handlers[0].stream = open(os.devnull, "w")  # type: ignore[attr-defined]  # noqa: SIM115
+    if not access_log:
+        access_logger.setLevel(logging.WARNING)  # what --no-access-log does
 
     async def main() -> None:
         state = RoutingState()
@@ -85,7 +101,7 @@ def serve_router(port: int, backend: str, access_log: bool) -> None:
         await proxy.start("127.0.0.1", port)
         await asyncio.Event().wait()
 
-    asyncio.run(main())
+    run_event_loop(main())
 
 
 NGINX_CONF = """
@@ -141,8 +157,29 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
 # ----------------------------------------------------------------- load
 
 
-def run_wrk(url: str, args: argparse.Namespace, headers: dict[str, str]) -> tuple[float, float, float]:
-    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.duration}s", "--latency"]
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    user_us: float = 0.0  # proxy CPU per request
+    sys_us: float = 0.0
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    headers: dict[str, str]
+    pids: list[int] = field(default_factory=list)  # processes whose CPU time is counted
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in self.runs)
+
+
+def run_wrk(url: str, args: argparse.Namespace, headers: dict[str, str], duration: float) -> Run:
+    cmd = ["wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{duration:g}s", "--latency"]
     for k, v in headers.items():
         cmd += ["-H", f"{k}: {v}"]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
@@ -156,10 +193,10 @@ def run_wrk(url: str, args: argparse.Namespace, headers: dict[str, str]) -> tupl
         value, unit = float(m.group(1)), m.group(2)  # type: ignore[union-attr]
         return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
-    return rps, pct("50"), pct("99")
+    return Run(rps, pct("50"), pct("99"))
 
 
-def run_python_load(port: int, args: argparse.Namespace, headers: dict[str, str]) -> tuple[float, float, float]:
+def run_python_load(port: int, args: argparse.Namespace, headers: dict[str, str], duration: float) -> Run:
     """Fallback: keep-alive connections from asyncio, one request at a time each."""
     head = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     request = head.encode()
@@ -178,32 +215,54 @@ def run_python_load(port: int, args: argparse.Namespace, headers: dict[str, str]
 
     async def main() -> float:
         start = time.perf_counter()
-        deadline = start + args.duration
+        deadline = start + duration
         await asyncio.gather(*(one_connection(deadline) for _ in range(args.connections)))
         return time.perf_counter() - start
 
     elapsed = asyncio.run(main())
     latencies.sort()
     q = statistics.quantiles(latencies, n=100)
-    return len(latencies) / elapsed, q[49] * 1000, q[98] * 1000
+    return Run(len(latencies) / elapsed, q[49] * 1000, q[98] * 1000)
 
 
-def measure(name: str, port: int, args: argparse.Namespace, headers: dict[str, str]) -> tuple[float, float, float]:
-    wait_port(port)
-    url = f"http://127.0.0.1:{port}/"
-    load = (lambda: run_wrk(url, args, headers)) if shutil.which("wrk") else (
-        lambda: run_python_load(port, args, headers))
-    # warm-up (connections, pools, caches), then the measured run
-    warm = argparse.Namespace(**{**vars(args), "duration": 1})
-    (run_wrk(url, warm, headers) if shutil.which("wrk") else run_python_load(port, warm, headers))
-    rps, p50, p99 = load()
-    print(f"{name:<22} {rps:>10.0f} req/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms", flush=True)
-    return rps, p50, p99
+def cpu_ticks(pids: list[int]) -> tuple[int, int]:
+    """(user, system) clock ticks the processes have used so far."""
+    user = system = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += int(fields[11])
+        system += int(fields[12])
+    return user, system
+
+
+def load(target: Target, args: argparse.Namespace, duration: float) -> Run:
+    if shutil.which("wrk"):
+        return run_wrk(f"http://127.0.0.1:{target.port}/", args, target.headers, duration)
+    return run_python_load(target.port, args, target.headers, duration)
+
+
+def measure(target: Target, args: argparse.Namespace) -> None:
+    before = cpu_ticks(target.pids)
+    run = load(target, args, args.duration)
+    after = cpu_ticks(target.pids)
+    if target.pids:
+        requests = run.rps * args.duration
+        run.user_us = (after[0] - before[0]) / CLOCK_TICKS / requests * 1e6
+        run.sys_us = (after[1] - before[1]) / CLOCK_TICKS / requests * 1e6
+    target.runs.append(run)
+    cpu = f"   proxy CPU {run.user_us + run.sys_us:5.1f} us/request (user {run.user_us:4.1f}, sys {run.sys_us:4.1f})" \
+        if target.pids else ""
+    print(f"  {target.name:<24} {run.rps:>9.0f} req/s   p50 {run.p50_ms:6.2f} ms   p99 {run.p99_ms:6.2f} ms{cpu}",
+          flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
@@ -218,17 +277,17 @@ def main() -> None:
         return
 
     tool = "wrk" if shutil.which("wrk") else "python load generator (install wrk for better figures)"
-    print(f"load: {tool}, {args.connections} connections, {args.threads} threads, {args.duration}s per target; "
-          f"{os.cpu_count()} CPUs shared by load, proxy and replica")
+    print(f"load: {tool}, {args.connections} connections, {args.threads} threads, {args.duration:g}s per target, "
+          f"{args.rounds} rounds; {os.cpu_count()} CPUs shared by load, proxy and replica; "
+          f"load average {os.getloadavg()[0]:.2f}")
     procs: list[subprocess.Popen[bytes]] = []
     tmp = tempfile.TemporaryDirectory(prefix="berth-bench-")
     try:
         backend_port = free_port()
         procs.append(spawn("--serve-backend", str(backend_port)))
         backend = f"127.0.0.1:{backend_port}"
-        results: dict[str, tuple[float, float, float]] = {}
-        results["direct"] = measure("direct", backend_port, args, {})
-
+        targets = [Target("direct", backend_port, {})]
+        nginx = None
         if shutil.which("nginx"):
             nginx_port = free_port()
             conf = Path(tmp.name) / "nginx.conf"
@@ -236,30 +295,47 @@ def main() -> None:
             nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", tmp.name], start_new_session=True,
                                      stderr=subprocess.DEVNULL)
             procs.append(nginx)
-            results["nginx"] = measure("nginx (1 worker)", nginx_port, args, {})
-            nginx.send_signal(signal.SIGQUIT)
-            nginx.wait(10)
+            wait_port(nginx_port)
+            workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
+            targets.append(Target("nginx (1 worker)", nginx_port, {}, [int(p) for p in workers]))
         else:
             print("nginx not installed (apt-get install nginx-light): skipping (b)")
-
-        for access, label in (("0", "router"), ("1", "router + access log")):
+        for access, label in (("1", "router"), ("0", "router, no access log")):
             router_port = free_port()
             router = spawn("--serve-router", str(router_port), backend, access)
             procs.append(router)
-            results[label] = measure(label, router_port, args, HEADERS)
-            router.terminate()
-            router.wait(10)
+            targets.append(Target(label, router_port, HEADERS, [router.pid]))
 
+        for target in targets:  # warm-up: connections, pools, caches
+            wait_port(target.port)
+            load(target, args, 1)
+        for round_number in range(1, args.rounds + 1):
+            print(f"round {round_number}")
+            for target in targets:
+                measure(target, args)
+
+        print("\nmedians over the rounds")
+        for target in targets:
+            cpu = f"   proxy CPU {target.median('user_us') + target.median('sys_us'):5.1f} us/request" \
+                if target.pids else ""
+            print(f"  {target.name:<24} {target.median('rps'):>9.0f} req/s   p50 {target.median('p50_ms'):6.2f} ms   "
+                  f"p99 {target.median('p99_ms'):6.2f} ms{cpu}")
         print()
-        base = results.get("nginx")
-        for label in ("router", "router + access log"):
-            rps, p50, p99 = results[label]
-            line = f"{label}: {rps / results['direct'][0]:.2f}x direct throughput"
+        by_name = {t.name: t for t in targets}
+        direct, base = by_name["direct"], by_name.get("nginx (1 worker)")
+        for target in targets[2 if base else 1:]:
+            def ratio(attr: str, other: Target, target: Target = target) -> float:
+                return statistics.median(
+                    getattr(mine, attr) / getattr(theirs, attr) for mine, theirs in zip(target.runs, other.runs, strict=True))
+            line = f"{target.name}: {ratio('rps', direct):.2f}x direct throughput"
             if base:
-                line += (f", {rps / base[0]:.2f}x nginx throughput, p50 {p50 / base[1]:.2f}x nginx, "
-                         f"p99 {p99 / base[2]:.2f}x nginx")
+                line += (f", {ratio('rps', base):.2f}x nginx throughput (target >= 0.8), "
+                         f"p50 {ratio('p50_ms', base):.2f}x nginx, p99 {ratio('p99_ms', base):.2f}x nginx "
+                         f"(target <= 1.5)")
             print(line)
     finally:
+        if nginx is not None and nginx.poll() is None:
+            nginx.send_signal(signal.SIGQUIT)
         for p in procs:
             if p.poll() is None:
                 p.terminate()

@@ -7,10 +7,14 @@ import argparse
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import uvloop
 
 from services.common import logs
 from services.common.config import add_common_flags, env
+from services.router.accesslog import logger as access_logger
 from services.router.api import PREFIX, RestApi, Services
 from services.router.control import Activator, LoadReporter, LoadTracker, SchedulerLink
 from services.router.metrics import RouterMetrics
@@ -45,6 +49,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-report-interval", type=float,
                         default=float(env("BERTH_LOAD_REPORT_INTERVAL", "1")),
                         help="seconds between load reports to the scheduler")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default=env("BERTH_ROUTER_EVENT_LOOP", "uvloop"),
+                        help="uvloop (libuv: less CPU per proxied request) or the standard asyncio "
+                             "loop (env BERTH_ROUTER_EVENT_LOOP)")
+    parser.add_argument("--no-access-log", action="store_true",
+                        default=env("BERTH_ACCESS_LOG", "on").lower() in ("off", "0", "false", "no"),
+                        help="do not log a line per request (env BERTH_ACCESS_LOG=off)")
     parser.add_argument("--health-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -115,7 +125,8 @@ class RouterApp:
             ("load_reports", self.load_reporter.run),
         ):
             self._tasks.append(loop.create_task(run_forever(name, fn), name=name))
-        log.info("serving", extra={"port": port, "host": self.args.host, "domain": self.args.domain})
+        log.info("serving", extra={"port": port, "host": self.args.host, "domain": self.args.domain,
+                                   "event_loop": type(loop).__module__.split(".")[0]})
         return port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -143,7 +154,16 @@ async def serve(args: argparse.Namespace) -> None:
     await app.stop()
 
 
+def run_event_loop(main: Coroutine[Any, Any, None], event_loop: str = "uvloop") -> None:
+    if event_loop == "uvloop":
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logs.configure("router", args.log_level)
-    asyncio.run(serve(args))
+    if args.no_access_log:
+        access_logger.setLevel(logging.WARNING)
+    run_event_loop(serve(args), args.event_loop)
