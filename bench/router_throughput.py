@@ -68,7 +68,7 @@ def serve_backend(port: int) -> None:
     asyncio.run(main())
 
 
-def serve_router(port: int, backend: str, access_log: bool) -> None:
+def serve_router(port: int, backend: str, access_log: bool, listen_fd: int | None = None) -> None:
     """The router's proxy as ``python -m services.router`` runs it (same event
     loop, metrics, access log through the service's log handler, written to
     /dev/null here), with a fixed routing table instead of the watches."""
@@ -98,14 +98,14 @@ def serve_router(port: int, backend: str, access_log: bool) -> None:
         metrics = RouterMetrics(state, load)
         platform.route("GET", "/metrics", metrics.handle)
         proxy = ProxyServer(state, platform, ProxySettings(), load=load, metrics=metrics)
-        await proxy.start("127.0.0.1", port)
+        await proxy.start("127.0.0.1", port, socket.socket(fileno=listen_fd) if listen_fd is not None else None)
         await asyncio.Event().wait()
 
     run_event_loop(main())
 
 
 NGINX_CONF = """
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
@@ -266,14 +266,17 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--serve-backend", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=2,
+                        help="router worker processes of the multi-process target (and nginx workers of its reference)")
     parser.add_argument("--serve-router", nargs=3, metavar=("PORT", "BACKEND", "ACCESS_LOG"), help=argparse.SUPPRESS)
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_backend:
         serve_backend(args.serve_backend)
         return
     if args.serve_router:
         port, backend, access = args.serve_router
-        serve_router(int(port), backend, access == "1")
+        serve_router(int(port), backend, access == "1", args.listen_fd)
         return
 
     tool = "wrk" if shutil.which("wrk") else "python load generator (install wrk for better figures)"
@@ -287,17 +290,23 @@ def main() -> None:
         procs.append(spawn("--serve-backend", str(backend_port)))
         backend = f"127.0.0.1:{backend_port}"
         targets = [Target("direct", backend_port, {})]
-        nginx = None
+        nginxes: list[subprocess.Popen[bytes]] = []
         if shutil.which("nginx"):
-            nginx_port = free_port()
-            conf = Path(tmp.name) / "nginx.conf"
-            conf.write_text(NGINX_CONF.format(dir=tmp.name, backend=backend, port=nginx_port))
-            nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", tmp.name], start_new_session=True,
-                                     stderr=subprocess.DEVNULL)
-            procs.append(nginx)
-            wait_port(nginx_port)
-            workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
-            targets.append(Target("nginx (1 worker)", nginx_port, {}, [int(p) for p in workers]))
+            for workers in sorted({1, args.workers}):
+                nginx_port = free_port()
+                prefix = Path(tmp.name) / f"nginx-{workers}"
+                prefix.mkdir()
+                conf = prefix / "nginx.conf"
+                conf.write_text(NGINX_CONF.format(dir=prefix, backend=backend, port=nginx_port, workers=workers))
+                nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)], start_new_session=True,
+                                         stderr=subprocess.DEVNULL)
+                procs.append(nginx)
+                nginxes.append(nginx)
+                wait_port(nginx_port)
+                time.sleep(0.2)
+                pids = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
+                name = "nginx (1 worker)" if workers == 1 else f"nginx ({workers} workers)"
+                targets.append(Target(name, nginx_port, {}, [int(p) for p in pids]))
         else:
             print("nginx not installed (apt-get install nginx-light): skipping (b)")
         for access, label in (("1", "router"), ("0", "router, no access log")):
@@ -305,6 +314,22 @@ def main() -> None:
             router = spawn("--serve-router", str(router_port), backend, access)
             procs.append(router)
             targets.append(Target(label, router_port, HEADERS, [router.pid]))
+        if args.workers > 1:
+            # as `--workers N` runs it: N processes, each on its own SO_REUSEPORT socket of one port
+            from services.router.workers import listening_sockets
+
+            sockets = listening_sockets("127.0.0.1", 0, args.workers)
+            router_port = sockets[0].getsockname()[1]
+            router_pids: list[int] = []
+            for sock in sockets:
+                router = subprocess.Popen(
+                    [sys.executable, __file__, "--serve-router", str(router_port), backend, "1",
+                     "--listen-fd", str(sock.fileno())],
+                    cwd=ROOT, start_new_session=True, pass_fds=(sock.fileno(),))
+                procs.append(router)
+                router_pids.append(router.pid)
+                sock.close()
+            targets.append(Target(f"router, {args.workers} workers", router_port, HEADERS, router_pids))
 
         for target in targets:  # warm-up: connections, pools, caches
             wait_port(target.port)
@@ -323,7 +348,9 @@ def main() -> None:
         print()
         by_name = {t.name: t for t in targets}
         direct, base = by_name["direct"], by_name.get("nginx (1 worker)")
-        for target in targets[2 if base else 1:]:
+        for target in targets:
+            if not target.name.startswith("router"):
+                continue
             def ratio(attr: str, other: Target, target: Target = target) -> float:
                 return statistics.median(
                     getattr(mine, attr) / getattr(theirs, attr) for mine, theirs in zip(target.runs, other.runs, strict=True))
@@ -333,9 +360,16 @@ def main() -> None:
                          f"p50 {ratio('p50_ms', base):.2f}x nginx, p99 {ratio('p99_ms', base):.2f}x nginx "
                          f"(target <= 1.5)")
             print(line)
+        nginx_n = by_name.get(f"nginx ({args.workers} workers)")
+        router_n = by_name.get(f"router, {args.workers} workers")
+        if nginx_n and router_n:
+            throughput = statistics.median(
+                mine.rps / theirs.rps for mine, theirs in zip(router_n.runs, nginx_n.runs, strict=True))
+            print(f"for reference, like for like: {router_n.name}: {throughput:.2f}x {nginx_n.name} throughput")
     finally:
-        if nginx is not None and nginx.poll() is None:
-            nginx.send_signal(signal.SIGQUIT)
+        for nginx in nginxes:
+            if nginx.poll() is None:
+                nginx.send_signal(signal.SIGQUIT)
         for p in procs:
             if p.poll() is None:
                 p.terminate()

@@ -139,10 +139,12 @@ class BindingLoad(_message.Message):
     def __init__(self, project_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class ReportLoadRequest(_message.Message):
-    __slots__ = ("bindings",)
+    __slots__ = ("bindings", "reporter")
     BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
     bindings: _containers.RepeatedCompositeFieldContainer[BindingLoad]
-    def __init__(self, bindings: _Optional[_Iterable[_Union[BindingLoad, _Mapping]]] = ...) -> None: ...
+    reporter: str
+    def __init__(self, bindings: _Optional[_Iterable[_Union[BindingLoad, _Mapping]]] = ..., reporter: _Optional[str] = ...) -> None: ...
 
 class ReportLoadResponse(_message.Message):
     __slots__ = ()

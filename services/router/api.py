@@ -51,6 +51,7 @@ from berth.v1 import (
 from services.common.remote import channel
 from services.router.platform import PlatformRequest, PlatformResponse, error_response, json_response
 from services.router.table import RoutingState
+from services.router.workers import SharedState
 
 log = logging.getLogger("berth.router.api")
 
@@ -339,9 +340,13 @@ class RestApi:
         deadline: float = 10.0,
         routing_wait: float = 5.0,
         read_retry_within: float = 3.0,
+        workers: SharedState | None = None,
     ) -> None:
+        """``workers``: with several router processes on one port, what they
+        share (a pointer move is "routed" once every one of them routes by it)."""
         self.services = services
         self.state = state
+        self.workers = workers
         self.deadline = deadline
         self.routing_wait = routing_wait
         self.read_retry_within = read_retry_within
@@ -412,9 +417,13 @@ class RestApi:
                 raise ApiError.from_rpc(exc, service) from None
 
     async def moved(self, response: registry_pb2.PointerMoveResponse) -> PlatformResponse:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.routing_wait
         routed = await self.state.wait_for_sequence(
             response.environment.id, response.entry.sequence, self.routing_wait
         )
+        if routed and self.workers is not None:
+            routed = await self.workers.wait_for_revision(self.state.revision, max(0.0, deadline - loop.time()))
         if not routed:
             log.warning("routing_lagging", extra={"environment": response.environment.id,
                                                   "sequence": response.entry.sequence})

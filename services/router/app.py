@@ -7,7 +7,10 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
+import sys
 from collections.abc import Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -22,6 +25,7 @@ from services.router.platform import Platform, Readiness, build_platform
 from services.router.proxy import ProxyServer, ProxySettings
 from services.router.table import RoutingState
 from services.router.watchers import EndpointWatcher, HealthProbe, RegistryWatcher, run_forever
+from services.router.workers import METRICS_PUBLISH_INTERVAL, SharedState, Supervisor, die_with_parent, worker_count
 from services.studio.handler import Studio
 
 log = logging.getLogger("berth.router")
@@ -55,8 +59,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-access-log", action="store_true",
                         default=env("BERTH_ACCESS_LOG", "on").lower() in ("off", "0", "false", "no"),
                         help="do not log a line per request (env BERTH_ACCESS_LOG=off)")
+    parser.add_argument("--workers", default=env("BERTH_ROUTER_WORKERS", "1"),
+                        help="router processes sharing the port (SO_REUSEPORT), each on its own core; a number or "
+                             "'auto' for one per CPU (env BERTH_ROUTER_WORKERS)")
     parser.add_argument("--health-interval", type=float, default=2.0, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    # set by the worker supervisor for each worker process
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--shared-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        args.worker_total = worker_count(args.workers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 class RouterApp:
@@ -65,6 +83,11 @@ class RouterApp:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.state = RoutingState()
+        # One of several worker processes sharing the port (see workers.py)?
+        self.shared: SharedState | None = None
+        if args.worker_index is not None:
+            self.shared = SharedState(Path(args.shared_dir), args.worker_index, args.worker_count)
+            self.state.on_revision = self.shared.publish_revision
         self.registry_watch = RegistryWatcher(args.registry, args.service_token, self.state)
         self.endpoint_watch = EndpointWatcher(
             args.scheduler, args.service_token, self.state, on_removed=lambda gone: self.proxy.pool.forget(gone)
@@ -78,9 +101,10 @@ class RouterApp:
         self.scheduler_link = SchedulerLink(args.scheduler, args.service_token)
         self.activator = Activator(self.scheduler_link.activate, hold=args.activation_timeout)
         self.load_reporter = LoadReporter(self.load, self.scheduler_link.report_load, args.load_report_interval)
-        self.metrics = RouterMetrics(self.state, self.load, held=lambda: self.state.endpoints.waiting)
+        self.metrics = RouterMetrics(self.state, self.load, held=lambda: self.state.endpoints.waiting,
+                                     peers=self.shared.peer_metrics if self.shared else list)
         self.services = Services(args.registry, args.secrets, args.scheduler)
-        self.api = RestApi(self.services, self.state)
+        self.api = RestApi(self.services, self.state, workers=self.shared)
         self.platform: Platform = build_platform(Readiness(self.not_ready))
         self.platform.mount(PREFIX, self.api.handle)
         self.platform.route("GET", "/metrics", self.metrics.handle)
@@ -116,18 +140,32 @@ class RouterApp:
         return waiting
 
     async def start(self) -> int:
-        port = await self.proxy.start(self.args.host, self.args.port)
         loop = asyncio.get_running_loop()
-        for name, fn in (
+        sock = None
+        if self.args.listen_fd is not None:
+            sock = socket.socket(fileno=self.args.listen_fd)
+        port = await self.proxy.start(self.args.host, self.args.port, sock)
+        tasks = [
             ("registry_watch", self.registry_watch.run),
             ("endpoint_watch", self.endpoint_watch.run),
             ("health_probe", self.probe.run),
             ("load_reports", self.load_reporter.run),
-        ):
+        ]
+        if self.shared is not None:
+            self.shared.publish_revision(0)  # a restarted worker: nothing routed by it yet
+            tasks.append(("metrics_publisher", self._publish_metrics))
+        for name, fn in tasks:
             self._tasks.append(loop.create_task(run_forever(name, fn), name=name))
         log.info("serving", extra={"port": port, "host": self.args.host, "domain": self.args.domain,
-                                   "event_loop": type(loop).__module__.split(".")[0]})
+                                   "event_loop": type(loop).__module__.split(".")[0],
+                                   "worker": self.args.worker_index})
         return port
+
+    async def _publish_metrics(self) -> None:
+        assert self.shared is not None
+        while True:
+            self.shared.publish_metrics(self.metrics.snapshot())
+            await asyncio.sleep(METRICS_PUBLISH_INTERVAL)
 
     async def stop(self, grace: float | None = None) -> None:
         grace = self.args.shutdown_grace if grace is None else grace
@@ -140,6 +178,8 @@ class RouterApp:
         await self.activator.close()
         await self.scheduler_link.close()
         await self.services.close()
+        if self.shared is not None:
+            self.shared.close()
         log.info("stopped")
 
 
@@ -164,6 +204,12 @@ def run_event_loop(main: Coroutine[Any, Any, None], event_loop: str = "uvloop") 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logs.configure("router", args.log_level)
+    if args.worker_index is None and args.worker_total > 1:
+        supervisor = Supervisor(sys.argv[1:] if argv is None else list(argv), args.host, args.port,
+                                args.worker_total, args.shutdown_grace)
+        sys.exit(supervisor.run())
+    if args.supervisor_pid is not None:
+        die_with_parent(args.supervisor_pid)
     if args.no_access_log:
         access_logger.setLevel(logging.WARNING)
     run_event_loop(serve(args), args.event_loop)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -81,6 +83,8 @@ class SchedulerLink:
     def __init__(self, address: str, service_token: str) -> None:
         self.address = address
         self._metadata = credentials(service_token)
+        # Every router process reports its own load; the scheduler adds them up.
+        self.reporter = f"{socket.gethostname()}:{os.getpid()}"
         self._channel: grpc.aio.Channel | None = None
         self._stub: scheduler_pb2_grpc.SchedulerStub | None = None
 
@@ -103,7 +107,8 @@ class SchedulerLink:
 
     async def report_load(self, bindings: list[scheduler_pb2.BindingLoad]) -> None:
         await self.stub.ReportLoad(
-            scheduler_pb2.ReportLoadRequest(bindings=bindings), metadata=self._metadata, timeout=DEFAULT_DEADLINE
+            scheduler_pb2.ReportLoadRequest(bindings=bindings, reporter=self.reporter),
+            metadata=self._metadata, timeout=DEFAULT_DEADLINE,
         )
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -1269,10 +1270,15 @@ class ProxyServer:
         # addressing headers as received -> what _parse_address made of them
         self._addressed: dict[tuple[bytes | None, ...], tuple[str, str, str] | None] = {}
 
-    async def start(self, host: str, port: int) -> int:
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Listens on host:port, or on ``sock`` (a listening socket handed
+        over by the worker supervisor)."""
         loop = asyncio.get_running_loop()
         self.loop = self.pool.loop = loop
-        self._server = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True)
+        if sock is not None:
+            self._server = await loop.create_server(lambda: ClientConnection(self), sock=sock)
+        else:
+            self._server = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -1450,7 +1456,7 @@ class ProxyServer:
                 self.metrics.observe(route.project_name, route.environment_name, route.deployment_id,
                                      status, elapsed)
                 if route.fallback:
-                    self.metrics.fallbacks.labels(route.project_name, route.environment_name).inc()
+                    self.metrics.fallback(route.project_name, route.environment_name)
             else:
                 self.metrics.observe("", "", "", status, elapsed)
         access_log = self.access_log

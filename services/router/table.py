@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 RESOLVED_CACHE_SIZE = 4096  # resolutions remembered until the table changes (bounded whatever clients send)
@@ -311,9 +311,12 @@ class RoutingState:
         self.endpoints = endpoints or EndpointSet()
         self.revision = 0  # the registry revision the table reflects
         self._table_changed: asyncio.Future[None] | None = None
+        self.on_revision: Callable[[int], None] | None = None  # told each revision applied (worker processes)
 
     def table_updated(self) -> None:
         """Called by the registry watcher after it applied changes."""
+        if self.on_revision is not None:
+            self.on_revision(self.revision)
         if self._table_changed is not None and not self._table_changed.done():
             self._table_changed.set_result(None)
         self._table_changed = None

@@ -54,6 +54,10 @@ from .probes import probe_http
 
 log = logging.getLogger("berth.scheduler.reconciler")
 
+# A router (process) silent for this long no longer counts in the in-flight
+# load: it stopped, or restarted under another reporter name.
+REPORTER_TTL = 10.0
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -277,6 +281,7 @@ class Reconciler:
                 idle_window=config.idle_window,
             )
         )
+        self._in_flight_by_reporter: dict[str, tuple[float, dict[BindingKey, int]]] = {}
         self.endpoints = EndpointBroadcast()
         self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()
@@ -330,11 +335,27 @@ class Reconciler:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- load signal --------------------------------------------------------
-    def report_load(self, loads: Mapping[BindingKey, tuple[int, int]]) -> None:
-        """The router's report; every known binding absent from it had no
-        load. Wakes the loop when a binding now wants more replicas."""
-        full = {binding_key(b): (0, 0) for b in self._table.bindings()}
-        full.update({k: v for k, v in loads.items() if k in full})
+    def report_load(self, loads: Mapping[BindingKey, tuple[int, int]], reporter: str = "") -> None:
+        """A router's report of (in flight, requests completed since its last
+        report) per binding; a known binding absent from it had none there.
+        Several routers (or router worker processes) report separately: the
+        load recorded is the in-flight count summed over every reporter heard
+        from within ``REPORTER_TTL`` and this report's completed requests
+        (each counted once). Wakes the loop when a binding now wants more
+        replicas."""
+        now = time.monotonic()
+        self._in_flight_by_reporter[reporter] = (now, {k: v[0] for k, v in loads.items()})
+        in_flight: dict[BindingKey, int] = {}
+        for name, (heard_at, counts) in list(self._in_flight_by_reporter.items()):
+            if now - heard_at > REPORTER_TTL:
+                del self._in_flight_by_reporter[name]  # gone (or restarted under another name)
+                continue
+            for key, count in counts.items():
+                in_flight[key] = in_flight.get(key, 0) + count
+        full = {}
+        for b in self._table.bindings():
+            key = binding_key(b)
+            full[key] = (in_flight.get(key, 0), loads[key][1] if key in loads else 0)
         self.load.report(full)
         for b in self._table.bindings():
             key = binding_key(b)

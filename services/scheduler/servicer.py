@@ -178,7 +178,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             key = (load.environment_id, load.deployment_id)
             in_flight, requests = loads.get(key, (0, 0))
             loads[key] = (in_flight + load.in_flight, requests + int(load.requests))
-        self._reconciler.report_load(loads)
+        self._reconciler.report_load(loads, reporter=request.reporter)
         return scheduler_pb2.ReportLoadResponse()
 
     async def Activate(

@@ -264,3 +264,52 @@ def test_activate_and_report_load_drive_replicas(adapter, instance, worker_image
             assert [s.status for s in reconciler.endpoints.current if s.deployment_id == dep] == ["scaled_to_zero"]
 
     asyncio.run(scenario())
+
+
+def test_load_reports_from_several_router_processes_add_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each router worker process reports its own load: in-flight counts are
+    summed over the reporters heard from recently (never replaced by the last
+    one), completed requests are counted once, and a reporter silent for
+    longer than REPORTER_TTL stops counting."""
+    import docker
+
+    from services.scheduler import reconciler as reconciler_module
+    from services.scheduler.docker_adapter import DockerAdapter
+
+    binding = make_binding(image="x", image_id="sha256:" + "0" * 64, min_replicas=0)
+    key = (binding.environment_id, binding.deployment.id)
+    nowhere = DockerAdapter(docker.DockerClient(base_url="unix:///tmp/berth-test-no-engine.sock", version="1.41"))
+    clock = [1000.0]
+    monkeypatch.setattr(reconciler_module.time, "monotonic", lambda: clock[0])
+
+    def load(in_flight: int, requests: int) -> scheduler_pb2.BindingLoad:
+        return scheduler_pb2.BindingLoad(project_id="proj-1", environment_id=key[0], deployment_id=key[1],
+                                         in_flight=in_flight, requests=requests)
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [binding])
+        events = EventStore()
+        reconciler = Reconciler(nowhere, table, FakeSecrets(), events, SchedulerConfig(reconcile_interval=60))
+        async with serving(table, reconciler, events) as stub:
+            async def report(reporter: str, in_flight: int, requests: int) -> tuple[int, int]:
+                await stub.ReportLoad(scheduler_pb2.ReportLoadRequest(bindings=[load(in_flight, requests)],
+                                                                      reporter=reporter),
+                                      metadata=credentials("svc-token"), timeout=5)
+                sample = reconciler.load._samples[key][-1]
+                return sample.in_flight, sample.requests
+
+            assert await report("host:101", 7, 40) == (7, 40)
+            assert await report("host:102", 5, 30) == (12, 30)  # 7 + 5 in flight; this report's 30 requests
+            assert await report("host:101", 2, 10) == (7, 10)  # 101 now has 2, 102 still 5
+            clock[0] += reconciler_module.REPORTER_TTL + 1
+            assert await report("host:102", 4, 3) == (4, 3)  # 101 went silent: no longer counted
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await stub.ReportLoad(scheduler_pb2.ReportLoadRequest(bindings=[load(-1, 0)], reporter="x"),
+                                      metadata=credentials("svc-token"), timeout=5)
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        nowhere.close()
