@@ -1,7 +1,10 @@
 """Router throughput and latency against the same keep-alive replica:
-(a) direct, (b) nginx as a reverse proxy (one worker, keep-alive upstream),
-(c) the Berth router as it runs in the product (uvloop, metrics on, access
-log on), and (d) the router with its access log off.
+(a) direct, (b) nginx as a reverse proxy (one worker, keep-alive upstream;
+also with --workers worker processes, for a like-for-like reference), (c)
+the Berth router's proxy as the product runs it (uvloop, metrics and access
+log on) in one process, (d) the same without the access log, and (e) in
+--workers processes sharing the port, which is what ``--workers auto`` (the
+default) starts on a machine with that many CPUs.
 
 Each target runs in its own process for the whole run; load comes from wrk
 (``apt-get install wrk``; a Python keep-alive load generator is used when
@@ -309,7 +312,7 @@ def main() -> None:
                 targets.append(Target(name, nginx_port, {}, [int(p) for p in pids]))
         else:
             print("nginx not installed (apt-get install nginx-light): skipping (b)")
-        for access, label in (("1", "router"), ("0", "router, no access log")):
+        for access, label in (("1", "router, 1 worker"), ("0", "router, 1 worker, no access log")):
             router_port = free_port()
             router = spawn("--serve-router", str(router_port), backend, access)
             procs.append(router)

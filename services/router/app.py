@@ -59,9 +59,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-access-log", action="store_true",
                         default=env("BERTH_ACCESS_LOG", "on").lower() in ("off", "0", "false", "no"),
                         help="do not log a line per request (env BERTH_ACCESS_LOG=off)")
-    parser.add_argument("--workers", default=env("BERTH_ROUTER_WORKERS", "1"),
-                        help="router processes sharing the port (SO_REUSEPORT), each on its own core; a number or "
-                             "'auto' for one per CPU (env BERTH_ROUTER_WORKERS)")
+    parser.add_argument("--workers", default=env("BERTH_ROUTER_WORKERS", "auto"),
+                        help="router processes sharing the port (SO_REUSEPORT), each proxying on its own core: a "
+                             "number, or 'auto' for one per CPU up to 8 (env BERTH_ROUTER_WORKERS)")
     parser.add_argument("--health-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     # set by the worker supervisor for each worker process
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)

@@ -46,13 +46,15 @@ SLOT = struct.Struct("<q")
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 METRICS_PUBLISH_INTERVAL = 1.0
 RESTART_BACKOFF_MAX = 30.0
+AUTO_MAX = 8  # "auto" on a big host: enough cores for the proxy, not a process per core of a 64-core box
 STABLE_AFTER = 10.0  # a worker that lived this long restarts without delay
 
 
 def worker_count(value: str) -> int:
-    """``--workers``: a positive number, or "auto" (one per CPU)."""
+    """``--workers``: a positive number, or "auto" (one per CPU, at most
+    ``AUTO_MAX``)."""
     if value == "auto":
-        return max(1, os.cpu_count() or 1)
+        return max(1, min(AUTO_MAX, os.cpu_count() or 1))
     try:
         count = int(value)
     except ValueError:

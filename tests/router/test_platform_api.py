@@ -151,8 +151,14 @@ def test_rest_api_semantics(shop: Shop) -> None:
     # Observability: metrics carry the served traffic; no key in the router's log.
     served = shop.platform.get("shop", ENV)
     assert served.status_code == 200
+    # With several router workers, another worker's counts reach /metrics within a second.
+    served_line = f'deployment="{shop.v1}",environment="{ENV}",project="shop",status_class="2xx"'
+    deadline = time.monotonic() + 10
     metrics = requests.get(shop.platform.router + "/metrics", timeout=10).text
-    assert f'deployment="{shop.v1}",environment="{ENV}",project="shop",status_class="2xx"' in metrics
+    while served_line not in metrics and time.monotonic() < deadline:
+        time.sleep(0.2)
+        metrics = requests.get(shop.platform.router + "/metrics", timeout=10).text
+    assert served_line in metrics
     assert "berth_router_pointer_table_revision" in metrics
     router_log = (shop.platform.data_dir / "logs" / "router.log").read_text()
     assert '"event": "request"' in router_log
