@@ -258,7 +258,7 @@ def measure(target: Target, args: argparse.Namespace) -> None:
     target.runs.append(run)
     cpu = f"   proxy CPU {run.user_us + run.sys_us:5.1f} us/request (user {run.user_us:4.1f}, sys {run.sys_us:4.1f})" \
         if target.pids else ""
-    print(f"  {target.name:<24} {run.rps:>9.0f} req/s   p50 {run.p50_ms:6.2f} ms   p99 {run.p99_ms:6.2f} ms{cpu}",
+    print(f"  {target.name:<32} {run.rps:>9.0f} req/s   p50 {run.p50_ms:6.2f} ms   p99 {run.p99_ms:6.2f} ms{cpu}",
           flush=True)
 
 
@@ -346,7 +346,7 @@ def main() -> None:
         for target in targets:
             cpu = f"   proxy CPU {target.median('user_us') + target.median('sys_us'):5.1f} us/request" \
                 if target.pids else ""
-            print(f"  {target.name:<24} {target.median('rps'):>9.0f} req/s   p50 {target.median('p50_ms'):6.2f} ms   "
+            print(f"  {target.name:<32} {target.median('rps'):>9.0f} req/s   p50 {target.median('p50_ms'):6.2f} ms   "
                   f"p99 {target.median('p99_ms'):6.2f} ms{cpu}")
         print()
         by_name = {t.name: t for t in targets}
