@@ -135,6 +135,10 @@ class RunningServer:
     health: health_aio.HealthServicer
     service_names: tuple[str, ...]
 
+    async def set_serving(self) -> None:
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful: report NOT_SERVING, let in-flight calls finish, then stop."""
         await self.health.enter_graceful_shutdown()
@@ -149,7 +153,10 @@ async def start_server(
     register: Callable[[grpc.aio.Server], None],
     authenticate: Authenticator,
     public_methods: Sequence[str] = (),
+    serving: bool = True,
 ) -> RunningServer:
+    """``serving=False``: health checks answer NOT_SERVING until
+    ``RunningServer.set_serving`` (a service still loading its state)."""
     server = grpc.aio.server(
         interceptors=[CallInterceptor(authenticate, public_methods)],
         options=[
@@ -170,8 +177,9 @@ async def start_server(
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
+    initial = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", *service_names):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health.set(name, initial)
     return RunningServer(server=server, port=bound, health=health, service_names=tuple(service_names))
 
 

@@ -141,10 +141,22 @@ async def serve(args: argparse.Namespace) -> None:
         service_names=[SERVICE_NAME],
         register=lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server),
         authenticate=authenticator,
+        # Not SERVING until the bindings are loaded from the registry: until
+        # then it cannot tell a deployment's status (nor `berth up` be ready).
+        serving=False,
     )
+    loaded = asyncio.Event()
+    table.on_change(lambda: loaded.set() if table.snapshot_complete else None)
+
+    async def serve_once_loaded() -> None:
+        await loaded.wait()
+        await running.set_serving()
+        log.info("bindings_loaded", extra={"bindings": len(table.bindings())})
+
     tasks = [
         asyncio.create_task(watcher.run(), name="registry-watch"),
         asyncio.create_task(reconciler.run(), name="reconcile"),
+        asyncio.create_task(serve_once_loaded(), name="serve-once-loaded"),
     ]
     log.info("scheduler_started", extra={"instance": config.instance, "network": args.network, "port": running.port})
 

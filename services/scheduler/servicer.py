@@ -53,6 +53,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise errors.PermissionDenied("this deployment belongs to another project")
 
     def _latest_deployment_id(self, principal: Principal, requested_project: str) -> str:
+        self._require_loaded()
         if principal.admin or principal.service:
             if not requested_project:
                 raise errors.InvalidArgument("project: required when deployment_id is empty for this credential")
@@ -66,6 +67,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         latest = max(mine, key=lambda b: (b.deployment.created_at.seconds, b.deployment.created_at.nanos))
         return latest.deployment.id
 
+    def _require_loaded(self) -> None:
+        """Before the first snapshot from the registry, "not bound to any
+        environment" would be a guess: say so, and that it passes."""
+        if not self._table.snapshot_complete:
+            raise errors.Unavailable("the scheduler has not loaded the bindings from the registry yet (it is "
+                                     "starting or cannot reach the registry); retry in a moment")
+
     def _bindings_of(self, deployment_id: str) -> list[common_pb2.Binding]:
         return [b for b in self._table.bindings() if b.deployment.id == deployment_id]
 
@@ -74,6 +82,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GetDeploymentStatusRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.DeploymentStatus:
         principal = caller()
+        self._require_loaded()
         deployment_id = request.deployment_id or self._latest_deployment_id(principal, request.project)
         bindings = self._bindings_of(deployment_id)
         if not bindings:
@@ -187,6 +196,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         require_service()
         if not request.environment_id or not request.deployment_id:
             raise errors.InvalidArgument("environment_id and deployment_id are required")
+        self._require_loaded()
         key = (request.environment_id, request.deployment_id)
         binding = self._table.get(key)
         if binding is None:

@@ -313,3 +313,53 @@ def test_load_reports_from_several_router_processes_add_up(monkeypatch: pytest.M
         asyncio.run(scenario())
     finally:
         nowhere.close()
+
+
+def test_before_the_bindings_are_loaded_status_is_unavailable_and_health_not_serving() -> None:
+    """A scheduler that has not yet received the registry's snapshot must not
+    answer "not bound to any environment" (a guess), nor look ready."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    table = DesiredTable()
+    events = EventStore()
+    reconciler = Reconciler(None, table, FakeSecrets(), events, SchedulerConfig())  # type: ignore[arg-type]
+    servicer = SchedulerServicer(table, reconciler, events)
+
+    async def scenario() -> None:
+        server = await start_server(
+            host="127.0.0.1", port=0, service_names=[SERVICE_NAME],
+            register=lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
+            authenticate=fake_authenticate, serving=False,
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                health = health_pb2_grpc.HealthStub(channel)
+
+                async def health_status() -> int:
+                    answer = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+                    return answer.status
+
+                assert await health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
+                for call in (
+                    stub.GetDeploymentStatus(scheduler_pb2.GetDeploymentStatusRequest(deployment_id="dep-1"),
+                                             metadata=credentials("key-owner"), timeout=5),
+                    stub.Activate(scheduler_pb2.ActivateRequest(environment_id="env-1", deployment_id="dep-1"),
+                                  metadata=credentials("svc-token"), timeout=5),
+                ):
+                    with pytest.raises(grpc.aio.AioRpcError) as early:
+                        await call
+                    assert early.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert "not loaded the bindings" in (early.value.details() or "")
+
+                table.replace([], [])
+                await server.set_serving()
+                assert await health_status() == health_pb2.HealthCheckResponse.SERVING
+                with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                    await stub.GetDeploymentStatus(scheduler_pb2.GetDeploymentStatusRequest(deployment_id="dep-1"),
+                                                   metadata=credentials("key-owner"), timeout=5)
+                assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
