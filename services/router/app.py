@@ -83,11 +83,12 @@ class RouterApp:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.state = RoutingState()
+        self.state.loaded = False  # until the registry watch delivers its snapshot
         # One of several worker processes sharing the port (see workers.py)?
         self.shared: SharedState | None = None
         if args.worker_index is not None:
             self.shared = SharedState(Path(args.shared_dir), args.worker_index, args.worker_count)
-            self.state.on_revision = self.shared.publish_revision
+            self.state.on_revision = self._revision_applied
         self.registry_watch = RegistryWatcher(args.registry, args.service_token, self.state)
         self.endpoint_watch = EndpointWatcher(
             args.scheduler, args.service_token, self.state, on_removed=lambda gone: self.proxy.pool.forget(gone)
@@ -128,6 +129,10 @@ class RouterApp:
     def port(self) -> int:
         return self.proxy.port
 
+    def _revision_applied(self, revision: int) -> None:
+        assert self.shared is not None
+        self.shared.publish_revision(revision, loaded=self.state.loaded)
+
     def not_ready(self) -> list[str]:
         waiting = []
         for watch in (self.registry_watch, self.endpoint_watch):
@@ -137,6 +142,8 @@ class RouterApp:
         for name in DEPENDENCIES:
             if not self.probe.serving(name):
                 waiting.append(f"{name} is {self.probe.status[name]}")
+        if self.shared is not None:
+            waiting += [f"router worker {i} has not loaded its routing table" for i in self.shared.not_loaded()]
         return waiting
 
     async def start(self) -> int:
@@ -152,7 +159,7 @@ class RouterApp:
             ("load_reports", self.load_reporter.run),
         ]
         if self.shared is not None:
-            self.shared.publish_revision(0)  # a restarted worker: nothing routed by it yet
+            self.shared.publish_revision(0, loaded=False)  # a restarted worker: nothing routed by it yet
             tasks.append(("metrics_publisher", self._publish_metrics))
         for name, fn in tasks:
             self._tasks.append(loop.create_task(run_forever(name, fn), name=name))

@@ -1349,7 +1349,7 @@ class ProxyServer:
         and is served by ``handle``; an exchange that fails is handed over to
         it too (``ClientConnection.fast_failed``), so retries and error
         responses have one implementation. True: the request was taken."""
-        if request.upgrade or self.closing:
+        if request.upgrade or self.closing or not self.state.loaded:
             return False
         try:
             addressed = self._address(request)
@@ -1426,6 +1426,9 @@ class ProxyServer:
                 if addressed is None:
                     status, keep = await self._platform(client, request)
                     return keep
+                if not self.state.loaded:
+                    raise ProxyError(503, "router_starting", "the router has not loaded its routing table from "
+                                     "the registry yet; retry in a moment", retry_after=1)
                 route = self.state.table.resolve(*addressed, self.state.endpoints)
                 if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
                     raise ProxyError(413, "body_too_large",

@@ -310,6 +310,9 @@ class RoutingState:
         self.table = table or RoutingTable()
         self.endpoints = endpoints or EndpointSet()
         self.revision = 0  # the registry revision the table reflects
+        # False from the router's start until the registry's first snapshot:
+        # an empty table then means "not loaded", not "no such project".
+        self.loaded = True
         self._table_changed: asyncio.Future[None] | None = None
         self.on_revision: Callable[[int], None] | None = None  # told each revision applied (worker processes)
 

@@ -125,6 +125,7 @@ class RegistryWatcher(_StreamWatcher):
             elif event.snapshot_complete:
                 self.state.table = fresh
                 fresh = None
+                self.state.loaded = True
                 self.state.revision = self.revision
                 self.state.table_updated()
                 log.info("routing_table_loaded", extra={"environments": len(self.state.table.environments),

@@ -11,10 +11,11 @@ forwards SIGTERM/SIGINT, and restarts a worker that dies.
 What the workers share, through files in a private directory:
 
 - ``revisions``: the registry revision each worker's routing table
-  reflects (one 8-byte slot per worker, in a memory map). After a promote or
-  rollback through the REST API, the answering worker waits until every
-  worker routes by the move, so read-your-own-write holds whichever worker
-  the next connection lands on.
+  reflects, and whether it has loaded the table at all (8-byte slots, in a
+  memory map). After a promote or rollback through the REST API, the
+  answering worker waits until every worker routes by the move, so
+  read-your-own-write holds whichever worker the next connection lands on;
+  ``/healthz`` on any worker is 200 only once every worker has its table.
 - ``metrics-<index>.json``: each worker's counters, written every second,
   so ``/metrics`` on any worker reports the whole router.
 
@@ -94,20 +95,25 @@ class SharedState:
         self.index = index
         self.count = count
         with open(directory / "revisions", "r+b") as f:
-            self._revisions = mmap.mmap(f.fileno(), SLOT.size * count)
+            self._revisions = mmap.mmap(f.fileno(), SLOT.size * count * 2)  # revisions, then loaded flags
 
     @staticmethod
     def create(count: int) -> Path:
         directory = Path(tempfile.mkdtemp(prefix="berth-router-"))
-        (directory / "revisions").write_bytes(bytes(SLOT.size * count))
+        (directory / "revisions").write_bytes(bytes(SLOT.size * count * 2))
         return directory
 
     # -- revisions ------------------------------------------------------------
-    def publish_revision(self, revision: int) -> None:
+    def publish_revision(self, revision: int, *, loaded: bool = True) -> None:
         SLOT.pack_into(self._revisions, SLOT.size * self.index, revision)
+        SLOT.pack_into(self._revisions, SLOT.size * (self.count + self.index), int(loaded))
 
     def revisions(self) -> list[int]:
         return [SLOT.unpack_from(self._revisions, SLOT.size * i)[0] for i in range(self.count)]
+
+    def not_loaded(self) -> list[int]:
+        """Workers that have not loaded their routing table (starting)."""
+        return [i for i in range(self.count) if not SLOT.unpack_from(self._revisions, SLOT.size * (self.count + i))[0]]
 
     async def wait_for_revision(self, revision: int, timeout: float) -> bool:
         """Waits (bounded) until every worker's table reflects ``revision``."""

@@ -450,3 +450,22 @@ def test_in_flight_request_on_a_vanished_replica_is_retried_not_hung(harness: Ro
     finally:
         hole.close()
         healthy.close()
+
+
+def test_before_the_routing_table_is_loaded_requests_get_503_not_404(harness: RouterHarness) -> None:
+    """A router that has just started has an empty table: that means "not
+    loaded yet" (retry), never "no such project"."""
+    backend = Backend("loaded")
+    try:
+        harness.endpoints({("env-prod", "dep-a"): [backend.address]})
+        harness.state.loaded = False
+        resp, body = request(harness)
+        assert resp.status == 503 and json.loads(body)["error"]["code"] == "router_starting"
+        assert resp.getheader("Retry-After") == "1"
+        resp, _ = request(harness, headers={"X-Berth-Project": "nope", "X-Berth-Environment": "x"})
+        assert resp.status == 503
+        harness.state.loaded = True
+        resp, body = request(harness)
+        assert resp.status == 200 and resp.getheader("X-Berth-Deployment") == "dep-a"
+    finally:
+        backend.close()
