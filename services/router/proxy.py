@@ -283,7 +283,7 @@ class Request:
         self.host: bytes | None = None
         self.forwarded_for = b""  # X-Forwarded-For values joined with ", "
         self.connection_tokens: set[bytes] | None = None  # lower-cased tokens of Connection headers
-        self.forward: list[bytes] | None = None  # pieces of the headers forwarded as they are (parser's work)
+        self.forward: list[bytes] | None = None  # "name: value\r\n" pieces of the headers forwarded as they are
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -525,6 +525,7 @@ class ClientConnection(asyncio.Protocol):
             chunked,
             parser.should_upgrade(),
         )
+        # set by the parse above (the constructor keeps to the request line)
         request.project, request.environment, request.pinned, request.host = project, environment, pinned, host
         request.forwarded_for, request.connection_tokens = forwarded_for, connection_tokens
         request.forward = forward
@@ -561,14 +562,17 @@ class ClientConnection(asyncio.Protocol):
         self._fast = None
         pending = self._pending
         pending.popleft()
-        if len(pending) < MAX_PENDING_REQUESTS:
+        if self._pause_reasons and len(pending) < MAX_PENDING_REQUESTS:
             self.resume_reading("pipeline")
         if not keep_alive or self._broken or self.server.closing:
             self.close()
         elif pending:
             self._worker = self.server.loop.create_task(self._serve())
         elif not self.closed:
-            self._arm_idle_timer()
+            if self._idle_timer is None:
+                self._arm_idle_timer()
+            else:
+                self._idle_since = self.server.loop.time()  # the armed timer re-checks when it fires
 
     async def _serve(self, resume: Exchange | None = None) -> None:
         self._resuming = None  # this task owns the exchange now
@@ -690,6 +694,7 @@ class UpstreamConnection(asyncio.Protocol):
         # the exchange in progress (upstream timeout) or how long the
         # connection has been idle, and re-arms itself for the next deadline.
         self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = 0.0  # when it fires
         self._idle_since: float | None = None
         self._idle_timeout = 0.0
         self._write_paused = False
@@ -761,9 +766,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.discard(self)
 
     def start_idle(self, timeout: float) -> None:
-        self._idle_since = now = self.pool.loop.time()
+        self._idle_since = now = self._time()
         self._idle_timeout = timeout
-        self._arm(now + timeout)
+        if self._watchdog is None or self._watchdog_at > now + timeout:
+            self._arm(now + timeout)
 
     def take(self) -> None:
         self._idle_since = None
@@ -771,15 +777,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     def watch(self, exchange: Exchange) -> None:
         """Starts the upstream timeout of the exchange just attached."""
-        self._arm(exchange.last_activity + exchange.timeout)
+        deadline = exchange.last_activity + exchange.timeout
+        if self._watchdog is None or self._watchdog_at > deadline:
+            self._arm(deadline)
 
     def _arm(self, deadline: float) -> None:
-        watchdog = self._watchdog
-        if watchdog is not None:
-            if watchdog.when() <= deadline:
+        if self._watchdog is not None:
+            if self._watchdog_at <= deadline:
                 return  # fires first; re-arms for this deadline then
-            watchdog.cancel()
+            self._watchdog.cancel()
         self._watchdog = self.pool.loop.call_at(deadline, self._check)
+        self._watchdog_at = deadline
 
     def _check(self) -> None:
         self._watchdog = None
@@ -795,13 +803,13 @@ class UpstreamConnection(asyncio.Protocol):
                 exchange.fail(ProxyError(504, "upstream_timeout", f"deployment {exchange.route.deployment_id} "
                                          f"did not answer within {exchange.timeout:g}s"))
             else:
-                self._watchdog = self.pool.loop.call_at(deadline, self._check)
+                self._arm(deadline)
         elif self._idle_since is not None:
             deadline = self._idle_since + self._idle_timeout
             if now + TIMER_SLACK >= deadline:
                 self.close()
             else:
-                self._watchdog = self.pool.loop.call_at(deadline, self._check)
+                self._arm(deadline)
 
     def should_keep_alive(self) -> bool:
         return self._parser.should_keep_alive()
@@ -967,7 +975,7 @@ class Exchange:
         chunked = False
         named_by_connection: frozenset[bytes] | None = None
         headers = self.upstream.headers
-        out = [b"HTTP/1.1 %d %s\r\n" % (status, self.upstream.reason or _reason(status))]
+        out = [_status_line(status, self.upstream.reason)]
         for name, value in headers:
             lname = name.lower()
             if lname in _FRAMING_OR_DROPPED_RESPONSE:
@@ -996,9 +1004,7 @@ class Exchange:
         self.keep_client = framed_for_client and client.keep_alive_after(self.request)
         if content_length is not None and not chunked:
             out += (b"Content-Length: ", content_length, b"\r\n")
-        out += (b"X-Berth-Deployment: ", _deployment_bytes(self.route.deployment_id), b"\r\n")
-        if self.route.fallback:
-            out.append(b"X-Berth-Fallback: 1\r\n")
+        out.append(self.route.response_headers)
         if self.chunked_to_client:
             out.append(b"Transfer-Encoding: chunked\r\n")
         if not self.keep_client:
@@ -1082,7 +1088,8 @@ class Exchange:
         if not self.finished:
             self.finished = True
             self.reusable = reusable and self.request_sent
-            self._wake()
+            if self._waiter is not None:
+                self._wake()
             if self.fast:
                 self.fast = False
                 self.client.server.fast_done(self)
@@ -1096,8 +1103,8 @@ def _named_by_connection(value: bytes) -> frozenset[bytes]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _deployment_bytes(deployment_id: str) -> bytes:
-    return deployment_id.encode()
+def _status_line(status: int, reason: bytes) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))
 
 
 def _origin_form(target: bytes) -> bytes:
@@ -1170,7 +1177,9 @@ class UpstreamPool:
             if not busy:
                 del self._busy[conn.address]
         conn.exchange = None
-        idle = self._idle.setdefault(conn.address, [])
+        idle = self._idle.get(conn.address)
+        if idle is None:
+            idle = self._idle[conn.address] = []
         if not reusable or conn.closed or len(idle) >= MAX_IDLE_PER_ADDRESS:
             conn.close()
             return
@@ -1584,10 +1593,12 @@ class ProxyServer:
 
     def _detach(self, exchange: Exchange, reusable: bool) -> None:
         client, upstream = exchange.client, exchange.upstream
-        exchange.request.body.detach()
+        body = exchange.request.body
+        if body is not NO_BODY:
+            body.detach()
         client.upstream_transport = None
-        if upstream.transport is not None and not upstream.closed:
-            upstream.transport.resume_reading()
+        if client._write_paused and upstream.transport is not None and not upstream.closed:
+            upstream.transport.resume_reading()  # paused while the client was slow
         if client._pause_reasons:
             client.resume_reading("upstream")
         exchange.finished = True  # late callbacks from the replica are ignored

@@ -57,6 +57,15 @@ class Route:
     def binding_key(self) -> tuple[str, str]:
         return (self.environment_id, self.deployment_id)
 
+    @functools.cached_property
+    def response_headers(self) -> bytes:
+        """What the proxy adds to every response it relays on this route:
+        which deployment answered (and that it was the fallback)."""
+        headers = b"X-Berth-Deployment: " + self.deployment_id.encode() + b"\r\n"
+        if self.fallback:
+            headers += b"X-Berth-Fallback: 1\r\n"
+        return headers
+
 
 class RouteError(Exception):
     """Why a request cannot be routed; ``status`` and ``code`` become the
