@@ -1,10 +1,11 @@
 """Router throughput and latency against the same keep-alive replica:
-(a) direct, (b) nginx as a reverse proxy (one worker, keep-alive upstream;
-also with --workers worker processes, for a like-for-like reference), (c)
-the Berth router's proxy as the product runs it (uvloop, metrics and access
-log on) in one process, (d) the same without the access log, and (e) in
---workers processes sharing the port, which is what ``--workers auto`` (the
-default) starts on a machine with that many CPUs.
+(a) direct; (b) nginx as a reverse proxy (keep-alive upstream) with one
+worker, with one worker writing a JSON access-log line per request (buffered,
+as the router does), and with --workers workers; (c) the Berth router's proxy
+as the product runs it (uvloop, metrics, access log through the service's log
+handler) in one process and in --workers processes sharing the port (what
+``--workers auto``, the default, starts on a machine with that many CPUs),
+each with and without the access log. Ratios are printed like for like.
 
 Each target runs in its own process for the whole run; load comes from wrk
 (``apt-get install wrk``; a Python keep-alive load generator is used when
@@ -114,7 +115,9 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-  access_log off;
+  log_format json escape=json '{{"time": "$time_iso8601", "method": "$request_method", "path": "$uri", '
+                              '"status": $status, "ms": $request_time, "peer": "$remote_addr"}}';
+  access_log {access_log};
   client_body_temp_path {dir}/body;
   proxy_temp_path {dir}/proxy;
   fastcgi_temp_path {dir}/fastcgi;
@@ -294,45 +297,55 @@ def main() -> None:
         backend = f"127.0.0.1:{backend_port}"
         targets = [Target("direct", backend_port, {})]
         nginxes: list[subprocess.Popen[bytes]] = []
-        if shutil.which("nginx"):
-            for workers in sorted({1, args.workers}):
-                nginx_port = free_port()
-                prefix = Path(tmp.name) / f"nginx-{workers}"
-                prefix.mkdir()
-                conf = prefix / "nginx.conf"
-                conf.write_text(NGINX_CONF.format(dir=prefix, backend=backend, port=nginx_port, workers=workers))
-                nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)], start_new_session=True,
-                                         stderr=subprocess.DEVNULL)
-                procs.append(nginx)
-                nginxes.append(nginx)
-                wait_port(nginx_port)
-                time.sleep(0.2)
-                pids = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
-                name = "nginx (1 worker)" if workers == 1 else f"nginx ({workers} workers)"
-                targets.append(Target(name, nginx_port, {}, [int(p) for p in pids]))
-        else:
-            print("nginx not installed (apt-get install nginx-light): skipping (b)")
-        for access, label in (("1", "router, 1 worker"), ("0", "router, 1 worker, no access log")):
-            router_port = free_port()
-            router = spawn("--serve-router", str(router_port), backend, access)
-            procs.append(router)
-            targets.append(Target(label, router_port, HEADERS, [router.pid]))
-        if args.workers > 1:
+        n = args.workers
+
+        def start_nginx(name: str, workers: int, access_log: bool) -> None:
+            port = free_port()
+            prefix = Path(tmp.name) / f"nginx-{len(nginxes)}"
+            prefix.mkdir()
+            conf = prefix / "nginx.conf"
+            # a JSON line per request, written in batches like the router's (buffer, flush)
+            log = f"{prefix}/access.log json buffer=64k flush=1s" if access_log else "off"
+            conf.write_text(NGINX_CONF.format(dir=prefix, backend=backend, port=port, workers=workers, access_log=log))
+            nginx = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)], start_new_session=True,
+                                     stderr=subprocess.DEVNULL)
+            procs.append(nginx)
+            nginxes.append(nginx)
+            wait_port(port)
+            time.sleep(0.2)
+            pids = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
+            targets.append(Target(name, port, {}, [int(p) for p in pids]))
+
+        def start_router(name: str, workers: int, access_log: bool) -> None:
             # as `--workers N` runs it: N processes, each on its own SO_REUSEPORT socket of one port
             from services.router.workers import listening_sockets
 
-            sockets = listening_sockets("127.0.0.1", 0, args.workers)
-            router_port = sockets[0].getsockname()[1]
-            router_pids: list[int] = []
+            sockets = listening_sockets("127.0.0.1", 0, workers)
+            port = sockets[0].getsockname()[1]
+            pids: list[int] = []
             for sock in sockets:
                 router = subprocess.Popen(
-                    [sys.executable, __file__, "--serve-router", str(router_port), backend, "1",
+                    [sys.executable, __file__, "--serve-router", str(port), backend, "1" if access_log else "0",
                      "--listen-fd", str(sock.fileno())],
                     cwd=ROOT, start_new_session=True, pass_fds=(sock.fileno(),))
                 procs.append(router)
-                router_pids.append(router.pid)
+                pids.append(router.pid)
                 sock.close()
-            targets.append(Target(f"router, {args.workers} workers", router_port, HEADERS, router_pids))
+            targets.append(Target(name, port, HEADERS, pids))
+
+        have_nginx = shutil.which("nginx") is not None
+        if have_nginx:
+            start_nginx("nginx, 1 worker", 1, False)
+            start_nginx("nginx, 1 worker, access log", 1, True)
+            if n > 1:
+                start_nginx(f"nginx, {n} workers", n, False)
+        else:
+            print("nginx not installed (apt-get install nginx-light): skipping (b)")
+        start_router("router, 1 worker", 1, True)
+        start_router("router, 1 worker, no access log", 1, False)
+        if n > 1:
+            start_router(f"router, {n} workers", n, True)
+            start_router(f"router, {n} workers, no access log", n, False)
 
         for target in targets:  # warm-up: connections, pools, caches
             wait_port(target.port)
@@ -346,29 +359,33 @@ def main() -> None:
         for target in targets:
             cpu = f"   proxy CPU {target.median('user_us') + target.median('sys_us'):5.1f} us/request" \
                 if target.pids else ""
-            print(f"  {target.name:<32} {target.median('rps'):>9.0f} req/s   p50 {target.median('p50_ms'):6.2f} ms   "
+            print(f"  {target.name:<36} {target.median('rps'):>9.0f} req/s   p50 {target.median('p50_ms'):6.2f} ms   "
                   f"p99 {target.median('p99_ms'):6.2f} ms{cpu}")
-        print()
         by_name = {t.name: t for t in targets}
-        direct, base = by_name["direct"], by_name.get("nginx (1 worker)")
-        for target in targets:
-            if not target.name.startswith("router"):
-                continue
-            def ratio(attr: str, other: Target, target: Target = target) -> float:
-                return statistics.median(
-                    getattr(mine, attr) / getattr(theirs, attr) for mine, theirs in zip(target.runs, other.runs, strict=True))
-            line = f"{target.name}: {ratio('rps', direct):.2f}x direct throughput"
-            if base:
-                line += (f", {ratio('rps', base):.2f}x nginx throughput (target >= 0.8), "
-                         f"p50 {ratio('p50_ms', base):.2f}x nginx, p99 {ratio('p99_ms', base):.2f}x nginx "
-                         f"(target <= 1.5)")
-            print(line)
-        nginx_n = by_name.get(f"nginx ({args.workers} workers)")
-        router_n = by_name.get(f"router, {args.workers} workers")
-        if nginx_n and router_n:
-            throughput = statistics.median(
-                mine.rps / theirs.rps for mine, theirs in zip(router_n.runs, nginx_n.runs, strict=True))
-            print(f"for reference, like for like: {router_n.name}: {throughput:.2f}x {nginx_n.name} throughput")
+
+        def ratio(attr: str, mine: Target, theirs: Target) -> float:
+            return statistics.median(
+                getattr(a, attr) / getattr(b, attr) for a, b in zip(mine.runs, theirs.runs, strict=True))
+
+        def compare(router_name: str, nginx_name: str, note: str = "") -> None:
+            mine, theirs = by_name.get(router_name), by_name.get(nginx_name)
+            if mine is None or theirs is None:
+                return
+            print(f"  {router_name} vs {nginx_name}{note}: {ratio('rps', mine, theirs):.2f}x throughput, "
+                  f"p50 {ratio('p50_ms', mine, theirs):.2f}x, p99 {ratio('p99_ms', mine, theirs):.2f}x")
+
+        direct = by_name["direct"]
+        print("\nrouter / direct throughput: " + ", ".join(
+            f"{t.name} {ratio('rps', t, direct):.2f}x" for t in targets if t.name.startswith("router")))
+        if have_nginx:
+            workers = f"{n} workers" if n > 1 else "1 worker"
+            print("router / nginx (target: throughput >= 0.8x nginx with one worker, p99 <= 1.5x)")
+            compare(f"router, {workers}, no access log", "nginx, 1 worker", " (neither logs)")
+            compare(f"router, {workers}", "nginx, 1 worker, access log", " (both log each request)")
+            compare(f"router, {workers}", "nginx, 1 worker", " (only the router logs)")
+            compare("router, 1 worker, no access log", "nginx, 1 worker", " (one process each, neither logs)")
+            if n > 1:
+                compare(f"router, {n} workers, no access log", f"nginx, {n} workers", " (same worker count)")
     finally:
         for nginx in nginxes:
             if nginx.poll() is None:
