@@ -114,24 +114,46 @@ class RegistryWatcher(_StreamWatcher):
         self.revision = 0
 
     async def _consume(self, ch: grpc.aio.Channel) -> None:
+        """One stream. After a reconnect it asks for the changes since the
+        revision the table reflects; the registry sends those (``resumed``,
+        applied to the table in place) or, when it no longer holds them, a
+        full snapshot (a new table replaces the old one whole)."""
         stub = registry_pb2_grpc.RegistryStub(ch)
-        fresh: RoutingTable | None = RoutingTable()  # built until the snapshot completes
-        async for event in stub.Watch(registry_pb2.WatchRequest(since_revision=0), metadata=self._metadata):
-            apply_event(fresh if fresh is not None else self.state.table, event)
-            self.revision = max(self.revision, event.revision)
-            if fresh is None:
+        since = self.revision
+        before_marker: list[registry_pb2.WatchEvent] | None = []  # None once live
+        request = registry_pb2.WatchRequest(since_revision=since)
+        async for event in stub.Watch(request, metadata=self._metadata):
+            if before_marker is None:
+                apply_event(self.state.table, event)
+                self.revision = max(self.revision, event.revision)
                 self.state.revision = self.revision
                 self.state.table_updated()
-            elif event.snapshot_complete:
+                continue
+            before_marker.append(event)
+            if not event.snapshot_complete:
+                continue
+            # All applied in one step of the event loop: no request sees half of it.
+            # self.revision moves only with what was applied: a stream cut
+            # before its marker must not make the next one resume past it.
+            if event.resumed:
+                for change in before_marker:
+                    apply_event(self.state.table, change)
+                self.revision = max(self.revision, *(change.revision for change in before_marker))
+            else:
+                fresh = RoutingTable()
+                for change in before_marker:
+                    apply_event(fresh, change)
                 self.state.table = fresh
-                fresh = None
-                self.state.loaded = True
-                self.state.revision = self.revision
-                self.state.table_updated()
-                log.info("routing_table_loaded", extra={"environments": len(self.state.table.environments),
-                                                        "bindings": len(self.state.table.bindings),
-                                                        "revision": self.revision})
-                self._progress()
+                self.revision = max(change.revision for change in before_marker)  # the snapshot's
+            before_marker = None
+            self.state.loaded = True
+            self.state.revision = self.revision
+            self.state.table_updated()
+            log.info("routing_table_loaded", extra={"environments": len(self.state.table.environments),
+                                                    "bindings": len(self.state.table.bindings),
+                                                    "revision": self.revision, "resumed": event.resumed,
+                                                    "since_revision": since})
+            self._progress()
 
 
 class EndpointWatcher(_StreamWatcher):

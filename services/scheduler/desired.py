@@ -2,10 +2,13 @@
 current by the registry's Watch stream.
 
 The stream sends a snapshot (every environment and binding), a
-``snapshot_complete`` marker, then live changes. After a reconnect the table
-is rebuilt from the new snapshot (replaced, not merged): until the marker
-arrives the previous table stays in force, and before the very first marker
-``snapshot_complete`` is False so the reconciler removes nothing.
+``snapshot_complete`` marker, then live changes. After a reconnect the
+watcher asks for the changes since the revision its table reflects: the
+registry sends those (``resumed``; applied in place) or, when it no longer
+holds them, a new snapshot, which replaces the table (not merged). Either
+way the previous table stays in force until the marker arrives, and before
+the very first marker ``snapshot_complete`` is False so the reconciler
+removes nothing.
 """
 from __future__ import annotations
 
@@ -110,6 +113,7 @@ class RegistryWatcher:
         self._initial = initial_backoff
         self._max = max_backoff
         self._snapshotted = False
+        self._revision = 0  # the registry revision the table reflects (to resume from)
 
     async def run(self) -> None:
         backoff = self._initial
@@ -131,30 +135,60 @@ class RegistryWatcher:
                 await asyncio.sleep(delay)
 
     async def _consume(self, stub: registry_pb2_grpc.RegistryStub) -> None:
-        """One stream: a snapshot (installed whole at its marker), then changes."""
-        environments: list[common_pb2.Environment] = []
-        bindings: list[common_pb2.Binding] = []
+        """One stream: after a reconnect, the changes since the revision the
+        table reflects (``resumed``: applied in place) or a snapshot
+        (installed whole at its marker); then changes as they commit."""
+        since = self._revision
+        before_marker: list[registry_pb2.WatchEvent] = []
         live = False
-        stream = stub.Watch(registry_pb2.WatchRequest(since_revision=0), metadata=credentials(self._token))
+        request = registry_pb2.WatchRequest(since_revision=since)
+        stream = stub.Watch(request, metadata=credentials(self._token))
         async for event in stream:
-            change = event.WhichOneof("change")
-            if not live:
-                if change == "environment":
-                    environments.append(event.environment)
-                elif change == "binding":
-                    bindings.append(event.binding)
-                elif change == "environment_deleted":
-                    environments = [e for e in environments if e.id != event.environment_deleted]
-                    bindings = [b for b in bindings if b.environment_id != event.environment_deleted]
-                if event.snapshot_complete:
-                    self._table.replace(environments, bindings)
-                    live = True
-                    self._snapshotted = True
-                    log.info("registry_snapshot", extra={"bindings": len(bindings), "revision": event.revision})
+            if live:
+                self._apply(event)
+                self._revision = max(self._revision, event.revision)
                 continue
-            if change == "environment":
-                self._table.upsert_environment(event.environment)
-            elif change == "binding":
-                self._table.upsert_binding(event.binding)
-            elif change == "environment_deleted":
-                self._table.delete_environment(event.environment_deleted)
+            before_marker.append(event)
+            if not event.snapshot_complete:
+                continue
+            # The revision moves only with what was applied: a stream cut
+            # before its marker must not make the next one resume past it.
+            if event.resumed:
+                for change in before_marker:
+                    self._apply(change)
+                self._revision = max(self._revision, *(change.revision for change in before_marker))
+            else:
+                environments, bindings = _snapshot(before_marker)
+                self._table.replace(environments, bindings)
+                self._revision = max(change.revision for change in before_marker)  # the snapshot's
+            live = True
+            self._snapshotted = True
+            log.info("registry_snapshot", extra={"bindings": len(self._table.bindings()), "revision": self._revision,
+                                                 "resumed": event.resumed, "since_revision": since})
+
+    def _apply(self, event: registry_pb2.WatchEvent) -> None:
+        change = event.WhichOneof("change")
+        if change == "environment":
+            self._table.upsert_environment(event.environment)
+        elif change == "binding":
+            self._table.upsert_binding(event.binding)
+        elif change == "environment_deleted":
+            self._table.delete_environment(event.environment_deleted)
+
+
+def _snapshot(
+    events: list[registry_pb2.WatchEvent],
+) -> tuple[list[common_pb2.Environment], list[common_pb2.Binding]]:
+    """The environments and bindings a snapshot's events describe."""
+    environments: list[common_pb2.Environment] = []
+    bindings: list[common_pb2.Binding] = []
+    for event in events:
+        change = event.WhichOneof("change")
+        if change == "environment":
+            environments.append(event.environment)
+        elif change == "binding":
+            bindings.append(event.binding)
+        elif change == "environment_deleted":
+            environments = [e for e in environments if e.id != event.environment_deleted]
+            bindings = [b for b in bindings if b.environment_id != event.environment_deleted]
+    return environments, bindings

@@ -55,16 +55,26 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
         self.snapshot: list[registry_pb2.WatchEvent] = []
         self.queues: list[asyncio.Queue[Any]] = []
         self.tokens: list[str] = []
+        self.since: list[int] = []  # since_revision of each Watch call
+        # with since_revision: these changes instead of the snapshot, marked resumed (None: always a snapshot)
+        self.replay: list[registry_pb2.WatchEvent] | None = None
 
     async def Watch(self, request: registry_pb2.WatchRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
         self.tokens.append(dict(context.invocation_metadata()).get("x-api-key", ""))
+        self.since.append(request.since_revision)
         if self.tokens[-1] != TOKEN:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self.queues.append(queue)
-        for event in self.snapshot:
-            yield event
-        yield registry_pb2.WatchEvent(snapshot_complete=True, revision=len(self.snapshot))
+        if request.since_revision and self.replay is not None:
+            for event in self.replay:
+                yield event
+            last = max([request.since_revision, *(e.revision for e in self.replay)])
+            yield registry_pb2.WatchEvent(snapshot_complete=True, resumed=True, revision=last)
+        else:
+            for event in self.snapshot:
+                yield event
+            yield registry_pb2.WatchEvent(snapshot_complete=True, revision=len(self.snapshot))
         while True:
             item = await queue.get()
             if item is BREAK:
@@ -269,3 +279,48 @@ async def test_router_app_healthz_and_routing_end_to_end() -> None:
         await app.stop(1.0)
         for server in (reg_server, sch_server, sec_server):
             await server.stop(None)
+
+
+async def test_registry_watch_resumes_after_a_reconnect() -> None:
+    """Reconnecting, the watcher asks for the changes since the revision its
+    table reflects and applies them in place (no new snapshot); a registry
+    that no longer holds them sends a snapshot, which replaces the table."""
+    fake = FakeRegistry()
+    fake.snapshot = [env_event("env-prod", "production", "dep-1"), binding_event("env-prod", "dep-1")]
+    server, port, _ = await start_grpc(lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(fake, s))
+    state = RoutingState()
+    watcher = RegistryWatcher(f"127.0.0.1:{port}", TOKEN, state, backoff=FAST)
+    task = asyncio.create_task(watcher.run())
+    try:
+        await asyncio.wait_for(watcher.synced.wait(), 5)
+        assert fake.since == [0] and state.revision == 2
+        live = env_event("env-stg", "staging", "dep-2")
+        live.revision = 3
+        await fake.push(live)
+        await eventually(lambda: state.revision == 3, what="live change")
+
+        # Changes 4 and 5 happened while the stream was down: only they come back.
+        table = state.table
+        moved = env_event("env-prod", "production", "dep-2")
+        moved.revision = 4
+        deleted = registry_pb2.WatchEvent(environment_deleted="env-stg", revision=5)
+        fake.replay = [moved, deleted]
+        await fake.push(BREAK)
+        await eventually(lambda: state.revision == 5, what="resumed changes")
+        assert fake.since == [0, 3]
+        assert state.table is table  # applied in place, not rebuilt
+        assert state.table.resolve("shop", "production").deployment_id == "dep-2"
+        assert set(state.table.environments) == {"env-prod"}
+        assert ("env-prod", "dep-1") in state.table.bindings  # from the first snapshot, kept
+
+        # The registry no longer holds revision 5 (say it was restored): a snapshot replaces the table.
+        fake.replay = None
+        fake.snapshot = [env_event("env-qa", "qa", "")]
+        await fake.push(BREAK)
+        await eventually(lambda: state.table is not table, what="snapshot after reconnect")
+        assert fake.since == [0, 3, 5]
+        assert set(state.table.environments) == {"env-qa"} and state.revision == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await server.stop(None)
