@@ -155,10 +155,7 @@ class RouterMetrics:
             if len(self._stats) > 50_000:  # bounded memory however many deployments come and go (a counter reset)
                 self._stats.clear()
             stats = self._stats[key] = RequestStats((project, environment, deployment, status_class(status)))
-        # RequestStats.observe, inline: this runs for every request
-        stats.count += 1
-        stats.total_seconds += seconds
-        stats.buckets[bisect_left(BUCKETS, seconds)] += 1
+        stats.observe(seconds)
 
     def fallback(self, project: str, environment: str) -> None:
         """A request served by the previous deployment (the current one failed)."""

@@ -569,10 +569,7 @@ class ClientConnection(asyncio.Protocol):
         elif pending:
             self._worker = self.server.loop.create_task(self._serve())
         elif not self.closed:
-            if self._idle_timer is None:
-                self._arm_idle_timer()
-            else:
-                self._idle_since = self.server.loop.time()  # the armed timer re-checks when it fires
+            self._arm_idle_timer()
 
     async def _serve(self, resume: Exchange | None = None) -> None:
         self._resuming = None  # this task owns the exchange now
@@ -725,11 +722,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             client.write(data)
             return
-        # Cork the client: the response head and the body bytes that came
-        # with it leave in one send.
-        corked = client._corked is None
-        if corked:
-            client._corked = []
+        corked = client.cork()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -1395,19 +1388,10 @@ class ProxyServer:
         ``handle`` and ``ClientConnection._serve`` do after a response."""
         client, request = exchange.client, exchange.request
         self._detach(exchange, exchange.reusable)
-        outstanding = self.pool.outstanding
-        address = exchange.address
-        left = outstanding[address] - 1
-        if left:
-            outstanding[address] = left
-        else:
-            del outstanding[address]
+        self._release_address(exchange.address)
         keep = exchange.keep_client and client.keep_alive_after(request)
-        load = exchange.load
-        assert load is not None
-        load.in_flight -= 1  # LoadTracker.end, inline
-        load.completed += 1
-        self.load.in_flight -= 1
+        assert exchange.load is not None
+        self.load.end(exchange.load)
         self._record(client, request, exchange.route, exchange.status)
         client.fast_served(keep)
 
@@ -1593,9 +1577,7 @@ class ProxyServer:
 
     def _detach(self, exchange: Exchange, reusable: bool) -> None:
         client, upstream = exchange.client, exchange.upstream
-        body = exchange.request.body
-        if body is not NO_BODY:
-            body.detach()
+        exchange.request.body.detach()
         client.upstream_transport = None
         if client._write_paused and upstream.transport is not None and not upstream.closed:
             upstream.transport.resume_reading()  # paused while the client was slow

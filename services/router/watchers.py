@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from berth.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from services.common.registry_watch import RegistryFollower
 from services.common.remote import channel, credentials
 from services.router.table import BindingEntry, EnvironmentEntry, RoutingState, RoutingTable
 
@@ -111,49 +112,35 @@ class RegistryWatcher(_StreamWatcher):
     def __init__(self, address: str, service_token: str, state: RoutingState, *, backoff: Backoff | None = None):
         super().__init__(address, service_token, backoff=backoff)
         self.state = state
-        self.revision = 0
+        self._follower = RegistryFollower(lambda event: apply_event(self.state.table, event), self._replace)
+
+    def _replace(self, snapshot: list[registry_pb2.WatchEvent]) -> None:
+        fresh = RoutingTable()
+        for event in snapshot:
+            apply_event(fresh, event)
+        self.state.table = fresh
 
     async def _consume(self, ch: grpc.aio.Channel) -> None:
-        """One stream. After a reconnect it asks for the changes since the
-        revision the table reflects; the registry sends those (``resumed``,
-        applied to the table in place) or, when it no longer holds them, a
-        full snapshot (a new table replaces the old one whole)."""
+        """One stream, resuming from the revision the table reflects (see
+        ``RegistryFollower``)."""
         stub = registry_pb2_grpc.RegistryStub(ch)
-        since = self.revision
-        before_marker: list[registry_pb2.WatchEvent] | None = []  # None once live
-        request = registry_pb2.WatchRequest(since_revision=since)
-        async for event in stub.Watch(request, metadata=self._metadata):
-            if before_marker is None:
-                apply_event(self.state.table, event)
-                self.revision = max(self.revision, event.revision)
-                self.state.revision = self.revision
-                self.state.table_updated()
-                continue
-            before_marker.append(event)
-            if not event.snapshot_complete:
-                continue
-            # All applied in one step of the event loop: no request sees half of it.
-            # self.revision moves only with what was applied: a stream cut
-            # before its marker must not make the next one resume past it.
-            if event.resumed:
-                for change in before_marker:
-                    apply_event(self.state.table, change)
-                self.revision = max(self.revision, *(change.revision for change in before_marker))
-            else:
-                fresh = RoutingTable()
-                for change in before_marker:
-                    apply_event(fresh, change)
-                self.state.table = fresh
-                self.revision = max(change.revision for change in before_marker)  # the snapshot's
-            before_marker = None
-            self.state.loaded = True
-            self.state.revision = self.revision
+        follower = self._follower
+        since = follower.revision
+
+        def applied() -> None:
+            self.state.revision = follower.revision
             self.state.table_updated()
+
+        def synced(resumed: bool) -> None:
+            self.state.loaded = True
+            applied()
             log.info("routing_table_loaded", extra={"environments": len(self.state.table.environments),
                                                     "bindings": len(self.state.table.bindings),
-                                                    "revision": self.revision, "resumed": event.resumed,
+                                                    "revision": follower.revision, "resumed": resumed,
                                                     "since_revision": since})
             self._progress()
+
+        await follower.follow(stub.Watch(follower.request(), metadata=self._metadata), synced=synced, applied=applied)
 
 
 class EndpointWatcher(_StreamWatcher):

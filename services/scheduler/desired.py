@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 import grpc
 
 from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services.common.registry_watch import RegistryFollower
 from services.common.remote import channel, credentials
 
 from .plan import BindingKey
@@ -113,7 +114,9 @@ class RegistryWatcher:
         self._initial = initial_backoff
         self._max = max_backoff
         self._snapshotted = False
-        self._revision = 0  # the registry revision the table reflects (to resume from)
+        self._follower = RegistryFollower(
+            self._apply, lambda snapshot: self._table.replace(*_snapshot(snapshot))
+        )
 
     async def run(self) -> None:
         backoff = self._initial
@@ -135,36 +138,18 @@ class RegistryWatcher:
                 await asyncio.sleep(delay)
 
     async def _consume(self, stub: registry_pb2_grpc.RegistryStub) -> None:
-        """One stream: after a reconnect, the changes since the revision the
-        table reflects (``resumed``: applied in place) or a snapshot
-        (installed whole at its marker); then changes as they commit."""
-        since = self._revision
-        before_marker: list[registry_pb2.WatchEvent] = []
-        live = False
-        request = registry_pb2.WatchRequest(since_revision=since)
-        stream = stub.Watch(request, metadata=credentials(self._token))
-        async for event in stream:
-            if live:
-                self._apply(event)
-                self._revision = max(self._revision, event.revision)
-                continue
-            before_marker.append(event)
-            if not event.snapshot_complete:
-                continue
-            # The revision moves only with what was applied: a stream cut
-            # before its marker must not make the next one resume past it.
-            if event.resumed:
-                for change in before_marker:
-                    self._apply(change)
-                self._revision = max(self._revision, *(change.revision for change in before_marker))
-            else:
-                environments, bindings = _snapshot(before_marker)
-                self._table.replace(environments, bindings)
-                self._revision = max(change.revision for change in before_marker)  # the snapshot's
-            live = True
+        """One stream, resuming from the revision the table reflects (see
+        ``RegistryFollower``)."""
+        follower = self._follower
+        since = follower.revision
+
+        def synced(resumed: bool) -> None:
             self._snapshotted = True
-            log.info("registry_snapshot", extra={"bindings": len(self._table.bindings()), "revision": self._revision,
-                                                 "resumed": event.resumed, "since_revision": since})
+            log.info("registry_snapshot", extra={"bindings": len(self._table.bindings()),
+                                                 "revision": follower.revision, "resumed": resumed,
+                                                 "since_revision": since})
+
+        await follower.follow(stub.Watch(follower.request(), metadata=credentials(self._token)), synced=synced)
 
     def _apply(self, event: registry_pb2.WatchEvent) -> None:
         change = event.WhichOneof("change")
