@@ -3,18 +3,28 @@ oom_killed, health_check_failed), folded by (deployment, kind, environment,
 replica) with a count and first/last seen, persisted with SQLAlchemy in
 SQLite so they survive restarts (in memory when no data directory is given).
 
-Messages are the engine's own text; callers scrub secret values before
-recording (``scrub``)."""
+Messages are the engine's own text, and the engine may quote a replica's
+environment in them (runc refuses a value holding NUL by printing the whole
+``NAME=value``). ``redact`` is the one place secret values are taken out of
+such text: the reconciler passes every message through it, with the
+binding's resolved values, before it is stored, logged or answered; the
+store itself also blanks any quoted environment assignment in a message
+about environment variables (``scrub_env_leaks``), which needs no values and
+is what the schema migration applies to rows stored before redaction
+existed."""
 from __future__ import annotations
 
+import json
 import os
+import pathlib
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from sqlalchemy import DateTime, Integer, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy import DateTime, Engine, Integer, String, Text, UniqueConstraint, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
@@ -62,18 +72,110 @@ class _EventRow(_Base):
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
+metadata = _Base.metadata
+MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
+VERSION_TABLE = "alembic_version_events"
 MAX_MESSAGE = 2000
 
 
-def scrub(message: str, secret_values: Iterable[str]) -> str:
-    """Replaces any secret value that an engine message might echo."""
-    for value in sorted({v for v in secret_values if len(v) >= 4}, key=len, reverse=True):
-        message = message.replace(value, "***")
-    return message[:MAX_MESSAGE]
+REDACTED = "[redacted]"
+# Values shorter than this are not searched for (redacting every "a" or "on"
+# would make messages useless); the pattern rule below still blanks them
+# where the engine quotes an environment assignment.
+MIN_REDACTED_LENGTH = 4
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+               "\v": "\\v", '"': '\\"', "\\": "\\\\"}
+# An environment assignment as the engine quotes it (Go %q: "NAME=value"
+# with backslash escapes), or bare (NAME=value up to a space or quote).
+_QUOTED_ASSIGNMENT = re.compile(r'"([A-Za-z_][A-Za-z0-9_]*)=(?:[^"\\]|\\.)*"')
+_BARE_ASSIGNMENT = re.compile(r'(?<![\w"])([A-Za-z_][A-Za-z0-9_]*)=(?!\[redacted\])[^\s"]+')
+_MENTIONS_ENVIRONMENT = re.compile(r"environment variable|\benv(iron)?\b", re.IGNORECASE)
+
+
+def go_quoted(value: str) -> str:
+    """``value`` as Go's ``strconv.Quote`` prints it, without the outer
+    quotes: how runc and the Docker engine echo an environment entry."""
+    out = []
+    for ch in value:
+        if ch in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[ch])
+        elif ch.isprintable():
+            out.append(ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:
+            out.append("\\ufffd")  # Go prints an invalid rune as U+FFFD
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
+def secret_forms(value: str) -> set[str]:
+    """Every form in which an engine message may carry ``value``: as is,
+    escaped the way Go (once or twice, when an error wraps a quoted error),
+    JSON and Python print it, and the pieces between control characters
+    (NUL, newlines) where a message was cut at one. Empty for a value
+    shorter than ``MIN_REDACTED_LENGTH``."""
+    if len(value) < MIN_REDACTED_LENGTH:
+        return set()
+    once = go_quoted(value)
+    forms = {
+        value,
+        once,
+        go_quoted(once),
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        repr(value)[1:-1],
+    }
+    forms.update(p for p in _CONTROL.split(value) if len(p) >= MIN_REDACTED_LENGTH)
+    return {f for f in forms if f}
+
+
+def scrub_env_leaks(message: str) -> str:
+    """Blanks the values of environment assignments quoted in a message
+    about environment variables (``environment variable value can't contain
+    null(\\x00): "NAME=value"``). Needs no secret values, so it also
+    cleans messages recorded before their values were known or after the
+    secret was deleted. Messages that do not mention the environment are
+    returned unchanged."""
+    if "=" not in message or not _MENTIONS_ENVIRONMENT.search(message):
+        return message
+    message = _QUOTED_ASSIGNMENT.sub(lambda m: f'"{m.group(1)}={REDACTED}"', message)
+    return _BARE_ASSIGNMENT.sub(lambda m: f"{m.group(1)}={REDACTED}", message)
+
+
+def redact(message: str, secret_values: Iterable[str]) -> str:
+    """``message`` with every form of every secret value (``secret_forms``)
+    and every quoted environment assignment (``scrub_env_leaks``) replaced by
+    ``[redacted]``, cut to ``MAX_MESSAGE``. The one place engine text is
+    cleaned before anything stores, logs or answers it."""
+    forms: set[str] = set()
+    for value in secret_values:
+        forms |= secret_forms(value)
+    for form in sorted(forms, key=len, reverse=True):  # longest first: a piece never splits a whole value
+        message = message.replace(form, REDACTED)
+    return scrub_env_leaks(message)[:MAX_MESSAGE]
 
 
 def _utc(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def migrate(engine: Engine) -> None:
+    """Brings the event store's schema to the latest migration (Alembic,
+    ``migrations/``): the table itself, then e.g. scrubbing messages stored
+    before engine text was redacted."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
 
 
 class EventStore:
@@ -89,7 +191,7 @@ class EventStore:
             self._engine = create_engine(
                 "sqlite://", connect_args={"check_same_thread": False}, poolclass=StaticPool
             )
-        _Base.metadata.create_all(self._engine)
+        migrate(self._engine)
         self._lock = threading.Lock()
 
     def record(
@@ -105,6 +207,7 @@ class EventStore:
         at: datetime | None = None,
     ) -> None:
         now = at or datetime.now(UTC)
+        message = scrub_env_leaks(message)[:MAX_MESSAGE]  # callers ``redact``; this needs no values
         with self._lock, Session(self._engine) as session, session.begin():
             row = session.scalars(
                 select(_EventRow).where(
@@ -123,7 +226,7 @@ class EventStore:
                         environment_id=environment_id,
                         environment=environment,
                         replica=replica,
-                        message=message[:MAX_MESSAGE],
+                        message=message,
                         count=1,
                         first_seen=now,
                         last_seen=now,
@@ -132,7 +235,7 @@ class EventStore:
             else:
                 row.count += 1
                 row.last_seen = now
-                row.message = message[:MAX_MESSAGE]
+                row.message = message
 
     def list(self, deployment_id: str) -> list[Event]:
         with Session(self._engine) as session:

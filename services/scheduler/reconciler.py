@@ -35,7 +35,7 @@ from . import docker_adapter as da
 from . import spec as specs
 from .autoscale import Bounds, LoadTracker, ScalePolicy
 from .desired import DesiredTable, binding_key, is_terminated
-from .events import EventKind, EventStore, scrub
+from .events import EventKind, EventStore, redact
 from .plan import (
     GONE,
     LIVE,
@@ -293,6 +293,10 @@ class Reconciler:
         self._noted_exits: set[str] = set()
         self._start_backoff: dict[SlotKey, _StartBackoff] = {}
         self._problems: dict[BindingKey, _Problem] = {}
+        # Every secret value resolved for a binding while it is in the table
+        # (old values too: a replica started before a rotation still holds
+        # them), so engine text about its replicas can be redacted.
+        self._secret_values: dict[BindingKey, frozenset[str]] = {}
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._pull_failures: dict[str, _PullFailure] = {}
         self._recorded_images: set[str] = set()
@@ -623,6 +627,11 @@ class Reconciler:
             if values is None:
                 continue
             resolved[binding_key(b)] = specs.resolve(b, image_id, values)
+            key = binding_key(b)
+            self._secret_values[key] = self._secret_values.get(key, frozenset()) | {s.value for s in values}
+        in_table = {binding_key(b) for b in self._table.bindings()}
+        for key in [k for k in self._secret_values if k not in in_table]:
+            del self._secret_values[key]
         return resolved
 
     async def _image_for(self, b: common_pb2.Binding) -> str | None:
@@ -733,7 +742,7 @@ class Reconciler:
             self.wake()
             return
         except da.StartFailed as exc:
-            message = scrub(exc.message, spec.secret_values)
+            message = self._redact(exc.message, binding_key(b), spec.secret_values)
             record = self._start_backoff.setdefault(slot, _StartBackoff())
             record.failures += 1
             record.not_before = time.time() + restart_delay(
@@ -742,7 +751,8 @@ class Reconciler:
             self._fail(b, EventKind.SCHEDULING_FAILURE, message, replica=str(c.index))
             return
         except da.EngineError as exc:
-            log.warning("create_failed", extra={"container": run.name, "error": scrub(exc.message, spec.secret_values)})
+            log.warning("create_failed", extra={"container": run.name,
+                                                "error": self._redact(exc.message, binding_key(b), spec.secret_values)})
             return
         self._start_backoff.pop(slot, None)
         self._clear_problem(b, EventKind.SCHEDULING_FAILURE)
@@ -785,7 +795,12 @@ class Reconciler:
             self.wake()
 
     # -- failures -----------------------------------------------------------
+    def _redact(self, message: str, key: BindingKey, also: Sequence[str] = ()) -> str:
+        """Engine text without the binding's secret values (``events.redact``)."""
+        return redact(message, self._secret_values.get(key, frozenset()) | set(also))
+
     def _fail(self, b: common_pb2.Binding, kind: EventKind, message: str, *, replica: str = "") -> None:
+        message = self._redact(message, binding_key(b))
         self._problems[binding_key(b)] = _Problem(kind, message)
         self._events.record(
             kind,
@@ -801,6 +816,7 @@ class Reconciler:
     def _record_for_container(self, c: da.ContainerInfo, kind: EventKind, message: str) -> None:
         env_id, dep_id = _key_of(c)
         b = self._table.get((env_id, dep_id))
+        message = self._redact(message, (env_id, dep_id))
         self._events.record(
             kind,
             message=message,
