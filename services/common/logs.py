@@ -8,9 +8,27 @@ extra fields) and written in batches: the router logs one line per request,
 and a formatter plus a write system call per line would cost about as much
 as proxying the request. Warnings and errors are written at once; the rest
 within ``FLUSH_INTERVAL`` seconds, and everything at exit.
+
+Where the lines go: stderr, or with ``--log-file``/``BERTH_LOG_FILE`` (what
+``berth up`` passes each service) a file rotated by size
+(``BERTH_LOG_MAX_BYTES``, default 50 MB, and ``BERTH_LOG_BACKUPS`` older
+files, default 5: ``router.log``, ``router.log.1`` ... ``router.log.5``).
+Several processes may append to one file (the router's workers share
+``router.log``): each writes with O_APPEND, checks the file's size before
+each batch and rotates under an exclusive lock on ``<file>.lock`` only after
+checking that no other process rotated it first; a process whose file was
+rotated by another reopens the path before its next batch. The standard
+library's RotatingFileHandler does the same for one process only (two
+processes rotating one file lose lines and old files), hence this small
+equivalent under the batched writer. The process's own stdout and stderr
+are pointed at the current file too, so a traceback printed after logging
+is set up lands in the bounded log (what comes before goes wherever the
+parent sent stderr; ``berth up`` keeps that in a small
+``<service>.stderr.log``).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -22,6 +40,8 @@ from typing import IO, Any
 
 FLUSH_INTERVAL = 0.25
 MAX_BUFFERED = 256
+DEFAULT_MAX_BYTES = 50 * 1024 * 1024
+DEFAULT_BACKUPS = 5
 
 # Attributes every LogRecord has; anything else came from ``extra=``.
 _RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -75,13 +95,105 @@ class JsonLineFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class RotatingLogFile:
+    """A file-like target for ``BatchingStreamHandler`` that rotates by size
+    and tolerates other processes appending to and rotating the same path
+    (see the module doc). At most ``backups`` older files are kept; a file
+    grows past ``max_bytes`` by at most one batch (a batch is never split)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES,
+                 backups: int = DEFAULT_BACKUPS, capture_std: bool = False) -> None:
+        if max_bytes < 0 or backups < 0:
+            raise ValueError("the log size limit and the number of backups cannot be negative")
+        self.path = os.fspath(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.capture_std = capture_std
+        self._fd = -1
+        self._identity = (0, 0)
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        st = os.fstat(fd)
+        self._identity = (st.st_dev, st.st_ino)
+        if self.capture_std:
+            for std in (1, 2):
+                os.dup2(fd, std)  # the duplicates are inheritable: children's stray output lands here too
+
+    def _follow(self) -> None:
+        """Reopens the path if another process rotated the file away."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._open()
+            return
+        if (st.st_dev, st.st_ino) != self._identity:
+            self._open()
+
+    def _rotate(self, incoming: int) -> None:
+        lock_fd = os.open(self.path + ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            self._follow()  # another process may have rotated while we waited
+            size = os.fstat(self._fd).st_size
+            if size == 0 or size + incoming <= self.max_bytes:
+                return
+            if self.backups == 0:
+                os.unlink(self.path)
+            else:
+                for i in range(self.backups - 1, 0, -1):
+                    older = f"{self.path}.{i}"
+                    if os.path.exists(older):
+                        os.replace(older, f"{self.path}.{i + 1}")
+                os.replace(self.path, f"{self.path}.1")
+            self._open()
+        finally:
+            os.close(lock_fd)  # releases the lock
+
+    def write(self, text: str) -> int:
+        data = text.encode("utf-8", "replace")
+        self._follow()
+        if self.max_bytes and os.fstat(self._fd).st_size + len(data) > self.max_bytes:
+            self._rotate(len(data))
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # every write is a system call already
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number, not {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} cannot be negative")
+    return value
+
+
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Buffers formatted lines; writes them when ``MAX_BUFFERED`` are waiting,
     at once for WARNING and above, from a timer every ``FLUSH_INTERVAL``, and
     on close."""
 
-    def __init__(self, stream: IO[str]) -> None:
-        super().__init__(stream)
+    def __init__(self, stream: IO[str] | RotatingLogFile) -> None:
+        super().__init__(stream)  # type: ignore[arg-type]
         self._lines: list[str] = []
         self._stop = threading.Event()
         self._timer = threading.Thread(target=self._flush_periodically, name="log-flush", daemon=True)
@@ -127,6 +239,8 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._stop.set()
         self.flush()
         super().close()
+        if isinstance(self.stream, RotatingLogFile):
+            self.stream.close()
 
 
 def lines_writer() -> Callable[[list[str]], None] | None:
@@ -140,8 +254,16 @@ def lines_writer() -> Callable[[list[str]], None] | None:
     return None
 
 
-def configure(service: str, level: str | None = None) -> None:
-    handler = BatchingStreamHandler(sys.stderr)
+def configure(service: str, level: str | None = None, log_file: str | None = None) -> None:
+    """JSON lines on stderr, or into ``log_file`` (default
+    ``BERTH_LOG_FILE``), rotated by ``BERTH_LOG_MAX_BYTES`` and
+    ``BERTH_LOG_BACKUPS``."""
+    path = os.environ.get("BERTH_LOG_FILE", "") if log_file is None else log_file
+    target: IO[str] | RotatingLogFile = sys.stderr
+    if path:
+        target = RotatingLogFile(path, max_bytes=_env_int("BERTH_LOG_MAX_BYTES", DEFAULT_MAX_BYTES),
+                                 backups=_env_int("BERTH_LOG_BACKUPS", DEFAULT_BACKUPS), capture_std=True)
+    handler = BatchingStreamHandler(target)
     handler.setFormatter(JsonLineFormatter(service))
     root = logging.getLogger()
     for old in root.handlers:

@@ -62,8 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     add_common_flags(parser, default_port=50051)
     parser.add_argument("--database-url", default=env("BERTH_DATABASE_URL") or None)
     parser.add_argument("--admin-key", default=env("BERTH_ADMIN_KEY"), help="env BERTH_ADMIN_KEY")
+    parser.add_argument("--log-file", default=env("BERTH_LOG_FILE"),
+                        help="write JSON log lines here, rotated by size (env BERTH_LOG_FILE; "
+                             "BERTH_LOG_MAX_BYTES, BERTH_LOG_BACKUPS); default stderr")
     args = parser.parse_args(argv)
-    logs.configure("registry", args.log_level)
+    logs.configure("registry", args.log_level, args.log_file)
     if not args.service_token:
         parser.error("--service-token (or BERTH_SERVICE_TOKEN) is required")
     database_url = args.database_url or default_database_url()

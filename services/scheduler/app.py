@@ -96,6 +96,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=int(env("BERTH_UNHEALTHY_AFTER", "3")),
         help="consecutive failed health checks before a running replica is replaced",
     )
+    parser.add_argument("--log-file", default=env("BERTH_LOG_FILE"),
+                        help="write JSON log lines here, rotated by size (env BERTH_LOG_FILE; "
+                             "BERTH_LOG_MAX_BYTES, BERTH_LOG_BACKUPS); default stderr")
     args = parser.parse_args(argv)
     for name in ("target_concurrency", "reconcile_interval", "pull_timeout"):
         if getattr(args, name) <= 0:
@@ -180,5 +183,5 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logs.configure("scheduler", args.log_level)
+    logs.configure("scheduler", args.log_level, args.log_file)
     asyncio.run(serve(args))

@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         "--admin-key", default=env("BERTH_ADMIN_KEY"),
         help="the platform's admin key, for rotate-key (env BERTH_ADMIN_KEY; else <data dir>/admin.key)",
     )
+    parser.add_argument("--log-file", default=env("BERTH_LOG_FILE"),
+                        help="write JSON log lines here, rotated by size (env BERTH_LOG_FILE; "
+                             "BERTH_LOG_MAX_BYTES, BERTH_LOG_BACKUPS); default stderr")
     args = parser.parse_args(argv)
-    logs.configure("secrets", args.log_level)
+    logs.configure("secrets", args.log_level, args.log_file)
     if not args.service_token:
         parser.error("--service-token (or BERTH_SERVICE_TOKEN) is required")
     if args.database_url.startswith("sqlite:///"):
