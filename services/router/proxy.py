@@ -1,6 +1,17 @@
 """The HTTP ingress: an asyncio Protocol server parsing requests with
 httptools (llhttp), and a pool of keep-alive connections per upstream replica.
 
+Framing is strict (RFC 9112 §6, §7, §9.3): the connection itself finds where
+each request head ends (bounded in size and in time) and where its body ends
+(Content-Length counted, chunked framing tracked), and feeds the parser one
+message at a time, so a byte of one request can never be parsed as part of
+another. Anything ambiguous (both framing headers, a transfer coding other
+than chunked, duplicate Host or X-Berth-* headers, an unsupported version)
+is answered with an error and the connection closed; nothing of it is
+forwarded. The replica always receives one canonical framing header; an
+upstream connection that sends more than one response per request, or whose
+exchange did not end cleanly, is never reused.
+
 Bodies are streamed both ways with back-pressure (a slow reader pauses the
 other side's socket). Responses framed by EOF (busybox httpd) are re-framed as
 chunked for HTTP/1.1 clients, so the client's connection stays alive.
@@ -51,8 +62,14 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Set by the router itself on the way in.
-OVERRIDDEN_REQUEST = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for", b"expect"})
+# Set by the router itself on the way in (framing headers are re-written:
+# exactly one canonical Content-Length or Transfer-Encoding goes upstream).
+OVERRIDDEN_REQUEST = frozenset(
+    {b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for", b"expect", b"content-length"}
+)
+# Never dropped because Connection names them: framing is the router's to
+# decide, and the replica must see the Host the client sent.
+NEVER_HOP_BY_HOP = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 _REQUEST_HEADERS_OF_INTEREST = frozenset(
     {
@@ -73,6 +90,9 @@ MAX_IDLE_PER_ADDRESS = 64
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_REPLICA_RETRIES = 3
 NO_BODY_STATUSES = frozenset({204, 304})
+ALLOWED_METHODS = b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+LOGGED_TARGET_MAX = 1024  # bytes of a request target written to the access log
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 def _running_loop_or_none() -> asyncio.AbstractEventLoop | None:
@@ -116,6 +136,16 @@ class ProxySettings:
     connect_timeout: float = 5.0
     keepalive_timeout: float = 75.0  # idle client connections
     upstream_idle_timeout: float = 30.0  # idle pooled upstream connections
+    # Request heads (defaults as nginx's large_client_header_buffers 4 8k and
+    # Envoy's 100 headers): request line -> 414, one header line, the whole
+    # head or the header count -> 431.
+    max_request_line: int = 8 * 1024
+    max_header_bytes: int = 8 * 1024
+    max_head_bytes: int = 32 * 1024
+    max_headers: int = 100
+    # The whole head must arrive within this (nginx client_header_timeout);
+    # also how long a new connection may stay silent.
+    head_timeout: float = 10.0
 
 
 # --------------------------------------------------------------------------
@@ -126,7 +156,9 @@ class ProxySettings:
 class RequestBody:
     """The request body as the client sends it. Until a consumer attaches,
     chunks are buffered (reading pauses beyond a bound); once attached they are
-    handed straight to it."""
+    handed straight to it. A body that can never complete (too large, or
+    malformed chunked framing) carries its ``error``, which the consumer
+    answers with."""
 
     def __init__(self, conn: ClientConnection, *, expect_continue: bool) -> None:
         self._conn = conn
@@ -134,11 +166,11 @@ class RequestBody:
         self._buffered = 0
         self.received = 0
         self.complete = False
-        self.too_large = False
+        self.error: ProxyError | None = None
         self.limit = conn.server.settings.max_body_bytes
         self._sink: Callable[[bytes], None] | None = None
         self._on_end: Callable[[], None] | None = None
-        self._on_too_large: Callable[[], None] | None = None
+        self._on_error: Callable[[ProxyError], None] | None = None
         self._expect_continue = expect_continue
         self._done: asyncio.Future[None] | None = None  # created by read_all, the only waiter
 
@@ -146,18 +178,16 @@ class RequestBody:
     def empty(self) -> bool:
         return self.complete and self.received == 0
 
+    @property
+    def too_large(self) -> bool:
+        return self.error is not None and self.error.status == 413
+
     def feed(self, data: bytes) -> None:
-        if self.too_large:
+        if self.error is not None:
             return
         self.received += len(data)
         if self.received > self.limit:
-            self.too_large = True
-            self._buffer.clear()
-            self._conn.pause_reading("too_large")
-            if self._on_too_large is not None:
-                self._on_too_large()
-            if self._done is not None and not self._done.done():
-                self._done.set_result(None)
+            self.fail(ProxyError(413, "body_too_large", f"request body exceeds the router's limit of {self.limit} bytes"))
             return
         if self._sink is not None:
             self._sink(data)
@@ -167,9 +197,22 @@ class RequestBody:
         if self._buffered > BODY_BUFFER_HIGH:
             self._conn.pause_reading("body")
 
+    def fail(self, error: ProxyError) -> None:
+        """The body can never complete: the consumer answers ``error``."""
+        if self.error is not None or self.complete:
+            return
+        self.error = error
+        self._buffer.clear()
+        self._buffered = 0
+        self._conn.pause_reading("body_failed")
+        if self._on_error is not None:
+            self._on_error(error)
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
     def finish(self) -> None:
         self.complete = True
-        if self._sink is not None and self._on_end is not None and not self.too_large:
+        if self._sink is not None and self._on_end is not None and self.error is None:
             self._on_end()
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
@@ -179,21 +222,23 @@ class RequestBody:
             self._expect_continue = False
             self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
-    def attach(self, sink: Callable[[bytes], None], on_end: Callable[[], None], on_too_large: Callable[[], None]) -> None:
-        self._sink, self._on_end, self._on_too_large = sink, on_end, on_too_large
+    def attach(
+        self, sink: Callable[[bytes], None], on_end: Callable[[], None], on_error: Callable[[ProxyError], None]
+    ) -> None:
+        self._sink, self._on_end, self._on_error = sink, on_end, on_error
         while self._buffer:
             sink(self._buffer.popleft())
         self._buffered = 0
         self._conn.resume_reading("body")
-        if self.too_large:
-            on_too_large()
+        if self.error is not None:
+            on_error(self.error)
         elif self.complete:
             on_end()
         else:
             self._send_continue()
 
     def detach(self) -> None:
-        self._sink = self._on_end = self._on_too_large = None
+        self._sink = self._on_end = self._on_error = None
 
     async def read_all(self) -> bytes:
         """The whole body (for the platform's own endpoints)."""
@@ -205,12 +250,12 @@ class RequestBody:
         self._buffered = 0
         self._conn.resume_reading("body")
         self._send_continue()
-        if not (self.complete or self.too_large):
+        if not (self.complete or self.error is not None):
             self._done = asyncio.get_running_loop().create_future()
             await self._done
         self.detach()
-        if self.too_large:
-            raise ProxyError(413, "body_too_large", f"request body exceeds the router's limit of {self.limit} bytes")
+        if self.error is not None:
+            raise self.error
         return b"".join(chunks)
 
 
@@ -223,20 +268,97 @@ class NoBody(RequestBody):
         self._buffered = 0
         self.received = 0
         self.complete = True
-        self.too_large = False
+        self.error = None
         self.limit = 0
-        self._sink = self._on_end = self._on_too_large = None
+        self._sink = self._on_end = self._on_error = None
         self._expect_continue = False
         self._done = None
 
     def feed(self, data: bytes) -> None:
         raise AssertionError("a request without a body received body bytes")
 
+    def fail(self, error: ProxyError) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
     def detach(self) -> None:
         pass
+
+
+class ChunkedFraming:
+    """Finds where a chunked request body ends (RFC 9112 §7.1) without
+    decoding it, so the parser is fed exactly that body and never a byte of
+    the request after it. Strict like the parser: hex sizes only (no
+    whitespace), CRLF line ends, bounded size lines and trailer section.
+    (The parser checks the same bytes again; if the two ever disagree the
+    connection fails closed.)"""
+
+    __slots__ = ("_state", "_left", "_line", "_trailer_bytes", "_max_line", "_max_trailer")
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self, max_line: int, max_trailer: int) -> None:
+        self._state = self._SIZE
+        self._left = 0
+        self._line = b""
+        self._trailer_bytes = 0
+        self._max_line = max_line
+        self._max_trailer = max_trailer
+
+    def consume(self, data: bytes) -> int:
+        """The offset in ``data`` just past the end of the body, or -1 when
+        the body continues beyond it. Raises ProxyError (400) on bad framing."""
+        i, n = 0, len(data)
+        while i < n:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._left, n - i)
+                i += take
+                self._left -= take
+                if not self._left:
+                    self._state = self._DATA_END
+                continue
+            if state == self._DATA_END:
+                piece = data[i:i + 2 - len(self._line)]
+                i += len(piece)
+                self._line += piece
+                if len(self._line) == 2:
+                    if self._line != b"\r\n":
+                        raise _bad_framing("chunk data is not followed by CRLF")
+                    self._line = b""
+                    self._state = self._SIZE
+                continue
+            end = data.find(b"\n", i)
+            if end < 0:
+                self._line += data[i:]
+                if len(self._line) > self._max_line:
+                    raise _bad_framing("a chunk size or trailer line is too long")
+                return -1
+            line = self._line + data[i:end + 1] if self._line else data[i:end + 1]
+            self._line = b""
+            i = end + 1
+            if len(line) > self._max_line:
+                raise _bad_framing("a chunk size or trailer line is too long")
+            if line[-2:-1] != b"\r":
+                raise _bad_framing("a chunked framing line does not end with CRLF")
+            if state == self._SIZE:
+                size = line[:-2].split(b";", 1)[0]
+                if not size or len(size) > 16 or size.translate(None, _HEX_DIGITS):
+                    raise _bad_framing(f"invalid chunk size {size[:32]!r}")
+                self._left = int(size, 16)
+                self._state = self._DATA if self._left else self._TRAILER
+            else:
+                if line == b"\r\n":
+                    return i  # the empty line after the last chunk (and any trailers)
+                self._trailer_bytes += len(line)
+                if self._trailer_bytes > self._max_trailer:
+                    raise _bad_framing("the chunked trailer section is too large")
+        return -1
+
+
+def _bad_framing(why: str) -> ProxyError:
+    return ProxyError(400, "bad_request", f"malformed chunked request body: {why}")
 
 
 NO_BODY = NoBody()
@@ -319,7 +441,20 @@ class ClientConnection(asyncio.Protocol):
         self.upstream_transport: asyncio.Transport | None = None  # paused while the client is slow
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None  # loop time the connection went idle; None while serving
-        self._broken = False  # unparseable input: stop after what is in flight
+        # How long it may stay idle: head_timeout until its first request, then keepalive_timeout.
+        self._idle_limit = server.settings.head_timeout
+        # Framing (see _frame): the start of a head not complete yet (or input
+        # held back while enough requests are pending), the Content-Length
+        # bytes still to come, or the chunked body being tracked.
+        self._head = b""
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._body_left = 0
+        self._chunks: ChunkedFraming | None = None
+        self._head_error: ProxyError | None = None  # set by on_headers_complete: refuse this request
+        # No more input is parsed (an error, an upgrade, or Connection: close):
+        # what is pending is served, then ``_final_error`` (if any), then close.
+        self._broken = False
+        self._final_error: ProxyError | None = None
         self.closed = False
         self.written = 0  # bytes written to the client so far
         self.upgrade_buffer = b""  # bytes after an upgrade request's head (the new protocol's first bytes)
@@ -363,26 +498,169 @@ class ClientConnection(asyncio.Protocol):
                 self.upgrade_buffer += data  # arrived before the pause took effect
             return
         try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            # The request itself was parsed; what follows is another protocol.
-            # Held until the replica answers: a 101 turns this connection into
-            # a tunnel (see Exchange.start_tunnel); anything else is served
-            # and the connection closes.
-            self._broken = True
-            offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-            self.upgrade_buffer = data[offset:]
-            self.pause_reading("upgrade")
+            self._frame(data)
+        except ProxyError as exc:
+            self._refuse(exc)
         except httptools.HttpParserError as exc:
-            self._broken = True
-            self.pause_reading("broken")
-            if self._incoming is not None:
-                # Garbage inside a request being received: it can never complete.
-                self.abort()
-            elif not self._pending and self._worker is None:
-                self.write_error(400, "bad_request", f"malformed HTTP request: {exc}", close=True)
-                self.close()
-            # else: requests already parsed are served, then the connection closes.
+            self._refuse(ProxyError(400, "bad_request", f"malformed HTTP request: {exc}"))
+
+    def _frame(self, data: bytes) -> None:
+        """Feeds the parser one message at a time: a whole head once its end
+        is here (within the limits), then exactly the body's bytes. Raises
+        ProxyError or httptools.HttpParserError for input to refuse."""
+        parser = self._parser
+        while data:
+            if self._body_left:
+                left = self._body_left
+                if len(data) <= left:
+                    self._body_left = left - len(data)
+                    parser.feed_data(data)
+                    return
+                self._body_left = 0
+                parser.feed_data(data[:left])
+                data = data[left:]
+                continue
+            if self._chunks is not None:
+                end = self._chunks.consume(data)
+                if end < 0:
+                    parser.feed_data(data)
+                    return
+                self._chunks = None
+                parser.feed_data(data[:end])
+                if self._incoming is not None:
+                    raise _bad_framing("the chunked body did not end where its framing says")
+                data = data[end:]
+                continue
+            # A request head.
+            if self._head:
+                data, self._head = self._head + data, b""
+            while data[:2] == b"\r\n":  # empty lines before a request line are ignored (RFC 9112 §2.2)
+                data = data[2:]
+            if not data:
+                return
+            if len(self._pending) >= MAX_PENDING_REQUESTS:
+                self._head = data  # parsed once the pipeline drains (reading is paused meanwhile)
+                return
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                self._check_partial_head(data)
+                self._head = data
+                if self.idle:
+                    self._start_head_timer()
+                return
+            end += 4
+            head = data[:end] if end < len(data) else data
+            data = data[end:]
+            self._check_head(head)
+            self._cancel_head_timer()
+            try:
+                parser.feed_data(head)
+            except httptools.HttpParserUpgrade:
+                if self._head_error is not None:
+                    raise self._head_error from None
+                # The request itself was parsed; what follows is another
+                # protocol. Held until the replica answers: a 101 turns this
+                # connection into a tunnel (see Exchange.start_tunnel);
+                # anything else is served and the connection closes.
+                self._broken = True
+                self.upgrade_buffer = data
+                self.pause_reading("upgrade")
+                return
+            if self._head_error is not None:
+                raise self._head_error
+            request = self._incoming
+            if request is not None:  # a body follows
+                if request.chunked:
+                    settings = self.server.settings
+                    self._chunks = ChunkedFraming(settings.max_header_bytes, settings.max_head_bytes)
+                else:
+                    self._body_left = request.content_length or 0
+            elif self._pending and not self._pending[-1].keep_alive:
+                # Connection: close (or HTTP/1.0): nothing after it is a request.
+                self._broken = True
+                self.pause_reading("closing")
+                return
+
+    def _check_partial_head(self, data: bytes) -> None:
+        settings = self.server.settings
+        if len(data) > settings.max_request_line and data.find(b"\r\n", 0, settings.max_request_line + 2) < 0:
+            raise ProxyError(414, "uri_too_long", f"the request line exceeds {settings.max_request_line} bytes")
+        if len(data) > settings.max_head_bytes:
+            raise ProxyError(431, "request_header_fields_too_large",
+                             f"the request head exceeds {settings.max_head_bytes} bytes")
+
+    def _check_head(self, head: bytes) -> None:
+        settings = self.server.settings
+        size = len(head)
+        line_end = head.find(b"\r\n")
+        if line_end > settings.max_request_line:
+            raise ProxyError(414, "uri_too_long", f"the request line exceeds {settings.max_request_line} bytes")
+        if size > settings.max_head_bytes:
+            raise ProxyError(431, "request_header_fields_too_large",
+                             f"the request head exceeds {settings.max_head_bytes} bytes")
+        if size - line_end > settings.max_header_bytes:  # only then can one line be too long
+            lines = head[line_end + 2:-4].split(b"\r\n")
+            if max(map(len, lines)) > settings.max_header_bytes:
+                raise ProxyError(431, "request_header_fields_too_large",
+                                 f"a request header exceeds {settings.max_header_bytes} bytes")
+        if size > 4 * settings.max_headers and head.count(b"\r\n") - 2 > settings.max_headers:
+            raise ProxyError(431, "request_header_fields_too_large",
+                             f"the request has more than {settings.max_headers} headers")
+
+    def _refuse(self, error: ProxyError) -> None:
+        """Input that can never be a valid request: parse nothing more; the
+        requests before it are answered, then ``error``, then the connection
+        closes. Inside a body, the request being received fails with it."""
+        self._broken = True
+        self._head = b""
+        self._cancel_head_timer()
+        self.pause_reading("broken")
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            incoming.body.fail(error)  # whoever serves it answers (or cuts a response already started)
+            return
+        if self._pending or self._worker is not None or self._fast is not None:
+            self._final_error = error
+            return
+        self.write_error(error.status, error.code, error.message, close=True,
+                         allow=ALLOWED_METHODS if error.status == 405 else None)
+        self.close()
+
+    def _end(self) -> None:
+        """After the last request this connection serves."""
+        error, self._final_error = self._final_error, None
+        if error is not None and not self.closed:
+            self.write_error(error.status, error.code, error.message, close=True,
+                             allow=ALLOWED_METHODS if error.status == 405 else None)
+        self.close()
+
+    def _start_head_timer(self) -> None:
+        if self._head_timer is None:
+            self._head_timer = self.server.loop.call_later(self.server.settings.head_timeout, self._head_expired)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self.closed or not self._head or not self.idle or self._broken:
+            return
+        log.info("request_head_timeout", extra={"peer": self.peer, "received": len(self._head)})
+        self._head = b""
+        self._broken = True
+        self.write_error(408, "request_timeout", f"the request head did not arrive within "
+                         f"{self.server.settings.head_timeout:g}s", close=True)
+        self.close()
+
+    def _parse_held(self) -> None:
+        """Input held back while the pipeline was full (scheduled, never run
+        from inside another connection's callbacks)."""
+        if self.closed or self._broken or not self._head or len(self._pending) >= MAX_PENDING_REQUESTS:
+            return
+        data, self._head = self._head, b""
+        self.data_received(data)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -449,8 +727,9 @@ class ClientConnection(asyncio.Protocol):
         loop = self.server.loop
         self._idle_since = loop.time()
         if self._idle_timer is None:
-            self._idle_timer = loop.call_at(self._idle_since + self.server.settings.keepalive_timeout,
-                                            self._idle_expired)
+            self._idle_timer = loop.call_at(self._idle_since + self._idle_limit, self._idle_expired)
+        if self._head:
+            loop.call_soon(self._parse_held)
 
     def _cancel_idle_timer(self) -> None:
         self._idle_since = None
@@ -462,9 +741,11 @@ class ClientConnection(asyncio.Protocol):
         self._idle_timer = None
         if self.closed or self._idle_since is None:
             return  # serving: the timer is armed again when the connection goes idle
-        deadline = self._idle_since + self.server.settings.keepalive_timeout
-        if self.server.loop.time() + TIMER_SLACK < deadline:
-            self._idle_timer = self.server.loop.call_at(deadline, self._idle_expired)
+        deadline = self._idle_since + self._idle_limit
+        if self.server.loop.time() + TIMER_SLACK < deadline or self._head_timer is not None:
+            # (a head being received has its own deadline: _head_expired)
+            self._idle_timer = self.server.loop.call_at(max(deadline, self.server.loop.time() + 1.0),
+                                                        self._idle_expired)
         elif self.idle:
             self.close()
 
@@ -478,34 +759,51 @@ class ClientConnection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self._incoming is None:  # (trailers of a chunked body come here too: not forwarded)
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         content_length: int | None = None
         chunked = False
         expect_continue = False
-        project = environment = pinned = host = connection_tokens = None
+        project = environment = pinned = host = connection_tokens = transfer_encoding = None
         forwarded_for = b""
         headers = self._headers
         forward: list[bytes] = []  # "name: value\r\n" pieces of the headers passed on to the replica
+        duplicate = None
         for name, value in headers:
             lname = name.lower()
             if lname not in _DROP_REQUEST:
                 forward += (name, b": ", value, b"\r\n")
             if lname not in _REQUEST_HEADERS_OF_INTEREST:
+                if lname[:8] == b"x-berth-" and sum(1 for n, _ in headers if n.lower() == lname) > 1:
+                    duplicate = name
                 continue
             if lname == b"host":
+                if host is not None:
+                    duplicate = name
                 host = value
             elif lname == b"x-berth-project":
+                if project is not None:
+                    duplicate = name
                 project = value
             elif lname == b"x-berth-environment":
+                if environment is not None:
+                    duplicate = name
                 environment = value
             elif lname == b"x-berth-deployment":
+                if pinned is not None:
+                    duplicate = name
                 pinned = value
             elif lname == b"content-length":
+                if content_length is not None or not value.isdigit() or len(value) > 18:
+                    self._head_error = ProxyError(400, "bad_request", "Content-Length must be one decimal number")
+                    return
                 content_length = int(value)
             elif lname == b"transfer-encoding":
-                chunked = chunked or b"chunked" in value.lower()
+                if transfer_encoding is not None:
+                    duplicate = name
+                transfer_encoding = value
             elif lname == b"connection":
                 tokens = [t.strip().lower() for t in value.split(b",") if t.strip()]
                 connection_tokens = connection_tokens.union(tokens) if connection_tokens else set(tokens)
@@ -514,11 +812,37 @@ class ClientConnection(asyncio.Protocol):
             elif lname == b"expect":
                 expect_continue = value.strip().lower() == b"100-continue"
         parser = self._parser
+        version = parser.get_http_version()
+        method = parser.get_method()
+        error = None
+        if version != "1.1" and version != "1.0":
+            error = ProxyError(505, "http_version_not_supported", f"HTTP/{version} is not supported; use HTTP/1.1")
+        elif duplicate is not None:
+            error = ProxyError(400, "duplicate_header", f"the request has more than one {duplicate.decode('latin-1')} "
+                               "header; send it once")
+        elif host is None and version == "1.1":
+            error = ProxyError(400, "missing_host", "an HTTP/1.1 request needs a Host header")
+        elif method == b"TRACE" or method == b"CONNECT":
+            error = ProxyError(405, "method_not_allowed", f"the router does not accept {method.decode()}")
+        elif transfer_encoding is not None:
+            codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
+            if version == "1.0" or content_length is not None or codings[-1] != b"chunked":
+                # RFC 9112 §6.1, §6.3: the body's length cannot be determined reliably
+                error = ProxyError(400, "ambiguous_framing", "the request's Transfer-Encoding cannot frame its body "
+                                   "(HTTP/1.0, with Content-Length, or not ending in chunked)")
+            elif len(codings) > 1:
+                error = ProxyError(501, "transfer_coding_not_implemented", "only Transfer-Encoding: chunked is "
+                                   "supported")
+            chunked = True
+        if error is not None:
+            self._head_error = error
+            return
+        self._idle_limit = self.server.settings.keepalive_timeout
         request = Request(
-            parser.get_method(),
+            method,
             self._url,
             headers,
-            parser.get_http_version(),
+            version,
             parser.should_keep_alive(),
             RequestBody(self, expect_continue=expect_continue) if chunked or content_length else NO_BODY,
             content_length,
@@ -564,8 +888,8 @@ class ClientConnection(asyncio.Protocol):
         pending.popleft()
         if self._pause_reasons and len(pending) < MAX_PENDING_REQUESTS:
             self.resume_reading("pipeline")
-        if not keep_alive or self._broken or self.server.closing:
-            self.close()
+        if not keep_alive or self.server.closing or (self._broken and not pending):
+            self._end()
         elif pending:
             self._worker = self.server.loop.create_task(self._serve())
         elif not self.closed:
@@ -594,8 +918,8 @@ class ClientConnection(asyncio.Protocol):
                 self._pending.popleft()
                 if len(self._pending) < MAX_PENDING_REQUESTS:
                     self.resume_reading("pipeline")
-                if not keep_alive or self._broken or self.server.closing:
-                    self.close()
+                if not keep_alive or self.server.closing or (self._broken and not self._pending):
+                    self._end()
                     return
         except asyncio.CancelledError:
             return
@@ -609,10 +933,11 @@ class ClientConnection(asyncio.Protocol):
         return (
             request.keep_alive
             and not request.upgrade
-            and not self._broken
             and not self.server.closing
             and request.body.complete
-            and not request.body.too_large
+            and request.body.error is None
+            # nothing more is parsed: the last pending request closes, unless an error answer follows it
+            and not (self._broken and self._final_error is None and (not self._pending or request is self._pending[-1]))
         )
 
     def write_response(
@@ -651,8 +976,11 @@ class ClientConnection(asyncio.Protocol):
         deployment_id: str = "",
         retry_after: int | None = None,
         close: bool = False,
+        allow: bytes | None = None,
     ) -> bool:
         headers = [(b"Content-Type", b"application/json")]
+        if allow is not None:
+            headers.append((b"Allow", allow))
         if deployment_id:
             headers.append((b"X-Berth-Deployment", deployment_id.encode()))
         if retry_after is not None:
@@ -696,6 +1024,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._idle_timeout = 0.0
         self._write_paused = False
         self.tunnel = False  # after a 101: bytes go straight to the client
+        # Whether a final response to the request sent is still due. A
+        # response beginning when none is due (a replica answering twice, or
+        # parsing a body as a request) poisons the connection: it is closed,
+        # and nothing of that response reaches any client.
+        self.awaiting = False
+        self.poisoned = False
         # the response head being parsed (read by the exchange once complete)
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -725,15 +1059,27 @@ class UpstreamConnection(asyncio.Protocol):
         corked = client.cork()
         try:
             self._parser.feed_data(data)
+            if self.poisoned:
+                self._poisoned()
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
             exchange.start_tunnel(data[offset:])
         except httptools.HttpParserError as exc:
-            exchange.fail(ProxyError(502, "bad_upstream_response", f"the replica sent an invalid response ({exc})"))
-            self.close()
+            if self.poisoned:
+                self._poisoned()
+            else:
+                exchange.fail(ProxyError(502, "bad_upstream_response", f"the replica sent an invalid response ({exc})"))
+                self.close()
         finally:
             if corked:
                 client.uncork()
+
+    def _poisoned(self) -> None:
+        log.warning("upstream_extra_response", extra={"address": self.address})
+        exchange = self.exchange
+        if exchange is not None and not exchange.finished:
+            exchange.fail(ProxyError(502, "bad_upstream_response", "the replica sent more than one response"))
+        self.close()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -767,6 +1113,7 @@ class UpstreamConnection(asyncio.Protocol):
     def take(self) -> None:
         self._idle_since = None
         self.uses += 1
+        self.awaiting = True
 
     def watch(self, exchange: Exchange) -> None:
         """Starts the upstream timeout of the exchange just attached."""
@@ -809,6 +1156,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # parser callbacks, forwarded to the exchange
     def on_message_begin(self) -> None:
+        if not self.awaiting:
+            self.poisoned = True
         self.reason = b""
         self.headers = []
 
@@ -819,14 +1168,19 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.exchange is not None:
+        if self.exchange is not None and not self.poisoned:
             self.exchange.on_headers_complete(self._parser.get_status_code(), self._parser.get_http_version())
 
     def on_body(self, data: bytes) -> None:
-        if self.exchange is not None:
+        if self.exchange is not None and not self.poisoned:
             self.exchange.on_body(data)
 
     def on_message_complete(self) -> None:
+        if self.poisoned:
+            return
+        status = self._parser.get_status_code()
+        if status >= 200 or status == 101:
+            self.awaiting = False
         if self.exchange is not None:
             self.exchange.on_message_complete()
 
@@ -910,11 +1264,13 @@ class Exchange:
         target = request.target
         out = [request.method, b" ", target if target[:1] == b"/" else _origin_form(target), b" HTTP/1.1\r\n"]
         tokens = request.connection_tokens
-        if request.forward is not None and not request.upgrade and not (tokens and tokens - _DROP_REQUEST):
+        named = tokens - _DROP_REQUEST - NEVER_HOP_BY_HOP if tokens else None
+        if request.forward is not None and not request.upgrade and not named:
             out += request.forward
         else:
-            # An upgrade keeps its Upgrade header; Connection may name more headers to drop.
-            drop = _DROP_REQUEST | tokens if tokens else _DROP_REQUEST
+            # An upgrade keeps its Upgrade header; Connection may name more
+            # headers to drop (never the framing ones: they are re-written below).
+            drop = _DROP_REQUEST | named if named else _DROP_REQUEST
             if request.upgrade:
                 drop = drop - {b"upgrade"}
                 out.append(b"Connection: Upgrade\r\n")
@@ -930,10 +1286,12 @@ class Exchange:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
         if request.chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
+        elif request.content_length is not None:
+            out.append(b"Content-Length: %d\r\n" % request.content_length)
         out.append(b"\r\n")
         self.upstream.write(b"".join(out))
         if request.has_body:
-            request.body.attach(self._send_body, self._end_body, self._too_large)
+            request.body.attach(self._send_body, self._end_body, self.fail)
         else:
             self.request_sent = True
 
@@ -948,12 +1306,10 @@ class Exchange:
             self.upstream.write(b"0\r\n\r\n")
         self.request_sent = True
 
-    def _too_large(self) -> None:
-        limit = self.request.body.limit
-        self.fail(ProxyError(413, "body_too_large", f"request body exceeds the router's limit of {limit} bytes"))
-
     # -- response ----------------------------------------------------------
     def on_headers_complete(self, status: int, version: str) -> None:
+        if self.finished:
+            return  # (the upstream connection is poisoned: it is closed, never reused)
         if status == 101:
             if not self.request.upgrade:
                 self.fail(ProxyError(502, "bad_upstream_response", "the replica switched protocols unasked"))
@@ -1351,7 +1707,7 @@ class ProxyServer:
         and is served by ``handle``; an exchange that fails is handed over to
         it too (``ClientConnection.fast_failed``), so retries and error
         responses have one implementation. True: the request was taken."""
-        if request.upgrade or self.closing or not self.state.loaded:
+        if request.upgrade or self.closing or not self.state.loaded or request.body.error is not None:
             return False
         try:
             addressed = self._address(request)
@@ -1457,7 +1813,8 @@ class ProxyServer:
                 self.metrics.observe("", "", "", status, elapsed)
         access_log = self.access_log
         if access_log.enabled:
-            access_log.record(request.method, request.target, status, elapsed, client.peer, route, time.time())
+            target = request.target if len(request.target) <= LOGGED_TARGET_MAX else request.target[:LOGGED_TARGET_MAX]
+            access_log.record(request.method, target, status, elapsed, client.peer, route, time.time())
 
     async def _platform(self, client: ClientConnection, request: Request) -> tuple[int, bool]:
         if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
@@ -1489,6 +1846,8 @@ class ProxyServer:
     ) -> tuple[int, bool]:
         settings = self.settings
         key = route.binding_key
+        if resume is None and request.body.error is not None:
+            raise request.body.error  # (malformed before it was sent anywhere)
         if resume is None and not self.state.endpoints.get(key):
             if self.activator is not None:
                 self.activator.request(route)
