@@ -161,9 +161,11 @@ class RoutingTable:
         Raises ``RouteError`` with a message a person can act on.
 
         With ``endpoints``: when the pointer's binding has failed and the
-        previous deployment's binding in the same environment has ready
-        replicas, the route falls back to it (``Route.fallback``). A pinned
-        request never falls back."""
+        previous deployment's binding in the same environment is active, the
+        route falls back to it (``Route.fallback``), woken like any binding
+        if it was scaled to zero. A pinned request never falls back. A
+        terminated deployment is answered at once (503
+        ``deployment_terminated``), never waited for."""
         key = (project, environment, deployment)
         resolved = self._resolved.get(key)
         if resolved is None:
@@ -174,7 +176,6 @@ class RoutingTable:
         route, fallback, env = resolved
         if fallback is not None and endpoints is not None and env is not None and (
             endpoints.status((env.id, env.deployment_id)) == "failed"
-            and endpoints.get((env.id, env.previous_deployment_id))
         ):
             return fallback
         return route
@@ -206,6 +207,8 @@ class RoutingTable:
                     ),
                     None,
                 )
+            if binding is None and self._terminated(env.id, deployment):
+                raise _terminated(deployment, env.name)
             if binding is None:
                 raise RouteError(
                     404,
@@ -222,10 +225,28 @@ class RoutingTable:
                 f"environment {env.name!r} of project {project_name!r} has no deployment yet; "
                 f"deploy one with `berth deploy --env {env.name}`",
             )
+        if self._terminated(env.id, env.deployment_id):
+            raise _terminated(env.deployment_id, env.name)
         fallback = None
-        if env.previous_deployment_id:
+        previous = self._bindings.get((env.id, env.previous_deployment_id)) if env.previous_deployment_id else None
+        if previous is not None and previous.active:
             fallback = Route(project_id, project_name, env.id, env.name, env.previous_deployment_id, fallback=True)
         return Route(project_id, project_name, env.id, env.name, env.deployment_id), fallback, env
+
+    def _terminated(self, environment_id: str, deployment_id: str) -> bool:
+        binding = self._bindings.get((environment_id, deployment_id))
+        return binding is not None and not binding.active
+
+
+def _terminated(deployment_id: str, environment_name: str) -> RouteError:
+    return RouteError(
+        503,
+        "deployment_terminated",
+        f"deployment {deployment_id} serving environment {environment_name!r} was terminated; start it again with "
+        f"`berth deployment start {deployment_id}`, or move the environment with `berth rollback --environment "
+        f"{environment_name}` or `berth promote`",
+        deployment_id=deployment_id,
+    )
 
 
 def parse_host(host: str, domain: str) -> tuple[str, str] | None:

@@ -5,6 +5,7 @@ import pytest
 
 from services.router.table import (
     BindingEntry,
+    EndpointSet,
     EnvironmentEntry,
     Route,
     RouteError,
@@ -74,11 +75,40 @@ def test_pin_falls_back_to_an_active_binding_elsewhere_in_the_project() -> None:
     assert make_table().resolve("shop", "production", "dep-3") == Route("p-1", "shop", "env-stg", "staging", "dep-3")
 
 
-@pytest.mark.parametrize("deployment", ["dep-unknown", "dep-old", "dep-9"])
-def test_pin_unbound_terminated_or_foreign_is_not_found(deployment: str) -> None:
+@pytest.mark.parametrize("deployment", ["dep-unknown", "dep-9"])
+def test_pin_unbound_or_foreign_is_not_found(deployment: str) -> None:
     with pytest.raises(RouteError) as err:
         make_table().resolve("shop", "staging", deployment)
     assert (err.value.status, err.value.code) == (404, "deployment_not_bound")
+
+
+def test_pin_of_a_terminated_deployment_says_so_and_how_to_start_it() -> None:
+    with pytest.raises(RouteError) as err:
+        make_table().resolve("shop", "staging", "dep-old")
+    assert (err.value.status, err.value.code) == (503, "deployment_terminated")
+    assert "berth deployment start dep-old" in err.value.message and err.value.deployment_id == "dep-old"
+
+
+def test_pointer_at_a_terminated_deployment_is_answered_at_once() -> None:
+    t = make_table()
+    t.upsert_binding(BindingEntry("p-1", "env-prod", "dep-2", "terminated", True), "shop")
+    with pytest.raises(RouteError) as err:
+        t.resolve("shop", "production")
+    assert (err.value.status, err.value.code) == (503, "deployment_terminated")
+    assert "berth rollback --environment production" in err.value.message
+
+
+def test_failed_pointer_falls_back_to_an_active_previous_binding_even_without_replicas() -> None:
+    t = make_table()
+    t.upsert_environment(EnvironmentEntry("env-prod", "p-1", "shop", "production", "dep-2",
+                                          previous_deployment_id="dep-1"))
+    endpoints = EndpointSet()
+    endpoints._status = {("env-prod", "dep-2"): "failed", ("env-prod", "dep-1"): "scaled_to_zero"}
+    route = t.resolve("shop", "production", endpoints=endpoints)
+    assert (route.deployment_id, route.fallback) == ("dep-1", True)  # woken by the proxy like any binding
+    # ...but never to a terminated one: the failed pointer's own route then.
+    t.upsert_binding(BindingEntry("p-1", "env-prod", "dep-1", "terminated", False), "shop")
+    assert t.resolve("shop", "production", endpoints=endpoints).deployment_id == "dep-2"
 
 
 def test_pin_works_even_when_environment_has_no_pointer() -> None:
