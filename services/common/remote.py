@@ -2,7 +2,6 @@
 of what is safe, and authentication through the registry."""
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -57,17 +56,20 @@ async def call_idempotent(fn: Callable[[], Awaitable[T]], *, within: float = 10.
 
 
 class RegistryAuthenticator:
-    """Authenticates API keys by asking the registry, caching answers briefly
-    so a burst of calls costs one round trip. The service token and admin key
-    are checked locally."""
+    """Authenticates API keys by asking the registry on every call. The
+    service token and admin key are checked locally.
 
-    def __init__(self, registry_address: str, service_token: str, *, admin_key: str = "", ttl: float = 10.0) -> None:
+    Project keys are deliberately not cached, positively or negatively, and
+    a call never shares an answer with another call that asked before it:
+    revoking a key commits in the registry before ``RevokeApiKey`` returns,
+    so every service refuses the key from then on, with no window. One
+    round trip per call is cheap at control-plane rates."""
+
+    def __init__(self, registry_address: str, service_token: str, *, admin_key: str = "") -> None:
         self._channel = channel(registry_address)
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         self._service_token = service_token
         self._admin_key = admin_key
-        self._ttl = ttl
-        self._cache: dict[str, tuple[float, Principal]] = {}
 
     async def __call__(self, api_key: str) -> Principal:
         if not api_key:
@@ -76,10 +78,6 @@ class RegistryAuthenticator:
             return SERVICE_PRINCIPAL
         if same_secret(api_key, self._admin_key):
             return ADMIN_PRINCIPAL
-        now = time.monotonic()
-        cached = self._cache.get(api_key)
-        if cached and cached[0] > now:
-            return cached[1]
 
         async def ask() -> registry_pb2.Principal:
             return await self._stub.Authenticate(
@@ -89,16 +87,12 @@ class RegistryAuthenticator:
             )
 
         answer = await call_idempotent(ask, within=5.0)
-        principal = Principal(
+        return Principal(
             project_id=answer.project_id,
             project_name=answer.project_name,
             key_name=answer.key_name,
             admin=answer.admin,
         )
-        if len(self._cache) > 10_000:  # drop expired entries rather than grow without bound
-            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-        self._cache[api_key] = (now + self._ttl, principal)
-        return principal
 
     async def close(self) -> None:
         await self._channel.close()

@@ -49,15 +49,22 @@ from berth.v1 import (
     secrets_pb2_grpc,
 )
 from services.common.remote import channel
+from services.registry.domain import MAX_REPLICA_DELTA, MAX_REPLICAS_LIMIT
 from services.router.platform import PlatformRequest, PlatformResponse, error_response, json_response
 from services.router.table import RoutingState
 from services.router.workers import SharedState
+from services.secrets import limits as secret_limits
 
 log = logging.getLogger("berth.router.api")
 
 PREFIX = "/api/v1"
 RETRY_AFTER_S = 2
-MAX_REPLICAS = 1000
+MAX_REPLICAS = MAX_REPLICAS_LIMIT  # the registry's own bound: refused here with the same number
+# Every API body is a small JSON object; the largest legitimate one is a
+# secret (64 KiB of value, at most 6x that JSON-escaped). A body beyond this
+# is refused with 413 before parsing, well below the gRPC message limit
+# (4 MiB) that would otherwise surface as a 503 from the service call.
+MAX_API_BODY_BYTES = 1024 * 1024
 
 # --------------------------------------------------------------------------
 # Errors: the one gRPC -> HTTP mapping
@@ -262,7 +269,7 @@ ROLLBACK = Body((
           minimum=0),
 ))
 SCALE = Body((
-    Field("by", int, description="replicas to add or remove", minimum=1, maximum=MAX_REPLICAS, default=1),
+    Field("by", int, description="replicas to add or remove", minimum=1, maximum=MAX_REPLICA_DELTA, default=1),
     Field("environment_id", str, description=ENV_FIELD_DOC + "; needed when the deployment has several bindings"),
 ))
 SCALE_BOUNDS = Body((
@@ -277,7 +284,9 @@ EMPTY = Body(())
 PUT_SECRET = Body((
     Field("name", str, True, "secret name (an environment variable name)"),
     Field("type", str, True, "api_key | password | token | certificate | generic"),
-    Field("value", str, True, "the value; write-only, never returned", plain_text=False),
+    Field("value", str, True, "the value; write-only, never returned. UTF-8 text without NUL, at most "
+          f"{secret_limits.MAX_VALUE_BYTES} bytes ({secret_limits.MAX_VALUE_BYTES // 1024} KiB) of UTF-8 "
+          "(413 beyond)", plain_text=False),
     Field("environment_id", str, description=ENV_FIELD_DOC + "; absent = project scope"),
 ))
 
@@ -390,6 +399,9 @@ class RestApi:
             for name, _ in op.query:
                 if name in query:
                     check_text(name, query[name], required=False)
+            if len(request.body) > MAX_API_BODY_BYTES:
+                raise ApiError(413, "body_too_large", f"the request body is {len(request.body)} bytes; this API "
+                               f"accepts at most {MAX_API_BODY_BYTES} bytes")
             return await op.handler(self, Call(api_key, params, query, request.body))
         if allowed:
             allowed = sorted(set(allowed))
@@ -542,6 +554,14 @@ class RestApi:
 
     async def put_secret(self, call: Call) -> PlatformResponse:
         b = PUT_SECRET.parse(call.body)
+        # The secrets service checks the same rules; answering here gives a
+        # value too large its own status (413) rather than a 400.
+        problem = secret_limits.value_content_problem(b["value"])
+        if problem:
+            raise bad("value", problem)
+        problem = secret_limits.value_size_problem(b["value"])
+        if problem:
+            raise ApiError(413, "value_too_large", f"value: {problem}")
         request = secrets_pb2.SetSecretRequest(
             name=b["name"], type=b["type"], value=b["value"], environment=b["environment_id"] or ""
         )

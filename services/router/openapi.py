@@ -141,7 +141,8 @@ ERRORS = {
     "404": "Unknown resource (or another project's)",
     "409": "Lost a compare-and-swap (re-read and retry), or already exists",
     "412": "The current state forbids it (e.g. terminated deployment, unconfirmed production move)",
-    "413": "Request body larger than the router accepts",
+    "413": f"Request body larger than the API accepts ({api.MAX_API_BODY_BYTES} bytes), or a secret value over "
+           f"{api.secret_limits.MAX_VALUE_BYTES} bytes",
     "500": "A service failed (a bug; see its log)",
     "501": "The platform's service does not implement this call",
     "503": "A service is unavailable; retry after Retry-After seconds",

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from berth.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from services.common.auth import Principal
-from services.secrets import crypto
+from services.secrets import crypto, limits
 from services.secrets.storage import DataKeyRow, SecretVersionRow
 
 log = logging.getLogger("berth.secrets")
@@ -33,7 +33,7 @@ log = logging.getLogger("berth.secrets")
 SECRET_TYPES = ("api_key", "password", "token", "certificate", "generic")
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 RESERVED_NAMES = frozenset({"PORT"})
-MAX_VALUE_BYTES = 64 * 1024
+MAX_VALUE_BYTES = limits.MAX_VALUE_BYTES
 WRITE_ATTEMPTS = 5  # a unique-version race with another process is retried this often
 
 T = TypeVar("T")
@@ -90,10 +90,9 @@ def validate_secret(name: str, type_: str, value: str) -> None:
         raise InvalidArgument(f"type is required: one of {', '.join(SECRET_TYPES)}")
     if type_ not in SECRET_TYPES:
         raise InvalidArgument(f"type {type_!r} is not one of: {', '.join(SECRET_TYPES)}")
-    if not value:
-        raise InvalidArgument("value is empty; give the secret's value")
-    if len(value.encode()) > MAX_VALUE_BYTES:
-        raise InvalidArgument(f"value is larger than {MAX_VALUE_BYTES // 1024} KiB")
+    problem = limits.value_content_problem(value) or limits.value_size_problem(value)
+    if problem:
+        raise InvalidArgument(f"value {problem}")
 
 
 class SecretsService:
@@ -312,6 +311,12 @@ class SecretsService:
             if data_key is None:
                 raise crypto.DecryptionFailed(f"project {project_id} has secrets but no data key")
             value = self._decrypt(data_key, project_id, target)
+            problem = limits.value_content_problem(value)  # stored before values were checked on entry
+            if problem:
+                raise FailedPrecondition(
+                    f"version {to_version} of {name!r} cannot be restored: its value {problem}",
+                    hint="set a new value with `berth secrets set`",
+                )
             row = self._append(
                 session, principal, project_id=project_id, environment_id=environment_id,
                 environment_name=environment_name, name=name, type_=target.type, value=value,

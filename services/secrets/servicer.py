@@ -10,7 +10,7 @@ from berth.errors import InvalidArgument, NotFound, PermissionDenied
 from berth.v1 import registry_pb2, registry_pb2_grpc, secrets_pb2, secrets_pb2_grpc
 from services.common.auth import Principal, caller
 from services.common.remote import DEFAULT_DEADLINE, call_idempotent, channel, credentials
-from services.secrets.service import SecretInfo, SecretsService
+from services.secrets.service import SecretInfo, SecretsService, validate_secret
 
 log = logging.getLogger("berth.secrets")
 
@@ -84,6 +84,7 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):
     async def SetSecret(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()
         project_id = project_of(principal, request.project)
+        validate_secret(request.name, request.type, request.value)  # bad input answers before any lookup
         env_id, env_name = ("", "")
         if request.environment:
             env_id, env_name = await self._directory.environment(project_id, request.environment)

@@ -25,7 +25,7 @@ def test_body_validation_names_the_field() -> None:
         b'{"source_deployment_id": "d", "target_environment_id": "s", "min_replicas": true}': (
             "invalid_argument", "min_replicas: must be an integer"),
         b'{"source_deployment_id": "d", "target_environment_id": "s", "max_replicas": 5000}': (
-            "invalid_argument", "max_replicas: must be at most 1000"),
+            "invalid_argument", "max_replicas: must be at most 100"),
         b'{"source_deployment_id": "d", "target_environment": "s"}': ("invalid_argument",
                                                                      "target_environment: unknown field"),
         b'{"source_deployment_id": "d\\u0000", "target_environment_id": "s"}': (
