@@ -534,8 +534,8 @@ class ClientConnection(asyncio.Protocol):
             # A request head.
             if self._head:
                 data, self._head = self._head + data, b""
-            while data[:2] == b"\r\n":  # empty lines before a request line are ignored (RFC 9112 §2.2)
-                data = data[2:]
+            if data[:1] == b"\r" or data[:1] == b"\n":
+                data = data.lstrip(b"\r\n")  # empty lines before a request line are ignored (RFC 9112 §2.2), as nginx does
             if not data:
                 return
             if len(self._pending) >= MAX_PENDING_REQUESTS:
