@@ -193,7 +193,14 @@ def up(data_dir: str | None, database_url: str | None, host: str, router_port: i
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    platform.start()
+    try:
+        # one berth up per data dir; stops what a killed one left; refuses taken ports
+        platform.start()
+    except RuntimeError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(8)
+    for record in platform.leftovers:
+        out.print(f"stopped {record.name} (pid {record.pid}), left running by a previous berth up")
     try:
         status = platform.wait_healthy(timeout=90)
         if not all(status.values()):
@@ -215,12 +222,17 @@ def up(data_dir: str | None, database_url: str | None, host: str, router_port: i
 @main.command()
 @click.option("--data-dir", default=None, help="The data directory of the platform to stop.")
 def down(data_dir: str | None) -> None:
-    """Stop a platform started with 'berth up' (replicas keep running)."""
+    """Stop a platform started with 'berth up' (replicas keep running).
+
+    Also stops whatever a killed 'berth up' left running (recorded in <data dir>/run).
+    """
     from berth.platform import stop_running
 
     directory = local.data_dir(data_dir)
-    if stop_running(directory):
-        out.print("Berth is down (replicas keep running; the next 'berth up' adopts them)")
+    stopped = stop_running(directory)
+    if stopped:
+        out.print(f"Berth is down: stopped {', '.join(stopped)} "
+                  "(replicas keep running; the next 'berth up' adopts them)")
     else:
         out.print(f"No platform is running from {directory}")
 

@@ -1,12 +1,49 @@
 """``berth up``: the whole platform on one machine, one process per service.
 
 The supervisor starts registry, secrets, scheduler and router as child
-processes, restarts one that dies (with backoff), and stops them gracefully
-on SIGINT/SIGTERM. Replicas are Docker containers and outlive it: the next
-``berth up`` adopts them.
+processes, restarts one that dies (at once after a long run, with backoff
+while it keeps dying), and stops them gracefully on SIGINT/SIGTERM.
+Replicas are Docker containers and outlive it: the next ``berth up`` adopts
+them.
+
+``berth up`` owns what it starts, so nothing of a platform outlives it or
+answers in its name:
+
+- Children die with it, even when it is SIGKILLed: each starts through a
+  tiny wrapper that sets PR_SET_PDEATHSIG (SIGTERM, a graceful stop; it
+  survives the wrapper's exec of the service) and exits instead if
+  ``berth up`` died before the wrapper got there (its parent changed).
+- Every process of the platform is recorded in ``<data dir>/run/<name>.pid``
+  (pid, start time, a word of its command line; the router's workers record
+  themselves). ``berth down`` and the next ``berth up`` stop whatever is
+  recorded and still is that very process, so even leftovers that escaped
+  the parent-death signal go, and a pid reused by another process is never
+  signalled.
+- One ``berth up`` per data directory: it holds an flock on ``run/up.lock``
+  for its lifetime (the kernel drops it when the process dies).
+- Before starting anything it checks that nothing listens on its ports and
+  exits naming the port and what holds it if something does (the router
+  binds with SO_REUSEPORT and would otherwise share its port with another
+  process of the same user; the gRPC services would crash-loop).
+- A service counts as healthy only while its own child is alive and holds
+  the listening socket of the service's port, so "Berth is up" is never
+  said for a service another process answers for.
+- The router runs as a supervisor with workers (``--supervise``): if the
+  router supervisor dies alone, its workers keep serving as orphans until
+  the supervisor started here in its place has taken over their sockets
+  (``services/router/workers.py``); orphans whose ``berth up`` is gone
+  (``BERTH_OWNER``) stop.
+
+Logs: each service writes ``logs/<service>.log`` itself, rotated by size
+(``BERTH_LOG_MAX_BYTES``, ``BERTH_LOG_BACKUPS``; ``services/common/logs.py``);
+what it prints before its logging is set up (an import error, a bad flag)
+goes to ``logs/<service>.stderr.log``, moved to ``.1`` at a start once past
+1 MB.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -15,6 +52,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -22,6 +60,36 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from berth import local
 from services.common.auth import ADMIN_KEY_PREFIX, SERVICE_TOKEN_PREFIX, new_key
+
+SMALL_LOG_LIMIT = 1024 * 1024  # <service>.stderr.log and berth-up.log move to .1 past this at a start
+STABLE_AFTER = 10.0  # a child that ran this long before dying is restarted at once
+RESTART_BACKOFF_MAX = 30.0
+SUPERVISE_INTERVAL = 0.1
+LOCK_FILE = "up.lock"
+
+# The child's first moments: die with berth up (PR_SET_PDEATHSIG = 1; kept
+# across execve), or exit now if berth up is already gone, then become the
+# service. ``python -S``: nothing but ctypes to import.
+PDEATHSIG_WRAPPER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+class PlatformError(RuntimeError):
+    """``berth up`` cannot start (ports taken, already running)."""
+
+
+def rotate_small(path: pathlib.Path, limit: int = SMALL_LOG_LIMIT) -> None:
+    """Moves ``path`` to ``path.1`` (replacing it) once it outgrew ``limit``."""
+    try:
+        if path.stat().st_size > limit:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except FileNotFoundError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -42,22 +110,47 @@ class PlatformConfig:
 @dataclass
 class Child:
     name: str
-    args: list[str]
+    args: list[str]  # ["services.<name>", flags...]
     env: dict[str, str]
     log_path: pathlib.Path
+    run_dir: pathlib.Path
+    host: str = "127.0.0.1"
+    port: int = 0
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
-    next_start: float = 0.0
+    started_at: float = 0.0
+    restart_due: float | None = None  # when a dead child is to start again
+
+    @property
+    def stderr_path(self) -> pathlib.Path:
+        return self.log_path.with_name(f"{self.name}.stderr.log")
+
+    @property
+    def pid_path(self) -> pathlib.Path:
+        return self.run_dir / f"{self.name}.pid"
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", *self.args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
+        rotate_small(self.stderr_path)
+        with open(self.stderr_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-S", "-c", PDEATHSIG_WRAPPER, str(os.getpid()), sys.executable, "-m", *self.args],
+                env={**self.env, "BERTH_LOG_FILE": str(self.log_path)}, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.started_at = time.monotonic()
+        local.record_process(self.run_dir, self.name, self.process.pid, self.args[0])
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def owns_port(self) -> bool:
+        """Alive and holding a socket that listens on its port (not some
+        other process answering there)."""
+        if not self.alive():
+            return False
+        assert self.process is not None
+        listening = {listener.inode for listener in local.listeners_on(self.host, self.port)}
+        return bool(listening & local.socket_inodes(self.process.pid))
 
     def stop(self) -> None:
         if self.alive():
@@ -72,6 +165,7 @@ class Child:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(5)
+        self.pid_path.unlink(missing_ok=True)
 
 
 class Platform:
@@ -81,10 +175,16 @@ class Platform:
         d.mkdir(parents=True, exist_ok=True)
         os.chmod(d, 0o700)
         (d / "logs").mkdir(exist_ok=True)
+        self.run_dir = d / local.RUN_DIR
+        self.run_dir.mkdir(exist_ok=True)
         self.admin_key = local.private_file(d / local.ADMIN_KEY_FILE, lambda: new_key(ADMIN_KEY_PREFIX))
         self.service_token = local.private_file(d / local.SERVICE_TOKEN_FILE, lambda: new_key(SERVICE_TOKEN_PREFIX))
         self.instance = local.private_file(d / local.INSTANCE_FILE, local.new_instance_id)
+        self.owner = local.owner_token()
         self.children = self._children()
+        self.leftovers: list[local.ProcessRecord] = []  # what a previous berth up left, stopped by start()
+        self._lock_fd = -1
+        self._started = False
 
     def _children(self) -> list[Child]:
         c = self.config
@@ -95,6 +195,8 @@ class Platform:
             "BERTH_REGISTRY_ADDR": c.addr(c.registry_port),
             "BERTH_SECRETS_ADDR": c.addr(c.secrets_port),
             "BERTH_SCHEDULER_ADDR": c.addr(c.scheduler_port),
+            "BERTH_RUN_DIR": str(self.run_dir),
+            local.OWNER_ENV: self.owner,
             "PYTHONUNBUFFERED": "1",
         }
         base.pop("BERTH_PORT", None)
@@ -102,26 +204,31 @@ class Platform:
         registry_args = ["services.registry", "--host", c.host, "--port", str(c.registry_port)]
         if c.database_url:
             registry_args += ["--database-url", c.database_url]
+
+        def child(name: str, args: list[str], env: dict[str, str], port: int) -> Child:
+            return Child(name, args, env, logs / f"{name}.log", self.run_dir, c.host, port)
+
         return [
-            Child("registry", registry_args, {**base, "BERTH_ADMIN_KEY": self.admin_key}, logs / "registry.log"),
-            Child(
+            child("registry", registry_args, {**base, "BERTH_ADMIN_KEY": self.admin_key}, c.registry_port),
+            child(
                 "secrets",
                 ["services.secrets", "--host", c.host, "--port", str(c.secrets_port)],
                 {**base, "BERTH_ADMIN_KEY": self.admin_key},  # rotate-key is an admin operation
-                logs / "secrets.log",
+                c.secrets_port,
             ),
-            Child(
+            child(
                 "scheduler",
                 ["services.scheduler", "--host", c.host, "--port", str(c.scheduler_port), "--instance", self.instance,
                  "--data-dir", str(c.data_dir)],
                 base,
-                logs / "scheduler.log",
+                c.scheduler_port,
             ),
-            Child(
+            child(
                 "router",
-                ["services.router", "--host", c.host, "--port", str(c.router_port), "--domain", c.domain],
+                ["services.router", "--host", c.host, "--port", str(c.router_port), "--domain", c.domain,
+                 "--supervise"],
                 base,
-                logs / "router.log",
+                c.router_port,
             ),
         ]
 
@@ -134,29 +241,69 @@ class Platform:
             "router": f"http://{c.host}:{c.router_port}",
             "instance": self.instance,
             "pid": os.getpid(),
+            "start_time": local.process_start_time(os.getpid()),
         }
         (c.data_dir / local.PLATFORM_FILE).write_text(json.dumps(info, indent=2))
 
+    def _lock(self) -> None:
+        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = "?"
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                pid = json.loads((self.config.data_dir / local.PLATFORM_FILE).read_text())["pid"]
+            raise PlatformError(
+                f"berth up already runs from {self.config.data_dir} (pid {pid}); "
+                f"stop it first with: berth down --data-dir {self.config.data_dir}"
+            ) from None
+        self._lock_fd = fd
+
+    def check_ports(self) -> None:
+        """Refuses to start when anything listens where a service would."""
+        busy = []
+        for child in self.children:
+            holder = local.describe_port_holder(child.host, child.port)
+            if holder:
+                busy.append(f"port {child.port} ({child.name}) is in use: {holder}")
+        if busy:
+            raise PlatformError("; ".join(busy) + ". Stop that, or give berth up other ports "
+                                "(--router-port, --registry-port, --secrets-port, --scheduler-port).")
+
     def start(self) -> None:
+        """Takes the data directory (one berth up each), stops what a previous
+        berth up left running, checks the ports, starts the services."""
+        self._lock()
+        try:
+            self.leftovers = local.stop_processes(local.recorded_processes(self.run_dir))
+            self.check_ports()
+        except BaseException:
+            self._unlock()
+            raise
+        self._started = True
         self.write_platform_file()
         for child in self.children:
             child.start()
 
     def healthy(self) -> dict[str, bool]:
         c = self.config
-        status = {}
+        status = {child.name: child.owns_port() for child in self.children}
         for name, port in (("registry", c.registry_port), ("secrets", c.secrets_port), ("scheduler", c.scheduler_port)):
+            if not status[name]:
+                continue
             try:
                 with grpc.insecure_channel(c.addr(port)) as channel:
                     answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 status[name] = answer.status == health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
                 status[name] = False
-        try:
-            with urllib.request.urlopen(f"http://{c.host}:{c.router_port}/healthz", timeout=2) as resp:
-                status["router"] = resp.status == 200
-        except OSError:
-            status["router"] = False
+        if status["router"]:
+            try:
+                with urllib.request.urlopen(f"http://{c.host}:{c.router_port}/healthz", timeout=2) as resp:
+                    status["router"] = resp.status == 200
+            except OSError:
+                status["router"] = False
         return status
 
     def wait_healthy(self, timeout: float) -> dict[str, bool]:
@@ -166,32 +313,53 @@ class Platform:
             for child in self.children:
                 if child.process is not None and child.process.poll() is not None:
                     raise RuntimeError(
-                        f"{child.name} exited with code {child.process.returncode}; see {child.log_path}"
+                        f"{child.name} exited with code {child.process.returncode}; see {child.log_path} "
+                        f"and {child.stderr_path}"
                     )
             time.sleep(0.2)
             status = self.healthy()
         return status
 
-    def supervise(self, stop_requested) -> None:  # type: ignore[no-untyped-def]
-        """Restarts a child that died, with exponential backoff."""
+    def supervise(self, stop_requested: Callable[[], bool]) -> None:
+        """Restarts a child that died: at once if it had run for a while
+        (``STABLE_AFTER``), else with exponential backoff."""
         while not stop_requested():
             now = time.monotonic()
             for child in self.children:
-                if not child.alive() and now >= child.next_start:
-                    child.restarts += 1
-                    child.next_start = now + min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+                if child.alive():
+                    continue
+                if child.restart_due is None:
+                    child.restarts = 1 if now - child.started_at >= STABLE_AFTER else child.restarts + 1
+                    delay = 0.0 if child.restarts == 1 else min(RESTART_BACKOFF_MAX, 0.5 * 2 ** min(child.restarts, 6))
+                    child.restart_due = now + delay
+                    code = child.process.returncode if child.process is not None else None
+                    line = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "level": "WARNING", "logger": "berth.up",
+                            "event": "supervisor_restart", "service": child.name, "code": code,
+                            "restart_in_s": delay}
                     with open(child.log_path, "ab") as log:
-                        log.write(f'{{"event": "supervisor_restart", "service": "{child.name}"}}\n'.encode())
+                        log.write(json.dumps(line).encode() + b"\n")
+                if now >= child.restart_due:
+                    child.restart_due = None
                     child.start()
-            time.sleep(0.2)
+            time.sleep(SUPERVISE_INTERVAL)
 
     def stop(self, grace: float = 10.0) -> None:
-        # Router first so no new request arrives, then the rest.
-        for child in reversed(self.children):
-            child.stop()
-        for child in reversed(self.children):
-            child.wait(grace)
-        (self.config.data_dir / local.PLATFORM_FILE).unlink(missing_ok=True)
+        if self._started:
+            # Router first so no new request arrives, then the rest.
+            for child in reversed(self.children):
+                child.stop()
+            for child in reversed(self.children):
+                child.wait(grace)
+            # Whatever a child left (a router worker that outlived its supervisor).
+            local.stop_processes(local.recorded_processes(self.run_dir), timeout=grace)
+            (self.config.data_dir / local.PLATFORM_FILE).unlink(missing_ok=True)
+            self._started = False
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def start_detached(data_dir: pathlib.Path, up_args: list[str], timeout: float = 120) -> str:
@@ -199,6 +367,7 @@ def start_detached(data_dir: pathlib.Path, up_args: list[str], timeout: float = 
     and returns its banner once the platform serves."""
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "berth-up.log"
+    rotate_small(log_path)
     offset = log_path.stat().st_size if log_path.exists() else 0
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -216,23 +385,33 @@ def start_detached(data_dir: pathlib.Path, up_args: list[str], timeout: float = 
     raise RuntimeError(f"the platform did not come up within {timeout:.0f} s; see {log_path}")
 
 
-def stop_running(data_dir: pathlib.Path, timeout: float = 30) -> bool:
-    """SIGTERMs the ``berth up`` recorded in ``platform.json``; waits for it."""
+def stop_running(data_dir: pathlib.Path, timeout: float = 30) -> list[str]:
+    """Stops the platform of ``data_dir``: SIGTERMs the ``berth up``
+    recorded in ``platform.json`` (if it still is that process) and waits for
+    it, then stops every process recorded in ``run/`` that still runs (what a
+    killed ``berth up`` left). Returns what was stopped."""
+    stopped = []
     path = data_dir / local.PLATFORM_FILE
-    if not path.exists():
-        return False
-    try:
-        pid = int(json.loads(path.read_text())["pid"])
-        os.kill(pid, signal.SIGTERM)
-    except (ValueError, KeyError, ProcessLookupError, OSError):
-        path.unlink(missing_ok=True)
-        return False
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    if path.exists():
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
-    return True
+            info = json.loads(path.read_text())
+            pid = int(info["pid"])
+            start_time = info.get("start_time")
+        except (OSError, ValueError, KeyError, TypeError):
+            pid, start_time = 0, None
+        current = local.process_start_time(pid) if pid else None
+        if current is not None and (start_time is None or current == start_time) and \
+                any("berth" in part for part in local.process_cmdline(pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while local.process_start_time(pid) == current and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if local.process_start_time(pid) == current:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            stopped.append(f"berth up (pid {pid})")
+        path.unlink(missing_ok=True)
+    for record in local.stop_processes(local.recorded_processes(data_dir / local.RUN_DIR)):
+        stopped.append(f"{record.name} (pid {record.pid}, left by a berth up that did not stop them)")
+    return stopped

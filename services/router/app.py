@@ -1,11 +1,15 @@
 """Wiring: flags, the watches, the health probe, the proxy server, the REST
 API and metrics, activation and load reports, and a graceful shutdown on
-SIGTERM/SIGINT."""
+SIGTERM/SIGINT. As one of several workers (``workers.py``): taking
+connections only once the routing table is loaded, covering a restarting
+sibling's socket, and living on as an orphan when the supervisor dies."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -15,6 +19,7 @@ from typing import Any
 
 import uvloop
 
+from berth import local
 from services.common import logs
 from services.common.config import add_common_flags, env
 from services.router.accesslog import logger as access_logger
@@ -22,13 +27,30 @@ from services.router.api import PREFIX, RestApi, Services
 from services.router.control import Activator, LoadReporter, LoadTracker, SchedulerLink
 from services.router.metrics import RouterMetrics
 from services.router.platform import Platform, Readiness, build_platform
-from services.router.proxy import ProxyServer, ProxySettings
+from services.router.proxy import ClientConnection, ProxyServer, ProxySettings
 from services.router.table import RoutingState
 from services.router.watchers import EndpointWatcher, HealthProbe, RegistryWatcher, run_forever
-from services.router.workers import METRICS_PUBLISH_INTERVAL, SharedState, Supervisor, die_with_parent, worker_count
+from services.router.workers import (
+    BACKLOG,
+    METRICS_PUBLISH_INTERVAL,
+    ORPHAN_SIGNAL,
+    ORPHAN_TIMEOUT,
+    PortTaken,
+    SharedState,
+    Supervisor,
+    die_with_parent,
+    is_listening,
+    offer_socket,
+    remove_shared_if_last,
+    worker_count,
+)
 from services.studio.handler import Studio
 
 log = logging.getLogger("berth.router")
+
+TURN_POLL = 0.01  # how often a worker waiting to take connections looks again
+COVER_POLL = 0.02  # how often a serving worker looks for a sibling's socket nobody accepts on
+DRAIN_WINDOW = 1.0  # an orphan told to go answers each connection's next request with Connection: close this long
 
 DEPENDENCIES = {
     "registry": "berth.v1.Registry",
@@ -62,6 +84,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", default=env("BERTH_ROUTER_WORKERS", "auto"),
                         help="router processes sharing the port (SO_REUSEPORT), each proxying on its own core: a "
                              "number, or 'auto' for one per CPU up to 8 (env BERTH_ROUTER_WORKERS)")
+    parser.add_argument("--supervise", action="store_true",
+                        help="run the worker supervisor even for one worker (what berth up does), so a supervisor's "
+                             "death never refuses connections")
+    parser.add_argument("--orphan-timeout", type=float,
+                        default=float(env("BERTH_ROUTER_ORPHAN_TIMEOUT", str(ORPHAN_TIMEOUT))),
+                        help="seconds workers whose supervisor died keep serving while waiting for a new supervisor "
+                             "to take over their sockets (env BERTH_ROUTER_ORPHAN_TIMEOUT)")
+    parser.add_argument("--log-file", default=env("BERTH_LOG_FILE"),
+                        help="write JSON log lines (the access log too) here, rotated by size (env BERTH_LOG_FILE; "
+                             "BERTH_LOG_MAX_BYTES, BERTH_LOG_BACKUPS); default stderr")
     parser.add_argument("--health-interval", type=float, default=2.0, help=argparse.SUPPRESS)
     # set by the worker supervisor for each worker process
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
@@ -69,6 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--shared-dir", help=argparse.SUPPRESS)
     parser.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--sibling-fds", default="", help=argparse.SUPPRESS)  # "index:fd,..." of the other sockets
     args = parser.parse_args(argv)
     try:
         args.worker_total = worker_count(args.workers)
@@ -124,6 +157,13 @@ class RouterApp:
             activator=self.activator,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self.stop_requested = asyncio.Event()
+        self.accepting = False
+        self.orphaned = False
+        self._listen_sock: socket.socket | None = None
+        self._siblings: dict[int, socket.socket] = {}
+        self._covers: dict[int, asyncio.AbstractServer] = {}
+        self._drain = False  # stop by draining (an orphan) rather than at once
 
     @property
     def port(self) -> int:
@@ -147,11 +187,15 @@ class RouterApp:
         return waiting
 
     async def start(self) -> int:
+        """Starts the watches and takes connections: at once alone, or as a
+        worker once its table is loaded (see ``_wait_for_turn``)."""
         loop = asyncio.get_running_loop()
         sock = None
         if self.args.listen_fd is not None:
-            sock = socket.socket(fileno=self.args.listen_fd)
-        port = await self.proxy.start(self.args.host, self.args.port, sock)
+            sock = self._listen_sock = socket.socket(fileno=self.args.listen_fd)
+        for item in filter(None, self.args.sibling_fds.split(",")):
+            index, fd = item.split(":")
+            self._siblings[int(index)] = socket.socket(fileno=int(fd))
         tasks = [
             ("registry_watch", self.registry_watch.run),
             ("endpoint_watch", self.endpoint_watch.run),
@@ -163,10 +207,110 @@ class RouterApp:
             tasks.append(("metrics_publisher", self._publish_metrics))
         for name, fn in tasks:
             self._tasks.append(loop.create_task(run_forever(name, fn), name=name))
+        if sock is not None and self.shared is not None:
+            await self._wait_for_turn(sock)
+        port = await self.proxy.start(self.args.host, self.args.port, sock)
+        self.accepting = True
+        if self.shared is not None:
+            self.shared.set_accepting(True)
+            if self._siblings:
+                self._tasks.append(loop.create_task(run_forever("cover_siblings", self._cover_siblings),
+                                                    name="cover_siblings"))
         log.info("serving", extra={"port": port, "host": self.args.host, "domain": self.args.domain,
                                    "event_loop": type(loop).__module__.split(".")[0],
-                                   "worker": self.args.worker_index})
+                                   "worker": self.args.worker_index, "table_loaded": self.state.loaded})
         return port
+
+    async def _wait_for_turn(self, sock: socket.socket) -> None:
+        """Until this worker may take connections: once its routing table is
+        loaded, or right away while nobody else serves the port with a table
+        (the platform's first start: 503 router_starting beats a refused
+        connection). Listens on a socket not yet listening (the supervisor
+        only binds them), so the kernel sends it nothing before."""
+        assert self.shared is not None
+        waited = False
+        while not self.state.loaded and self.shared.someone_else_serves():
+            waited = True
+            await asyncio.sleep(TURN_POLL)
+        if waited:
+            log.info("table_loaded_taking_connections", extra={"worker": self.args.worker_index})
+        if not is_listening(sock):
+            sock.listen(BACKLOG)
+
+    async def _cover_siblings(self) -> None:
+        """Accepts on a sibling's socket while no worker does (it died; its
+        replacement is loading its table), so connections queued there wait
+        milliseconds rather than the replacement's start. Stops once the
+        sibling accepts again; closing this copy of the socket resets
+        nothing (the supervisor and the sibling hold it)."""
+        assert self.shared is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(COVER_POLL)
+            able = self.accepting and self.state.loaded and not self.orphaned and not self.proxy.closing
+            for index, sock in self._siblings.items():
+                want = able and not self.shared.accepting(index) and is_listening(sock)
+                if want and index not in self._covers:
+                    copy = socket.socket(fileno=os.dup(sock.fileno()))
+                    self._covers[index] = await loop.create_server(lambda: ClientConnection(self.proxy), sock=copy)
+                    log.info("covering_sibling", extra={"worker": self.args.worker_index, "sibling": index})
+                elif not want and index in self._covers:
+                    self._covers.pop(index).close()
+
+    def _stop_covering(self) -> None:
+        for server in self._covers.values():
+            server.close()
+        self._covers.clear()
+
+    # -- orphaned: the supervisor died ------------------------------------------
+    def on_orphaned(self) -> None:
+        """ORPHAN_SIGNAL: keep serving until a new supervisor's workers do
+        (they take over this socket), or the orphan timeout passes, or the
+        ``berth up`` this router belongs to is gone."""
+        if self.orphaned:
+            return
+        self.orphaned = True
+        self._stop_covering()
+        owner = os.environ.get(local.OWNER_ENV, "")
+        if not self.accepting or self._listen_sock is None or (owner and not local.owner_alive(owner)):
+            log.warning("orphaned_stopping", extra={"worker": self.args.worker_index, "accepting": self.accepting})
+            self._drain = self.accepting
+            self.stop_requested.set()
+            return
+        self._tasks.append(asyncio.get_running_loop().create_task(self._orphan_life(owner), name="orphan"))
+
+    async def _orphan_life(self, owner: str) -> None:
+        assert self._listen_sock is not None
+        info = {"pid": os.getpid(), "worker": self.args.worker_index}
+        offer = asyncio.ensure_future(offer_socket(self._listen_sock, self.args.host, self.port, info))
+        deadline = asyncio.get_running_loop().time() + self.args.orphan_timeout
+        why = "orphan_timeout"
+        try:
+            while asyncio.get_running_loop().time() < deadline:
+                if offer.done():
+                    why = "handed_over" if offer.exception() is None else "handover_failed"
+                    break
+                if owner and not local.owner_alive(owner):
+                    why = "owner_gone"
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            offer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await offer
+        log.warning("orphan_leaving", extra={"worker": self.args.worker_index, "why": why})
+        self._drain = True
+        self.stop_requested.set()
+
+    async def drain(self) -> None:
+        """Stops taking new requests gently: each connection's next response
+        says Connection: close and the connection closes after it; waits
+        (``DRAIN_WINDOW``) for clients to go, then stops as usual."""
+        self.proxy.closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DRAIN_WINDOW
+        while self.proxy.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
 
     async def _publish_metrics(self) -> None:
         assert self.shared is not None
@@ -177,6 +321,11 @@ class RouterApp:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.args.shutdown_grace if grace is None else grace
         log.info("stopping", extra={"grace_s": grace, "connections": len(self.proxy.connections)})
+        if self.shared is not None:
+            self.shared.set_accepting(False)
+        self._stop_covering()
+        if self._drain:
+            await self.drain()
         await self.proxy.shutdown(grace)
         for task in self._tasks:
             task.cancel()
@@ -186,18 +335,29 @@ class RouterApp:
         await self.scheduler_link.close()
         await self.services.close()
         if self.shared is not None:
+            if self.orphaned:
+                remove_shared_if_last(self.shared)
             self.shared.close()
         log.info("stopped")
 
 
 async def serve(args: argparse.Namespace) -> None:
     app = RouterApp(args)
-    await app.start()
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, app.stop_requested.set)
+    if args.worker_index is not None:
+        loop.add_signal_handler(ORPHAN_SIGNAL, app.on_orphaned)
+    starting = loop.create_task(app.start())
+    stopping = loop.create_task(app.stop_requested.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done():
+        starting.result()  # a failure to start ends the process
+        await stopping
+    else:
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
     await app.stop()
 
 
@@ -210,13 +370,25 @@ def run_event_loop(main: Coroutine[Any, Any, None], event_loop: str = "uvloop") 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    logs.configure("router", args.log_level)
-    if args.worker_index is None and args.worker_total > 1:
-        supervisor = Supervisor(sys.argv[1:] if argv is None else list(argv), args.host, args.port,
-                                args.worker_total, args.shutdown_grace)
+    logs.configure("router", args.log_level, args.log_file)
+    if args.worker_index is None and (args.worker_total > 1 or args.supervise):
+        try:
+            supervisor = Supervisor(sys.argv[1:] if argv is None else list(argv), args.host, args.port,
+                                    args.worker_total, args.shutdown_grace)
+        except (PortTaken, OSError) as exc:
+            log.error("cannot_listen", extra={"port": args.port, "error": str(exc)})
+            logging.shutdown()
+            sys.exit(3)
         sys.exit(supervisor.run())
-    if args.supervisor_pid is not None:
-        die_with_parent(args.supervisor_pid)
+    if args.supervisor_pid is not None and not die_with_parent(args.supervisor_pid, ORPHAN_SIGNAL):
+        sys.exit(0)  # the supervisor died before this worker served anything: nothing to keep serving
     if args.no_access_log:
         access_logger.setLevel(logging.WARNING)
-    run_event_loop(serve(args), args.event_loop)
+    run_dir = os.environ.get("BERTH_RUN_DIR") if args.worker_index is not None else None
+    record = local.record_process(Path(run_dir), f"router-worker-{os.getpid()}", os.getpid(),
+                                  "services.router") if run_dir else None
+    try:
+        run_event_loop(serve(args), args.event_loop)
+    finally:
+        if record is not None:
+            record.unlink(missing_ok=True)
