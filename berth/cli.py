@@ -361,7 +361,7 @@ def keys_list(ctx: Ctx) -> None:
 @click.argument("key")
 @command
 def keys_revoke(ctx: Ctx, key: str) -> None:
-    """Revoke a key by name or id; it stops working at once."""
+    """Revoke a key by name or id; every service refuses it before this returns."""
     c = ctx.client()
     k = c.call(c.registry.RevokeApiKey, registry_pb2.RevokeApiKeyRequest(project=ctx.project, key=key))
     ctx.emit({"key": api_key_json(k)}, lambda: out.print(f"Revoked key [bold]{k.name}[/] ({k.id})"))
@@ -787,6 +787,27 @@ def secrets() -> None:
 
 
 
+def _secret_from_stdin() -> str:
+    """The value piped to ``secrets set --stdin``: UTF-8 text without NUL
+    (an environment variable cannot hold one), a trailing newline dropped."""
+    stream = getattr(sys.stdin, "buffer", None)
+    raw = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        value = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise errors.InvalidArgument(
+            f"the value on standard input is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+            hint="secret values are text; encode binary data first, e.g. `base64 < FILE | berth secrets set --stdin ...`",
+        ) from None
+    if "\0" in value:
+        raise errors.InvalidArgument(
+            f"the value on standard input contains a NUL byte (offset {raw.index(0)}); an environment "
+            "variable cannot hold one",
+            hint="remove it, or encode the value first, e.g. with base64",
+        )
+    return value.rstrip("\n")
+
+
 @secrets.command("set")
 @click.option("--name", required=True)
 @click.option("--type", "type_", default="generic", show_default=True,
@@ -797,7 +818,7 @@ def secrets() -> None:
 def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: bool) -> None:
     """Set a secret; prompts without echo unless --stdin."""
     if from_stdin:
-        value = sys.stdin.read().rstrip("\n")
+        value = _secret_from_stdin()
     elif sys.stdin.isatty():
         value = getpass.getpass(f"Value for {name}: ")
     else:
