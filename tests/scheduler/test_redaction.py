@@ -237,3 +237,70 @@ def test_replica_failing_on_a_nul_secret_leaks_nothing(adapter, instance, worker
         assert trace not in error.message
         assert trace not in logged
         assert trace.encode() not in stored
+
+
+# -- the whole platform -----------------------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.e2e
+def test_a_nul_secret_stored_by_an_older_berth_never_shows(tmp_path):
+    """``berth up`` with a secret value holding NUL already in its database
+    (written the way an older Berth accepted it): the replica fails to start
+    and ``deployment errors`` says why, but no trace of the value appears in
+    the CLI's answer, the REST errors endpoint, any log or the data
+    directory's files — nor after the secret is deleted."""
+    import requests
+    from sqlalchemy.orm import sessionmaker
+
+    from services.common.auth import Principal
+    from services.secrets.crypto import MasterKeyring
+    from services.secrets.service import SecretsService
+    from tests.support.docker_engine import TEST_LABEL, build_worker_image, engine, remove_labelled
+    from tests.support.platform import RunningPlatform, eventually
+
+    head, tail = "Xq9-leak-head", "leak-tail-7"
+    platform = RunningPlatform(tmp_path / "data")
+    platform.data_dir.mkdir()
+    try:
+        platform.start()
+        created = platform.cli_json("projects", "create", "leak")
+        key, project_id = created["api_key"], created["project"]["id"]
+        platform.cli_json("secrets", "set", "--project", "leak", "--name", "APP_SECRET", "--stdin", api_key=key,
+                          input="harmless-first-value\n")
+        engine_ = create_engine(f"sqlite:///{platform.data_dir / 'secrets.db'}", connect_args={"timeout": 30})
+        service = SecretsService(
+            sessionmaker(engine_), MasterKeyring.load(env_value="", key_file=platform.data_dir / "master.key")
+        )
+        service._write("test", lambda s: service._append(
+            s, Principal(project_id=project_id, key_name="old-berth"), project_id=project_id, environment_id="",
+            environment_name="", name="APP_SECRET", type_="generic", value=f"{head}\x00{tail}",
+        ))
+        engine_.dispose()
+
+        tag, _ = build_worker_image(engine(), version="leak")
+        dep = platform.cli_json("deploy", "--image", tag, "--project", "leak", "--no-wait", api_key=key)[
+            "deployment"]["id"]
+
+        def failure() -> list:
+            found = platform.cli_json("deployment", "errors", dep, "--project", "leak", api_key=key)["errors"]
+            return [e for e in found if e["kind"] == "scheduling_failure"]
+
+        [event] = eventually(failure, timeout=90, what="the start failure as an event")
+        assert "can't contain null" in event["message"] and f'"APP_SECRET={REDACTED}"' in event["message"]
+        rest = requests.get(f"{platform.router}/api/v1/deployments/{dep}/errors", headers={"X-API-KEY": key},
+                            timeout=30)
+        assert rest.status_code == 200
+
+        platform.cli_json("secrets", "delete", "--project", "leak", "--name", "APP_SECRET", api_key=key)
+        after = platform.cli("deployment", "errors", dep, "--project", "leak", "--output", "json", api_key=key).stdout
+
+        shown = json.dumps(event) + rest.text + after
+        files = b"".join(p.read_bytes() for p in platform.data_dir.rglob("*") if p.is_file())
+        for trace in (head, tail, go_quoted(f"{head}\x00{tail}")):
+            assert trace not in shown, trace
+            assert trace.encode() not in files, (trace, platform.output()[-3000:])
+    finally:
+        platform.stop()
+        platform.remove_containers()
+        remove_labelled(engine(), TEST_LABEL)
