@@ -805,7 +805,13 @@ def _secret_from_stdin() -> str:
             "variable cannot hold one",
             hint="remove it, or encode the value first, e.g. with base64",
         )
-    return value.rstrip("\n")
+    from services.secrets.limits import value_size_problem  # the service's own rule, before a 4 MiB gRPC refusal
+
+    value = value.rstrip("\n")
+    problem = value_size_problem(value)
+    if problem:
+        raise errors.InvalidArgument(f"the value on standard input {problem}")
+    return value
 
 
 @secrets.command("set")

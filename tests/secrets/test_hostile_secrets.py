@@ -174,3 +174,8 @@ def test_cli_refuses_non_utf8_and_nul_on_stdin_cleanly(platform: Platform):  # n
     too_big = berth(platform, "secrets", "set", "--name", "TOKEN", "--stdin", stdin=b"x" * (MAX_VALUE_BYTES + 1))
     assert too_big.returncode != 0 and "Traceback" not in too_big.stderr.decode()
     assert "larger than 64 KiB" in too_big.stderr.decode()
+    # 5 MB: beyond the gRPC message limit, still the same clear answer.
+    huge = berth(platform, "secrets", "set", "--name", "TOKEN", "--stdin", "--output", "json",
+                 stdin=b"x" * (5 * 1024 * 1024))
+    assert huge.returncode != 0 and "Traceback" not in huge.stderr.decode()
+    assert '"code": "invalid_argument"' in huge.stderr.decode() and "larger than 64 KiB" in huge.stderr.decode()
