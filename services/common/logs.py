@@ -98,8 +98,10 @@ class JsonLineFormatter(logging.Formatter):
 class RotatingLogFile:
     """A file-like target for ``BatchingStreamHandler`` that rotates by size
     and tolerates other processes appending to and rotating the same path
-    (see the module doc). At most ``backups`` older files are kept; a file
-    grows past ``max_bytes`` by at most one batch (a batch is never split)."""
+    (see the module doc). At most ``backups`` older files are kept; a batch
+    is split between files at line ends, so a file exceeds ``max_bytes``
+    only by a single line longer than that, or when another process appended
+    between this one's size check and its write."""
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = DEFAULT_MAX_BYTES,
                  backups: int = DEFAULT_BACKUPS, capture_std: bool = False) -> None:
@@ -155,15 +157,34 @@ class RotatingLogFile:
             os.close(lock_fd)  # releases the lock
 
     def write(self, text: str) -> int:
+        """Appends whole lines; the lines that do not fit the current file
+        go to the next one (a line longer than the limit gets a file of its
+        own)."""
         data = text.encode("utf-8", "replace")
         self._follow()
-        if self.max_bytes and os.fstat(self._fd).st_size + len(data) > self.max_bytes:
-            self._rotate(len(data))
+        rotated = False
+        while data:
+            size = os.fstat(self._fd).st_size
+            if not self.max_bytes or size + len(data) <= self.max_bytes:
+                self._write_all(data)
+                return len(text)
+            room = self.max_bytes - size
+            cut = data.rfind(b"\n", 0, room) + 1 if room > 0 else 0
+            if cut == 0 and (size == 0 or rotated):  # a line longer than the limit: it still gets written
+                cut = data.find(b"\n") + 1 or len(data)
+            if cut:
+                self._write_all(data[:cut])
+                data = data[cut:]
+            if data:
+                self._rotate(len(data))
+                rotated = True
+        return len(text)
+
+    def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        return len(text)
 
     def flush(self) -> None:
         pass  # every write is a system call already

@@ -51,6 +51,7 @@ log = logging.getLogger("berth.router")
 TURN_POLL = 0.01  # how often a worker waiting to take connections looks again
 COVER_POLL = 0.02  # how often a serving worker looks for a sibling's socket nobody accepts on
 DRAIN_WINDOW = 1.0  # an orphan told to go answers each connection's next request with Connection: close this long
+QUIET_WAIT = 0.5  # longest wait for an instant with no proxied request in flight before draining
 
 DEPENDENCIES = {
     "registry": "berth.v1.Registry",
@@ -305,9 +306,18 @@ class RouterApp:
     async def drain(self) -> None:
         """Stops taking new requests gently: each connection's next response
         says Connection: close and the connection closes after it; waits
-        (``DRAIN_WINDOW``) for clients to go, then stops as usual."""
-        self.proxy.closing = True
+        (``DRAIN_WINDOW``) for clients to go, then stops as usual.
+
+        The switch happens at an instant when no proxied request is in flight
+        (waiting at most ``QUIET_WAIT``): the proxy closes a connection after
+        its current response once ``closing`` is set, even if that response's
+        head, sent before, promised keep-alive, and a client reusing it would
+        then fail its next request."""
         loop = asyncio.get_running_loop()
+        quiet_by = loop.time() + QUIET_WAIT
+        while self.load.in_flight and loop.time() < quiet_by:
+            await asyncio.sleep(0.001)
+        self.proxy.closing = True
         deadline = loop.time() + DRAIN_WINDOW
         while self.proxy.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
