@@ -27,7 +27,7 @@ from services.router.api import PREFIX, RestApi, Services
 from services.router.control import Activator, LoadReporter, LoadTracker, SchedulerLink
 from services.router.metrics import RouterMetrics
 from services.router.platform import Platform, Readiness, build_platform
-from services.router.proxy import ClientConnection, ProxyServer, ProxySettings
+from services.router.proxy import ProxyServer, ProxySettings
 from services.router.table import RoutingState
 from services.router.watchers import EndpointWatcher, HealthProbe, RegistryWatcher, run_forever
 from services.router.workers import (
@@ -51,7 +51,6 @@ log = logging.getLogger("berth.router")
 TURN_POLL = 0.01  # how often a worker waiting to take connections looks again
 COVER_POLL = 0.02  # how often a serving worker looks for a sibling's socket nobody accepts on
 DRAIN_WINDOW = 1.0  # an orphan told to go answers each connection's next request with Connection: close this long
-QUIET_WAIT = 0.5  # longest wait for an instant with no proxied request in flight before draining
 
 DEPENDENCIES = {
     "registry": "berth.v1.Registry",
@@ -245,7 +244,6 @@ class RouterApp:
         sibling accepts again; closing this copy of the socket resets
         nothing (the supervisor and the sibling hold it)."""
         assert self.shared is not None
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(COVER_POLL)
             able = self.accepting and self.state.loaded and not self.orphaned and not self.proxy.closing
@@ -253,7 +251,7 @@ class RouterApp:
                 want = able and not self.shared.accepting(index) and is_listening(sock)
                 if want and index not in self._covers:
                     copy = socket.socket(fileno=os.dup(sock.fileno()))
-                    self._covers[index] = await loop.create_server(lambda: ClientConnection(self.proxy), sock=copy)
+                    self._covers[index] = await self.proxy.serve_socket(copy)
                     log.info("covering_sibling", extra={"worker": self.args.worker_index, "sibling": index})
                 elif not want and index in self._covers:
                     self._covers.pop(index).close()
@@ -305,19 +303,12 @@ class RouterApp:
 
     async def drain(self) -> None:
         """Stops taking new requests gently: each connection's next response
-        says Connection: close and the connection closes after it; waits
-        (``DRAIN_WINDOW``) for clients to go, then stops as usual.
-
-        The switch happens at an instant when no proxied request is in flight
-        (waiting at most ``QUIET_WAIT``): the proxy closes a connection after
-        its current response once ``closing`` is set, even if that response's
-        head, sent before, promised keep-alive, and a client reusing it would
-        then fail its next request."""
+        says Connection: close and the connection closes after it (a
+        response already promised keep-alive keeps the connection open for
+        one more request; ``ProxyServer.begin_closing``); waits
+        (``DRAIN_WINDOW``) for clients to go, then stops as usual."""
         loop = asyncio.get_running_loop()
-        quiet_by = loop.time() + QUIET_WAIT
-        while self.load.in_flight and loop.time() < quiet_by:
-            await asyncio.sleep(0.001)
-        self.proxy.closing = True
+        self.proxy.begin_closing()
         deadline = loop.time() + DRAIN_WINDOW
         while self.proxy.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)

@@ -83,6 +83,8 @@ _FRAMING_OR_DROPPED_RESPONSE = _DROP_RESPONSE | {b"content-length"}  # content-l
 ADDRESS_CACHE_SIZE = 4096  # addressing header values remembered (bounded whatever clients send)
 _UNKNOWN = object()
 TIMER_SLACK = 0.001  # a timer may fire this early (loop clock resolution); not worth re-arming for
+LISTEN_BACKLOG = 1024  # (asyncio would listen() again on a handed-over socket with its default of 100)
+CLOSING_LINGER = 1.0  # seconds an idle connection stays open once the server is closing
 
 BODY_BUFFER_HIGH = 256 * 1024  # pause reading the client beyond this many unforwarded bytes
 MAX_PENDING_REQUESTS = 4  # requests parsed ahead (pipelining) before the client's socket is paused
@@ -534,7 +536,7 @@ class ClientConnection(asyncio.Protocol):
             # A request head.
             if self._head:
                 data, self._head = self._head + data, b""
-            if data[:1] == b"\r" or data[:1] == b"\n":
+            if data[0] == 13 or data[0] == 10:  # CR, LF
                 data = data.lstrip(b"\r\n")  # empty lines before a request line are ignored (RFC 9112 §2.2), as nginx does
             if not data:
                 return
@@ -551,8 +553,10 @@ class ClientConnection(asyncio.Protocol):
             end += 4
             head = data[:end] if end < len(data) else data
             data = data[end:]
-            self._check_head(head)
-            self._cancel_head_timer()
+            if end > self.server.small_head:  # (a smaller head is within every limit)
+                self._check_head(head)
+            if self._head_timer is not None:
+                self._cancel_head_timer()
             try:
                 parser.feed_data(head)
             except httptools.HttpParserUpgrade:
@@ -730,6 +734,18 @@ class ClientConnection(asyncio.Protocol):
             self._idle_timer = loop.call_at(self._idle_since + self._idle_limit, self._idle_expired)
         if self._head:
             loop.call_soon(self._parse_held)
+        if self.server.closing:
+            self.linger()
+
+    def linger(self) -> None:
+        """The server is closing: an idle connection stays open a moment for
+        a request its client may already be sending (answered, with
+        Connection: close), then closes."""
+        self.server.loop.call_later(CLOSING_LINGER, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self.idle and not self.closed:
+            self.close()
 
     def _cancel_idle_timer(self) -> None:
         self._idle_since = None
@@ -776,7 +792,7 @@ class ClientConnection(asyncio.Protocol):
             if lname not in _DROP_REQUEST:
                 forward += (name, b": ", value, b"\r\n")
             if lname not in _REQUEST_HEADERS_OF_INTEREST:
-                if lname[:8] == b"x-berth-" and sum(1 for n, _ in headers if n.lower() == lname) > 1:
+                if lname.startswith(b"x-berth-") and sum(1 for n, _ in headers if n.lower() == lname) > 1:
                     duplicate = name
                 continue
             if lname == b"host":
@@ -888,7 +904,7 @@ class ClientConnection(asyncio.Protocol):
         pending.popleft()
         if self._pause_reasons and len(pending) < MAX_PENDING_REQUESTS:
             self.resume_reading("pipeline")
-        if not keep_alive or self.server.closing or (self._broken and not pending):
+        if not keep_alive or (self._broken and not pending):
             self._end()
         elif pending:
             self._worker = self.server.loop.create_task(self._serve())
@@ -918,7 +934,7 @@ class ClientConnection(asyncio.Protocol):
                 self._pending.popleft()
                 if len(self._pending) < MAX_PENDING_REQUESTS:
                     self.resume_reading("pipeline")
-                if not keep_alive or self.server.closing or (self._broken and not self._pending):
+                if not keep_alive or (self._broken and not self._pending):
                     self._end()
                     return
         except asyncio.CancelledError:
@@ -929,11 +945,18 @@ class ClientConnection(asyncio.Protocol):
             self._arm_idle_timer()
 
     def keep_alive_after(self, request: Request) -> bool:
-        """Whether the connection may serve another request after this one."""
+        """Whether the response to ``request`` may offer another request on
+        this connection."""
+        return not self.server.closing and self.may_continue(request)
+
+    def may_continue(self, request: Request) -> bool:
+        """Whether the connection stays open after ``request``'s response:
+        what its head offered holds even if the server began closing since
+        (the client may already be sending the next request; that one is
+        answered with Connection: close)."""
         return (
             request.keep_alive
             and not request.upgrade
-            and not self.server.closing
             and request.body.complete
             and request.body.error is None
             # nothing more is parsed: the last pending request closes, unless an error answer follows it
@@ -1176,13 +1199,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.exchange.on_body(data)
 
     def on_message_complete(self) -> None:
-        if self.poisoned:
-            return
-        status = self._parser.get_status_code()
-        if status >= 200 or status == 101:
-            self.awaiting = False
-        if self.exchange is not None:
-            self.exchange.on_message_complete()
+        exchange = self.exchange
+        if exchange is not None and not self.poisoned:
+            exchange.on_message_complete()
+        else:
+            self.awaiting = False  # (nothing of this connection is used again: see poisoned)
 
 
 class Exchange:
@@ -1405,8 +1426,11 @@ class Exchange:
             self.client.write(data)
 
     def on_message_complete(self) -> None:
-        if self.status == 0 or self.upgraded or self.finished:
-            return  # end of an informational response or a 101, or already finished
+        if self.status == 0:
+            return  # the end of an informational response: the final one is still due
+        self.upstream.awaiting = False
+        if self.upgraded or self.finished:
+            return  # a 101, or already finished
         if self.chunked_to_client:
             self.client.write(b"0\r\n\r\n")
         self._finish(reusable=self.upstream.should_keep_alive() and not self.eof_framed)
@@ -1620,6 +1644,9 @@ class ProxyServer:
         self.pool = UpstreamPool(self.settings)
         self.connections: set[ClientConnection] = set()
         self.closing = False
+        # A request head this small cannot exceed any head limit (each header line takes at least 4 bytes).
+        self.small_head = min(self.settings.max_request_line, self.settings.max_header_bytes,
+                              self.settings.max_head_bytes, 4 * self.settings.max_headers)
         self.accepted = 0  # client connections accepted so far
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -1634,27 +1661,42 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self.loop = self.pool.loop = loop
         if sock is not None:
-            self._server = await loop.create_server(lambda: ClientConnection(self), sock=sock)
+            self._server = await self.serve_socket(sock)
         else:
-            self._server = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True)
+            self._server = await loop.create_server(lambda: ClientConnection(self), host, port, reuse_address=True,
+                                                    backlog=LISTEN_BACKLOG)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
+
+    async def serve_socket(self, sock: socket.socket) -> asyncio.Server:
+        """Accepts connections on one more listening socket (a router worker
+        covering a sibling's socket), keeping its backlog."""
+        return await asyncio.get_running_loop().create_server(lambda: ClientConnection(self), sock=sock,
+                                                              backlog=LISTEN_BACKLOG)
 
     def connection_gone(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         if self._all_gone is not None and not self.connections:
             self._all_gone.set()
 
-    async def shutdown(self, grace: float) -> None:
-        """Stops accepting, closes idle connections, lets in-flight requests
-        finish within ``grace`` seconds, then cuts what is left."""
+    def begin_closing(self) -> None:
+        """From now on every response says Connection: close; idle
+        connections close after a moment (``ClientConnection.linger``)."""
+        if self.closing:
+            return
         self.closing = True
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.linger()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stops accepting, closes idle connections (after a moment for a
+        request already on its way), lets in-flight requests finish within
+        ``grace`` seconds, then cuts what is left."""
         if self._server is not None:
             self._server.close()
         self._all_gone = asyncio.Event()
-        for conn in list(self.connections):
-            if conn.idle:
-                conn.close()
+        self.begin_closing()
         if self.connections:
             try:
                 await asyncio.wait_for(self._all_gone.wait(), grace)
@@ -1745,7 +1787,7 @@ class ProxyServer:
         client, request = exchange.client, exchange.request
         self._detach(exchange, exchange.reusable)
         self._release_address(exchange.address)
-        keep = exchange.keep_client and client.keep_alive_after(request)
+        keep = exchange.keep_client and client.may_continue(request)
         assert exchange.load is not None
         self.load.end(exchange.load)
         self._record(client, request, exchange.route, exchange.status)
@@ -1977,4 +2019,4 @@ class ProxyServer:
             raise
         finally:
             self._detach(exchange, reusable)
-        return exchange.status, exchange.keep_client and client.keep_alive_after(request)
+        return exchange.status, exchange.keep_client and client.may_continue(request)
