@@ -52,6 +52,35 @@ def _error_details(error: errors.BerthError) -> str:
     return f"{error.message} (hint: {error.hint})" if error.hint else error.message
 
 
+class _Undecodable:
+    """A request message that could not be decoded (say, a string field that
+    is not UTF-8): answered INVALID_ARGUMENT by the handler wrapper rather
+    than the transport's UNKNOWN."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and kin: the caller's bytes, not our bug
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise errors.InvalidArgument(
+            f"the request message could not be decoded ({request.why}); string fields must be valid UTF-8"
+        )
+
+
 class CallInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every ``berth.v1`` call and maps domain errors to status
     codes. Handlers never call ``context.abort`` themselves."""
@@ -89,6 +118,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 started = time.perf_counter()
                 try:
+                    _check_decoded(request)
                     await enter(context)
                     return await inner_uu(request, context)
                 except asyncio.CancelledError:
@@ -102,7 +132,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
@@ -110,6 +140,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
                 try:
+                    _check_decoded(request)
                     await enter(context)
                     async for item in inner_us(request, context):
                         yield item
@@ -122,7 +153,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler

@@ -439,8 +439,9 @@ class RegistryService:
             return [convert.api_key(row) for row in rows]
 
     def revoke_api_key(self, principal: Principal, project_ref: str, key_ref: str) -> common_pb2.ApiKeyInfo:
-        """Revokes a key by id or name. It stops working on the registry at
-        once (other services cache authentications for up to 10 s). The last
+        """Revokes a key by id or name. It stops working everywhere once
+        this commits: the other services ask the registry on every call and
+        cache no answer (services/common/remote.py). The last
         active key of a project cannot be revoked: the admin key cannot make
         a new one, so the project would be locked out."""
         if not key_ref:

@@ -191,3 +191,17 @@ def test_arbitrary_requests_never_get_unknown_or_internal(world, data):
     except grpc.RpcError as exc:
         assert exc.code() not in (C.UNKNOWN, C.INTERNAL), f"{method.name}({request}) -> {exc.code()}: {exc.details()}"
         assert exc.details(), "every error carries a message"
+
+
+@pytest.mark.parametrize("method", ["CreateProject", "ListEnvironments"])
+def test_request_bytes_that_do_not_decode_are_invalid_argument_not_unknown(world: World, method: str) -> None:
+    # Field 1 (a string in both requests) holding bytes that are not UTF-8,
+    # sent as raw bytes as a non-Python client could.
+    raw = bytes([0x0A, 2, 0xFF, 0xFE])
+    call = world.registry.channel.unary_unary(f"/berth.v1.Registry/{method}")
+    with pytest.raises(grpc.RpcError) as err:
+        call(raw, metadata=(("x-api-key", ADMIN_KEY if method == "CreateProject" else world.key),), timeout=10)
+    assert err.value.code() == C.INVALID_ARGUMENT, err.value.details()
+    assert "UTF-8" in err.value.details()
+    environments = world.registry.call("ListEnvironments", R.ListEnvironmentsRequest(), world.key).environments
+    assert {"preview", "staging", "production", "qa"} <= {e.name for e in environments}  # still serving, unchanged
