@@ -72,6 +72,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="largest request body accepted (413 beyond)")
     parser.add_argument("--shutdown-grace", type=float, default=float(env("BERTH_SHUTDOWN_GRACE", "10")),
                         help="seconds in-flight requests get to finish on SIGTERM")
+    limits = ProxySettings()
+    parser.add_argument("--max-request-line", type=int,
+                        default=int(env("BERTH_MAX_REQUEST_LINE", str(limits.max_request_line))),
+                        help="longest request line in bytes (414 beyond; env BERTH_MAX_REQUEST_LINE)")
+    parser.add_argument("--max-header-bytes", type=int,
+                        default=int(env("BERTH_MAX_HEADER_BYTES", str(limits.max_header_bytes))),
+                        help="longest header line in bytes (431 beyond; env BERTH_MAX_HEADER_BYTES)")
+    parser.add_argument("--max-head-bytes", type=int, default=int(env("BERTH_MAX_HEAD_BYTES", str(limits.max_head_bytes))),
+                        help="largest request head in bytes (431 beyond; env BERTH_MAX_HEAD_BYTES)")
+    parser.add_argument("--max-headers", type=int, default=int(env("BERTH_MAX_HEADERS", str(limits.max_headers))),
+                        help="most request headers (431 beyond; env BERTH_MAX_HEADERS)")
+    parser.add_argument("--head-timeout", type=float, default=float(env("BERTH_HEAD_TIMEOUT", str(limits.head_timeout))),
+                        help="seconds for a whole request head to arrive (408 after; env BERTH_HEAD_TIMEOUT)")
+    parser.add_argument("--keepalive-timeout", type=float,
+                        default=float(env("BERTH_KEEPALIVE_TIMEOUT", str(limits.keepalive_timeout))),
+                        help="seconds an idle client connection stays open (env BERTH_KEEPALIVE_TIMEOUT)")
     parser.add_argument("--load-report-interval", type=float,
                         default=float(env("BERTH_LOAD_REPORT_INTERVAL", "1")),
                         help="seconds between load reports to the scheduler")
@@ -151,6 +167,12 @@ class RouterApp:
                 activation_timeout=args.activation_timeout,
                 upstream_timeout=args.upstream_timeout,
                 max_body_bytes=args.max_body_bytes,
+                max_request_line=args.max_request_line,
+                max_header_bytes=args.max_header_bytes,
+                max_head_bytes=args.max_head_bytes,
+                max_headers=args.max_headers,
+                head_timeout=args.head_timeout,
+                keepalive_timeout=args.keepalive_timeout,
             ),
             load=self.load,
             metrics=self.metrics,
