@@ -1305,6 +1305,8 @@ class Exchange:
         host = request.host
         if host:
             out += (b"X-Forwarded-Host: ", host, b"\r\n")
+        elif host is None:  # an HTTP/1.0 request without one: HTTP/1.1 upstream needs a Host (RFC 9112 §3.2)
+            out += (b"Host: ", self.upstream.address.encode(), b"\r\n")
         if request.chunked:
             out.append(b"Transfer-Encoding: chunked\r\n")
         elif request.content_length is not None:
