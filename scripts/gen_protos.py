@@ -1,4 +1,7 @@
-"""Regenerate the Python stubs for protos/ into berth/v1/ (checked in).
+"""Regenerate the Python stubs for protos/ (checked in): the public API
+``berth.v1`` into berth/v1/ and the service-to-service API
+``berth.internal.v1`` into berth/internal/v1/, with the ``__init__.py`` files
+that make them packages.
 
 Usage: python scripts/gen_protos.py [--out DIR]
 The stale-stub test runs this into a temporary directory and compares.
@@ -14,10 +17,28 @@ from grpc_tools import protoc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
+# The hand-written package the generated ones live in (the Python SDK): its
+# own __init__.py is not generated.
+TOP_PACKAGE = "berth"
+
+
+def proto_files() -> list[str]:
+    return sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+
+
+def package_dirs() -> list[pathlib.PurePosixPath]:
+    """Every directory that gets an ``__init__.py``: each proto package's
+    directory and the ones between it and ``berth/`` (berth/internal)."""
+    dirs: set[pathlib.PurePosixPath] = set()
+    for proto in proto_files():
+        directory = pathlib.PurePosixPath(proto).parent
+        while directory.parts and directory != pathlib.PurePosixPath(TOP_PACKAGE):
+            dirs.add(directory)
+            directory = directory.parent
+    return sorted(dirs)
 
 
 def generate(out_dir: pathlib.Path) -> None:
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "protoc",
@@ -26,10 +47,14 @@ def generate(out_dir: pathlib.Path) -> None:
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",
-        *protos,
+        *proto_files(),
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
+    for directory in package_dirs():
+        init = out_dir / directory / "__init__.py"
+        init.parent.mkdir(parents=True, exist_ok=True)
+        init.write_text("")
 
 
 def main() -> None:
@@ -38,7 +63,8 @@ def main() -> None:
     out = parser.parse_args().out
     out.mkdir(parents=True, exist_ok=True)
     generate(out)
-    print(f"generated stubs under {out / 'berth' / 'v1'}", file=sys.stderr)
+    for directory in package_dirs():
+        print(f"generated {out / directory}", file=sys.stderr)
 
 
 if __name__ == "__main__":

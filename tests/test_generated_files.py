@@ -9,17 +9,24 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_generated_stubs_are_current(tmp_path):
+    """Both packages, berth/v1 (public) and berth/internal/v1 (service to
+    service), with their __init__.py files."""
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--out", str(tmp_path)], check=True)
-    fresh = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "berth" / "v1").iterdir() if p.is_file()}
+    fresh = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert fresh, "the generator produced nothing"
+    packages = {name.parent for name in fresh}
+    assert {pathlib.Path("berth/v1"), pathlib.Path("berth/internal/v1"), pathlib.Path("berth/internal")} <= packages
     checked_in = {
         p.relative_to(ROOT): p.read_bytes()
-        for p in (ROOT / "berth" / "v1").iterdir()
-        if p.is_file() and p.name != "__init__.py"
+        for package in packages
+        for p in (ROOT / package).iterdir()
+        if p.is_file()
     }
     assert sorted(map(str, fresh)) == sorted(map(str, checked_in)), "stub files added or removed: run scripts/gen_protos.py"
     stale = [str(name) for name, data in fresh.items() if checked_in[name] != data]
     assert not stale, f"stale stubs {stale}: run python scripts/gen_protos.py and commit"
+    leftover = {p.parent.relative_to(ROOT) for p in (ROOT / "berth").rglob("*_pb2.py")} - packages
+    assert not leftover, f"stubs of a proto package that no longer exists: {sorted(map(str, leftover))}"
 
 
 def test_cli_reference_is_current():

@@ -1,0 +1,73 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WatchEndpointsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EndpointSet(_message.Message):
+    __slots__ = ("project_id", "environment_id", "deployment_id", "addresses", "status")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    environment_id: str
+    deployment_id: str
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    status: str
+    def __init__(self, project_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., addresses: _Optional[_Iterable[str]] = ..., status: _Optional[str] = ...) -> None: ...
+
+class EndpointSnapshot(_message.Message):
+    __slots__ = ("sets",)
+    SETS_FIELD_NUMBER: _ClassVar[int]
+    sets: _containers.RepeatedCompositeFieldContainer[EndpointSet]
+    def __init__(self, sets: _Optional[_Iterable[_Union[EndpointSet, _Mapping]]] = ...) -> None: ...
+
+class BindingLoad(_message.Message):
+    __slots__ = ("project_id", "environment_id", "deployment_id", "in_flight", "requests")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    environment_id: str
+    deployment_id: str
+    in_flight: int
+    requests: int
+    def __init__(self, project_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+
+class ReportLoadRequest(_message.Message):
+    __slots__ = ("bindings", "reporter")
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
+    bindings: _containers.RepeatedCompositeFieldContainer[BindingLoad]
+    reporter: str
+    def __init__(self, bindings: _Optional[_Iterable[_Union[BindingLoad, _Mapping]]] = ..., reporter: _Optional[str] = ...) -> None: ...
+
+class ReportLoadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ActivateRequest(_message.Message):
+    __slots__ = ("project_id", "environment_id", "deployment_id")
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    project_id: str
+    environment_id: str
+    deployment_id: str
+    def __init__(self, project_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., deployment_id: _Optional[str] = ...) -> None: ...
+
+class ActivateResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    def __init__(self, status: _Optional[str] = ...) -> None: ...
