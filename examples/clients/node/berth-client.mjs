@@ -1,0 +1,535 @@
+#!/usr/bin/env node
+// What a CI pipeline does with Berth, from Node.js, through the public gRPC
+// API only (package berth.v1, loaded from protos/berth/v1/*.proto at run
+// time with @grpc/proto-loader; no generated code).
+//
+//   create a project (admin key) -> its API key
+//   register two deployments by image reference -> preview
+//   set a secret
+//   promote each to staging, then to production (confirmed)
+//   roll production back, read the history of every environment
+//   read deployment status and errors from the scheduler
+//   bad input: the status code and message of each mistake
+//
+// Configuration (environment):
+//   BERTH_ADMIN_KEY        the platform's admin key (required; `berth up` writes
+//                          it to <data dir>/admin.key)
+//   BERTH_IMAGE            image reference to deploy (required; present on the
+//                          engine or pullable by it)
+//   BERTH_REGISTRY_ADDR    default 127.0.0.1:50051
+//   BERTH_SECRETS_ADDR     default 127.0.0.1:50052
+//   BERTH_SCHEDULER_ADDR   default 127.0.0.1:50053
+//   BERTH_PROJECT_NAME     default ci-<random>
+//   BERTH_HEALTH_PATH      the worker's health path, default "/"
+//   BERTH_WORKER_PORT      the port the worker listens on ($PORT), default 8080
+//   BERTH_WAIT_SECONDS     how long to wait for replicas and errors, default 120
+//   BERTH_ROUTER_URL       optional: also check that the router serves the
+//                          rolled-back deployment in production
+//   BERTH_ROUTER_PATH      path requested there, default "/"
+//   BERTH_BROKEN_IMAGE     optional: an image that cannot be pulled; deployed
+//                          to an environment of its own to see the scheduler
+//                          report an image_pull_error
+//   BERTH_PROTOS_DIR       default: the repository's protos/ directory
+//
+// Output: one JSON line on stdout (the summary). Exit code 0 when every check
+// passed, 1 when one failed (each failure named on stderr and in the summary),
+// 2 for a configuration error.
+
+import { readdirSync } from "node:fs";
+import { dirname, join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { randomBytes } from "node:crypto";
+
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+
+const HERE = dirname(fileURLToPath(import.meta.url));
+const env = process.env;
+const started = Date.now();
+
+function configError(message) {
+  process.stderr.write(`berth-client: ${message}\n`);
+  process.stdout.write(JSON.stringify({ ok: false, error: message }) + "\n");
+  process.exit(2);
+}
+
+const config = {
+  registry: env.BERTH_REGISTRY_ADDR || "127.0.0.1:50051",
+  secrets: env.BERTH_SECRETS_ADDR || "127.0.0.1:50052",
+  scheduler: env.BERTH_SCHEDULER_ADDR || "127.0.0.1:50053",
+  adminKey: env.BERTH_ADMIN_KEY || "",
+  image: env.BERTH_IMAGE || "",
+  projectName: env.BERTH_PROJECT_NAME || `ci-${randomBytes(4).toString("hex")}`,
+  healthPath: env.BERTH_HEALTH_PATH || "/",
+  workerPort: Number(env.BERTH_WORKER_PORT || 8080),
+  waitMs: Number(env.BERTH_WAIT_SECONDS || 120) * 1000,
+  routerUrl: (env.BERTH_ROUTER_URL || "").replace(/\/+$/, ""),
+  routerPath: env.BERTH_ROUTER_PATH || "/",
+  brokenImage: env.BERTH_BROKEN_IMAGE || "",
+  protosDir: resolve(env.BERTH_PROTOS_DIR || join(HERE, "..", "..", "..", "protos")),
+};
+if (!config.adminKey) configError("BERTH_ADMIN_KEY is not set (berth up writes it to <data dir>/admin.key)");
+if (!config.image) configError("BERTH_IMAGE is not set (an image reference the Docker engine has or can pull)");
+if (!Number.isInteger(config.workerPort) || config.workerPort <= 0) configError("BERTH_WORKER_PORT is not a port");
+if (!(config.waitMs > 0)) configError("BERTH_WAIT_SECONDS must be a positive number");
+
+// ------------------------------------------------------------------ protos
+
+// Only the public package: every file of protos/berth/v1. Service-to-service
+// RPCs live in berth.internal.v1 (protos/berth/internal/...), never loaded.
+let publicFiles;
+try {
+  publicFiles = readdirSync(join(config.protosDir, "berth", "v1"))
+    .filter((name) => name.endsWith(".proto"))
+    .sort()
+    .map((name) => `berth/v1/${name}`);
+} catch (err) {
+  configError(`cannot read ${join(config.protosDir, "berth", "v1")}: ${err.message}`);
+}
+const definition = protoLoader.loadSync(publicFiles, {
+  includeDirs: [config.protosDir],
+  keepCase: true, // field names exactly as in the .proto files
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+});
+const v1 = grpc.loadPackageDefinition(definition).berth.v1;
+for (const name of ["Registry", "Secrets", "Scheduler"]) {
+  if (typeof v1?.[name] !== "function") configError(`service berth.v1.${name} not found in ${publicFiles.join(", ")}`);
+}
+const loadedPackages = [...new Set(Object.keys(definition).map((n) => n.split(".").slice(0, -1).join(".")))].sort();
+
+const registry = new v1.Registry(config.registry, grpc.credentials.createInsecure());
+const secrets = new v1.Secrets(config.secrets, grpc.credentials.createInsecure());
+const scheduler = new v1.Scheduler(config.scheduler, grpc.credentials.createInsecure());
+
+// ------------------------------------------------------------------ calls
+
+const CODE_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
+
+/** One unary call with the key in the `x-api-key` metadata and a deadline. */
+function call(client, method, request, apiKey, timeoutMs = 15000) {
+  const metadata = new grpc.Metadata();
+  if (apiKey) metadata.set("x-api-key", apiKey);
+  return new Promise((resolvePromise, reject) => {
+    client[method](request, metadata, { deadline: Date.now() + timeoutMs }, (err, response) => {
+      if (err) {
+        err.codeName = CODE_NAMES[err.code] ?? String(err.code);
+        err.message = `${method}: ${err.codeName}: ${err.details}`;
+        reject(err);
+      } else {
+        resolvePromise(response);
+      }
+    });
+  });
+}
+
+// google.rpc.Status from the `grpc-status-details-bin` trailer, decoded by
+// hand (Status {int32 code = 1; string message = 2; repeated Any details = 3},
+// Any {string type_url = 1; bytes value = 2}) so no extra package is needed.
+function readVarint(buf, pos) {
+  let value = 0;
+  let shift = 0;
+  for (;;) {
+    if (pos >= buf.length) throw new Error("truncated varint");
+    const byte = buf[pos++];
+    value += (byte & 0x7f) * 2 ** shift;
+    if (!(byte & 0x80)) return [value, pos];
+    shift += 7;
+  }
+}
+function fields(buf) {
+  const out = [];
+  let pos = 0;
+  while (pos < buf.length) {
+    let key;
+    [key, pos] = readVarint(buf, pos);
+    const number = Math.floor(key / 8);
+    const wire = key & 7;
+    if (wire === 0) {
+      let value;
+      [value, pos] = readVarint(buf, pos);
+      out.push([number, value]);
+    } else if (wire === 2) {
+      let length;
+      [length, pos] = readVarint(buf, pos);
+      out.push([number, buf.subarray(pos, pos + length)]);
+      pos += length;
+    } else if (wire === 1) {
+      pos += 8;
+    } else if (wire === 5) {
+      pos += 4;
+    } else {
+      throw new Error(`unsupported wire type ${wire}`);
+    }
+  }
+  return out;
+}
+function statusDetails(err) {
+  const raw = err?.metadata?.get?.("grpc-status-details-bin") ?? [];
+  if (!raw.length) return [];
+  try {
+    return fields(Buffer.from(raw[0]))
+      .filter(([number]) => number === 3)
+      .map(([, any]) => fields(any).find(([n]) => n === 1)?.[1]?.toString("utf8") ?? "?");
+  } catch (decodeError) {
+    return [`undecodable: ${decodeError.message}`];
+  }
+}
+
+// ------------------------------------------------------------------ checks
+
+const summary = {
+  ok: false,
+  project: null,
+  deployments: {},
+  image: config.image,
+  image_id: "",
+  history: {},
+  status: null,
+  errors: {},
+  router: null,
+  bad_input: {},
+  checks: [],
+  failures: [],
+  skipped: [],
+  loaded_packages: loadedPackages,
+  // RPCs marked internal that the loaded berth.v1 files still declare (empty
+  // once they moved to berth.internal.v1); this client calls none of them.
+  internal_methods_declared: [],
+  elapsed_ms: 0,
+};
+
+class Failed extends Error {}
+
+function assert(condition, message) {
+  if (!condition) throw new Failed(message);
+}
+
+/** Runs one named step; a failure is recorded and, unless `optional`, ends the run. */
+async function step(name, fn, { fatal = true } = {}) {
+  const t0 = Date.now();
+  try {
+    const value = await fn();
+    summary.checks.push({ name, ok: true, ms: Date.now() - t0 });
+    return value;
+  } catch (err) {
+    const message = err instanceof Failed ? err.message : `${err.message ?? err}`;
+    summary.checks.push({ name, ok: false, ms: Date.now() - t0, error: message });
+    summary.failures.push(`${name}: ${message}`);
+    if (fatal) throw new Failed(`stopped at ${name}`);
+    return undefined;
+  }
+}
+
+/** Polls `probe` until it returns something truthy or the wait runs out. */
+async function eventually(what, probe, timeoutMs = config.waitMs) {
+  const deadline = Date.now() + timeoutMs;
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last && last.done !== false) return last;
+    } catch (err) {
+      last = err.message ?? String(err);
+    }
+    if (Date.now() > deadline) {
+      throw new Failed(`${what} not reached within ${timeoutMs / 1000}s; last: ${JSON.stringify(last?.seen ?? last)}`);
+    }
+    await new Promise((r) => setTimeout(r, 500));
+  }
+}
+
+/** Expects `promise` to fail with `codeName`, its message matching `pattern`. */
+async function expectError(name, promise, codeName, pattern) {
+  await step(
+    name,
+    async () => {
+      let err;
+      try {
+        const response = await promise;
+        throw new Failed(`expected ${codeName}, the call succeeded: ${JSON.stringify(response).slice(0, 300)}`);
+      } catch (e) {
+        if (e instanceof Failed) throw e;
+        err = e;
+      }
+      summary.bad_input[name] = { code: err.codeName, message: err.details, details: statusDetails(err) };
+      assert(err.codeName === codeName, `expected ${codeName}, got ${err.codeName}: ${err.details}`);
+      assert(pattern.test(err.details ?? ""), `message ${JSON.stringify(err.details)} does not match ${pattern}`);
+    },
+    { fatal: false },
+  );
+}
+
+// Kinds and states are strings today ("promote"); should they become enums
+// (HISTORY_ENTRY_KIND_PROMOTE) the comparison still holds.
+const norm = (value) => String(value ?? "").toLowerCase();
+const isKind = (value, kind) => norm(value) === kind || norm(value).endsWith(`_${kind}`);
+const KNOWN = [
+  "deploy", "promote", "rollback", // history entry kinds
+  "deploying", "running", "degraded", "failed", "scaled_to_zero", "terminated", // binding status
+  "pending", "starting", "ready", "unhealthy", "exited", // replica states
+  "image_pull_error", "scheduling_failure", "crash_loop", "oom_killed", "health_check_failed", // error kinds
+];
+/** The plain lower-case name of a kind or state, whichever form the server sends. */
+const short = (value) => KNOWN.filter((k) => isKind(value, k)).sort((a, b) => b.length - a.length)[0] ?? norm(value);
+
+// ------------------------------------------------------------------ the pipeline
+
+async function pipeline() {
+  for (const service of [v1.Registry, v1.Secrets, v1.Scheduler]) {
+    for (const [method, spec] of Object.entries(service.service)) {
+      if (/^(Authenticate|ResolveImage|Watch|ResolveSecrets|WatchEndpoints|ReportLoad|Activate)$/.test(method)) {
+        summary.internal_methods_declared.push(spec.path);
+      }
+    }
+  }
+
+  const created = await step("create_project", async () => {
+    const r = await call(registry, "CreateProject", { name: config.projectName }, config.adminKey);
+    assert(r.project?.name === config.projectName, `project name ${r.project?.name}`);
+    assert(/^prj_[0-9a-f]{12}$/.test(r.project?.id ?? ""), `project id ${r.project?.id}`);
+    assert(r.api_key, "no api_key in the answer");
+    return r;
+  });
+  const key = created.api_key;
+  const project = created.project.id;
+  summary.project = { id: created.project.id, name: created.project.name };
+
+  await step("list_environments", async () => {
+    const r = await call(registry, "ListEnvironments", { project }, key);
+    const byName = Object.fromEntries(r.environments.map((e) => [e.name, e]));
+    for (const name of ["preview", "staging", "production"]) assert(byName[name], `no environment ${name}`);
+    assert(byName.production.protected === true, "production is not protected");
+  });
+
+  const secretValue = `ci-canary-${randomBytes(8).toString("hex")}`;
+  await step("set_secret", async () => {
+    const r = await call(secrets, "SetSecret", { project, name: "CI_TOKEN", type: "token", value: secretValue }, key);
+    assert(r.name === "CI_TOKEN" && Number(r.version) === 1, `answer ${JSON.stringify(r)}`);
+    assert(norm(r.scope) === "project", `scope ${r.scope}`);
+    const listed = await call(secrets, "ListSecrets", { project }, key);
+    assert(listed.secrets.some((s) => s.name === "CI_TOKEN"), "CI_TOKEN not listed");
+    assert(!JSON.stringify(listed).includes(secretValue), "ListSecrets shows the value");
+  });
+
+  const deploy = async (release) => {
+    const r = await call(
+      registry,
+      "Deploy",
+      {
+        project,
+        image: config.image,
+        config: { port: config.workerPort, health_path: config.healthPath, variables: { RELEASE: release } },
+        environment: "preview",
+        min_replicas: 1,
+        max_replicas: 1,
+        reason: `ci ${release}`,
+      },
+      key,
+    );
+    assert(/^dep_[0-9a-f]{12}$/.test(r.deployment?.id ?? ""), `deployment id ${r.deployment?.id}`);
+    assert(r.deployment.image === config.image, `image ${r.deployment.image}`);
+    assert(r.environment?.name === "preview", `environment ${r.environment?.name}`);
+    assert(isKind(r.entry?.kind, "deploy"), `entry kind ${r.entry?.kind}`);
+    return r.deployment.id;
+  };
+  const d1 = await step("deploy_v1", () => deploy("v1"));
+  const d2 = await step("deploy_v2", () => deploy("v2"));
+  summary.deployments = { v1: d1, v2: d2 };
+
+  const promote = async (deployment, target, expectedPrevious) => {
+    const r = await call(
+      registry,
+      "Promote",
+      { project, deployment_id: deployment, target_environment: target, min_replicas: 1, max_replicas: 1, confirm: target === "production" },
+      key,
+    );
+    assert(r.environment?.deployment_id === deployment, `pointer ${r.environment?.deployment_id}`);
+    assert(isKind(r.entry?.kind, "promote"), `entry kind ${r.entry?.kind}`);
+    assert(r.entry.previous_deployment_id === expectedPrevious, `previous ${r.entry.previous_deployment_id}, expected ${expectedPrevious || "none"}`);
+  };
+  await step("promote_v1_staging", () => promote(d1, "staging", ""));
+  await step("promote_v1_production", () => promote(d1, "production", ""));
+  await step("promote_v2_staging", () => promote(d2, "staging", d1));
+  await step("promote_v2_production", () => promote(d2, "production", d1));
+
+  await step("rollback_production", async () => {
+    const r = await call(registry, "Rollback", { project, environment: "production", confirm: true, reason: "ci rollback" }, key);
+    assert(r.environment?.deployment_id === d1, `pointer ${r.environment?.deployment_id}, expected ${d1}`);
+    assert(isKind(r.entry?.kind, "rollback"), `entry kind ${r.entry?.kind}`);
+    assert(r.entry.previous_deployment_id === d2, `previous ${r.entry.previous_deployment_id}`);
+  });
+
+  const expectedHistory = {
+    preview: [["deploy", d1], ["deploy", d2]],
+    staging: [["promote", d1], ["promote", d2]],
+    production: [["promote", d1], ["promote", d2], ["rollback", d1]],
+  };
+  for (const [environment, expected] of Object.entries(expectedHistory)) {
+    await step(`history_${environment}`, async () => {
+      const r = await call(registry, "ListHistory", { project, environment }, key);
+      const entries = r.entries.map((e) => ({
+        sequence: Number(e.sequence),
+        kind: short(e.kind),
+        deployment_id: e.deployment_id,
+        previous_deployment_id: e.previous_deployment_id,
+        actor: e.actor,
+      }));
+      summary.history[environment] = entries;
+      const got = entries.map((e) => [e.kind, e.deployment_id]);
+      assert(
+        got.length === expected.length && expected.every(([kind, dep], i) => isKind(got[i][0], kind) && got[i][1] === dep),
+        `entries ${JSON.stringify(got)}, expected ${JSON.stringify(expected)}`,
+      );
+      assert(entries.every((e, i) => i === 0 || e.sequence > entries[i - 1].sequence), "sequences do not increase");
+    });
+  }
+
+  await step("image_resolved", async () => {
+    const dep = await eventually("image_id resolved by the scheduler", async () => {
+      const r = await call(registry, "GetDeployment", { project, deployment_id: d1 }, key);
+      return r.image_id ? r : { done: false, seen: r.image_id };
+    });
+    assert(/^sha256:[0-9a-f]{64}$/.test(dep.image_id), `image_id ${dep.image_id}`);
+    summary.image_id = dep.image_id;
+  });
+
+  await step("status_v1_running_in_production", async () => {
+    const status = await eventually("v1 running in production", async () => {
+      const r = await call(scheduler, "GetDeploymentStatus", { project, deployment_id: d1 }, key);
+      const production = r.bindings.find((b) => b.environment === "production");
+      const ready = (production?.replicas ?? []).filter((x) => isKind(x.state, "ready")).length;
+      const seen = r.bindings.map((b) => ({ environment: b.environment, status: short(b.status), serving: b.serving }));
+      return production && isKind(production.status, "running") && ready >= 1 ? r : { done: false, seen };
+    });
+    assert(status.deployment?.id === d1, `status of ${status.deployment?.id}`);
+    const production = status.bindings.find((b) => b.environment === "production");
+    assert(production.serving === true, "production binding of v1 is not serving after the rollback");
+    summary.status = {
+      deployment_id: status.deployment.id,
+      bindings: status.bindings.map((b) => ({
+        environment: b.environment,
+        status: short(b.status),
+        serving: b.serving,
+        min_replicas: b.min_replicas,
+        max_replicas: b.max_replicas,
+        replicas: b.replicas.map((x) => short(x.state)),
+      })),
+    };
+    const environments = summary.status.bindings.map((b) => b.environment).sort();
+    assert(JSON.stringify(environments) === JSON.stringify(["preview", "production", "staging"]), `bindings ${environments}`);
+  });
+
+  await step("errors_v1_none", async () => {
+    const r = await call(scheduler, "ListDeploymentErrors", { project, deployment_id: d1 }, key);
+    summary.errors.v1 = r.errors.map((e) => ({ kind: short(e.kind), count: Number(e.count), environment: e.environment }));
+    assert(r.errors.length === 0, `a healthy deployment reports errors: ${JSON.stringify(summary.errors.v1)}`);
+  });
+
+  if (config.brokenImage) {
+    await step("errors_broken_image_pull", async () => {
+      await call(registry, "CreateEnvironment", { project, name: "ci-broken" }, key);
+      const r = await call(
+        registry,
+        "Deploy",
+        { project, image: config.brokenImage, environment: "ci-broken", min_replicas: 1, max_replicas: 1 },
+        key,
+      );
+      const broken = r.deployment.id;
+      summary.deployments.broken = broken;
+      const listed = await eventually("an image_pull_error for the broken image", async () => {
+        const e = await call(scheduler, "ListDeploymentErrors", { project, deployment_id: broken }, key);
+        return e.errors.some((x) => isKind(x.kind, "image_pull_error")) ? e : { done: false, seen: e.errors };
+      });
+      summary.errors.broken = listed.errors.map((e) => ({ kind: short(e.kind), count: Number(e.count), environment: e.environment, message: e.message }));
+      const pull = listed.errors.find((x) => isKind(x.kind, "image_pull_error"));
+      assert(pull.environment === "ci-broken", `error environment ${pull.environment}`);
+      assert(pull.message.includes(config.brokenImage.split("/")[0]), `message does not name the image: ${pull.message}`);
+    }, { fatal: false });
+  } else {
+    summary.skipped.push({ name: "errors_broken_image_pull", reason: "BERTH_BROKEN_IMAGE not set" });
+  }
+
+  if (config.routerUrl) {
+    await step("router_serves_v1_in_production", async () => {
+      const answer = await eventually("the router serving v1 in production", async () => {
+        const resp = await fetch(config.routerUrl + config.routerPath, {
+          headers: { "X-Berth-Project": config.projectName, "X-Berth-Environment": "production" },
+          signal: AbortSignal.timeout(15000),
+        });
+        await resp.arrayBuffer();
+        const seen = { status: resp.status, deployment: resp.headers.get("x-berth-deployment") };
+        return resp.status < 500 && seen.deployment === d1 ? seen : { done: false, seen };
+      });
+      summary.router = answer;
+    });
+  } else {
+    summary.skipped.push({ name: "router_serves_v1_in_production", reason: "BERTH_ROUTER_URL not set" });
+  }
+
+  // -- bad input: every mistake a pipeline can make gets a precise status.
+  const unknown = "dep_000000000000";
+  await expectError(
+    "unknown_deployment_registry",
+    call(registry, "GetDeployment", { project, deployment_id: unknown }, key),
+    "NOT_FOUND",
+    new RegExp(unknown),
+  );
+  await expectError(
+    "unknown_deployment_scheduler",
+    call(scheduler, "GetDeploymentStatus", { project, deployment_id: unknown }, key),
+    "NOT_FOUND",
+    new RegExp(unknown),
+  );
+  await expectError(
+    "promote_production_unconfirmed",
+    call(registry, "Promote", { project, deployment_id: d2, target_environment: "production" }, key),
+    "FAILED_PRECONDITION",
+    /production/,
+  );
+  await step(
+    "production_unchanged_after_refusal",
+    async () => {
+      const r = await call(registry, "ListEnvironments", { project }, key);
+      const production = r.environments.find((e) => e.name === "production");
+      assert(production.deployment_id === d1, `production points at ${production.deployment_id}, expected ${d1}`);
+    },
+    { fatal: false },
+  );
+  await expectError(
+    "deploy_empty_image",
+    call(registry, "Deploy", { project, image: "", environment: "preview" }, key),
+    "INVALID_ARGUMENT",
+    /image/,
+  );
+  const wrongKey = `berth_pk_${randomBytes(16).toString("hex")}`;
+  await expectError("wrong_key_registry", call(registry, "ListEnvironments", { project }, wrongKey), "UNAUTHENTICATED", /./);
+  await expectError("wrong_key_secrets", call(secrets, "ListSecrets", { project }, wrongKey), "UNAUTHENTICATED", /./);
+  await expectError(
+    "wrong_key_scheduler",
+    call(scheduler, "GetDeploymentStatus", { project, deployment_id: d1 }, wrongKey),
+    "UNAUTHENTICATED",
+    /./,
+  );
+  await expectError("no_key_registry", call(registry, "ListEnvironments", { project }, ""), "UNAUTHENTICATED", /./);
+
+  summary.skipped.push({
+    name: "watch",
+    reason: "berth.v1 has no project-scoped watch yet (issue 13); Registry.Watch takes the service token",
+  });
+}
+
+try {
+  await pipeline();
+} catch (err) {
+  if (!(err instanceof Failed)) summary.failures.push(`unexpected: ${err.stack ?? err}`);
+} finally {
+  for (const client of [registry, secrets, scheduler]) client.close();
+}
+summary.ok = summary.failures.length === 0;
+summary.elapsed_ms = Date.now() - started;
+process.stdout.write(JSON.stringify(summary) + "\n");
+for (const failure of summary.failures) process.stderr.write(`berth-client: FAILED ${failure}\n`);
+process.exit(summary.ok ? 0 : 1);
