@@ -3,6 +3,11 @@
 ``start_server`` binds the port (0 picks a free one), registers health checking
 and reflection, and installs ``CallInterceptor``: the single place where the
 caller is authenticated and domain errors become gRPC status codes.
+
+Each process serves a public service (``berth.v1``: project keys, the admin
+key where a method says so) and an internal one (``berth.internal.v1``:
+service-to-service calls). The interceptor holds the one rule for the
+latter: only the service token may call it.
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from berth import errors
 from services.common.auth import API_KEY_METADATA, Principal, current_principal
 
 log = logging.getLogger("berth.grpc")
+
+PUBLIC_PREFIX = "/berth.v1."
+INTERNAL_PREFIX = "/berth.internal.v1."
 
 STATUS_BY_ERROR: dict[type[errors.BerthError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -82,8 +90,13 @@ def _check_decoded(request: Any) -> None:
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates every ``berth.v1`` call and maps domain errors to status
-    codes. Handlers never call ``context.abort`` themselves."""
+    """Authenticates every ``berth.v1`` and ``berth.internal.v1`` call and
+    maps domain errors to status codes. Handlers never call
+    ``context.abort`` themselves.
+
+    ``berth.internal.v1`` takes the service token and nothing else: no key or
+    an invalid one is UNAUTHENTICATED, a valid project key or the admin key
+    PERMISSION_DENIED, before the handler runs."""
 
     def __init__(self, authenticate: Authenticator, public_methods: Sequence[str] = ()) -> None:
         self._authenticate = authenticate
@@ -92,15 +105,21 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
         handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or not method.startswith("/berth.v1."):
+        internal = method.startswith(INTERNAL_PREFIX)
+        if handler is None or not (internal or method.startswith(PUBLIC_PREFIX)):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         api_key = metadata.get(API_KEY_METADATA, "")
-        needs_auth = method not in self._public
+        needs_auth = internal or method not in self._public
 
         async def enter(context: grpc.aio.ServicerContext) -> None:
             if needs_auth:
                 principal = await self._authenticate(api_key)
+                if internal and not principal.service:
+                    raise errors.PermissionDenied(
+                        "only Berth's own services may call berth.internal.v1 (it takes the service token); "
+                        "clients use the public berth.v1 API"
+                    )
                 current_principal.set(principal)
 
         async def fail(context: grpc.aio.ServicerContext, exc: BaseException) -> None:

@@ -10,18 +10,16 @@ import pathlib
 from sqlalchemy.orm import sessionmaker
 
 from berth import errors
-from berth.v1 import registry_pb2, registry_pb2_grpc
 from services.common import logs
 from services.common.auth import ADMIN_PRINCIPAL, SERVICE_PRINCIPAL, Principal, same_secret
 from services.common.config import add_common_flags, env
 from services.common.server import RunningServer, serve_until_signalled, start_server
 from services.registry.changes import ChangeHub
 from services.registry.service import RegistryService, read_revision
-from services.registry.servicer import RegistryServicer
+from services.registry.servicer import SERVICE_NAMES, add_to_server
 from services.registry.storage import make_engine, migrate
 
 log = logging.getLogger("berth.registry")
-SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name
 
 
 def default_database_url() -> str:
@@ -50,8 +48,8 @@ async def start(*, host: str, port: int, database_url: str, admin_key: str, serv
     running = await start_server(
         host=host,
         port=port,
-        service_names=[SERVICE_NAME],
-        register=lambda server: registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(service, hub), server),
+        service_names=SERVICE_NAMES,
+        register=lambda server: add_to_server(server, service, hub),
         authenticate=authenticate,
     )
     return running, service

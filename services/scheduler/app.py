@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import docker
 
-from berth.v1 import scheduler_pb2_grpc
 from services.common import logs
 from services.common.config import add_common_flags, env
 from services.common.remote import RegistryAuthenticator
@@ -22,7 +21,7 @@ from .docker_adapter import DockerAdapter
 from .events import EventStore
 from .reconciler import Reconciler, SchedulerConfig
 from .remote_deps import GrpcImageRecorder, GrpcSecretsResolver
-from .servicer import SERVICE_NAME, SchedulerServicer
+from .servicer import SERVICE_NAMES, add_to_server
 
 log = logging.getLogger("berth.scheduler")
 
@@ -136,13 +135,12 @@ async def serve(args: argparse.Namespace) -> None:
     reconciler = Reconciler(adapter, table, secrets, events, config, record_image=recorder)
     watcher = RegistryWatcher(table, args.registry, args.service_token)
     authenticator = RegistryAuthenticator(args.registry, args.service_token, admin_key=os.environ.get("BERTH_ADMIN_KEY", ""))
-    servicer = SchedulerServicer(table, reconciler, events)
 
     running = await start_server(
         host=args.host,
         port=args.port,
-        service_names=[SERVICE_NAME],
-        register=lambda server: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server),
+        service_names=SERVICE_NAMES,
+        register=lambda server: add_to_server(server, table, reconciler, events),
         authenticate=authenticator,
         # Not SERVING until the bindings are loaded from the registry: until
         # then it cannot tell a deployment's status (nor `berth up` be ready).

@@ -1,6 +1,8 @@
-"""Thin gRPC handlers for ``berth.v1.Scheduler``: proto in, domain calls,
-proto out. Errors are raised as ``berth.errors`` exceptions; the shared
-interceptor maps them to status codes."""
+"""Thin gRPC handlers for ``berth.v1.Scheduler`` and
+``berth.internal.v1.SchedulerInternal``: proto in, domain calls, proto out.
+Errors are raised as ``berth.errors`` exceptions; the shared interceptor maps
+them to status codes and lets only the service token call the internal
+service."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -10,6 +12,7 @@ import grpc
 from google.protobuf import timestamp_pb2
 
 from berth import errors
+from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from berth.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.auth import Principal, caller, require_service
 
@@ -18,6 +21,8 @@ from .events import EventStore
 from .reconciler import Reconciler
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+INTERNAL_SERVICE_NAME = scheduler_internal_pb2.DESCRIPTOR.services_by_name["SchedulerInternal"].full_name
+SERVICE_NAMES = (SERVICE_NAME, INTERNAL_SERVICE_NAME)
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -26,6 +31,14 @@ def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(value)
     return ts
+
+
+def require_loaded(table: DesiredTable) -> None:
+    """Before the first snapshot from the registry, "not bound to any
+    environment" would be a guess: say so, and that it passes."""
+    if not table.snapshot_complete:
+        raise errors.Unavailable("the scheduler has not loaded the bindings from the registry yet (it is "
+                                 "starting or cannot reach the registry); retry in a moment")
 
 
 def _names_project(given: str, binding: common_pb2.Binding) -> bool:
@@ -68,11 +81,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return latest.deployment.id
 
     def _require_loaded(self) -> None:
-        """Before the first snapshot from the registry, "not bound to any
-        environment" would be a guess: say so, and that it passes."""
-        if not self._table.snapshot_complete:
-            raise errors.Unavailable("the scheduler has not loaded the bindings from the registry yet (it is "
-                                     "starting or cannot reach the registry); retry in a moment")
+        require_loaded(self._table)
 
     def _bindings_of(self, deployment_id: str) -> list[common_pb2.Binding]:
         return [b for b in self._table.bindings() if b.deployment.id == deployment_id]
@@ -210,3 +219,69 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if state is None or state.value == "scaled_to_zero":
             return scheduler_pb2.ActivateResponse(status="deploying")
         return scheduler_pb2.ActivateResponse(status=state.value)
+
+
+class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalServicer):
+    """What the router asks of the scheduler."""
+
+    def __init__(self, table: DesiredTable, reconciler: Reconciler) -> None:
+        self._table = table
+        self._reconciler = reconciler
+
+    async def WatchEndpoints(
+        self, request: scheduler_internal_pb2.WatchEndpointsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_internal_pb2.EndpointSnapshot]:
+        async for sets in self._reconciler.endpoints.subscribe():
+            yield scheduler_internal_pb2.EndpointSnapshot(
+                sets=[
+                    scheduler_internal_pb2.EndpointSet(
+                        project_id=s.project_id,
+                        environment_id=s.environment_id,
+                        deployment_id=s.deployment_id,
+                        addresses=list(s.addresses),
+                        status=s.status,
+                    )
+                    for s in sets
+                ]
+            )
+
+    async def ReportLoad(
+        self, request: scheduler_internal_pb2.ReportLoadRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_internal_pb2.ReportLoadResponse:
+        loads: dict[tuple[str, str], tuple[int, int]] = {}
+        for i, load in enumerate(request.bindings):
+            if not load.environment_id or not load.deployment_id:
+                raise errors.InvalidArgument(f"bindings[{i}]: environment_id and deployment_id are required")
+            if load.in_flight < 0 or load.requests < 0:
+                raise errors.InvalidArgument(f"bindings[{i}]: in_flight and requests cannot be negative")
+            key = (load.environment_id, load.deployment_id)
+            in_flight, requests = loads.get(key, (0, 0))
+            loads[key] = (in_flight + load.in_flight, requests + int(load.requests))
+        self._reconciler.report_load(loads, reporter=request.reporter)
+        return scheduler_internal_pb2.ReportLoadResponse()
+
+    async def Activate(
+        self, request: scheduler_internal_pb2.ActivateRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_internal_pb2.ActivateResponse:
+        if not request.environment_id or not request.deployment_id:
+            raise errors.InvalidArgument("environment_id and deployment_id are required")
+        require_loaded(self._table)
+        key = (request.environment_id, request.deployment_id)
+        binding = self._table.get(key)
+        if binding is None:
+            raise errors.NotFound(
+                f"deployment {request.deployment_id} is not bound to environment {request.environment_id}"
+            )
+        if is_terminated(binding):
+            return scheduler_internal_pb2.ActivateResponse(status="terminated")  # `berth deployment start` first
+        self._reconciler.activate(key)
+        state = self._reconciler.binding_status(key)
+        if state is None or state.value == "scaled_to_zero":
+            return scheduler_internal_pb2.ActivateResponse(status="deploying")
+        return scheduler_internal_pb2.ActivateResponse(status=state.value)
+
+
+def add_to_server(server: grpc.aio.Server, table: DesiredTable, reconciler: Reconciler, events: EventStore) -> None:
+    """The public and the internal service, on one server."""
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(table, reconciler, events), server)
+    scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(SchedulerInternalServicer(table, reconciler), server)

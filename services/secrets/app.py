@@ -10,7 +10,6 @@ import pathlib
 from sqlalchemy.orm import sessionmaker
 
 from berth import local
-from berth.v1 import secrets_pb2, secrets_pb2_grpc
 from services.common import logs
 from services.common.config import add_common_flags, env
 from services.common.remote import RegistryAuthenticator
@@ -18,11 +17,8 @@ from services.common.server import RunningServer, serve_until_signalled, start_s
 from services.registry.storage import make_engine
 from services.secrets import crypto
 from services.secrets.service import SecretsService
-from services.secrets.servicer import EnvironmentDirectory, SecretsServicer
+from services.secrets.servicer import SERVICE_NAMES, EnvironmentDirectory, add_to_server
 from services.secrets.storage import migrate
-
-SERVICE_NAME = secrets_pb2.DESCRIPTOR.services_by_name["Secrets"].full_name
-
 
 log = logging.getLogger("berth.secrets")
 
@@ -60,8 +56,8 @@ async def start(
     running = await start_server(
         host=host,
         port=port,
-        service_names=[SERVICE_NAME],
-        register=lambda server: secrets_pb2_grpc.add_SecretsServicer_to_server(SecretsServicer(service, directory), server),
+        service_names=SERVICE_NAMES,
+        register=lambda server: add_to_server(server, service, directory),
         authenticate=authenticator,
     )
     return running, [directory, authenticator]

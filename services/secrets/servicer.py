@@ -1,18 +1,25 @@
-"""gRPC handlers of berth.v1.Secrets."""
+"""gRPC handlers of berth.v1.Secrets and berth.internal.v1.SecretsInternal
+(the service token only: the interceptor's rule, services/common/server.py)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth.errors import InvalidArgument, NotFound, PermissionDenied
+from berth.internal.v1 import secrets_internal_pb2, secrets_internal_pb2_grpc
 from berth.v1 import registry_pb2, registry_pb2_grpc, secrets_pb2, secrets_pb2_grpc
 from services.common.auth import Principal, caller
 from services.common.remote import DEFAULT_DEADLINE, call_idempotent, channel, credentials
 from services.secrets.service import SecretInfo, SecretsService, validate_secret
 
 log = logging.getLogger("berth.secrets")
+
+SERVICE_NAME = secrets_pb2.DESCRIPTOR.services_by_name["Secrets"].full_name
+INTERNAL_SERVICE_NAME = secrets_internal_pb2.DESCRIPTOR.services_by_name["SecretsInternal"].full_name
+SERVICE_NAMES = (SERVICE_NAME, INTERNAL_SERVICE_NAME)
 
 
 def _ts(value) -> Timestamp:  # type: ignore[no-untyped-def]
@@ -165,3 +172,25 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):
                 for s in resolved
             ]
         )
+
+
+class SecretsInternalServicer(secrets_internal_pb2_grpc.SecretsInternalServicer):
+    def __init__(self, service: SecretsService) -> None:
+        self._service = service
+
+    async def ResolveSecrets(self, request, context):  # type: ignore[no-untyped-def]
+        resolved = await asyncio.to_thread(
+            self._service.resolve, caller(), request.project_id, request.environment_id
+        )
+        return secrets_internal_pb2.ResolveSecretsResponse(
+            secrets=[
+                secrets_internal_pb2.ResolvedSecret(name=s.name, value=s.value, version=s.version, scope=s.scope)
+                for s in resolved
+            ]
+        )
+
+
+def add_to_server(server: grpc.aio.Server, service: SecretsService, directory: EnvironmentDirectory) -> None:
+    """The public and the internal service, on one server."""
+    secrets_pb2_grpc.add_SecretsServicer_to_server(SecretsServicer(service, directory), server)
+    secrets_internal_pb2_grpc.add_SecretsInternalServicer_to_server(SecretsInternalServicer(service), server)

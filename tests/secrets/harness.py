@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import pathlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from services.router.app import RouterApp, parse_args
 from services.scheduler.desired import DesiredTable
 from services.scheduler.events import EventStore
 from services.scheduler.reconciler import Reconciler, SchedulerConfig
-from services.scheduler.servicer import SERVICE_NAME, SchedulerServicer
+from services.scheduler.servicer import SERVICE_NAMES, add_to_server
 from tests.scheduler.conftest import FakeSecrets, make_binding
 from tests.secrets.support import ADMIN_KEY, SERVICE_TOKEN, Registry, Secrets
 from tests.support.inproc import start_in_background
@@ -45,10 +46,9 @@ class Scheduler:
             authenticator = RegistryAuthenticator(
                 f"127.0.0.1:{registry.running.port}", SERVICE_TOKEN, admin_key=ADMIN_KEY
             )
-            servicer = SchedulerServicer(table, reconciler, events)
             running = await start_server(
-                host="127.0.0.1", port=0, service_names=[SERVICE_NAME],
-                register=lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
+                host="127.0.0.1", port=0, service_names=SERVICE_NAMES,
+                register=lambda s: add_to_server(s, table, reconciler, events),
                 authenticate=authenticator,
             )
             return running, authenticator, events
@@ -124,17 +124,26 @@ class Platform:
     def revoke(self) -> None:
         self.registry.call("RevokeApiKey", registry_pb2.RevokeApiKeyRequest(key="ci"), self.owner_key)
 
+    def close(self) -> None:
+        self.router.close()
+        self.scheduler.close()
+        self.secrets.close()
+        self.registry.close()
 
-@pytest.fixture
-def platform(tmp_path) -> Iterator[Platform]:
-    registry = Registry(f"sqlite:///{tmp_path / 'registry.db'}")
-    secrets = Secrets(registry, f"sqlite:///{tmp_path / 'secrets.db'}")
+
+def start_platform(directory: pathlib.Path) -> Platform:
+    """Registry, secrets, scheduler and router, their databases in ``directory``."""
+    registry = Registry(f"sqlite:///{directory / 'registry.db'}")
+    secrets = Secrets(registry, f"sqlite:///{directory / 'secrets.db'}")
     project_id, owner_key = registry.create_project("shop")
     key = registry.call("CreateApiKey", registry_pb2.CreateApiKeyRequest(name="ci"), owner_key).api_key
     scheduler = Scheduler(registry, project_id)
     router = Router(registry, secrets, scheduler)
-    yield Platform(registry, secrets, scheduler, router, project_id, owner_key, key)
-    router.close()
-    scheduler.close()
-    secrets.close()
-    registry.close()
+    return Platform(registry, secrets, scheduler, router, project_id, owner_key, key)
+
+
+@pytest.fixture
+def platform(tmp_path) -> Iterator[Platform]:
+    started = start_platform(tmp_path)
+    yield started
+    started.close()

@@ -1,0 +1,165 @@
+"""The public/internal split of the gRPC API (docs/grpc.md): ``berth.v1`` is
+what clients call with a project key (or the admin key); service-to-service
+calls live in ``berth.internal.v1``, served by the same processes, and take
+the service token only. Checked over real sockets on a small platform."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from berth.internal.v1 import (
+    registry_internal_pb2,
+    registry_internal_pb2_grpc,
+    scheduler_internal_pb2,
+    scheduler_internal_pb2_grpc,
+    secrets_internal_pb2,
+    secrets_internal_pb2_grpc,
+)
+from berth.v1 import secrets_pb2
+from tests.secrets.harness import Platform, start_platform
+from tests.secrets.support import ADMIN_KEY, SERVICE_TOKEN
+
+C = grpc.StatusCode
+
+INTERNAL_METHODS = {
+    "berth.internal.v1.RegistryInternal": {"Authenticate", "ResolveImage", "Watch"},
+    "berth.internal.v1.SecretsInternal": {"ResolveSecrets"},
+    "berth.internal.v1.SchedulerInternal": {"WatchEndpoints", "ReportLoad", "Activate"},
+}
+PUBLIC_SERVICES = {"registry": "berth.v1.Registry", "secrets": "berth.v1.Secrets", "scheduler": "berth.v1.Scheduler"}
+INTERNAL_SERVICES = {
+    "registry": "berth.internal.v1.RegistryInternal",
+    "secrets": "berth.internal.v1.SecretsInternal",
+    "scheduler": "berth.internal.v1.SchedulerInternal",
+}
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory) -> Iterator[Platform]:
+    started = start_platform(tmp_path_factory.mktemp("platform"))
+    yield started
+    started.close()
+
+
+def port_of(platform: Platform, process: str) -> int:
+    return {"registry": platform.registry, "secrets": platform.secrets, "scheduler": platform.scheduler}[
+        process
+    ].running.port
+
+
+@pytest.fixture(scope="module")
+def channels(platform: Platform) -> Iterator[dict[str, grpc.Channel]]:
+    opened = {p: grpc.insecure_channel(f"127.0.0.1:{port_of(platform, p)}") for p in PUBLIC_SERVICES}
+    yield opened
+    for channel in opened.values():
+        channel.close()
+
+
+def first(stream: Any) -> Any:
+    """A streaming call's first message (its error, if refused); then cancels it."""
+    try:
+        return next(iter(stream))
+    finally:
+        stream.cancel()
+
+
+# (method, process, call(channels, platform, metadata) -> the first answer)
+Call = Callable[[dict[str, grpc.Channel], Platform, tuple[tuple[str, str], ...]], Any]
+
+
+def _binding_key(platform: Platform) -> dict[str, str]:
+    b = platform.scheduler.binding
+    return {"project_id": b.project_id, "environment_id": b.environment_id, "deployment_id": b.deployment.id}
+
+
+CALLS: dict[str, tuple[str, Call]] = {
+    "Authenticate": ("registry", lambda ch, p, md: registry_internal_pb2_grpc.RegistryInternalStub(ch["registry"]).Authenticate(
+        registry_internal_pb2.AuthenticateRequest(api_key=p.key), metadata=md, timeout=10)),
+    "ResolveImage": ("registry", lambda ch, p, md: registry_internal_pb2_grpc.RegistryInternalStub(ch["registry"]).ResolveImage(
+        registry_internal_pb2.ResolveImageRequest(deployment_id="dep_000000000000", image_id="sha256:" + "e" * 64),
+        metadata=md, timeout=10)),
+    "Watch": ("registry", lambda ch, p, md: first(registry_internal_pb2_grpc.RegistryInternalStub(ch["registry"]).Watch(
+        registry_internal_pb2.WatchRequest(), metadata=md, timeout=10))),
+    "ResolveSecrets": ("secrets", lambda ch, p, md: secrets_internal_pb2_grpc.SecretsInternalStub(ch["secrets"]).ResolveSecrets(
+        secrets_internal_pb2.ResolveSecretsRequest(project_id=p.project_id), metadata=md, timeout=10)),
+    "WatchEndpoints": ("scheduler", lambda ch, p, md: first(
+        scheduler_internal_pb2_grpc.SchedulerInternalStub(ch["scheduler"]).WatchEndpoints(
+            scheduler_internal_pb2.WatchEndpointsRequest(), metadata=md, timeout=10))),
+    "ReportLoad": ("scheduler", lambda ch, p, md: scheduler_internal_pb2_grpc.SchedulerInternalStub(ch["scheduler"]).ReportLoad(
+        scheduler_internal_pb2.ReportLoadRequest(bindings=[scheduler_internal_pb2.BindingLoad(**_binding_key(p))],
+                                                 reporter="test"), metadata=md, timeout=10)),
+    "Activate": ("scheduler", lambda ch, p, md: scheduler_internal_pb2_grpc.SchedulerInternalStub(ch["scheduler"]).Activate(
+        scheduler_internal_pb2.ActivateRequest(**_binding_key(p)), metadata=md, timeout=10)),
+}
+
+
+def test_every_internal_method_is_exercised() -> None:
+    assert set(CALLS) == set().union(*INTERNAL_METHODS.values())
+
+
+REFUSALS = [
+    ("project", C.PERMISSION_DENIED, "only Berth's own services may call berth.internal.v1"),
+    ("admin", C.PERMISSION_DENIED, "only Berth's own services may call berth.internal.v1"),
+    ("", C.UNAUTHENTICATED, "no API key given"),
+    ("berth_pk_not-a-key", C.UNAUTHENTICATED, "not valid"),
+]
+
+
+@pytest.mark.parametrize("method", sorted(CALLS))
+@pytest.mark.parametrize(("who", "code", "message"), REFUSALS, ids=["project-key", "admin-key", "no-key", "bad-key"])
+def test_an_internal_method_refuses_anything_but_the_service_token(
+    platform: Platform, channels: dict[str, grpc.Channel], method: str, who: str, code: grpc.StatusCode, message: str
+) -> None:
+    key = {"project": platform.key, "admin": ADMIN_KEY}.get(who, who)
+    metadata = (("x-api-key", key),) if key else ()
+    _, call = CALLS[method]
+    with pytest.raises(grpc.RpcError) as info:
+        call(channels, platform, metadata)
+    assert info.value.code() == code, info.value.details()
+    assert message in (info.value.details() or "")
+
+
+def test_the_service_token_is_accepted_by_every_internal_method(platform: Platform, channels: dict[str, grpc.Channel]) -> None:
+    token = (("x-api-key", SERVICE_TOKEN),)
+    platform.set_secret(platform.key, value="v-internal", name="INTERNAL_TEST")
+
+    principal = CALLS["Authenticate"][1](channels, platform, token)
+    assert (principal.project_id, principal.key_name) == (platform.project_id, "ci")
+    with pytest.raises(grpc.RpcError) as info:  # past authentication: the domain's answer
+        CALLS["ResolveImage"][1](channels, platform, token)
+    assert info.value.code() == C.NOT_FOUND, info.value.details()
+    assert CALLS["Watch"][1](channels, platform, token).revision >= 1  # the snapshot begins
+    resolved = CALLS["ResolveSecrets"][1](channels, platform, token)
+    assert {s.name: s.value for s in resolved.secrets}["INTERNAL_TEST"] == "v-internal"
+    assert isinstance(CALLS["WatchEndpoints"][1](channels, platform, token), scheduler_internal_pb2.EndpointSnapshot)
+    assert CALLS["ReportLoad"][1](channels, platform, token) == scheduler_internal_pb2.ReportLoadResponse()
+    assert CALLS["Activate"][1](channels, platform, token).status
+
+
+def test_a_project_key_still_calls_the_public_api(platform: Platform, channels: dict[str, grpc.Channel]) -> None:
+    answer = platform.secrets.call("ListSecrets", secrets_pb2.ListSecretsRequest(), platform.key)
+    assert isinstance(answer, secrets_pb2.ListSecretsResponse)
+
+
+@pytest.mark.parametrize("process", sorted(PUBLIC_SERVICES))
+def test_health_and_reflection_name_both_services(channels: dict[str, grpc.Channel], process: str) -> None:
+    channel = channels[process]
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", PUBLIC_SERVICES[process], INTERNAL_SERVICES[process]):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING, name
+
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=INTERNAL_SERVICES[process]),
+    ]
+    listed, internal_file = list(reflection.ServerReflectionInfo(iter(requests), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {PUBLIC_SERVICES[process], INTERNAL_SERVICES[process]} <= names
+    assert internal_file.file_descriptor_response.file_descriptor_proto, "reflection resolves the internal service"
