@@ -8,8 +8,10 @@ export PATH="$ROOT/.venv/bin:$PATH"
 DATA_DIR="${BERTH_DATA_DIR:-$HOME/.local/share/berth}"
 export BERTH_DATA_DIR="$DATA_DIR"
 mkdir -p "$DATA_DIR"
+# berth up reads BERTH_ROUTER_PORT (and BERTH_REGISTRY_PORT, ...) too
+ROUTER="http://127.0.0.1:${BERTH_ROUTER_PORT:-8080}"
 
-if ! curl -fsS http://127.0.0.1:8080/healthz >/dev/null 2>&1; then
+if ! curl -fsS "$ROUTER/healthz" >/dev/null 2>&1; then
   echo "==> starting the platform in the background (logs in $DATA_DIR/berth-up.log; 'berth down' stops it)"
   berth up --detach
 fi
@@ -29,6 +31,6 @@ printf 'hello from a Berth secret' | berth secrets set --name GREETING --type ge
 berth deploy "$ROOT/examples/hello"
 
 echo "==> asking the router for the preview environment"
-curl -sS -H 'X-Berth-Project: hello' -H 'X-Berth-Environment: preview' -D - http://127.0.0.1:8080/
+curl -sS -H 'X-Berth-Project: hello' -H 'X-Berth-Environment: preview' -D - "$ROUTER/"
 echo
 echo "Next: source $CREDENTIALS, then try 'berth history --environment preview' or 'berth promote <id> --to staging'."
