@@ -7,11 +7,13 @@ trace of the value."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
 from datetime import UTC, datetime
 
+import docker
 import grpc
 import pytest
 from sqlalchemy import create_engine
@@ -256,12 +258,13 @@ def test_a_nul_secret_stored_by_an_older_berth_never_shows(tmp_path):
     from services.common.auth import Principal
     from services.secrets.crypto import MasterKeyring
     from services.secrets.service import SecretsService
-    from tests.support.docker_engine import TEST_LABEL, build_worker_image, engine, remove_labelled
+    from tests.support.docker_engine import build_worker_image, engine
     from tests.support.platform import RunningPlatform, eventually
 
     head, tail = "Xq9-leak-head", "leak-tail-7"
     platform = RunningPlatform(tmp_path / "data")
     platform.data_dir.mkdir()
+    leak_image = ""
     try:
         platform.start()
         created = platform.cli_json("projects", "create", "leak")
@@ -278,7 +281,7 @@ def test_a_nul_secret_stored_by_an_older_berth_never_shows(tmp_path):
         ))
         engine_.dispose()
 
-        tag, _ = build_worker_image(engine(), version="leak")
+        tag, leak_image = build_worker_image(engine(), version="leak")
         dep = platform.cli_json("deploy", "--image", tag, "--project", "leak", "--no-wait", api_key=key)[
             "deployment"]["id"]
 
@@ -303,4 +306,8 @@ def test_a_nul_secret_stored_by_an_older_berth_never_shows(tmp_path):
     finally:
         platform.stop()
         platform.remove_containers()
-        remove_labelled(engine(), TEST_LABEL)
+        # Only the image this test built: every image of the run carries
+        # TEST_LABEL, the session's worker image too, which later tests use.
+        if leak_image:
+            with contextlib.suppress(docker.errors.NotFound):
+                engine().images.remove(leak_image, force=True)
