@@ -11,6 +11,7 @@ command -v dockerd >/dev/null 2>&1 || need_apt+=(docker.io)
 command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)   # seeds the python base image offline
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)         # Studio's browser tests
+[ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)                     # the router's differential HTTP tests
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
