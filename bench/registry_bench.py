@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc  # noqa: E402
 from berth.v1 import registry_pb2, registry_pb2_grpc  # noqa: E402
 
 ADMIN_KEY = "berth_admin_bench-admin-key"
@@ -210,8 +211,8 @@ class Subscriber:
         self.cond = threading.Condition()
         self.ready = threading.Event()
         self.error: BaseException | None = None
-        self.stream = self.client.stub.Watch(
-            registry_pb2.WatchRequest(since_revision=0), metadata=(("x-api-key", SERVICE_TOKEN),)
+        self.stream = registry_internal_pb2_grpc.RegistryInternalStub(self.client.channel).Watch(
+            registry_internal_pb2.WatchRequest(since_revision=0), metadata=(("x-api-key", SERVICE_TOKEN),)
         )
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()

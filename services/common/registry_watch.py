@@ -1,5 +1,6 @@
-"""The client side of ``Registry.Watch``, shared by the router and the
-scheduler: what comes before the ``snapshot_complete`` marker is either the
+"""The client side of ``berth.internal.v1.RegistryInternal.Watch`` (the
+platform-wide change feed), shared by the router and the scheduler: what
+comes before the ``snapshot_complete`` marker is either the
 changes since the revision asked for (``resumed``: applied to the caller's
 table in place) or a full snapshot (the caller replaces its table with it);
 after the marker, every change as it commits.
@@ -12,14 +13,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable
 
-from berth.v1 import registry_pb2
+from berth.internal.v1 import registry_internal_pb2
 
 
 class RegistryFollower:
     def __init__(
         self,
-        apply: Callable[[registry_pb2.WatchEvent], None],
-        replace: Callable[[list[registry_pb2.WatchEvent]], None],
+        apply: Callable[[registry_internal_pb2.WatchEvent], None],
+        replace: Callable[[list[registry_internal_pb2.WatchEvent]], None],
     ) -> None:
         """``apply``: one change to the current table; ``replace``: a new
         table from a snapshot's events."""
@@ -27,12 +28,12 @@ class RegistryFollower:
         self._replace = replace
         self.revision = 0  # what the caller's table reflects
 
-    def request(self) -> registry_pb2.WatchRequest:
-        return registry_pb2.WatchRequest(since_revision=self.revision)
+    def request(self) -> registry_internal_pb2.WatchRequest:
+        return registry_internal_pb2.WatchRequest(since_revision=self.revision)
 
     async def follow(
         self,
-        events: AsyncIterable[registry_pb2.WatchEvent],
+        events: AsyncIterable[registry_internal_pb2.WatchEvent],
         *,
         synced: Callable[[bool], None],
         applied: Callable[[], None] = lambda: None,
@@ -40,7 +41,7 @@ class RegistryFollower:
         """Consumes one stream until it ends. ``synced(resumed)`` after the
         marker's batch is applied (all of it in one step, so no reader sees
         half of it); ``applied()`` after each later change."""
-        before_marker: list[registry_pb2.WatchEvent] | None = []  # None once live
+        before_marker: list[registry_internal_pb2.WatchEvent] | None = []  # None once live
         async for event in events:
             if before_marker is None:
                 self._apply(event)

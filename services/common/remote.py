@@ -10,7 +10,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, w
 
 from berth import errors
 from berth.client import error_from_rpc
-from berth.v1 import registry_pb2, registry_pb2_grpc
+from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 from services.common.auth import (
     ADMIN_PRINCIPAL,
     API_KEY_METADATA,
@@ -56,8 +56,9 @@ async def call_idempotent(fn: Callable[[], Awaitable[T]], *, within: float = 10.
 
 
 class RegistryAuthenticator:
-    """Authenticates API keys by asking the registry on every call. The
-    service token and admin key are checked locally.
+    """Authenticates API keys by asking the registry on every call
+    (``berth.internal.v1.RegistryInternal.Authenticate``). The service token
+    and admin key are checked locally.
 
     Project keys are deliberately not cached, positively or negatively, and
     a call never shares an answer with another call that asked before it:
@@ -67,7 +68,7 @@ class RegistryAuthenticator:
 
     def __init__(self, registry_address: str, service_token: str, *, admin_key: str = "") -> None:
         self._channel = channel(registry_address)
-        self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+        self._stub = registry_internal_pb2_grpc.RegistryInternalStub(self._channel)
         self._service_token = service_token
         self._admin_key = admin_key
 
@@ -79,9 +80,9 @@ class RegistryAuthenticator:
         if same_secret(api_key, self._admin_key):
             return ADMIN_PRINCIPAL
 
-        async def ask() -> registry_pb2.Principal:
+        async def ask() -> registry_internal_pb2.Principal:
             return await self._stub.Authenticate(
-                registry_pb2.AuthenticateRequest(api_key=api_key),
+                registry_internal_pb2.AuthenticateRequest(api_key=api_key),
                 metadata=credentials(self._service_token),
                 timeout=DEFAULT_DEADLINE,
             )

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from berth.v1 import scheduler_pb2, scheduler_pb2_grpc
+from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from services.common.remote import DEFAULT_DEADLINE, channel, credentials
 from services.router.table import Route
 
@@ -57,13 +57,13 @@ class LoadTracker:
         load.completed += 1
         self.in_flight -= 1
 
-    def drain_report(self) -> list[scheduler_pb2.BindingLoad]:
+    def drain_report(self) -> list[scheduler_internal_pb2.BindingLoad]:
         """The report to send now; completed counters restart at zero. A
         binding that went quiet is reported (as zero) once more, then dropped."""
         report = []
         for (environment_id, deployment_id), load in list(self.bindings.items()):
             report.append(
-                scheduler_pb2.BindingLoad(
+                scheduler_internal_pb2.BindingLoad(
                     project_id=load.project_id,
                     environment_id=environment_id,
                     deployment_id=deployment_id,
@@ -78,7 +78,8 @@ class LoadTracker:
 
 
 class SchedulerLink:
-    """The router's calls to the scheduler (service token)."""
+    """The router's calls to the scheduler's internal service
+    (berth.internal.v1.SchedulerInternal, service token)."""
 
     def __init__(self, address: str, service_token: str) -> None:
         self.address = address
@@ -86,18 +87,18 @@ class SchedulerLink:
         # Every router process reports its own load; the scheduler adds them up.
         self.reporter = f"{socket.gethostname()}:{os.getpid()}"
         self._channel: grpc.aio.Channel | None = None
-        self._stub: scheduler_pb2_grpc.SchedulerStub | None = None
+        self._stub: scheduler_internal_pb2_grpc.SchedulerInternalStub | None = None
 
     @property
-    def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+    def stub(self) -> scheduler_internal_pb2_grpc.SchedulerInternalStub:
         if self._stub is None:
             self._channel = channel(self.address)
-            self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+            self._stub = scheduler_internal_pb2_grpc.SchedulerInternalStub(self._channel)
         return self._stub
 
     async def activate(self, route: Route) -> str:
         answer = await self.stub.Activate(
-            scheduler_pb2.ActivateRequest(
+            scheduler_internal_pb2.ActivateRequest(
                 project_id=route.project_id, environment_id=route.environment_id, deployment_id=route.deployment_id
             ),
             metadata=self._metadata,
@@ -105,9 +106,9 @@ class SchedulerLink:
         )
         return answer.status
 
-    async def report_load(self, bindings: list[scheduler_pb2.BindingLoad]) -> None:
+    async def report_load(self, bindings: list[scheduler_internal_pb2.BindingLoad]) -> None:
         await self.stub.ReportLoad(
-            scheduler_pb2.ReportLoadRequest(bindings=bindings, reporter=self.reporter),
+            scheduler_internal_pb2.ReportLoadRequest(bindings=bindings, reporter=self.reporter),
             metadata=self._metadata, timeout=DEFAULT_DEADLINE,
         )
 
@@ -176,7 +177,7 @@ class LoadReporter:
     def __init__(
         self,
         tracker: LoadTracker,
-        send: Callable[[list[scheduler_pb2.BindingLoad]], Awaitable[None]],
+        send: Callable[[list[scheduler_internal_pb2.BindingLoad]], Awaitable[None]],
         interval: float = 1.0,
     ) -> None:
         self.tracker = tracker

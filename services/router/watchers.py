@@ -1,7 +1,8 @@
-"""Consumers of the control plane's streams: the registry's Watch (pointer
-table) and the scheduler's WatchEndpoints (ready replicas). Each keeps its
-stream open, and reconnects with jittered exponential backoff when it breaks;
-a reconnect replaces the state with the new snapshot."""
+"""Consumers of the control plane's streams (berth.internal.v1, service
+token): the registry's Watch (pointer table) and the scheduler's
+WatchEndpoints (ready replicas). Each keeps its stream open, and reconnects
+with jittered exponential backoff when it breaks; a reconnect replaces the
+state with the new snapshot."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,12 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from berth.v1 import registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from berth.internal.v1 import (
+    registry_internal_pb2,
+    registry_internal_pb2_grpc,
+    scheduler_internal_pb2,
+    scheduler_internal_pb2_grpc,
+)
 from services.common.registry_watch import RegistryFollower
 from services.common.remote import channel, credentials
 from services.router.table import BindingEntry, EnvironmentEntry, RoutingState, RoutingTable
@@ -94,7 +100,7 @@ def binding_entry(b) -> BindingEntry:  # type: ignore[no-untyped-def]
     )
 
 
-def apply_event(table: RoutingTable, event: registry_pb2.WatchEvent) -> None:
+def apply_event(table: RoutingTable, event: registry_internal_pb2.WatchEvent) -> None:
     which = event.WhichOneof("change")
     if which == "environment":
         table.upsert_environment(environment_entry(event.environment))
@@ -114,7 +120,7 @@ class RegistryWatcher(_StreamWatcher):
         self.state = state
         self._follower = RegistryFollower(lambda event: apply_event(self.state.table, event), self._replace)
 
-    def _replace(self, snapshot: list[registry_pb2.WatchEvent]) -> None:
+    def _replace(self, snapshot: list[registry_internal_pb2.WatchEvent]) -> None:
         fresh = RoutingTable()
         for event in snapshot:
             apply_event(fresh, event)
@@ -123,7 +129,7 @@ class RegistryWatcher(_StreamWatcher):
     async def _consume(self, ch: grpc.aio.Channel) -> None:
         """One stream, resuming from the revision the table reflects (see
         ``RegistryFollower``)."""
-        stub = registry_pb2_grpc.RegistryStub(ch)
+        stub = registry_internal_pb2_grpc.RegistryInternalStub(ch)
         follower = self._follower
         since = follower.revision
 
@@ -162,8 +168,8 @@ class EndpointWatcher(_StreamWatcher):
         self._on_removed = on_removed  # addresses that left the pool (idle connections to them are closed)
 
     async def _consume(self, ch: grpc.aio.Channel) -> None:
-        stub = scheduler_pb2_grpc.SchedulerStub(ch)
-        async for snapshot in stub.WatchEndpoints(scheduler_pb2.WatchEndpointsRequest(), metadata=self._metadata):
+        stub = scheduler_internal_pb2_grpc.SchedulerInternalStub(ch)
+        async for snapshot in stub.WatchEndpoints(scheduler_internal_pb2.WatchEndpointsRequest(), metadata=self._metadata):
             removed = self.state.endpoints.replace(
                 ((s.environment_id, s.deployment_id, list(s.addresses)) for s in snapshot.sets),
                 {(s.environment_id, s.deployment_id): s.status for s in snapshot.sets if s.status},

@@ -1,5 +1,5 @@
 """Desired state: the table of bindings the scheduler should run, kept
-current by the registry's Watch stream.
+current by the registry's Watch stream (berth.internal.v1.RegistryInternal).
 
 The stream sends a snapshot (every environment and binding), a
 ``snapshot_complete`` marker, then live changes. After a reconnect the
@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 
 import grpc
 
-from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
+from berth.v1 import common_pb2
 from services.common.registry_watch import RegistryFollower
 from services.common.remote import channel, credentials
 
@@ -121,7 +122,7 @@ class RegistryWatcher:
     async def run(self) -> None:
         backoff = self._initial
         async with channel(self._address) as ch:
-            stub = registry_pb2_grpc.RegistryStub(ch)
+            stub = registry_internal_pb2_grpc.RegistryInternalStub(ch)
             while True:
                 self._snapshotted = False
                 try:
@@ -137,7 +138,7 @@ class RegistryWatcher:
                 backoff = min(self._max, backoff * 2)
                 await asyncio.sleep(delay)
 
-    async def _consume(self, stub: registry_pb2_grpc.RegistryStub) -> None:
+    async def _consume(self, stub: registry_internal_pb2_grpc.RegistryInternalStub) -> None:
         """One stream, resuming from the revision the table reflects (see
         ``RegistryFollower``)."""
         follower = self._follower
@@ -151,7 +152,7 @@ class RegistryWatcher:
 
         await follower.follow(stub.Watch(follower.request(), metadata=credentials(self._token)), synced=synced)
 
-    def _apply(self, event: registry_pb2.WatchEvent) -> None:
+    def _apply(self, event: registry_internal_pb2.WatchEvent) -> None:
         change = event.WhichOneof("change")
         if change == "environment":
             self._table.upsert_environment(event.environment)
@@ -162,7 +163,7 @@ class RegistryWatcher:
 
 
 def _snapshot(
-    events: list[registry_pb2.WatchEvent],
+    events: list[registry_internal_pb2.WatchEvent],
 ) -> tuple[list[common_pb2.Environment], list[common_pb2.Binding]]:
     """The environments and bindings a snapshot's events describe."""
     environments: list[common_pb2.Environment] = []

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
-from berth.v1 import scheduler_pb2, scheduler_pb2_grpc
+from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from services.router.control import Activator, LoadReporter, LoadTracker, SchedulerLink
 from services.router.metrics import RouterMetrics
 from services.router.platform import Platform
@@ -237,24 +237,24 @@ def test_no_replica_within_activation_timeout_is_503_with_retry_after() -> None:
         r.close()
 
 
-class NoLoadScheduler(scheduler_pb2_grpc.SchedulerServicer):
+class NoLoadScheduler(scheduler_internal_pb2_grpc.SchedulerInternalServicer):
     """A scheduler that has not implemented ReportLoad/Activate yet."""
 
 
-class RecordingScheduler(scheduler_pb2_grpc.SchedulerServicer):
+class RecordingScheduler(scheduler_internal_pb2_grpc.SchedulerInternalServicer):
     def __init__(self) -> None:
-        self.reports: list[scheduler_pb2.ReportLoadRequest] = []
+        self.reports: list[scheduler_internal_pb2.ReportLoadRequest] = []
         self.tokens: list[str] = []
 
     async def ReportLoad(self, request, context):  # type: ignore[no-untyped-def,override]
         self.tokens.append(dict(context.invocation_metadata()).get("x-api-key", ""))
         self.reports.append(request)
-        return scheduler_pb2.ReportLoadResponse()
+        return scheduler_internal_pb2.ReportLoadResponse()
 
 
 async def _serve(servicer: Any) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server)
+    scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, port

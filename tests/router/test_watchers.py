@@ -14,7 +14,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from berth.internal.v1 import (
+    registry_internal_pb2,
+    registry_internal_pb2_grpc,
+    scheduler_internal_pb2,
+    scheduler_internal_pb2_grpc,
+)
+from berth.v1 import common_pb2
 from services.router.app import RouterApp, parse_args
 from services.router.table import RoutingState
 from services.router.watchers import Backoff, EndpointWatcher, RegistryWatcher
@@ -32,16 +38,16 @@ async def eventually(condition: Callable[[], bool], timeout: float = 5.0, what: 
         await asyncio.sleep(0.01)
 
 
-def env_event(env_id: str, name: str, deployment_id: str, project: str = "shop") -> registry_pb2.WatchEvent:
-    return registry_pb2.WatchEvent(
+def env_event(env_id: str, name: str, deployment_id: str, project: str = "shop") -> registry_internal_pb2.WatchEvent:
+    return registry_internal_pb2.WatchEvent(
         environment=common_pb2.Environment(
             id=env_id, project_id=f"id-{project}", project_name=project, name=name, deployment_id=deployment_id
         )
     )
 
 
-def binding_event(env_id: str, deployment_id: str, project: str = "shop") -> registry_pb2.WatchEvent:
-    return registry_pb2.WatchEvent(
+def binding_event(env_id: str, deployment_id: str, project: str = "shop") -> registry_internal_pb2.WatchEvent:
+    return registry_internal_pb2.WatchEvent(
         binding=common_pb2.Binding(
             project_id=f"id-{project}", project_name=project, environment_id=env_id,
             deployment=common_pb2.Deployment(id=deployment_id), state="active", serving=True,
@@ -50,16 +56,16 @@ def binding_event(env_id: str, deployment_id: str, project: str = "shop") -> reg
     )
 
 
-class FakeRegistry(registry_pb2_grpc.RegistryServicer):
+class FakeRegistry(registry_internal_pb2_grpc.RegistryInternalServicer):
     def __init__(self) -> None:
-        self.snapshot: list[registry_pb2.WatchEvent] = []
+        self.snapshot: list[registry_internal_pb2.WatchEvent] = []
         self.queues: list[asyncio.Queue[Any]] = []
         self.tokens: list[str] = []
         self.since: list[int] = []  # since_revision of each Watch call
         # with since_revision: these changes instead of the snapshot, marked resumed (None: always a snapshot)
-        self.replay: list[registry_pb2.WatchEvent] | None = None
+        self.replay: list[registry_internal_pb2.WatchEvent] | None = None
 
-    async def Watch(self, request: registry_pb2.WatchRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
+    async def Watch(self, request: registry_internal_pb2.WatchRequest, context: grpc.aio.ServicerContext):  # type: ignore[override]
         self.tokens.append(dict(context.invocation_metadata()).get("x-api-key", ""))
         self.since.append(request.since_revision)
         if self.tokens[-1] != TOKEN:
@@ -70,11 +76,11 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
             for event in self.replay:
                 yield event
             last = max([request.since_revision, *(e.revision for e in self.replay)])
-            yield registry_pb2.WatchEvent(snapshot_complete=True, resumed=True, revision=last)
+            yield registry_internal_pb2.WatchEvent(snapshot_complete=True, resumed=True, revision=last)
         else:
             for event in self.snapshot:
                 yield event
-            yield registry_pb2.WatchEvent(snapshot_complete=True, revision=len(self.snapshot))
+            yield registry_internal_pb2.WatchEvent(snapshot_complete=True, revision=len(self.snapshot))
         while True:
             item = await queue.get()
             if item is BREAK:
@@ -85,9 +91,9 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
         await self.queues[-1].put(item)
 
 
-class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
+class FakeScheduler(scheduler_internal_pb2_grpc.SchedulerInternalServicer):
     def __init__(self) -> None:
-        self.current = scheduler_pb2.EndpointSnapshot()
+        self.current = scheduler_internal_pb2.EndpointSnapshot()
         self.queues: list[asyncio.Queue[Any]] = []
         self.tokens: list[str] = []
 
@@ -107,10 +113,10 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         await self.queues[-1].put(item)
 
 
-def endpoint_snapshot(sets: dict[tuple[str, str], list[str]]) -> scheduler_pb2.EndpointSnapshot:
-    return scheduler_pb2.EndpointSnapshot(
+def endpoint_snapshot(sets: dict[tuple[str, str], list[str]]) -> scheduler_internal_pb2.EndpointSnapshot:
+    return scheduler_internal_pb2.EndpointSnapshot(
         sets=[
-            scheduler_pb2.EndpointSet(project_id="id-shop", environment_id=e, deployment_id=d, addresses=a)
+            scheduler_internal_pb2.EndpointSet(project_id="id-shop", environment_id=e, deployment_id=d, addresses=a)
             for (e, d), a in sets.items()
         ]
     )
@@ -136,7 +142,7 @@ async def test_registry_watch_snapshot_live_changes_and_reconnect() -> None:
         env_event("env-stg", "staging", ""),
         binding_event("env-prod", "dep-1"),
     ]
-    server, port, _ = await start_grpc(lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(fake, s))
+    server, port, _ = await start_grpc(lambda s: registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(fake, s))
     state = RoutingState()
     watcher = RegistryWatcher(f"127.0.0.1:{port}", TOKEN, state, backoff=FAST)
     task = asyncio.create_task(watcher.run())
@@ -154,7 +160,7 @@ async def test_registry_watch_snapshot_live_changes_and_reconnect() -> None:
         await eventually(lambda: state.table.environments["env-prod"].deployment_id == "dep-2", what="pointer move")
         assert state.table.resolve("shop", "staging").deployment_id == "dep-2"
         assert ("env-stg", "dep-2") in state.table.bindings
-        await fake.push(registry_pb2.WatchEvent(environment_deleted="env-stg"))
+        await fake.push(registry_internal_pb2.WatchEvent(environment_deleted="env-stg"))
         await eventually(lambda: "env-stg" not in state.table.environments, what="environment deleted")
 
         # the stream breaks; the new snapshot replaces the table
@@ -186,7 +192,7 @@ async def test_registry_watch_retries_until_the_registry_is_up() -> None:
     try:
         await eventually(lambda: watcher.connects >= 2, what="failed attempts")
         assert not watcher.synced.is_set() and "UNAVAILABLE" in watcher.last_error
-        registry_pb2_grpc.add_RegistryServicer_to_server(fake, server)
+        registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(fake, server)
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await asyncio.wait_for(watcher.synced.wait(), 10)
@@ -200,7 +206,7 @@ async def test_registry_watch_retries_until_the_registry_is_up() -> None:
 async def test_endpoint_watch_replaces_sets_and_reconnects() -> None:
     fake = FakeScheduler()
     fake.current = endpoint_snapshot({("env-prod", "dep-1"): ["10.0.0.1:8080", "10.0.0.2:8080"]})
-    server, port, _ = await start_grpc(lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(fake, s))
+    server, port, _ = await start_grpc(lambda s: scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(fake, s))
     state = RoutingState()
     watcher = EndpointWatcher(f"127.0.0.1:{port}", TOKEN, state, backoff=FAST)
     task = asyncio.create_task(watcher.run())
@@ -240,10 +246,10 @@ async def test_router_app_healthz_and_routing_end_to_end() -> None:
     registry, scheduler = FakeRegistry(), FakeScheduler()
     registry.snapshot = [env_event("env-prod", "production", "dep-1"), binding_event("env-prod", "dep-1")]
     reg_server, reg_port, reg_health = await start_grpc(
-        lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(registry, s)
+        lambda s: registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(registry, s)
     )
     sch_server, sch_port, sch_health = await start_grpc(
-        lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(scheduler, s)
+        lambda s: scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(scheduler, s)
     )
     sec_server, sec_port, sec_health = await start_grpc(lambda s: None)
     await reg_health.set("berth.v1.Registry", health_pb2.HealthCheckResponse.SERVING)
@@ -287,7 +293,7 @@ async def test_registry_watch_resumes_after_a_reconnect() -> None:
     that no longer holds them sends a snapshot, which replaces the table."""
     fake = FakeRegistry()
     fake.snapshot = [env_event("env-prod", "production", "dep-1"), binding_event("env-prod", "dep-1")]
-    server, port, _ = await start_grpc(lambda s: registry_pb2_grpc.add_RegistryServicer_to_server(fake, s))
+    server, port, _ = await start_grpc(lambda s: registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(fake, s))
     state = RoutingState()
     watcher = RegistryWatcher(f"127.0.0.1:{port}", TOKEN, state, backoff=FAST)
     task = asyncio.create_task(watcher.run())
@@ -303,7 +309,7 @@ async def test_registry_watch_resumes_after_a_reconnect() -> None:
         table = state.table
         moved = env_event("env-prod", "production", "dep-2")
         moved.revision = 4
-        deleted = registry_pb2.WatchEvent(environment_deleted="env-stg", revision=5)
+        deleted = registry_internal_pb2.WatchEvent(environment_deleted="env-stg", revision=5)
         fake.replay = [moved, deleted]
         await fake.push(BREAK)
         await eventually(lambda: state.revision == 5, what="resumed changes")

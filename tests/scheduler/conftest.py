@@ -122,7 +122,7 @@ def adapter(docker_client: docker.DockerClient) -> Iterator[DockerAdapter]:
 
 
 class FakeSecrets:
-    """Stands in for Secrets.ResolveSecrets: values already resolved."""
+    """Stands in for SecretsInternal.ResolveSecrets: values already resolved."""
 
     def __init__(self, secrets: Sequence[SecretValue] = ()) -> None:
         self.secrets = list(secrets)

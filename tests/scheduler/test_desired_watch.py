@@ -1,4 +1,4 @@
-"""RegistryWatcher against an in-process fake Registry.Watch (port 0)."""
+"""RegistryWatcher against an in-process fake RegistryInternal.Watch (port 0)."""
 from __future__ import annotations
 
 import asyncio
@@ -6,13 +6,14 @@ import contextlib
 
 import grpc
 
-from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
+from berth.v1 import common_pb2
 from services.scheduler.desired import DesiredTable, RegistryWatcher, desired_count
 
 from .conftest import make_binding, wait_for
 
 
-class FakeRegistry(registry_pb2_grpc.RegistryServicer):
+class FakeRegistry(registry_internal_pb2_grpc.RegistryInternalServicer):
     """First stream: snapshot {A}, then live upsert B, then the stream breaks.
     Second stream: snapshot {B} only (A was deleted meanwhile)."""
 
@@ -27,15 +28,15 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
         self.tokens.append(dict(context.invocation_metadata()).get("x-api-key", ""))
         self.streams += 1
         if self.streams == 1:
-            yield registry_pb2.WatchEvent(revision=1, binding=self.a)
-            yield registry_pb2.WatchEvent(revision=1, snapshot_complete=True)
-            yield registry_pb2.WatchEvent(revision=2, binding=self.b)
+            yield registry_internal_pb2.WatchEvent(revision=1, binding=self.a)
+            yield registry_internal_pb2.WatchEvent(revision=1, snapshot_complete=True)
+            yield registry_internal_pb2.WatchEvent(revision=2, binding=self.b)
             await self.break_first.wait()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "registry restarting")
         else:
-            yield registry_pb2.WatchEvent(revision=3, binding=self.b)
+            yield registry_internal_pb2.WatchEvent(revision=3, binding=self.b)
             await self.finish_second.wait()  # hold the second stream open until the test checked
-            yield registry_pb2.WatchEvent(revision=3, snapshot_complete=True)
+            yield registry_internal_pb2.WatchEvent(revision=3, snapshot_complete=True)
             await asyncio.Event().wait()
 
 
@@ -47,7 +48,7 @@ def test_watch_snapshot_live_changes_and_rebuild_after_reconnect():
     async def scenario() -> None:
         fake = FakeRegistry(a, b)
         server = grpc.aio.server()
-        registry_pb2_grpc.add_RegistryServicer_to_server(fake, server)
+        registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(fake, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         table = DesiredTable()
@@ -78,12 +79,12 @@ def test_watch_snapshot_live_changes_and_rebuild_after_reconnect():
     asyncio.run(scenario())
 
 
-class ResumingRegistry(registry_pb2_grpc.RegistryServicer):
+class ResumingRegistry(registry_internal_pb2_grpc.RegistryInternalServicer):
     """First stream: snapshot {A} at revision 1, live B at revision 2, then it
     breaks. Later streams resume: the changes after the requested revision."""
 
     def __init__(self, a: common_pb2.Binding, b: common_pb2.Binding, b_scaled: common_pb2.Binding) -> None:
-        self.log = [registry_pb2.WatchEvent(revision=2, binding=b), registry_pb2.WatchEvent(revision=3, binding=b_scaled)]
+        self.log = [registry_internal_pb2.WatchEvent(revision=2, binding=b), registry_internal_pb2.WatchEvent(revision=3, binding=b_scaled)]
         self.a = a
         self.since: list[int] = []
         self.break_first = asyncio.Event()
@@ -91,15 +92,15 @@ class ResumingRegistry(registry_pb2_grpc.RegistryServicer):
     async def Watch(self, request, context):
         self.since.append(request.since_revision)
         if request.since_revision == 0:
-            yield registry_pb2.WatchEvent(revision=1, binding=self.a)
-            yield registry_pb2.WatchEvent(revision=1, snapshot_complete=True)
+            yield registry_internal_pb2.WatchEvent(revision=1, binding=self.a)
+            yield registry_internal_pb2.WatchEvent(revision=1, snapshot_complete=True)
             yield self.log[0]
             await self.break_first.wait()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "registry restarting")
         for event in self.log:
             if event.revision > request.since_revision:
                 yield event
-        yield registry_pb2.WatchEvent(revision=self.log[-1].revision, snapshot_complete=True, resumed=True)
+        yield registry_internal_pb2.WatchEvent(revision=self.log[-1].revision, snapshot_complete=True, resumed=True)
         await asyncio.Event().wait()
 
 
@@ -113,7 +114,7 @@ def test_watch_resumes_from_the_revision_it_reflects():
     async def scenario() -> None:
         fake = ResumingRegistry(a, b, b_scaled)
         server = grpc.aio.server()
-        registry_pb2_grpc.add_RegistryServicer_to_server(fake, server)
+        registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(fake, server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         table = DesiredTable()

@@ -1,6 +1,6 @@
 """Restarts adopt: a real scheduler process, SIGKILLed 10 times at random
 moments while a binding scales between 1 and 5 replicas (desired state from
-a fake Registry.Watch over gRPC), converges to exactly the desired count
+a fake RegistryInternal.Watch over gRPC), converges to exactly the desired count
 with no duplicated replica index, and a final restart changes no container."""
 from __future__ import annotations
 
@@ -17,15 +17,13 @@ import docker
 import grpc
 import pytest
 
-from berth.v1 import (
-    common_pb2,
-    registry_pb2,
-    registry_pb2_grpc,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
-    secrets_pb2,
-    secrets_pb2_grpc,
+from berth.internal.v1 import (
+    registry_internal_pb2,
+    registry_internal_pb2_grpc,
+    secrets_internal_pb2,
+    secrets_internal_pb2_grpc,
 )
+from berth.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.remote import credentials
 
 from .conftest import make_binding, wait_for
@@ -36,7 +34,7 @@ TOKEN = "berth_svc_test-restart-adopt"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class FakeRegistry(registry_pb2_grpc.RegistryServicer):
+class FakeRegistry(registry_internal_pb2_grpc.RegistryInternalServicer):
     """Watch: the current binding as a snapshot, then every change live."""
 
     def __init__(self, binding: common_pb2.Binding) -> None:
@@ -57,18 +55,18 @@ class FakeRegistry(registry_pb2_grpc.RegistryServicer):
         queue: asyncio.Queue[common_pb2.Binding] = asyncio.Queue()
         self._streams.add(queue)
         try:
-            yield registry_pb2.WatchEvent(revision=self.revision, binding=self.binding)
-            yield registry_pb2.WatchEvent(revision=self.revision, snapshot_complete=True)
+            yield registry_internal_pb2.WatchEvent(revision=self.revision, binding=self.binding)
+            yield registry_internal_pb2.WatchEvent(revision=self.revision, snapshot_complete=True)
             while True:
                 binding = await queue.get()
-                yield registry_pb2.WatchEvent(revision=self.revision, binding=binding)
+                yield registry_internal_pb2.WatchEvent(revision=self.revision, binding=binding)
         finally:
             self._streams.discard(queue)
 
 
-class FakeSecrets(secrets_pb2_grpc.SecretsServicer):
+class FakeSecrets(secrets_internal_pb2_grpc.SecretsInternalServicer):
     async def ResolveSecrets(self, request, context):
-        return secrets_pb2.ResolveSecretsResponse()
+        return secrets_internal_pb2.ResolveSecretsResponse()
 
 
 def free_port() -> int:
@@ -96,8 +94,8 @@ def test_sigkill_ten_times_while_scaling_converges_and_adopts(docker_client, ins
     async def scenario() -> None:
         registry = FakeRegistry(binding)
         server = grpc.aio.server()
-        registry_pb2_grpc.add_RegistryServicer_to_server(registry, server)
-        secrets_pb2_grpc.add_SecretsServicer_to_server(FakeSecrets(), server)
+        registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(registry, server)
+        secrets_internal_pb2_grpc.add_SecretsInternalServicer_to_server(FakeSecrets(), server)
         fake_port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
         port = free_port()
