@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import random
+import re
 import socket
 import time
 from collections import deque
@@ -587,6 +588,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _check_partial_head(self, data: bytes) -> None:
         settings = self.server.settings
+        if b"\n" in data and data.count(b"\n") != data.count(b"\r\n"):
+            raise ProxyError(400, "bad_request", "request head lines must end with CRLF")
         if len(data) > settings.max_request_line and data.find(b"\r\n", 0, settings.max_request_line + 2) < 0:
             raise ProxyError(414, "uri_too_long", f"the request line exceeds {settings.max_request_line} bytes")
         if len(data) > settings.max_head_bytes:
@@ -840,7 +843,21 @@ class ClientConnection(asyncio.Protocol):
             error = ProxyError(400, "missing_host", "an HTTP/1.1 request needs a Host header")
         elif method == b"TRACE" or method == b"CONNECT":
             error = ProxyError(405, "method_not_allowed", f"the router does not accept {method.decode()}")
-        elif transfer_encoding is not None:
+        elif host is not None and not _valid_host(host):
+            error = ProxyError(400, "invalid_host", "the Host header is not a valid host[:port]")
+        elif self._url[:1] != b"/" and not (self._url == b"*" and method == b"OPTIONS"):
+            # absolute-form (RFC 9112 §3.2.2): its authority is the request's host
+            authority = _absolute_authority(self._url)
+            if authority is None:
+                error = ProxyError(400, "invalid_target", "the request target must be a path (/...) or an absolute "
+                                   "http(s) URL with a host")
+            elif authority != host:
+                host = authority
+                forward = [piece for name, value in headers if name.lower() not in _DROP_REQUEST
+                           and name.lower() != b"host" for piece in (name, b": ", value, b"\r\n")]
+                forward += (b"Host: ", host, b"\r\n")
+                headers = [(n, v) for n, v in headers if n.lower() != b"host"] + [(b"Host", host)]
+        if error is None and transfer_encoding is not None:
             codings = [c.strip().lower() for c in transfer_encoding.split(b",")]
             if version == "1.0" or content_length is not None or codings[-1] != b"chunked":
                 # RFC 9112 §6.1, §6.3: the body's length cannot be determined reliably
@@ -1482,6 +1499,29 @@ def _status_line(status: int, reason: bytes) -> bytes:
     return b"HTTP/1.1 %d %s\r\n" % (status, reason or _reason(status))
 
 
+# uri-host [":" port] (RFC 3986 §3.2.2): an IP literal, or a reg-name without
+# empty labels (nginx refuses "a..b" too).
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|(?!.*\.\.)[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]{0,5})?")
+
+
+@functools.lru_cache(maxsize=1024)
+def _valid_host(value: bytes) -> bool:
+    return _HOST.fullmatch(value) is not None
+
+
+def _absolute_authority(target: bytes) -> bytes | None:
+    """The host[:port] of an absolute-form http(s) target, or None if it is
+    not one (no host, another scheme, userinfo, unparseable)."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        return None
+    if (url.schema or b"").lower() not in (b"http", b"https") or not url.host or url.userinfo:
+        return None
+    authority = url.host + (b":%d" % url.port if url.port is not None else b"")
+    return authority if _valid_host(authority) else None
+
+
 def _origin_form(target: bytes) -> bytes:
     if target.startswith(b"/") or target == b"*":
         return target
@@ -1534,10 +1574,11 @@ class UpstreamPool:
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self, address), host.strip("[]"), int(port)),
-                self.settings.connect_timeout,
-            )
+            # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+            # cancellation that races the connect's completion, gh-86296)
+            async with asyncio.timeout(self.settings.connect_timeout):
+                _, conn = await loop.create_connection(lambda: UpstreamConnection(self, address), host.strip("[]"),
+                                                       int(port))
         except (OSError, TimeoutError, ValueError) as exc:
             raise _ConnectFailed(f"{address}: {exc or type(exc).__name__}") from exc
         self.connections_opened += 1
