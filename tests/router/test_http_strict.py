@@ -41,6 +41,7 @@ from tests.router.backends import (
 
 ROUTE = b"X-Berth-Project: shop\r\nX-Berth-Environment: production\r\n"
 HOST = b"Host: example.test\r\n"
+CHUNKED_POST = HOST + ROUTE + b"Transfer-Encoding: chunked\r\n"
 
 
 def make_router(address: str | None = None, **overrides: Any) -> RouterHarness:
@@ -259,6 +260,30 @@ def test_an_exchange_that_did_not_end_cleanly_is_not_reused() -> None:
             client.close()
         router.close()
         backend.close()
+
+
+def test_a_client_gone_while_its_replica_connection_opens_leaves_nothing_in_flight(echo: EchoBackend) -> None:
+    """A client that closes right after a head and part of its body: the
+    request is abandoned at once, however the close races with opening the
+    replica connection (not left waiting, until the upstream timeout, for a
+    body that can never come). Python 3.11's ``asyncio.wait_for`` loses a
+    cancellation that arrives as the awaited connect completes; in a loop of
+    2,000 such clients it happens within the first few hundred."""
+    router = make_router(echo.address, upstream_timeout=30.0)
+    data = request(b"/gone", method=b"PUT", headers=CHUNKED_POST, body=b"7\r\nGET /sm\r\n7\r\nug")
+    try:
+        deadline = time.monotonic() + 20
+        for attempt in range(2000):
+            client = RawClient(router.port)
+            client.send(data)
+            client.close()
+            wait_until(lambda: router.on_loop(lambda: router.proxy.load.in_flight) == 0, timeout=2,
+                       what=f"client {attempt}'s abandoned request to end")
+            if time.monotonic() > deadline:
+                break
+    finally:
+        router.close()
+    assert not any(r.target == b"/gone" for r in echo.requests)
 
 
 # --------------------------------------------------------------------------
@@ -507,8 +532,6 @@ def test_the_head_timeout_covers_neither_a_slow_body_nor_a_slow_replica() -> Non
 # --------------------------------------------------------------------------
 # 4. Strict parsing
 # --------------------------------------------------------------------------
-
-CHUNKED_POST = HOST + ROUTE + b"Transfer-Encoding: chunked\r\n"
 
 
 @pytest.mark.parametrize("size", [b"zz", b"-1", b"0x5", b"1" * 25, b""], ids=["zz", "minus", "0x", "overflow", "empty"])
