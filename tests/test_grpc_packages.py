@@ -4,6 +4,8 @@ calls live in ``berth.internal.v1``, served by the same processes, and take
 the service token only. Checked over real sockets on a small platform."""
 from __future__ import annotations
 
+import importlib
+import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from tests.secrets.harness import Platform, start_platform
 from tests.secrets.support import ADMIN_KEY, SERVICE_TOKEN
 
 C = grpc.StatusCode
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 INTERNAL_METHODS = {
     "berth.internal.v1.RegistryInternal": {"Authenticate", "ResolveImage", "Watch"},
@@ -37,6 +40,30 @@ INTERNAL_SERVICES = {
     "secrets": "berth.internal.v1.SecretsInternal",
     "scheduler": "berth.internal.v1.SchedulerInternal",
 }
+
+
+def _descriptors(package_dir: str, module_package: str) -> list[Any]:
+    """The file descriptor of every proto file in ``protos/<package_dir>``."""
+    files = sorted((ROOT / "protos" / package_dir).glob("*.proto"))
+    assert files, package_dir
+    return [importlib.import_module(f"{module_package}.{f.stem}_pb2").DESCRIPTOR for f in files]
+
+
+def test_the_public_descriptors_hold_none_of_the_internal_surface() -> None:
+    internal_files = _descriptors("berth/internal/v1", "berth.internal.v1")
+    internal_messages = {name for f in internal_files for name in f.message_types_by_name}
+    internal_methods = set().union(*INTERNAL_METHODS.values())
+    assert {s.full_name: {m.name for m in s.methods} for f in internal_files for s in f.services_by_name.values()} \
+        == INTERNAL_METHODS
+    assert {f.package for f in internal_files} == {"berth.internal.v1"}
+
+    for public in _descriptors("berth/v1", "berth.v1"):
+        assert public.package == "berth.v1", public.name
+        methods = {m.name for s in public.services_by_name.values() for m in s.methods}
+        assert not methods & internal_methods, (public.name, methods & internal_methods)
+        assert not set(public.message_types_by_name) & internal_messages, public.name
+        assert not [d.name for d in public.dependencies if d.package.startswith("berth.internal")], public.name
+        assert "Internal (service token)" not in (ROOT / "protos" / public.name).read_text()
 
 
 @pytest.fixture(scope="module")

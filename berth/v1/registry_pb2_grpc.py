@@ -133,21 +133,6 @@ class RegistryStub:
                 request_serializer=berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_common__pb2.Deployment.FromString,
                 _registered_method=True)
-        self.Authenticate = channel.unary_unary(
-                '/berth.v1.Registry/Authenticate',
-                request_serializer=berth_dot_v1_dot_registry__pb2.AuthenticateRequest.SerializeToString,
-                response_deserializer=berth_dot_v1_dot_registry__pb2.Principal.FromString,
-                _registered_method=True)
-        self.ResolveImage = channel.unary_unary(
-                '/berth.v1.Registry/ResolveImage',
-                request_serializer=berth_dot_v1_dot_registry__pb2.ResolveImageRequest.SerializeToString,
-                response_deserializer=berth_dot_v1_dot_common__pb2.Deployment.FromString,
-                _registered_method=True)
-        self.Watch = channel.unary_stream(
-                '/berth.v1.Registry/Watch',
-                request_serializer=berth_dot_v1_dot_registry__pb2.WatchRequest.SerializeToString,
-                response_deserializer=berth_dot_v1_dot_registry__pb2.WatchEvent.FromString,
-                _registered_method=True)
 
 
 class RegistryServicer:
@@ -278,29 +263,6 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Authenticate(self, request, context):
-        """Internal (service token): who owns this key?
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ResolveImage(self, request, context):
-        """Internal (service token): records the image id the scheduler resolved for
-        a deployment registered by reference. Set once; never changed.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Watch(self, request, context):
-        """Internal (service token): environments and bindings, a snapshot then
-        ordered changes.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -398,21 +360,6 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.StartDeployment,
                     request_deserializer=berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.FromString,
                     response_serializer=berth_dot_v1_dot_common__pb2.Deployment.SerializeToString,
-            ),
-            'Authenticate': grpc.unary_unary_rpc_method_handler(
-                    servicer.Authenticate,
-                    request_deserializer=berth_dot_v1_dot_registry__pb2.AuthenticateRequest.FromString,
-                    response_serializer=berth_dot_v1_dot_registry__pb2.Principal.SerializeToString,
-            ),
-            'ResolveImage': grpc.unary_unary_rpc_method_handler(
-                    servicer.ResolveImage,
-                    request_deserializer=berth_dot_v1_dot_registry__pb2.ResolveImageRequest.FromString,
-                    response_serializer=berth_dot_v1_dot_common__pb2.Deployment.SerializeToString,
-            ),
-            'Watch': grpc.unary_stream_rpc_method_handler(
-                    servicer.Watch,
-                    request_deserializer=berth_dot_v1_dot_registry__pb2.WatchRequest.FromString,
-                    response_serializer=berth_dot_v1_dot_registry__pb2.WatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -931,87 +878,6 @@ class Registry:
             '/berth.v1.Registry/StartDeployment',
             berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.SerializeToString,
             berth_dot_v1_dot_common__pb2.Deployment.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Authenticate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/berth.v1.Registry/Authenticate',
-            berth_dot_v1_dot_registry__pb2.AuthenticateRequest.SerializeToString,
-            berth_dot_v1_dot_registry__pb2.Principal.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ResolveImage(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/berth.v1.Registry/ResolveImage',
-            berth_dot_v1_dot_registry__pb2.ResolveImageRequest.SerializeToString,
-            berth_dot_v1_dot_common__pb2.Deployment.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Watch(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/berth.v1.Registry/Watch',
-            berth_dot_v1_dot_registry__pb2.WatchRequest.SerializeToString,
-            berth_dot_v1_dot_registry__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

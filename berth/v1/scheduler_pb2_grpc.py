@@ -45,21 +45,6 @@ class SchedulerStub:
                 request_serializer=berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsResponse.FromString,
                 _registered_method=True)
-        self.WatchEndpoints = channel.unary_stream(
-                '/berth.v1.Scheduler/WatchEndpoints',
-                request_serializer=berth_dot_v1_dot_scheduler__pb2.WatchEndpointsRequest.SerializeToString,
-                response_deserializer=berth_dot_v1_dot_scheduler__pb2.EndpointSnapshot.FromString,
-                _registered_method=True)
-        self.ReportLoad = channel.unary_unary(
-                '/berth.v1.Scheduler/ReportLoad',
-                request_serializer=berth_dot_v1_dot_scheduler__pb2.ReportLoadRequest.SerializeToString,
-                response_deserializer=berth_dot_v1_dot_scheduler__pb2.ReportLoadResponse.FromString,
-                _registered_method=True)
-        self.Activate = channel.unary_unary(
-                '/berth.v1.Scheduler/Activate',
-                request_serializer=berth_dot_v1_dot_scheduler__pb2.ActivateRequest.SerializeToString,
-                response_deserializer=berth_dot_v1_dot_scheduler__pb2.ActivateResponse.FromString,
-                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -78,30 +63,6 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchEndpoints(self, request, context):
-        """Internal (service token): ready replica addresses per binding. Every
-        message is the complete current set.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReportLoad(self, request, context):
-        """Internal (service token): the router's in-flight concurrency per binding,
-        which drives autoscaling. Sent every second or so.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Activate(self, request, context):
-        """Internal (service token): a request arrived for a binding with no ready
-        replica (e.g. scaled to zero); start one now.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,21 +75,6 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListDeploymentErrors,
                     request_deserializer=berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsRequest.FromString,
                     response_serializer=berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsResponse.SerializeToString,
-            ),
-            'WatchEndpoints': grpc.unary_stream_rpc_method_handler(
-                    servicer.WatchEndpoints,
-                    request_deserializer=berth_dot_v1_dot_scheduler__pb2.WatchEndpointsRequest.FromString,
-                    response_serializer=berth_dot_v1_dot_scheduler__pb2.EndpointSnapshot.SerializeToString,
-            ),
-            'ReportLoad': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportLoad,
-                    request_deserializer=berth_dot_v1_dot_scheduler__pb2.ReportLoadRequest.FromString,
-                    response_serializer=berth_dot_v1_dot_scheduler__pb2.ReportLoadResponse.SerializeToString,
-            ),
-            'Activate': grpc.unary_unary_rpc_method_handler(
-                    servicer.Activate,
-                    request_deserializer=berth_dot_v1_dot_scheduler__pb2.ActivateRequest.FromString,
-                    response_serializer=berth_dot_v1_dot_scheduler__pb2.ActivateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,87 +132,6 @@ class Scheduler:
             '/berth.v1.Scheduler/ListDeploymentErrors',
             berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsRequest.SerializeToString,
             berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def WatchEndpoints(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/berth.v1.Scheduler/WatchEndpoints',
-            berth_dot_v1_dot_scheduler__pb2.WatchEndpointsRequest.SerializeToString,
-            berth_dot_v1_dot_scheduler__pb2.EndpointSnapshot.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportLoad(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/berth.v1.Scheduler/ReportLoad',
-            berth_dot_v1_dot_scheduler__pb2.ReportLoadRequest.SerializeToString,
-            berth_dot_v1_dot_scheduler__pb2.ReportLoadResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Activate(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/berth.v1.Scheduler/Activate',
-            berth_dot_v1_dot_scheduler__pb2.ActivateRequest.SerializeToString,
-            berth_dot_v1_dot_scheduler__pb2.ActivateResponse.FromString,
             options,
             channel_credentials,
             insecure,

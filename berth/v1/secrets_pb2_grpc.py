@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class SecretsStub:
-    """Encrypted, scoped secrets. Values are write-only for API keys; only the
-    scheduler's service credential may resolve them.
+    """Encrypted, scoped secrets. Values are write-only: no method of this
+    service returns one (the scheduler resolves them through
+    berth.internal.v1.SecretsInternal).
     """
 
     def __init__(self, channel):
@@ -66,16 +67,12 @@ class SecretsStub:
                 request_serializer=berth_dot_v1_dot_secrets__pb2.RotateMasterKeyRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_secrets__pb2.RotateMasterKeyResponse.FromString,
                 _registered_method=True)
-        self.ResolveSecrets = channel.unary_unary(
-                '/berth.v1.Secrets/ResolveSecrets',
-                request_serializer=berth_dot_v1_dot_secrets__pb2.ResolveSecretsRequest.SerializeToString,
-                response_deserializer=berth_dot_v1_dot_secrets__pb2.ResolveSecretsResponse.FromString,
-                _registered_method=True)
 
 
 class SecretsServicer:
-    """Encrypted, scoped secrets. Values are write-only for API keys; only the
-    scheduler's service credential may resolve them.
+    """Encrypted, scoped secrets. Values are write-only: no method of this
+    service returns one (the scheduler resolves them through
+    berth.internal.v1.SecretsInternal).
     """
 
     def SetSecret(self, request, context):
@@ -116,13 +113,6 @@ class SecretsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ResolveSecrets(self, request, context):
-        """Internal (service token): the values a binding's replicas receive.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_SecretsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,11 +146,6 @@ def add_SecretsServicer_to_server(servicer, server):
                     request_deserializer=berth_dot_v1_dot_secrets__pb2.RotateMasterKeyRequest.FromString,
                     response_serializer=berth_dot_v1_dot_secrets__pb2.RotateMasterKeyResponse.SerializeToString,
             ),
-            'ResolveSecrets': grpc.unary_unary_rpc_method_handler(
-                    servicer.ResolveSecrets,
-                    request_deserializer=berth_dot_v1_dot_secrets__pb2.ResolveSecretsRequest.FromString,
-                    response_serializer=berth_dot_v1_dot_secrets__pb2.ResolveSecretsResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'berth.v1.Secrets', rpc_method_handlers)
@@ -170,8 +155,9 @@ def add_SecretsServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Secrets:
-    """Encrypted, scoped secrets. Values are write-only for API keys; only the
-    scheduler's service credential may resolve them.
+    """Encrypted, scoped secrets. Values are write-only: no method of this
+    service returns one (the scheduler resolves them through
+    berth.internal.v1.SecretsInternal).
     """
 
     @staticmethod
@@ -326,33 +312,6 @@ class Secrets:
             '/berth.v1.Secrets/RotateMasterKey',
             berth_dot_v1_dot_secrets__pb2.RotateMasterKeyRequest.SerializeToString,
             berth_dot_v1_dot_secrets__pb2.RotateMasterKeyResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ResolveSecrets(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/berth.v1.Secrets/ResolveSecrets',
-            berth_dot_v1_dot_secrets__pb2.ResolveSecretsRequest.SerializeToString,
-            berth_dot_v1_dot_secrets__pb2.ResolveSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

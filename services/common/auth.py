@@ -7,7 +7,7 @@ import hmac
 import secrets as _secrets
 from dataclasses import dataclass
 
-from berth.errors import PermissionDenied, Unauthenticated
+from berth.errors import Unauthenticated
 
 API_KEY_METADATA = "x-api-key"
 PROJECT_KEY_PREFIX = "berth_pk_"
@@ -44,13 +44,6 @@ def caller() -> Principal:
     principal = current_principal.get()
     if principal is None:
         raise Unauthenticated("no API key given", hint="set BERTH_API_KEY")
-    return principal
-
-
-def require_service() -> Principal:
-    principal = caller()
-    if not principal.service:
-        raise PermissionDenied("only Berth's own services may call this")
     return principal
 
 

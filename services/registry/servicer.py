@@ -14,7 +14,7 @@ import grpc
 
 from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 from berth.v1 import registry_pb2, registry_pb2_grpc
-from services.common.auth import caller, require_service
+from services.common.auth import caller
 from services.registry import convert
 from services.registry.changes import Change, ChangeHub
 from services.registry.service import RegistryService
@@ -26,14 +26,6 @@ INTERNAL_SERVICE_NAME = registry_internal_pb2.DESCRIPTOR.services_by_name["Regis
 SERVICE_NAMES = (SERVICE_NAME, INTERNAL_SERVICE_NAME)
 
 
-def _event(change: Change) -> registry_pb2.WatchEvent:
-    if change.kind == "environment":
-        return registry_pb2.WatchEvent(revision=change.revision, environment=change.payload)
-    if change.kind == "binding":
-        return registry_pb2.WatchEvent(revision=change.revision, binding=change.payload)
-    return registry_pb2.WatchEvent(revision=change.revision, environment_deleted=change.payload)
-
-
 def _expected(request) -> int | None:  # type: ignore[no-untyped-def]
     """``expected_sequence`` is optional: unset = no check, 0 = expect an
     empty history."""
@@ -41,9 +33,8 @@ def _expected(request) -> int | None:  # type: ignore[no-untyped-def]
 
 
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, service: RegistryService, hub: ChangeHub) -> None:
+    def __init__(self, service: RegistryService) -> None:
         self._service = service
-        self._hub = hub
 
     async def CreateProject(self, request, context):  # type: ignore[no-untyped-def]
         project, api_key = await asyncio.to_thread(self._service.create_project, caller(), request.name)
@@ -188,50 +179,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         entries = await asyncio.to_thread(self._service.list_history, caller(), request.project, request.environment)
         return registry_pb2.ListHistoryResponse(entries=entries)
 
-    async def Authenticate(self, request, context):  # type: ignore[no-untyped-def]
-        require_service()
-        principal = await asyncio.to_thread(self._service.authenticate, request.api_key)
-        return registry_pb2.Principal(
-            project_id=principal.project_id,
-            project_name=principal.project_name,
-            key_name=principal.key_name,
-            admin=principal.admin,
-        )
 
-    async def ResolveImage(self, request, context):  # type: ignore[no-untyped-def]
-        return await asyncio.to_thread(self._service.resolve_image, caller(), request.deployment_id, request.image_id)
-
-    async def Watch(self, request, context) -> AsyncIterator[registry_pb2.WatchEvent]:  # type: ignore[no-untyped-def,override]
-        """A snapshot (or, with ``since_revision``, the changes after it when
-        this process still holds them), the ``snapshot_complete`` marker
-        (``resumed`` tells which of the two came before it), then every later
-        change once, in revision order."""
-        require_service()
-        subscription = self._hub.subscribe()  # before the snapshot: nothing falls in between
-        try:
-            _, queue = subscription
-            replay = self._hub.since(request.since_revision) if request.since_revision > 0 else None
-            if replay is not None:
-                revision = request.since_revision
-                for change in replay:
-                    revision = max(revision, change.revision)
-                    yield _event(change)
-                yield registry_pb2.WatchEvent(revision=revision, snapshot_complete=True, resumed=True)
-            else:
-                revision, snapshot = await asyncio.to_thread(self._service.snapshot)
-                for change in snapshot:
-                    yield _event(change)
-                yield registry_pb2.WatchEvent(revision=revision, snapshot_complete=True)
-            while True:
-                change = await queue.get()
-                if change.revision <= revision:
-                    continue  # already in the snapshot or the replay
-                yield _event(change)
-        finally:
-            self._hub.unsubscribe(subscription)
-
-
-def _internal_event(change: Change) -> registry_internal_pb2.WatchEvent:
+def _event(change: Change) -> registry_internal_pb2.WatchEvent:
     if change.kind == "environment":
         return registry_internal_pb2.WatchEvent(revision=change.revision, environment=change.payload)
     if change.kind == "binding":
@@ -269,23 +218,23 @@ class RegistryInternalServicer(registry_internal_pb2_grpc.RegistryInternalServic
                 revision = request.since_revision
                 for change in replay:
                     revision = max(revision, change.revision)
-                    yield _internal_event(change)
+                    yield _event(change)
                 yield registry_internal_pb2.WatchEvent(revision=revision, snapshot_complete=True, resumed=True)
             else:
                 revision, snapshot = await asyncio.to_thread(self._service.snapshot)
                 for change in snapshot:
-                    yield _internal_event(change)
+                    yield _event(change)
                 yield registry_internal_pb2.WatchEvent(revision=revision, snapshot_complete=True)
             while True:
                 change = await queue.get()
                 if change.revision <= revision:
                     continue  # already in the snapshot or the replay
-                yield _internal_event(change)
+                yield _event(change)
         finally:
             self._hub.unsubscribe(subscription)
 
 
 def add_to_server(server: grpc.aio.Server, service: RegistryService, hub: ChangeHub) -> None:
     """The public and the internal service, on one server."""
-    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(service, hub), server)
+    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(service), server)
     registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(RegistryInternalServicer(service, hub), server)

@@ -14,7 +14,7 @@ from google.protobuf import timestamp_pb2
 from berth import errors
 from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from berth.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from services.common.auth import Principal, caller, require_service
+from services.common.auth import Principal, caller
 
 from .desired import DesiredTable, is_terminated
 from .events import EventStore
@@ -164,61 +164,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             error.first_seen.FromDatetime(event.first_seen)
             error.last_seen.FromDatetime(event.last_seen)
         return response
-
-    async def WatchEndpoints(
-        self, request: scheduler_pb2.WatchEndpointsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[scheduler_pb2.EndpointSnapshot]:
-        require_service()
-        async for sets in self._reconciler.endpoints.subscribe():
-            yield scheduler_pb2.EndpointSnapshot(
-                sets=[
-                    scheduler_pb2.EndpointSet(
-                        project_id=s.project_id,
-                        environment_id=s.environment_id,
-                        deployment_id=s.deployment_id,
-                        addresses=list(s.addresses),
-                        status=s.status,
-                    )
-                    for s in sets
-                ]
-            )
-
-    async def ReportLoad(
-        self, request: scheduler_pb2.ReportLoadRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.ReportLoadResponse:
-        require_service()
-        loads: dict[tuple[str, str], tuple[int, int]] = {}
-        for i, load in enumerate(request.bindings):
-            if not load.environment_id or not load.deployment_id:
-                raise errors.InvalidArgument(f"bindings[{i}]: environment_id and deployment_id are required")
-            if load.in_flight < 0 or load.requests < 0:
-                raise errors.InvalidArgument(f"bindings[{i}]: in_flight and requests cannot be negative")
-            key = (load.environment_id, load.deployment_id)
-            in_flight, requests = loads.get(key, (0, 0))
-            loads[key] = (in_flight + load.in_flight, requests + int(load.requests))
-        self._reconciler.report_load(loads, reporter=request.reporter)
-        return scheduler_pb2.ReportLoadResponse()
-
-    async def Activate(
-        self, request: scheduler_pb2.ActivateRequest, context: grpc.aio.ServicerContext
-    ) -> scheduler_pb2.ActivateResponse:
-        require_service()
-        if not request.environment_id or not request.deployment_id:
-            raise errors.InvalidArgument("environment_id and deployment_id are required")
-        self._require_loaded()
-        key = (request.environment_id, request.deployment_id)
-        binding = self._table.get(key)
-        if binding is None:
-            raise errors.NotFound(
-                f"deployment {request.deployment_id} is not bound to environment {request.environment_id}"
-            )
-        if is_terminated(binding):
-            return scheduler_pb2.ActivateResponse(status="terminated")  # `berth deployment start` first
-        self._reconciler.activate(key)
-        state = self._reconciler.binding_status(key)
-        if state is None or state.value == "scaled_to_zero":
-            return scheduler_pb2.ActivateResponse(status="deploying")
-        return scheduler_pb2.ActivateResponse(status=state.value)
 
 
 class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalServicer):

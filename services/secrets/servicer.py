@@ -161,18 +161,6 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):
         infos = await asyncio.to_thread(self._service.list_secrets, project_id, env_id)
         return secrets_pb2.ListSecretsResponse(secrets=[_info(i) for i in infos])
 
-    async def ResolveSecrets(self, request, context):  # type: ignore[no-untyped-def]
-        principal = caller()
-        resolved = await asyncio.to_thread(
-            self._service.resolve, principal, request.project_id, request.environment_id
-        )
-        return secrets_pb2.ResolveSecretsResponse(
-            secrets=[
-                secrets_pb2.ResolvedSecret(name=s.name, value=s.value, version=s.version, scope=s.scope)
-                for s in resolved
-            ]
-        )
-
 
 class SecretsInternalServicer(secrets_internal_pb2_grpc.SecretsInternalServicer):
     def __init__(self, service: SecretsService) -> None:

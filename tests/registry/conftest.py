@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from berth.client import error_from_rpc
+from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 from berth.v1 import registry_pb2, registry_pb2_grpc
 from services.registry import app
 from tests.support.inproc import start_in_background
@@ -17,7 +18,8 @@ BACKENDS = ("sqlite", "postgresql")
 
 
 class Registry:
-    """A real registry server on a free port, reached over a real socket."""
+    """A real registry server on a free port, reached over a real socket:
+    ``stub`` is its public service, ``internal`` its berth.internal.v1 one."""
 
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
@@ -28,10 +30,18 @@ class Registry:
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
         self.stub = registry_pb2_grpc.RegistryStub(self.channel)
+        self.internal = registry_internal_pb2_grpc.RegistryInternalStub(self.channel)
 
     def call(self, name: str, request, key: str, **kw):  # type: ignore[no-untyped-def]
+        return self._call(self.stub, name, request, key, **kw)
+
+    def call_internal(self, name: str, request, key: str = SERVICE_TOKEN, **kw):  # type: ignore[no-untyped-def]
+        return self._call(self.internal, name, request, key, **kw)
+
+    @staticmethod
+    def _call(stub, name: str, request, key: str, **kw):  # type: ignore[no-untyped-def]
         try:
-            return getattr(self.stub, name)(request, metadata=(("x-api-key", key),), timeout=10, **kw)
+            return getattr(stub, name)(request, metadata=(("x-api-key", key),), timeout=10, **kw)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
@@ -40,8 +50,8 @@ class Registry:
         return resp.project.id, resp.api_key
 
     def watch(self, since_revision: int = 0, timeout: float = 30):  # type: ignore[no-untyped-def]
-        return self.stub.Watch(
-            registry_pb2.WatchRequest(since_revision=since_revision),
+        return self.internal.Watch(
+            registry_internal_pb2.WatchRequest(since_revision=since_revision),
             metadata=(("x-api-key", SERVICE_TOKEN),), timeout=timeout,
         )
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from berth import errors
+from berth.internal.v1 import registry_internal_pb2
 from berth.v1 import registry_pb2
-from tests.registry.conftest import SERVICE_TOKEN, collect_until
+from tests.registry.conftest import collect_until
 
 IMAGE = "sha256:" + "c" * 64
 
@@ -83,7 +84,7 @@ def test_api_keys_create_list_revoke(registry):
     with pytest.raises(errors.Unauthenticated, match="not valid"):
         registry.call("ListEnvironments", registry_pb2.ListEnvironmentsRequest(), made.api_key)
     with pytest.raises(errors.Unauthenticated):
-        registry.call("Authenticate", registry_pb2.AuthenticateRequest(api_key=made.api_key), SERVICE_TOKEN)
+        registry.call_internal("Authenticate", registry_internal_pb2.AuthenticateRequest(api_key=made.api_key))
     # Revoking again by id is a no-op; the name is free for a new key.
     assert registry.call("RevokeApiKey", registry_pb2.RevokeApiKeyRequest(key=made.key.id), key).revoked_at == revoked.revoked_at
     with pytest.raises(errors.NotFound, match="no active API key 'ci'"):

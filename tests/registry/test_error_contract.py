@@ -9,14 +9,18 @@ import re
 import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message_factory import GetMessageClass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from berth.internal.v1 import registry_internal_pb2
 from berth.v1 import common_pb2, registry_pb2
 from tests.registry.conftest import ADMIN_KEY, BACKENDS, SERVICE_TOKEN, Registry
 
 C = grpc.StatusCode
 R = registry_pb2
+RI = registry_internal_pb2  # berth.internal.v1.RegistryInternal
+INTERNAL = {m.name for m in RI.DESCRIPTOR.services_by_name["RegistryInternal"].methods}
 
 
 class World:
@@ -115,12 +119,19 @@ CASES = [
     ("AdjustReplicas", lambda w: R.AdjustReplicasRequest(deployment_id=w.other_dep, delta=1), "project", C.NOT_FOUND, "not found in project"),
     ("TerminateDeployment", lambda w: R.TerminateDeploymentRequest(deployment_id="dep_000000000000"), "project", C.NOT_FOUND, "not found"),
     ("StartDeployment", lambda w: R.StartDeploymentRequest(deployment_id=w.other_dep), "project", C.NOT_FOUND, "not found in project"),
-    ("Authenticate", lambda w: R.AuthenticateRequest(api_key="x"), "project", C.PERMISSION_DENIED, "only Berth's own services"),
-    ("Authenticate", lambda w: R.AuthenticateRequest(api_key="berth_pk_nope"), "service", C.UNAUTHENTICATED, "not valid"),
-    ("ResolveImage", lambda w: R.ResolveImageRequest(deployment_id=w.v1, image_id="sha256:" + "e" * 64), "project", C.PERMISSION_DENIED, "only Berth's own services"),
-    ("ResolveImage", lambda w: R.ResolveImageRequest(deployment_id=w.v1, image_id="latest"), "service", C.INVALID_ARGUMENT, "sha256:<64 hex digits>"),
-    ("ResolveImage", lambda w: R.ResolveImageRequest(deployment_id="dep_000000000000", image_id="sha256:" + "e" * 64), "service", C.NOT_FOUND, "not found"),
+    # berth.internal.v1.RegistryInternal: the service token only.
+    ("Authenticate", lambda w: RI.AuthenticateRequest(api_key="x"), "project", C.PERMISSION_DENIED, "only Berth's own services"),
+    ("Authenticate", lambda w: RI.AuthenticateRequest(api_key="x"), "admin", C.PERMISSION_DENIED, "only Berth's own services"),
+    ("Authenticate", lambda w: RI.AuthenticateRequest(api_key="x"), "", C.UNAUTHENTICATED, "no API key given"),
+    ("Authenticate", lambda w: RI.AuthenticateRequest(api_key="berth_pk_nope"), "service", C.UNAUTHENTICATED, "not valid"),
+    ("ResolveImage", lambda w: RI.ResolveImageRequest(deployment_id=w.v1, image_id="sha256:" + "e" * 64), "project", C.PERMISSION_DENIED, "only Berth's own services"),
+    ("ResolveImage", lambda w: RI.ResolveImageRequest(deployment_id=w.v1, image_id="latest"), "service", C.INVALID_ARGUMENT, "sha256:<64 hex digits>"),
+    ("ResolveImage", lambda w: RI.ResolveImageRequest(deployment_id="dep_000000000000", image_id="sha256:" + "e" * 64), "service", C.NOT_FOUND, "not found"),
 ]
+
+
+def stub_for(registry: Registry, rpc: str):  # type: ignore[no-untyped-def]
+    return registry.internal if rpc in INTERNAL else registry.stub
 
 
 def key_for(world: World, which: str) -> str:
@@ -133,7 +144,7 @@ def test_error_contract(world, rpc, make, who, code, message):
     revision = registry.service.current_revision()
     history = registry.call("ListHistory", R.ListHistoryRequest(environment="preview"), world.key).entries
     with pytest.raises(grpc.RpcError) as info:
-        getattr(registry.stub, rpc)(make(world), metadata=(("x-api-key", key_for(world, who)),), timeout=10)
+        getattr(stub_for(registry, rpc), rpc)(make(world), metadata=(("x-api-key", key_for(world, who)),), timeout=10)
     assert info.value.code() == code, info.value.details()
     assert re.search(message, info.value.details()), info.value.details()
     # A refused call changes nothing.
@@ -156,7 +167,7 @@ def message_strategy(descriptor, known: st.SearchStrategy[str], depth: int = 0):
     """A request of the given type with every field drawn independently:
     arbitrary text or a known-good name/id, any integer of its width, any
     float (NaN and infinities included), nested messages, maps and lists."""
-    cls = getattr(registry_pb2, descriptor.name, None) or getattr(common_pb2, descriptor.name)
+    cls = GetMessageClass(descriptor)
     fields = {}
     for f in descriptor.fields:
         if f.message_type is not None and f.message_type.GetOptions().map_entry:
@@ -175,7 +186,12 @@ def message_strategy(descriptor, known: st.SearchStrategy[str], depth: int = 0):
     return st.fixed_dictionaries(fields).map(lambda kw: cls(**{k: v for k, v in kw.items() if v is not None}))
 
 
-UNARY = [m for m in registry_pb2.DESCRIPTOR.services_by_name["Registry"].methods if m.name != "Watch"]
+UNARY = [
+    m
+    for service in (R.DESCRIPTOR.services_by_name["Registry"], RI.DESCRIPTOR.services_by_name["RegistryInternal"])
+    for m in service.methods
+    if not m.server_streaming
+]
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -187,20 +203,26 @@ def test_arbitrary_requests_never_get_unknown_or_internal(world, data):
     request = data.draw(message_strategy(method.input_type, known), label="request")
     who = data.draw(st.sampled_from(["project", "other", "service", "admin", "", "berth_pk_x"]), label="key")
     try:
-        getattr(world.registry.stub, method.name)(request, metadata=(("x-api-key", key_for(world, who)),), timeout=10)
+        getattr(stub_for(world.registry, method.name), method.name)(
+            request, metadata=(("x-api-key", key_for(world, who)),), timeout=10
+        )
     except grpc.RpcError as exc:
         assert exc.code() not in (C.UNKNOWN, C.INTERNAL), f"{method.name}({request}) -> {exc.code()}: {exc.details()}"
         assert exc.details(), "every error carries a message"
 
 
-@pytest.mark.parametrize("method", ["CreateProject", "ListEnvironments"])
-def test_request_bytes_that_do_not_decode_are_invalid_argument_not_unknown(world: World, method: str) -> None:
-    # Field 1 (a string in both requests) holding bytes that are not UTF-8,
+@pytest.mark.parametrize(("path", "who"), [
+    ("/berth.v1.Registry/CreateProject", "admin"),
+    ("/berth.v1.Registry/ListEnvironments", "project"),
+    ("/berth.internal.v1.RegistryInternal/Authenticate", "service"),
+])
+def test_request_bytes_that_do_not_decode_are_invalid_argument_not_unknown(world: World, path: str, who: str) -> None:
+    # Field 1 (a string in each request) holding bytes that are not UTF-8,
     # sent as raw bytes as a non-Python client could.
     raw = bytes([0x0A, 2, 0xFF, 0xFE])
-    call = world.registry.channel.unary_unary(f"/berth.v1.Registry/{method}")
+    call = world.registry.channel.unary_unary(path)
     with pytest.raises(grpc.RpcError) as err:
-        call(raw, metadata=(("x-api-key", ADMIN_KEY if method == "CreateProject" else world.key),), timeout=10)
+        call(raw, metadata=(("x-api-key", key_for(world, who)),), timeout=10)
     assert err.value.code() == C.INVALID_ARGUMENT, err.value.details()
     assert "UTF-8" in err.value.details()
     environments = world.registry.call("ListEnvironments", R.ListEnvironmentsRequest(), world.key).environments

@@ -7,8 +7,9 @@ import grpc
 import pytest
 
 from berth import errors
+from berth.internal.v1 import registry_internal_pb2
 from berth.v1 import common_pb2, registry_pb2
-from tests.registry.conftest import ADMIN_KEY, SERVICE_TOKEN
+from tests.registry.conftest import ADMIN_KEY
 
 IMAGE_A = "sha256:" + "a" * 64
 IMAGE_B = "sha256:" + "b" * 64
@@ -132,7 +133,7 @@ def test_authentication_and_isolation(registry):
 def test_watch_sends_snapshot_then_changes(registry):
     _, key = registry.create_project("shop")
     v1 = deploy(registry, key).deployment
-    stream = registry.stub.Watch(registry_pb2.WatchRequest(), metadata=(("x-api-key", SERVICE_TOKEN),), timeout=20)
+    stream = registry.watch(timeout=20)
     events = []
     for event in stream:
         events.append(event)
@@ -166,9 +167,9 @@ def test_watch_sends_snapshot_then_changes(registry):
 def test_watch_and_internal_calls_need_the_service_token(registry):
     _, key = registry.create_project("shop")
     with pytest.raises(grpc.RpcError) as info:
-        next(iter(registry.stub.Watch(registry_pb2.WatchRequest(), metadata=(("x-api-key", key),), timeout=5)))
+        next(iter(registry.internal.Watch(registry_internal_pb2.WatchRequest(), metadata=(("x-api-key", key),), timeout=5)))
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with pytest.raises(errors.PermissionDenied):
-        registry.call("Authenticate", registry_pb2.AuthenticateRequest(api_key=key), key)
-    principal = registry.call("Authenticate", registry_pb2.AuthenticateRequest(api_key=key), SERVICE_TOKEN)
+        registry.call_internal("Authenticate", registry_internal_pb2.AuthenticateRequest(api_key=key), key)
+    principal = registry.call_internal("Authenticate", registry_internal_pb2.AuthenticateRequest(api_key=key))
     assert principal.project_name == "shop"

@@ -1,5 +1,6 @@
-"""The Scheduler gRPC service on an in-process server (port 0), backed by a
-real reconciler on Docker."""
+"""The Scheduler gRPC services (berth.v1.Scheduler and
+berth.internal.v1.SchedulerInternal) on an in-process server (port 0), backed
+by a real reconciler on Docker."""
 from __future__ import annotations
 
 import asyncio
@@ -9,6 +10,7 @@ import grpc
 import pytest
 
 from berth import errors
+from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from berth.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common.auth import SERVICE_PRINCIPAL, Principal
 from services.common.remote import credentials
@@ -16,7 +18,7 @@ from services.common.server import start_server
 from services.scheduler.desired import DesiredTable
 from services.scheduler.events import EventStore
 from services.scheduler.reconciler import Reconciler, SchedulerConfig
-from services.scheduler.servicer import SERVICE_NAME, SchedulerServicer
+from services.scheduler.servicer import SERVICE_NAME, SERVICE_NAMES, add_to_server
 
 from .conftest import FakeSecrets, make_binding
 
@@ -47,29 +49,29 @@ def test_watch_endpoints_and_status_over_grpc(adapter, instance, worker_image):
         reconciler = Reconciler(
             adapter, table, FakeSecrets(), events, SchedulerConfig(instance=instance, reconcile_interval=0.5)
         )
-        servicer = SchedulerServicer(table, reconciler, events)
         server = await start_server(
             host="127.0.0.1",
             port=0,
-            service_names=[SERVICE_NAME],
-            register=lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
+            service_names=SERVICE_NAMES,
+            register=lambda s: add_to_server(s, table, reconciler, events),
             authenticate=fake_authenticate,
         )
         loop_task = asyncio.create_task(reconciler.run())
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                internal = scheduler_internal_pb2_grpc.SchedulerInternalStub(channel)
 
                 # Only Berth's own services may watch endpoints.
                 with pytest.raises(grpc.aio.AioRpcError) as denied:
-                    async for _ in stub.WatchEndpoints(
-                        scheduler_pb2.WatchEndpointsRequest(), metadata=credentials("key-owner"), timeout=5
+                    async for _ in internal.WatchEndpoints(
+                        scheduler_internal_pb2.WatchEndpointsRequest(), metadata=credentials("key-owner"), timeout=5
                     ):
                         pass
                 assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
-                stream = stub.WatchEndpoints(
-                    scheduler_pb2.WatchEndpointsRequest(), metadata=credentials("svc-token"), timeout=60
+                stream = internal.WatchEndpoints(
+                    scheduler_internal_pb2.WatchEndpointsRequest(), metadata=credentials("svc-token"), timeout=60
                 )
                 ready: list[str] = []
                 async for snapshot in stream:
@@ -123,18 +125,18 @@ def test_watch_endpoints_and_status_over_grpc(adapter, instance, worker_image):
 
 @contextlib.asynccontextmanager
 async def serving(table: DesiredTable, reconciler: Reconciler, events: EventStore):  # type: ignore[no-untyped-def]
-    servicer = SchedulerServicer(table, reconciler, events)
+    """The public and the internal stub of a server running the reconciler."""
     server = await start_server(
         host="127.0.0.1",
         port=0,
-        service_names=[SERVICE_NAME],
-        register=lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
+        service_names=SERVICE_NAMES,
+        register=lambda s: add_to_server(s, table, reconciler, events),
         authenticate=fake_authenticate,
     )
     loop_task = asyncio.create_task(reconciler.run())
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-            yield scheduler_pb2_grpc.SchedulerStub(channel)
+            yield scheduler_pb2_grpc.SchedulerStub(channel), scheduler_internal_pb2_grpc.SchedulerInternalStub(channel)
     finally:
         loop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -157,7 +159,7 @@ def test_unreachable_engine_is_a_scheduling_failure_and_unavailable():
         table.replace([], [binding])
         events = EventStore()
         reconciler = Reconciler(nowhere, table, FakeSecrets(), events, SchedulerConfig(reconcile_interval=0.2))
-        async with serving(table, reconciler, events) as stub:
+        async with serving(table, reconciler, events) as (stub, _):
             await asyncio.wait_for(_until(lambda: events.list(dep)), 10)
             [event] = events.list(dep)
             assert event.kind == "scheduling_failure" and "unreachable" in event.message.lower()
@@ -194,7 +196,7 @@ def test_activate_and_report_load_drive_replicas(adapter, instance, worker_image
         table.replace([], [binding])
         events = EventStore()
         reconciler = Reconciler(adapter, table, FakeSecrets(), events, config)
-        async with serving(table, reconciler, events) as stub:
+        async with serving(table, reconciler, events) as (stub, internal):
             svc = credentials("svc-token")
 
             async def status() -> scheduler_pb2.BindingStatus:
@@ -216,36 +218,38 @@ def test_activate_and_report_load_drive_replicas(adapter, instance, worker_image
 
             await wait(lambda: ready_count(0, "scaled_to_zero"), "scaled_to_zero at first")
             for forbidden in (
-                stub.Activate(scheduler_pb2.ActivateRequest(environment_id=env_id, deployment_id=dep),
-                              metadata=credentials("key-owner"), timeout=5),
-                stub.ReportLoad(scheduler_pb2.ReportLoadRequest(), metadata=credentials("key-owner"), timeout=5),
+                internal.Activate(scheduler_internal_pb2.ActivateRequest(environment_id=env_id, deployment_id=dep),
+                                  metadata=credentials("key-owner"), timeout=5),
+                internal.ReportLoad(scheduler_internal_pb2.ReportLoadRequest(), metadata=credentials("key-owner"), timeout=5),
             ):
                 with pytest.raises(grpc.aio.AioRpcError) as denied:
                     await forbidden
                 assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
             with pytest.raises(grpc.aio.AioRpcError) as bad:
-                await stub.ReportLoad(
-                    scheduler_pb2.ReportLoadRequest(bindings=[scheduler_pb2.BindingLoad(
+                await internal.ReportLoad(
+                    scheduler_internal_pb2.ReportLoadRequest(bindings=[scheduler_internal_pb2.BindingLoad(
                         environment_id=env_id, deployment_id=dep, in_flight=-1)]),
                     metadata=svc, timeout=5,
                 )
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "in_flight" in bad.value.details()
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
-                await stub.Activate(scheduler_pb2.ActivateRequest(environment_id=env_id, deployment_id="nope"),
-                                    metadata=svc, timeout=5)
+                await internal.Activate(
+                    scheduler_internal_pb2.ActivateRequest(environment_id=env_id, deployment_id="nope"),
+                    metadata=svc, timeout=5,
+                )
             assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
 
             # A request for a binding at zero: one replica at once.
-            answer = await stub.Activate(
-                scheduler_pb2.ActivateRequest(project_id="proj-1", environment_id=env_id, deployment_id=dep),
+            answer = await internal.Activate(
+                scheduler_internal_pb2.ActivateRequest(project_id="proj-1", environment_id=env_id, deployment_id=dep),
                 metadata=svc, timeout=5,
             )
             assert answer.status == "deploying"
             await wait(lambda: ready_count(1), "activated replica")
 
             async def report(in_flight: int, requests: int = 0) -> None:
-                await stub.ReportLoad(
-                    scheduler_pb2.ReportLoadRequest(bindings=[scheduler_pb2.BindingLoad(
+                await internal.ReportLoad(
+                    scheduler_internal_pb2.ReportLoadRequest(bindings=[scheduler_internal_pb2.BindingLoad(
                         project_id="proj-1", environment_id=env_id, deployment_id=dep,
                         in_flight=in_flight, requests=requests)]),
                     metadata=svc, timeout=5,
@@ -282,20 +286,21 @@ def test_load_reports_from_several_router_processes_add_up(monkeypatch: pytest.M
     clock = [1000.0]
     monkeypatch.setattr(reconciler_module.time, "monotonic", lambda: clock[0])
 
-    def load(in_flight: int, requests: int) -> scheduler_pb2.BindingLoad:
-        return scheduler_pb2.BindingLoad(project_id="proj-1", environment_id=key[0], deployment_id=key[1],
-                                         in_flight=in_flight, requests=requests)
+    def load(in_flight: int, requests: int) -> scheduler_internal_pb2.BindingLoad:
+        return scheduler_internal_pb2.BindingLoad(project_id="proj-1", environment_id=key[0], deployment_id=key[1],
+                                                  in_flight=in_flight, requests=requests)
 
     async def scenario() -> None:
         table = DesiredTable()
         table.replace([], [binding])
         events = EventStore()
         reconciler = Reconciler(nowhere, table, FakeSecrets(), events, SchedulerConfig(reconcile_interval=60))
-        async with serving(table, reconciler, events) as stub:
+        async with serving(table, reconciler, events) as (_, internal):
             async def report(reporter: str, in_flight: int, requests: int) -> tuple[int, int]:
-                await stub.ReportLoad(scheduler_pb2.ReportLoadRequest(bindings=[load(in_flight, requests)],
-                                                                      reporter=reporter),
-                                      metadata=credentials("svc-token"), timeout=5)
+                await internal.ReportLoad(
+                    scheduler_internal_pb2.ReportLoadRequest(bindings=[load(in_flight, requests)], reporter=reporter),
+                    metadata=credentials("svc-token"), timeout=5,
+                )
                 sample = reconciler.load._samples[key][-1]
                 return sample.in_flight, sample.requests
 
@@ -305,8 +310,10 @@ def test_load_reports_from_several_router_processes_add_up(monkeypatch: pytest.M
             clock[0] += reconciler_module.REPORTER_TTL + 1
             assert await report("host:102", 4, 3) == (4, 3)  # 101 went silent: no longer counted
             with pytest.raises(grpc.aio.AioRpcError) as bad:
-                await stub.ReportLoad(scheduler_pb2.ReportLoadRequest(bindings=[load(-1, 0)], reporter="x"),
-                                      metadata=credentials("svc-token"), timeout=5)
+                await internal.ReportLoad(
+                    scheduler_internal_pb2.ReportLoadRequest(bindings=[load(-1, 0)], reporter="x"),
+                    metadata=credentials("svc-token"), timeout=5,
+                )
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     try:
@@ -323,17 +330,17 @@ def test_before_the_bindings_are_loaded_status_is_unavailable_and_health_not_ser
     table = DesiredTable()
     events = EventStore()
     reconciler = Reconciler(None, table, FakeSecrets(), events, SchedulerConfig())  # type: ignore[arg-type]
-    servicer = SchedulerServicer(table, reconciler, events)
 
     async def scenario() -> None:
         server = await start_server(
-            host="127.0.0.1", port=0, service_names=[SERVICE_NAME],
-            register=lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
+            host="127.0.0.1", port=0, service_names=SERVICE_NAMES,
+            register=lambda s: add_to_server(s, table, reconciler, events),
             authenticate=fake_authenticate, serving=False,
         )
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
                 stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                internal = scheduler_internal_pb2_grpc.SchedulerInternalStub(channel)
                 health = health_pb2_grpc.HealthStub(channel)
 
                 async def health_status() -> int:
@@ -344,8 +351,8 @@ def test_before_the_bindings_are_loaded_status_is_unavailable_and_health_not_ser
                 for call in (
                     stub.GetDeploymentStatus(scheduler_pb2.GetDeploymentStatusRequest(deployment_id="dep-1"),
                                              metadata=credentials("key-owner"), timeout=5),
-                    stub.Activate(scheduler_pb2.ActivateRequest(environment_id="env-1", deployment_id="dep-1"),
-                                  metadata=credentials("svc-token"), timeout=5),
+                    internal.Activate(scheduler_internal_pb2.ActivateRequest(environment_id="env-1", deployment_id="dep-1"),
+                                      metadata=credentials("svc-token"), timeout=5),
                 ):
                     with pytest.raises(grpc.aio.AioRpcError) as early:
                         await call

@@ -8,6 +8,7 @@ import pathlib
 import grpc
 
 from berth.client import error_from_rpc
+from berth.internal.v1 import secrets_internal_pb2_grpc
 from berth.v1 import registry_pb2, secrets_pb2_grpc
 from services.secrets import app as secrets_app
 from tests.registry.conftest import ADMIN_KEY, SERVICE_TOKEN, Registry
@@ -32,10 +33,19 @@ class Secrets:
         )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.running.port}")
         self.stub = secrets_pb2_grpc.SecretsStub(self.channel)
+        self.internal = secrets_internal_pb2_grpc.SecretsInternalStub(self.channel)
 
     def call(self, name, request, key):  # type: ignore[no-untyped-def]
+        return self._call(self.stub, name, request, key)
+
+    def call_internal(self, name, request, key=SERVICE_TOKEN):  # type: ignore[no-untyped-def]
+        """berth.internal.v1.SecretsInternal (the service token by default)."""
+        return self._call(self.internal, name, request, key)
+
+    @staticmethod
+    def _call(stub, name, request, key):  # type: ignore[no-untyped-def]
         try:
-            return getattr(self.stub, name)(request, metadata=(("x-api-key", key),), timeout=30)
+            return getattr(stub, name)(request, metadata=(("x-api-key", key),), timeout=30)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 

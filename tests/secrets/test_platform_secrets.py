@@ -20,6 +20,7 @@ import requests
 
 from berth import errors
 from berth.client import error_from_rpc
+from berth.internal.v1 import secrets_internal_pb2, secrets_internal_pb2_grpc
 from berth.v1 import secrets_pb2 as pb
 from berth.v1 import secrets_pb2_grpc
 from tests.support.docker_engine import TEST_LABEL, engine, remove_labelled, write_worker_context
@@ -127,10 +128,12 @@ def test_secret_changes_roll_replicas_under_load_and_the_canary_never_leaks(plat
     admin_key = (platform.data_dir / "admin.key").read_text().strip()
     channel = grpc.insecure_channel(f"127.0.0.1:{platform.ports['secrets']}")
     stub = secrets_pb2_grpc.SecretsStub(channel)
+    internal_stub = secrets_internal_pb2_grpc.SecretsInternalStub(channel)
 
-    def rpc(method: str, request, api_key: str = key):  # type: ignore[no-untyped-def]
+    def rpc(method: str, request, api_key: str = key, *, internal: bool = False):  # type: ignore[no-untyped-def]
         try:
-            answer = getattr(stub, method)(request, metadata=(("x-api-key", api_key),), timeout=30)
+            target = internal_stub if internal else stub
+            answer = getattr(target, method)(request, metadata=(("x-api-key", api_key),), timeout=30)
         except grpc.RpcError as exc:
             outputs.append(f"{exc.code()} {exc.details()}")
             raise error_from_rpc(exc) from None
@@ -194,7 +197,8 @@ def test_secret_changes_roll_replicas_under_load_and_the_canary_never_leaks(plat
         lambda: rpc("SetSecret", pb.SetSecretRequest(name="bad-name", type="token", value=canaries[0])),
         lambda: rpc("SetSecret", pb.SetSecretRequest(name="OK", type="nope", value=canaries[1])),
         lambda: rpc("RollbackSecret", pb.RollbackSecretRequest(name="APP_SECRET", to_version=4)),
-        lambda: rpc("ResolveSecrets", pb.ResolveSecretsRequest(project_id=deployed["deployment"].get("project_id", ""))),
+        lambda: rpc("ResolveSecrets", secrets_internal_pb2.ResolveSecretsRequest(
+            project_id=deployed["deployment"].get("project_id", "")), internal=True),
     ):
         with pytest.raises(errors.BerthError):
             bad()

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from berth import errors
+from berth.internal.v1 import secrets_internal_pb2 as internal
 from berth.v1 import secrets_pb2 as pb
 from services.secrets import crypto
 from tests.secrets.support import ADMIN_KEY, SERVICE_TOKEN, Registry, Secrets
@@ -25,7 +26,7 @@ def registry(tmp_path):
 
 
 def resolve(secrets, project_id):  # type: ignore[no-untyped-def]
-    answer = secrets.call("ResolveSecrets", pb.ResolveSecretsRequest(project_id=project_id), SERVICE_TOKEN)
+    answer = secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=project_id), SERVICE_TOKEN)
     return {s.name: s.value for s in answer.secrets}
 
 

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from berth import errors
+from berth.internal.v1 import secrets_internal_pb2 as internal
 from berth.v1 import secrets_pb2
 from tests.secrets.support import SERVICE_TOKEN, Registry, Secrets, environment_ids
 
@@ -39,13 +40,13 @@ def test_environment_overrides_project_and_values_stay_write_only(platform):
     assert CANARY not in str(listed) + str(staging)
 
     envs = environment_ids(registry, key)
-    resolved = secrets.call("ResolveSecrets", secrets_pb2.ResolveSecretsRequest(project_id=project_id, environment_id=envs["staging"]), SERVICE_TOKEN)
+    resolved = secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=project_id, environment_id=envs["staging"]), SERVICE_TOKEN)
     assert [(s.name, s.value) for s in resolved.secrets] == [("API_TOKEN", "staging-" + CANARY)]
-    resolved = secrets.call("ResolveSecrets", secrets_pb2.ResolveSecretsRequest(project_id=project_id, environment_id=envs["preview"]), SERVICE_TOKEN)
+    resolved = secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=project_id, environment_id=envs["preview"]), SERVICE_TOKEN)
     assert [(s.name, s.value, s.version) for s in resolved.secrets] == [("API_TOKEN", "p2-" + CANARY, 2)]
 
-    with pytest.raises(errors.PermissionDenied, match="write-only"):
-        secrets.call("ResolveSecrets", secrets_pb2.ResolveSecretsRequest(project_id=project_id, environment_id=envs["preview"]), key)
+    with pytest.raises(errors.PermissionDenied, match="only Berth's own services"):
+        secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=project_id, environment_id=envs["preview"]), key)
 
 
 def test_isolation_and_bad_input(platform):
@@ -76,7 +77,7 @@ def test_tampered_or_moved_ciphertext_fails_loudly(platform):
         # Copy A's ciphertext into B's row: same key, wrong place.
         conn.execute(text("UPDATE secret_versions SET ciphertext=:c, nonce=:n WHERE name='B'"), {"c": rows["A"].ciphertext, "n": rows["A"].nonce})
     with pytest.raises(errors.FailedPrecondition, match="failed to decrypt") as info:
-        secrets.call("ResolveSecrets", secrets_pb2.ResolveSecretsRequest(project_id=project_id), SERVICE_TOKEN)
+        secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=project_id), SERVICE_TOKEN)
     assert CANARY not in str(info.value)
     with engine.begin() as conn:
         flipped = bytearray(rows["A"].ciphertext)
@@ -84,7 +85,7 @@ def test_tampered_or_moved_ciphertext_fails_loudly(platform):
         conn.execute(text("UPDATE secret_versions SET ciphertext=:c WHERE name='A'"), {"c": bytes(flipped)})
         conn.execute(text("UPDATE secret_versions SET ciphertext=:c, nonce=:n WHERE name='B'"), {"c": rows["B"].ciphertext, "n": rows["B"].nonce})
     with pytest.raises(errors.FailedPrecondition, match="secret 'A'"):
-        secrets.call("ResolveSecrets", secrets_pb2.ResolveSecretsRequest(project_id=project_id), SERVICE_TOKEN)
+        secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=project_id), SERVICE_TOKEN)
     # The service survives and keeps answering.
     assert len(secrets.call("ListSecrets", secrets_pb2.ListSecretsRequest(), key).secrets) == 2
 
@@ -102,8 +103,8 @@ def test_master_key_file_is_private(tmp_path):
 
 
 def _resolve(secrets, project_id, environment_id=""):  # type: ignore[no-untyped-def]
-    request = secrets_pb2.ResolveSecretsRequest(project_id=project_id, environment_id=environment_id)
-    return {s.name: s.value for s in secrets.call("ResolveSecrets", request, SERVICE_TOKEN).secrets}
+    request = internal.ResolveSecretsRequest(project_id=project_id, environment_id=environment_id)
+    return {s.name: s.value for s in secrets.call_internal("ResolveSecrets", request).secrets}
 
 
 def test_rows_moved_across_projects_and_environments_and_wrapped_keys_fail(platform):

@@ -7,6 +7,7 @@ import threading
 import pytest
 
 from berth import errors
+from berth.internal.v1 import secrets_internal_pb2 as internal
 from berth.v1 import secrets_pb2 as pb
 from tests.secrets.support import ADMIN_KEY, SERVICE_TOKEN, Registry, Secrets, environment_ids
 
@@ -23,7 +24,7 @@ def platform(tmp_path):
 
 
 def resolve(secrets, project_id, environment_id=""):  # type: ignore[no-untyped-def]
-    answer = secrets.call("ResolveSecrets", pb.ResolveSecretsRequest(project_id=project_id, environment_id=environment_id), SERVICE_TOKEN)
+    answer = secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=project_id, environment_id=environment_id), SERVICE_TOKEN)
     return {s.name: (s.value, s.version, s.scope) for s in answer.secrets}
 
 
@@ -141,14 +142,14 @@ def test_one_project_key_reaches_no_other_project(platform):
     # Values come back through no RPC for a project key, its own or another's; nor for the admin key.
     for key in (key_a, key_b, ADMIN_KEY):
         for project_id in (pa, pb_id):
-            with pytest.raises(errors.PermissionDenied, match="write-only"):
-                secrets.call("ResolveSecrets", pb.ResolveSecretsRequest(project_id=project_id), key)
+            with pytest.raises(errors.PermissionDenied, match="only Berth's own services"):
+                secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=project_id), key)
     with pytest.raises(errors.PermissionDenied, match="admin key only creates projects"):
         secrets.call("ListSecrets", pb.ListSecretsRequest(project="beta"), ADMIN_KEY)
     with pytest.raises(errors.Unauthenticated):
         secrets.call("DeleteSecret", pb.DeleteSecretRequest(project="beta", name="B_TOKEN"), "berth_pk_forged")
     with pytest.raises(errors.Unauthenticated):
-        secrets.call("ResolveSecrets", pb.ResolveSecretsRequest(project_id=pb_id), "")
+        secrets.call_internal("ResolveSecrets", internal.ResolveSecretsRequest(project_id=pb_id), "")
     # Nothing of B's changed, and no response carried a value.
     versions = secrets.call("ListSecretVersions", pb.ListSecretVersionsRequest(name="B_TOKEN"), key_b).versions
     assert [(v.version, v.deleted) for v in versions] == [(1, False), (2, False)]
