@@ -190,3 +190,19 @@ def test_health_and_reflection_name_both_services(channels: dict[str, grpc.Chann
     names = {s.name for s in listed.list_services_response.service}
     assert {PUBLIC_SERVICES[process], INTERNAL_SERVICES[process]} <= names
     assert internal_file.file_descriptor_response.file_descriptor_proto, "reflection resolves the internal service"
+
+
+def test_the_grpc_docs_name_every_service_and_method() -> None:
+    """docs/grpc.md is written by hand for now: it must at least keep up with
+    the protos (every service and method, with its credential)."""
+    from services.registry import domain
+
+    doc = (ROOT / "docs" / "grpc.md").read_text()
+    for descriptor in (*_descriptors("berth/v1", "berth.v1"), *_descriptors("berth/internal/v1", "berth.internal.v1")):
+        for service in descriptor.services_by_name.values():
+            assert f"`{service.full_name}`" in doc, service.full_name
+            for method in service.methods:
+                assert f"`{method.name}`" in doc, f"{service.full_name}/{method.name} is not in docs/grpc.md"
+    for prefix in (domain.PROJECT_ID_PREFIX, domain.ENVIRONMENT_ID_PREFIX, domain.DEPLOYMENT_ID_PREFIX,
+                   domain.API_KEY_ID_PREFIX):
+        assert f"`{prefix}` + 12" in doc, prefix
