@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from berth import errors, local
@@ -68,6 +69,7 @@ class Ctx:
     def __init__(self, output: str, project: str | None) -> None:
         self.output = output
         self._project = project
+        self._origin = "--project" if project else ""
         self._client: Client | None = None
 
     @property
@@ -76,11 +78,20 @@ class Ctx:
 
     @property
     def project(self) -> str:
+        return self.project_and_origin()[0]
+
+    def project_and_origin(self) -> tuple[str, str]:
+        """The project and where it came from (the flag, the variable, or
+        the berth.toml that names it; "" when nothing names one)."""
         if self._project:
-            return self._project
+            return self._project, self._origin
         if os.environ.get("BERTH_PROJECT"):
-            return os.environ["BERTH_PROJECT"]
-        return local.load_project_file(pathlib.Path.cwd()).project
+            return os.environ["BERTH_PROJECT"], "BERTH_PROJECT"
+        found = local.load_project_file(pathlib.Path.cwd())
+        return found.project, str(found.path) if found.project else ""
+
+    def use_project(self, project: str, origin: str) -> None:
+        self._project, self._origin = project, origin
 
     def client(self, api_key: str | None = None) -> Client:
         if self._client is None:
@@ -132,6 +143,15 @@ def command(fn: Callable[..., None]) -> Callable[..., None]:
                 ctx._client.close()
 
     return wrapper
+
+
+def environment_option(*names: str, default: str = "", required: bool = False, help: str = "",
+                       dest: str = "environment") -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The environment flag, spelled the same on every command that names
+    one: ``-e``, ``--env`` and ``--environment`` (plus ``names``, such as
+    promote's ``--to``). A name or an id."""
+    return click.option(*names, "--environment", "--env", "-e", dest, default=default, required=required,
+                        show_default=bool(default), help=help or "Environment (name or id).")
 
 
 def table(*columns: str) -> Table:
@@ -400,6 +420,67 @@ def build_image(path: pathlib.Path, dockerfile: str, project: str, quiet: bool) 
     return tag, image_id
 
 
+def find_environment(ctx: Ctx, ref: str) -> common_pb2.Environment:
+    """The project's environment named ``ref`` (a name or an id), in one
+    cheap call that also checks the API key and that the project is the
+    key's: what ``deploy`` settles before it builds anything."""
+    c = ctx.client()
+    project, origin = ctx.project_and_origin()
+    try:
+        envs = c.call(c.registry.ListEnvironments, registry_pb2.ListEnvironmentsRequest(project=project)).environments
+    except errors.PermissionDenied as error:
+        if project and origin:
+            error.hint = (f"the project {project!r} comes from {origin}; use that project's API key "
+                          "(BERTH_API_KEY), or name the key's project with --project")
+        raise
+    for e in envs:
+        if ref in (e.name, e.id):
+            return e
+    name = envs[0].project_name if envs else project
+    raise errors.NotFound(
+        f"environment {ref!r} not found in project {name!r}",
+        hint=f"known environments: {', '.join(e.name for e in envs)}; create one with 'berth env create NAME'",
+    )
+
+
+def confirm_protected(ctx: Ctx, environment: common_pb2.Environment, yes: bool, question: str = "") -> bool:
+    """Moving a protected environment's pointer (production) needs --yes or,
+    on a terminal, a yes at the prompt; without a terminal it is refused
+    here, before anything is built or moved. A "no" moves nothing."""
+    if yes or not environment.protected:
+        return yes
+    name = environment.name
+    if not sys.stdin.isatty():
+        raise errors.FailedPrecondition(
+            f"environment {name!r} is protected: moving its pointer needs confirmation, and there is no terminal to ask on",
+            hint="pass --yes to confirm",
+        )
+    if not click.confirm(question or f"Move the pointer of protected environment '{name}'?", default=False, err=True):
+        raise errors.FailedPrecondition(f"not confirmed: '{name}' did not move", hint="pass --yes to skip the prompt")
+    return True
+
+
+def refuse_terminated(ctx: Ctx, deployment_id: str) -> None:
+    """One rule for promote and rollback: a terminated deployment is started
+    explicitly, never as a side effect of moving a pointer to it."""
+    c = ctx.client()
+    d = c.call(c.registry.GetDeployment, registry_pb2.GetDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
+    if d.state == "terminated":
+        raise errors.FailedPrecondition(
+            f"deployment {d.id} is terminated; start it with `berth deployment start {d.id}`",
+            hint="then run this command again",
+        )
+
+
+def replicas_ready(b: scheduler_pb2.BindingStatus) -> str:
+    """"1/2 replicas ready" while below the minimum; "3 ready (min 2, max 5)"
+    above it (autoscaling, or replicas kept warm), never "3/2"."""
+    ready = sum(1 for r in b.replicas if r.state == "ready")
+    if ready <= b.min_replicas:
+        return f"{ready}/{b.min_replicas} replicas ready"
+    return f"{ready} ready (min {b.min_replicas}, max {b.max_replicas})"
+
+
 def wait_for_binding(ctx: Ctx, deployment_id: str, environment: str, timeout: float) -> scheduler_pb2.BindingStatus | None:
     """Polls the scheduler until the binding runs or fails (bounded), with a
     live line on a terminal."""
@@ -421,8 +502,7 @@ def wait_for_binding(ctx: Ctx, deployment_id: str, environment: str, timeout: fl
                     if environment in (b.environment, b.environment_id):
                         last = b
                         if live is not None:
-                            ready = sum(1 for r in b.replicas if r.state == "ready")
-                            live.update(f"{b.environment}: {b.status}, {ready}/{b.min_replicas} replicas ready")
+                            live.update(f"{b.environment}: {b.status}, {replicas_ready(b)}")
                         if b.status in ("running", "failed"):
                             return b
             except errors.NotFound:
@@ -434,24 +514,72 @@ def wait_for_binding(ctx: Ctx, deployment_id: str, environment: str, timeout: fl
             live.stop()
 
 
-def print_errors(ctx: Ctx, deployment_id: str) -> None:
+def binding_reason(ctx: Ctx, deployment_id: str, environment_id: str, patience: float = 0.0) -> scheduler_pb2.DeploymentError | None:
+    """The newest error the scheduler recorded for this binding; waits up to
+    ``patience`` seconds for one (a failed status can be seen a moment
+    before its event is stored). With none for the binding, the newest of
+    the deployment in another environment (the same image failing there is
+    the best reason there is)."""
     c = ctx.client()
-    found = c.call(c.scheduler.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id)).errors
-    for e in found:
-        err.print(f"  {e.kind} ({e.environment or e.environment_id}, x{e.count}): {e.message}")
+    deadline = time.monotonic() + patience
+    while True:
+        found = c.call(c.scheduler.ListDeploymentErrors,
+                       scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id)).errors
+        mine = [e for e in found if e.environment_id == environment_id]
+        if mine or time.monotonic() >= deadline:
+            candidates = mine or list(found)
+            return max(candidates, key=lambda e: (e.last_seen.seconds, e.last_seen.nanos)) if candidates else None
+        time.sleep(0.3)
 
+
+class WaitResult:
+    """What a deploy/promote/rollback that waited for readiness reports: the
+    binding's status and, unless it runs, the newest reason it has."""
+
+    def __init__(self, ctx: Ctx, deployment_id: str, environment_id: str, timeout: float) -> None:
+        self.timeout = timeout
+        self.environment_id = environment_id
+        self.status = wait_for_binding(ctx, deployment_id, environment_id, timeout)
+        self.reason: scheduler_pb2.DeploymentError | None = None
+        if self.status is None or self.status.status != "running":
+            failed = self.status is not None and self.status.status == "failed"
+            self.reason = binding_reason(ctx, deployment_id, environment_id, patience=5.0 if failed else 0.0)
+
+    @property
+    def failed(self) -> bool:
+        return self.status is not None and self.status.status == "failed"
+
+    def add_to(self, data: dict[str, Any]) -> None:
+        data["status"] = self.status.status if self.status is not None else "unknown"
+        if self.reason is not None:
+            data["reason"] = error_json(self.reason)
+
+    def print(self) -> None:
+        if self.status is None:
+            out.print(f"  status unknown: the scheduler did not report this binding within {self.timeout:.0f} s")
+        else:
+            late = "" if self.status.status in ("running", "failed") else f" (not ready after {self.timeout:.0f} s)"
+            out.print(f"  status {self.status.status}: {replicas_ready(self.status)}{late}")
+        if self.reason is not None:
+            r = self.reason
+            times = f", x{r.count}" if r.count > 1 else ""
+            where = f" (in {r.environment or r.environment_id})" if r.environment_id != self.environment_id else ""
+            out.print(f"  reason{where}: {r.kind}{times}: {escape(r.message)}")
+            out.print("  see: berth deployment errors " + (r.deployment_id or ""))
+        elif self.failed:
+            out.print("  reason: none recorded yet; see: berth deployment errors")
 
 
 @main.command()
 @click.argument("path", required=False, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--image", default=None, help="Register an existing image reference instead of building PATH.")
-@click.option("--env", "environment", default="preview", show_default=True, help="Environment to point at it.")
+@environment_option(default="preview", help="Environment to point at it (name or id).")
 @click.option("--min-replicas", type=int, default=0)
 @click.option("--max-replicas", type=int, default=0)
 @click.option("--port", type=int, default=0, help="Port the worker listens on (default 8080 or berth.toml).")
 @click.option("--health-path", default="", help="Readiness path (default '/').")
 @click.option("--var", "variables", multiple=True, help="Plain variable KEY=VALUE (repeatable).")
-@click.option("--yes", is_flag=True, help="Confirm a move of a protected environment.")
+@click.option("--yes", is_flag=True, help="Confirm a move of a protected environment (asked on a terminal).")
 @click.option("--wait/--no-wait", default=True, help="Wait until the replicas are ready (or failed).")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the deployment id (for scripts).")
@@ -459,12 +587,28 @@ def print_errors(ctx: Ctx, deployment_id: str) -> None:
 def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: str, min_replicas: int,
            max_replicas: int, port: int, health_path: str, variables: tuple[str, ...], yes: bool, wait: bool,
            timeout: float, quiet: bool) -> None:
-    """Build PATH (or take --image) and point an environment at the new deployment."""
-    if (path is None) == (image is None):
-        raise errors.InvalidArgument("give either a PATH to build or --image REF", hint="berth deploy ./app  or  berth deploy --image repo/app:1")
+    """Build PATH (or take --image) and point an environment at the new deployment.
+
+    With neither, builds the directory of the berth.toml found here (or in a
+    parent directory), as it describes. The project, the API key and the
+    environment are checked before anything is built.
+    """
+    if path is not None and image is not None:
+        raise errors.InvalidArgument("give either a PATH to build or --image REF, not both")
+    if path is None and image is None:
+        found = local.find_project_file(pathlib.Path.cwd())
+        if found is None:
+            raise errors.InvalidArgument(
+                "give a PATH to build or --image REF (no berth.toml here or in a parent directory)",
+                hint="berth deploy ./app  or  berth deploy --image repo/app:1  ('berth init' writes berth.toml)",
+            )
+        path = found.parent
     project_file = local.load_project_file(path.resolve() if path else pathlib.Path.cwd())
-    project = ctx.project or project_file.project
-    ctx._project = project
+    explicit, origin = ctx.project_and_origin()
+    if origin in ("--project", "BERTH_PROJECT") or not project_file.project:
+        ctx.use_project(explicit, origin)
+    else:
+        ctx.use_project(project_file.project, str(project_file.path))
     plain = dict(project_file.variables)
     for item in variables:
         if "=" not in item:
@@ -478,40 +622,48 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
         variables=plain,
         resources=common_pb2.Resources(memory_bytes=project_file.memory_bytes, cpus=project_file.cpus),
     )
+    # key, project and environment first: nothing is built for a deploy that cannot happen
+    target = find_environment(ctx, environment)
+    confirm = confirm_protected(ctx, target, yes, f"Deploy to protected environment '{target.name}' (moves its pointer)?")
     c = ctx.client()
     image_id = ""
     if path is not None:
-        image, image_id = build_image(path.resolve(), project_file.dockerfile, project, quiet=ctx.json or quiet)
+        if not (quiet or ctx.json):
+            described = f" as {project_file.path} describes" if project_file.path else ""
+            err.print(f"[dim]building {escape(str(path.resolve()))}{escape(described)}[/]", markup=True)
+        image, image_id = build_image(path.resolve(), project_file.dockerfile, target.project_name, quiet=ctx.json or quiet)
     resp = c.call(
         c.registry.Deploy,
         registry_pb2.DeployRequest(
-            project=project, image=image or "", image_id=image_id, config=config, environment=environment,
-            min_replicas=min_replicas, max_replicas=max_replicas, confirm=yes,
+            project=target.project_id, image=image or "", image_id=image_id, config=config, environment=target.id,
+            min_replicas=min_replicas, max_replicas=max_replicas, confirm=confirm,
         ),
     )
     d, e = resp.deployment, resp.environment
-    status = wait_for_binding(ctx, d.id, e.id, timeout) if wait else None
+    waited = WaitResult(ctx, d.id, e.id, timeout) if wait else None
     data: dict[str, Any] = {"deployment": deployment_json(d), "environment": environment_json(e)}
-    if status is not None:
-        data["status"] = status.status
+    if waited is not None:
+        waited.add_to(data)
 
     def human() -> None:
         if quiet:
             click.echo(d.id)
             return
         out.print(f"Deployed [bold]{d.id}[/] ({d.image}) to [bold]{e.name}[/]")
-        if status is not None:
-            ready = sum(1 for r in status.replicas if r.state == "ready")
-            out.print(f"  status {status.status}: {ready}/{status.min_replicas} replicas ready")
+        if waited is not None:
+            waited.print()
 
     ctx.emit(data, human)
-    if status is not None and status.status == "failed":
-        print_errors(ctx, d.id)
+    if waited is not None and waited.failed:
+        if quiet and not ctx.json:  # the id went to stdout; say why on stderr
+            r = waited.reason
+            why = f": {r.kind}: {escape(r.message)}" if r is not None else " (see: berth deployment errors)"
+            err.print(f"[bold red]error:[/] {d.id} failed in {e.name}{why}", markup=True)
         sys.exit(5)
 
 
 @main.command("deployments")
-@click.option("--environment", "-e", default="", help="Only deployments bound to this environment.")
+@environment_option(help="Only deployments bound to this environment.")
 @command
 def deployments_list(ctx: Ctx, environment: str) -> None:
     """The project's deployments, newest first."""
@@ -557,14 +709,29 @@ def uptime(started_at: str) -> str:
     return f"{seconds // 3600}h"
 
 
+def current_deployment_id(ctx: Ctx, environment: str) -> str:
+    """The deployment an environment points at."""
+    e = find_environment(ctx, environment)
+    if not e.deployment_id:
+        raise errors.NotFound(
+            f"environment {e.name!r} points at no deployment yet",
+            hint=f"berth deploy -e {e.name}  or  berth promote ID --to {e.name}",
+        )
+    return e.deployment_id
+
+
 @deployment.command("status")
 @click.argument("deployment_id", required=False)
-@click.option("--environment", "-e", default="")
+@environment_option(help="Only this environment's binding; with no ID, the deployment it points at.")
 @command
 def deployment_status(ctx: Ctx, deployment_id: str | None, environment: str) -> None:
-    """Replicas, uptime and state of a deployment (default: the latest)."""
+    """Replicas, uptime and state of a deployment.
+
+    With no ID: the deployment --environment points at, or else the latest.
+    """
     c = ctx.client()
-    deployment_id = deployment_id or latest_deployment_id(ctx)
+    if not deployment_id:
+        deployment_id = current_deployment_id(ctx, environment) if environment else latest_deployment_id(ctx)
     s = c.call(
         c.scheduler.GetDeploymentStatus,
         scheduler_pb2.GetDeploymentStatusRequest(project=ctx.project, deployment_id=deployment_id, environment=environment),
@@ -620,7 +787,7 @@ def report_binding(ctx: Ctx, verb: str, b: common_pb2.Binding) -> None:
 @click.argument("deployment_id")
 @click.option("--min-replicas", type=int, required=True)
 @click.option("--max-replicas", type=int, required=True)
-@click.option("--environment", "-e", default="", help="Needed when the deployment serves several environments.")
+@environment_option(help="Needed when the deployment serves several environments.")
 @command
 def deployment_scale(ctx: Ctx, deployment_id: str, min_replicas: int, max_replicas: int, environment: str) -> None:
     """Set a binding's replica bounds."""
@@ -641,7 +808,7 @@ def _adjust(ctx: Ctx, deployment_id: str, environment: str, delta: int, verb: st
 @deployment.command("scale-up")
 @click.argument("deployment_id")
 @click.option("--by", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--environment", "-e", default="")
+@environment_option()
 @command
 def deployment_scale_up(ctx: Ctx, deployment_id: str, by: int, environment: str) -> None:
     """Raise min replicas by N (max widens if needed)."""
@@ -651,7 +818,7 @@ def deployment_scale_up(ctx: Ctx, deployment_id: str, by: int, environment: str)
 @deployment.command("scale-down")
 @click.argument("deployment_id")
 @click.option("--by", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--environment", "-e", default="")
+@environment_option()
 @command
 def deployment_scale_down(ctx: Ctx, deployment_id: str, by: int, environment: str) -> None:
     """Lower min replicas by N (may reach 0)."""
@@ -682,56 +849,51 @@ def deployment_start(ctx: Ctx, deployment_id: str) -> None:
 
 
 
-def confirm_protected(ctx: Ctx, environment: str, yes: bool) -> bool:
-    """Asks at the prompt before moving a protected environment; a refusal
-    moves nothing. Without a terminal the registry refuses with a hint."""
-    if yes or environment != "production":
-        return yes
-    if ctx.json or not sys.stdin.isatty():
-        return False
-    if not click.confirm(f"Move the pointer of '{environment}'?", default=False):
-        raise errors.FailedPrecondition(f"not confirmed: '{environment}' did not move", hint="pass --yes to skip the prompt")
-    return True
-
-
 def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wait: bool, timeout: float) -> None:
     e, h = resp.environment, resp.entry
-    status = wait_for_binding(ctx, h.deployment_id, e.id, timeout) if wait else None
+    waited = WaitResult(ctx, h.deployment_id, e.id, timeout) if wait else None
     data: dict[str, Any] = {"environment": environment_json(e), "entry": entry_json(h)}
-    if status is not None:
-        data["status"] = status.status
+    if waited is not None:
+        waited.add_to(data)
 
     def human() -> None:
         out.print(f"{verb} [bold]{e.name}[/]: {h.previous_deployment_id or '(none)'} -> [bold]{h.deployment_id}[/] (sequence {h.sequence})")
-        if status is not None:
-            ready = sum(1 for r in status.replicas if r.state == "ready")
-            out.print(f"  status {status.status}: {ready}/{status.min_replicas} replicas ready")
+        if waited is not None:
+            waited.print()
         if verb == "Rolled back":
             out.print("  note: secrets are not rolled back; 'berth secrets list' shows what the environment resolves")
 
     ctx.emit(data, human)
+    if waited is not None and waited.failed:
+        sys.exit(5)
 
 
 @main.command()
 @click.argument("deployment_id")
-@click.option("--to", "target", required=True, help="Target environment.")
+@environment_option("--to", dest="target", required=True, help="Target environment (name or id).")
 @click.option("--min-replicas", type=int, default=0)
 @click.option("--max-replicas", type=int, default=0)
 @click.option("--scale-previous-to-zero", is_flag=True)
 @click.option("--reason", default="")
-@click.option("--yes", is_flag=True, help="Confirm moving a protected environment (production).")
+@click.option("--yes", is_flag=True, help="Confirm moving a protected environment (asked on a terminal).")
 @click.option("--wait/--no-wait", default=True)
 @click.option("--timeout", default=180.0, show_default=True)
 @command
 def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int, max_replicas: int,
             scale_previous_to_zero: bool, reason: str, yes: bool, wait: bool, timeout: float) -> None:
-    """Point TARGET at a deployment that proved itself elsewhere (nothing is rebuilt)."""
+    """Point TARGET at a deployment that proved itself elsewhere (nothing is rebuilt).
+
+    A terminated deployment is refused: start it first with 'berth deployment start ID'.
+    """
+    env = find_environment(ctx, target)
+    refuse_terminated(ctx, deployment_id)
+    confirm = confirm_protected(ctx, env, yes)
     c = ctx.client()
     resp = c.call(
         c.registry.Promote,
         registry_pb2.PromoteRequest(
-            project=ctx.project, deployment_id=deployment_id, target_environment=target, min_replicas=min_replicas,
-            max_replicas=max_replicas, scale_previous_to_zero=scale_previous_to_zero, confirm=confirm_protected(ctx, target, yes),
+            project=ctx.project, deployment_id=deployment_id, target_environment=env.id, min_replicas=min_replicas,
+            max_replicas=max_replicas, scale_previous_to_zero=scale_previous_to_zero, confirm=confirm,
             reason=reason,
         ),
     )
@@ -739,28 +901,43 @@ def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int, max_re
 
 
 @main.command()
-@click.option("--environment", "-e", required=True)
+@environment_option(required=True)
 @click.option("--to", "target", default="", help="A deployment from this environment's history.")
 @click.option("--reason", default="")
-@click.option("--yes", is_flag=True)
+@click.option("--yes", is_flag=True, help="Confirm moving a protected environment (asked on a terminal).")
 @click.option("--wait/--no-wait", default=True)
 @click.option("--timeout", default=180.0, show_default=True)
 @command
 def rollback(ctx: Ctx, environment: str, target: str, reason: str, yes: bool, wait: bool, timeout: float) -> None:
-    """Point ENV back at the previously serving deployment (or --to one from its history)."""
+    """Point ENV back at the previously serving deployment (or --to one from its history).
+
+    A terminated deployment is refused, as by promote: start it first with
+    'berth deployment start ID'.
+    """
+    env = find_environment(ctx, environment)
     c = ctx.client()
+    entries = c.call(c.registry.ListHistory, registry_pb2.ListHistoryRequest(project=ctx.project, environment=env.id)).entries
+    if target:
+        target_id = target if any(h.deployment_id == target for h in entries) else ""
+    else:  # what the registry picks: the deployment the newest entry moved away from
+        newest = max(entries, key=lambda h: h.sequence, default=None)
+        target_id = newest.previous_deployment_id if newest is not None else ""
+    if target_id and target_id != env.deployment_id:
+        refuse_terminated(ctx, target_id)
+        confirm = confirm_protected(ctx, env, yes)
+    else:
+        confirm = yes  # nothing to roll back to: the registry says why; nothing to ask
     resp = c.call(
         c.registry.Rollback,
         registry_pb2.RollbackRequest(
-            project=ctx.project, environment=environment, to_deployment_id=target,
-            confirm=confirm_protected(ctx, environment, yes), reason=reason,
+            project=ctx.project, environment=env.id, to_deployment_id=target, confirm=confirm, reason=reason,
         ),
     )
     report_move(ctx, "Rolled back", resp, wait, timeout)
 
 
 @main.command()
-@click.option("--environment", "-e", required=True)
+@environment_option(required=True)
 @command
 def history(ctx: Ctx, environment: str) -> None:
     """The promotion history of an environment, oldest first."""
@@ -818,7 +995,7 @@ def _secret_from_stdin() -> str:
 @click.option("--name", required=True)
 @click.option("--type", "type_", default="generic", show_default=True,
               type=click.Choice(["api_key", "password", "token", "certificate", "generic"]))
-@click.option("--environment", "-e", default="", help="Scope it to one environment (default: the project).")
+@environment_option(help="Scope it to one environment (default: the project).")
 @click.option("--stdin", "from_stdin", is_flag=True, help="Read the value from standard input.")
 @command
 def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: bool) -> None:
@@ -835,7 +1012,7 @@ def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: b
 
 
 @secrets.command("list")
-@click.option("--environment", "-e", default="", help="Show what this environment resolves.")
+@environment_option(help="Show what this environment resolves.")
 @command
 def secrets_list(ctx: Ctx, environment: str) -> None:
     c = ctx.client()
@@ -853,7 +1030,7 @@ def secrets_list(ctx: Ctx, environment: str) -> None:
 
 @secrets.command("delete")
 @click.option("--name", required=True)
-@click.option("--environment", "-e", default="")
+@environment_option()
 @command
 def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
     c = ctx.client()
@@ -863,7 +1040,7 @@ def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
 
 @secrets.command("versions")
 @click.option("--name", required=True)
-@click.option("--environment", "-e", default="")
+@environment_option()
 @command
 def secrets_versions(ctx: Ctx, name: str, environment: str) -> None:
     """Every version of a secret (never the values)."""
@@ -883,7 +1060,7 @@ def secrets_versions(ctx: Ctx, name: str, environment: str) -> None:
 @secrets.command("rollback")
 @click.option("--name", required=True)
 @click.option("--to-version", type=int, required=True)
-@click.option("--environment", "-e", default="")
+@environment_option()
 @command
 def secrets_rollback(ctx: Ctx, name: str, to_version: int, environment: str) -> None:
     """Restore an earlier version's value as a new version."""
