@@ -27,6 +27,15 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0, what: str = 
         time.sleep(0.005)
 
 
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A replica's server whose clients (the router) may cut a request short
+    on purpose (a refused body, a client gone): that is recorded by the
+    tests, not printed as a traceback into the run's output."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 class Backend:
     """A replica: answers JSON describing the request it received.
 
@@ -109,7 +118,7 @@ class Backend:
 
             do_GET = do_POST = do_PUT = do_HEAD = _answer
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.address = f"127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
