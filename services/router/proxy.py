@@ -1634,9 +1634,8 @@ class UpstreamPool:
         while self._busy.get(address):
             await asyncio.sleep(self.gone_probe_interval)
             try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host.strip("[]"), int(port)), self.gone_probe_interval
-                )
+                async with asyncio.timeout(self.gone_probe_interval):
+                    _, writer = await asyncio.open_connection(host.strip("[]"), int(port))
                 writer.close()
                 failures = 0
             except (OSError, TimeoutError):
@@ -1742,7 +1741,8 @@ class ProxyServer:
         self.begin_closing()
         if self.connections:
             try:
-                await asyncio.wait_for(self._all_gone.wait(), grace)
+                async with asyncio.timeout(grace):
+                    await self._all_gone.wait()
             except TimeoutError:
                 log.warning("shutdown_cut_requests", extra={"connections": len(self.connections)})
                 for conn in list(self.connections):

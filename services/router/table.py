@@ -325,7 +325,8 @@ class EndpointSet:
                 return ()
             self.waiting += 1
             try:
-                await asyncio.wait_for(asyncio.shield(self.changed()), remaining)
+                async with asyncio.timeout(remaining):  # (not wait_for: it can swallow a cancellation on 3.11)
+                    await asyncio.shield(self.changed())
             except TimeoutError:
                 return ()
             finally:
@@ -371,7 +372,8 @@ class RoutingState:
             if self._table_changed is None or self._table_changed.done():
                 self._table_changed = loop.create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(self._table_changed), remaining)
+                async with asyncio.timeout(remaining):
+                    await asyncio.shield(self._table_changed)
             except TimeoutError:
                 return self.environment_sequence(environment_id) >= sequence
         return True

@@ -285,7 +285,8 @@ class DockerAdapter:
                 raise PullFailed(_explanation(exc)) from None
 
         try:
-            return await asyncio.wait_for(self._run(pull_, pool=self._pull_pool), timeout)
+            async with asyncio.timeout(timeout):  # (not wait_for: it can swallow a cancellation on 3.11)
+                return await self._run(pull_, pool=self._pull_pool)
         except TimeoutError:
             raise PullFailed(f"pulling {ref} did not finish within {timeout:g} s") from None
 

@@ -19,7 +19,8 @@ async def probe_http(ip: str, port: int, path: str = "/", *, timeout: float = PR
         return ProbeResult(False, "container has no address on the network")
     path = path if path.startswith("/") else "/" + path
     try:
-        return await asyncio.wait_for(_get(ip, port, path), timeout)
+        async with asyncio.timeout(timeout):  # (not wait_for: it can swallow a cancellation on 3.11)
+            return await _get(ip, port, path)
     except TimeoutError:
         return ProbeResult(False, f"GET {path} on {ip}:{port} timed out after {timeout:g} s")
     except OSError as exc:

@@ -325,7 +325,10 @@ class Reconciler:
             except Exception:
                 log.exception("reconcile_crashed")
             try:
-                await asyncio.wait_for(self._wake.wait(), self.config.reconcile_interval)
+                # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that races the wake-up, gh-86296, and the loop never stops)
+                async with asyncio.timeout(self.config.reconcile_interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
