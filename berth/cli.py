@@ -460,14 +460,20 @@ def confirm_protected(ctx: Ctx, environment: common_pb2.Environment, yes: bool, 
     return True
 
 
-def refuse_terminated(ctx: Ctx, deployment_id: str) -> None:
-    """One rule for promote and rollback: a terminated deployment is started
-    explicitly, never as a side effect of moving a pointer to it."""
+def is_terminated(ctx: Ctx, deployment_id: str) -> bool:
     c = ctx.client()
     d = c.call(c.registry.GetDeployment, registry_pb2.GetDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
-    if d.state == "terminated":
+    return d.state == "terminated"
+
+
+def refuse_terminated(ctx: Ctx, deployment_id: str) -> None:
+    """Promote never moves a pointer to a terminated deployment: it is
+    started explicitly first (rollback, which returns to what served
+    before, starts it again and says so)."""
+    if is_terminated(ctx, deployment_id):
+        d_id = deployment_id
         raise errors.FailedPrecondition(
-            f"deployment {d.id} is terminated; start it with `berth deployment start {d.id}`",
+            f"deployment {d_id} is terminated; start it with `berth deployment start {d_id}`",
             hint="then run this command again",
         )
 
@@ -911,8 +917,8 @@ def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int, max_re
 def rollback(ctx: Ctx, environment: str, target: str, reason: str, yes: bool, wait: bool, timeout: float) -> None:
     """Point ENV back at the previously serving deployment (or --to one from its history).
 
-    A terminated deployment is refused, as by promote: start it first with
-    'berth deployment start ID'.
+    A terminated deployment is started again (it served here before; promote,
+    by contrast, refuses one until 'berth deployment start ID').
     """
     env = find_environment(ctx, environment)
     c = ctx.client()
@@ -923,7 +929,8 @@ def rollback(ctx: Ctx, environment: str, target: str, reason: str, yes: bool, wa
         newest = max(entries, key=lambda h: h.sequence, default=None)
         target_id = newest.previous_deployment_id if newest is not None else ""
     if target_id and target_id != env.deployment_id:
-        refuse_terminated(ctx, target_id)
+        if is_terminated(ctx, target_id):
+            click.echo(f"deployment {target_id} was terminated: rolling back to it starts it again", err=True)
         confirm = confirm_protected(ctx, env, yes)
     else:
         confirm = yes  # nothing to roll back to: the registry says why; nothing to ask

@@ -322,7 +322,10 @@ def test_more_ready_than_the_minimum_reads_sensibly(platform, image):
 # ---------------------------------------------------------------- terminated deployments
 
 
-def test_promote_and_rollback_refuse_a_terminated_deployment_alike(platform, image):
+def test_terminated_deployment_promote_refuses_rollback_starts_it_and_says_so(platform, image):
+    # DESIGN.md: rollback returns to what served before and starts it again
+    # if it was terminated; promote refuses a terminated deployment. Each
+    # says which rule applied.
     project, key = new_project(platform)
 
     def run(*args: str):
@@ -335,14 +338,15 @@ def test_promote_and_rollback_refuse_a_terminated_deployment_alike(platform, ima
     run("deployment", "terminate", v1)
 
     said = f"deployment {v1} is terminated; start it with `berth deployment start {v1}`"
-    for args in (("rollback", "-e", "staging", "--to", v1), ("rollback", "-e", "staging"), ("promote", v1, "--to", "staging")):
-        refused = cli(platform, key, *args, "--no-wait", "--project", project)
-        assert refused.returncode == 5 and said in refused.stderr, (args, refused.stderr)
-        as_json = cli(platform, key, *args, "--no-wait", "--project", project, "--output", "json")
-        assert json.loads(as_json.stderr)["error"]["code"] == "failed_precondition"
-    assert pointer(platform, key, project, "staging") == v2
-    assert next(d for d in run("deployments")["deployments"] if d["id"] == v1)["state"] == "terminated"
+    refused = cli(platform, key, "promote", v1, "--to", "production", "--yes", "--no-wait", "--project", project)
+    assert refused.returncode == 5 and said in refused.stderr, refused.stderr
+    as_json = cli(platform, key, "promote", v1, "--to", "production", "--yes", "--no-wait", "--project", project,
+                  "--output", "json")
+    assert json.loads(as_json.stderr)["error"]["code"] == "failed_precondition"
+    assert pointer(platform, key, project, "production") == ""
 
-    run("deployment", "start", v1)
-    back = run("rollback", "-e", "staging", "--to", v1, "--no-wait")
-    assert back["entry"]["deployment_id"] == v1
+    back = cli(platform, key, "rollback", "-e", "staging", "--to", v1, "--no-wait", "--project", project)
+    assert back.returncode == 0, back.stderr
+    assert f"deployment {v1} was terminated: rolling back to it starts it again" in back.stderr
+    assert pointer(platform, key, project, "staging") == v1
+    assert next(d for d in run("deployments")["deployments"] if d["id"] == v1)["state"] == "active"
