@@ -653,7 +653,12 @@ class Reconciler:
         if local is None:
             failure = self._pull_failures.get(ref)
             if failure is not None:
-                self._problems[binding_key(b)] = _Problem(EventKind.IMAGE_PULL_ERROR, failure.message)
+                # The reference's last pull failed and its backoff runs: a
+                # binding that did not have the reason yet (added since) gets
+                # its own event now, not at the next pull.
+                redacted = self._redact(failure.message, binding_key(b))
+                if self._problems.get(binding_key(b)) != _Problem(EventKind.IMAGE_PULL_ERROR, redacted):
+                    self._fail(b, EventKind.IMAGE_PULL_ERROR, failure.message)
             if ref not in self._pulls and (failure is None or failure.not_before <= time.monotonic()):
                 self._pulls[ref] = asyncio.create_task(self._pull(ref), name=f"pull {ref}")
             return None

@@ -156,6 +156,43 @@ def test_nonexistent_image_is_an_image_pull_error(docker_client, adapter: Docker
     asyncio.run(scenario())
 
 
+def test_a_binding_added_during_the_pull_backoff_gets_the_reason_at_once(docker_client, adapter: DockerAdapter, instance):
+    # Two deployments of one nonexistent reference: the second, bound after
+    # the first pull failed and while its backoff runs, gets its own
+    # image_pull_error from the cached failure, without another pull.
+    ref = "berth-test-nonexistent.invalid/none:2"
+    first = make_binding(image=ref, min_replicas=1)
+    second = make_binding(image=ref, min_replicas=1)
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [first])
+        events = EventStore()
+        long_backoff = dataclasses.replace(config(instance), pull_retry=120.0, pull_retry_max=120.0)
+        reconciler = Reconciler(adapter, table, FakeSecrets(), events, long_backoff)
+        async with running(reconciler):
+            [event] = await wait_for(  # type: ignore[misc]
+                lambda: events.list(first.deployment.id), timeout=40, what="first image_pull_error"
+            )
+            table.replace([], [first, second])
+            reconciler.wake()
+            [other] = await wait_for(  # type: ignore[misc]
+                lambda: events.list(second.deployment.id), timeout=10, what="second image_pull_error"
+            )
+            assert other.kind == "image_pull_error"
+            assert other.message == event.message  # the cached engine text
+            assert other.deployment_id == second.deployment.id
+            assert not reconciler._pulls  # no new pull: the backoff still runs
+            await asyncio.sleep(1.5)  # a few more passes do not repeat it
+            assert [e.count for e in events.list(second.deployment.id)] == [1]
+            assert [e.count for e in events.list(first.deployment.id)] == [1]
+        [view] = await reconciler.status(second.deployment.id)
+        assert view.status is BindingState.FAILED
+        assert managed_ids(docker_client, instance, second.deployment.id) == {}
+
+    asyncio.run(scenario())
+
+
 def test_start_failure_is_a_scheduling_failure_without_leftovers(docker_client, instance, worker_image):
     # The engine refuses to create a container on a network that does not exist.
     tag, image_id = worker_image
