@@ -328,11 +328,27 @@ def env_create(ctx: Ctx, name: str) -> None:
 
 @env_group.command("delete")
 @click.argument("name")
+@click.option("--force", is_flag=True,
+              help="Also delete an environment that points to a deployment, with its bindings and history "
+              "(its replicas stop, routing to it ends).")
+@click.option("--yes", is_flag=True, help="Confirm --force (asked on a terminal); needed for a protected environment.")
 @command
-def env_delete(ctx: Ctx, name: str) -> None:
-    """Delete an environment nothing points to."""
+def env_delete(ctx: Ctx, name: str, force: bool, yes: bool) -> None:
+    """Delete an environment nothing points to (--force: any, with its bindings and history)."""
     c = ctx.client()
-    resp = c.call(c.registry.DeleteEnvironment, registry_pb2.DeleteEnvironmentRequest(project=ctx.project, environment=name))
+    if force and not yes:
+        if not sys.stdin.isatty():
+            raise errors.FailedPrecondition(
+                f"deleting environment {name!r} with --force needs confirmation, and there is no terminal to ask on",
+                hint="pass --yes to confirm",
+            )
+        question = (f"Delete environment '{name}' with its bindings and history? "
+                    "Its replicas stop and routing to it ends")
+        if not click.confirm(question, default=False, err=True):
+            raise errors.FailedPrecondition(f"not confirmed: '{name}' was not deleted", hint="pass --yes to skip the prompt")
+        yes = True
+    request = registry_pb2.DeleteEnvironmentRequest(project=ctx.project, environment=name, force=force, confirm=force and yes)
+    resp = c.call(c.registry.DeleteEnvironment, request)
     e = resp.environment
     ctx.emit({"environment": environment_json(e)}, lambda: out.print(f"Deleted environment [bold]{e.name}[/] ({e.id})"))
 

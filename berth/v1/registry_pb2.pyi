@@ -48,12 +48,16 @@ class CreateEnvironmentRequest(_message.Message):
     def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class DeleteEnvironmentRequest(_message.Message):
-    __slots__ = ("project", "environment")
+    __slots__ = ("project", "environment", "force", "confirm")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
     project: str
     environment: str
-    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+    force: bool
+    confirm: bool
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., force: _Optional[bool] = ..., confirm: _Optional[bool] = ...) -> None: ...
 
 class DeleteEnvironmentResponse(_message.Message):
     __slots__ = ("environment",)

@@ -356,40 +356,86 @@ class RegistryService:
         except Aborted:
             raise AlreadyExists(f"environment {name!r} already exists") from None
 
-    def delete_environment(self, principal: Principal, project_ref: str, environment_ref: str) -> common_pb2.Environment:
-        """Deletes an environment nothing points to. Watchers get
-        ``environment_deleted`` (they drop the environment and any binding
-        of it; an environment that never had a pointer has none)."""
+    def delete_environment(
+        self,
+        principal: Principal,
+        project_ref: str,
+        environment_ref: str,
+        *,
+        force: bool = False,
+        confirm: bool = False,
+    ) -> common_pb2.Environment:
+        """Deletes an environment nothing points to; with ``force`` also one
+        that points somewhere, with its bindings and history, in one
+        transaction (a protected environment needs ``confirm`` too). Watchers
+        get ``environment_deleted`` (they drop the environment and any
+        binding of it)."""
         with self._write() as tx:
             project = self._project(tx.session, principal, project_ref)
             env = self._environment(tx.session, project, environment_ref)
-            if env.protected:
-                raise FailedPrecondition(f"environment {env.name!r} is protected and cannot be deleted")
-            if env.deployment_id:
+            if env.protected and not force:
+                raise FailedPrecondition(
+                    f"environment {env.name!r} is protected and cannot be deleted",
+                    hint=f"berth env delete {env.name} --force --yes deletes it with its bindings and history",
+                )
+            if env.protected and not confirm:
+                raise FailedPrecondition(
+                    f"environment {env.name!r} is protected: deleting it needs confirmation",
+                    hint="pass --yes (CLI) or \"confirm\": true (API)",
+                )
+            if env.deployment_id and not force:
                 raise FailedPrecondition(
                     f"environment {env.name!r} points to deployment {env.deployment_id}; "
-                    "only an environment nothing points to can be deleted",
+                    "only an environment nothing points to can be deleted without --force",
+                    hint=f"berth env delete {env.name} --force (\"force\": true in the API) deletes it "
+                    "with its bindings and history",
                 )
             result = convert.environment(env, project.name)
             tx.bump()
-            deleted = _rowcount(tx.session.execute(
-                delete(EnvironmentRow)
-                .where(
-                    EnvironmentRow.id == env.id,
-                    EnvironmentRow.sequence == 0,
-                    EnvironmentRow.deployment_id.is_(None),
+            if force:
+                tx.session.execute(
+                    delete(BindingRow)
+                    .where(BindingRow.environment_id == env.id)
+                    .execution_options(synchronize_session=False)
                 )
-                .execution_options(synchronize_session=False)
-            ))
-            if deleted != 1:
-                still = tx.session.execute(
-                    select(EnvironmentRow.deployment_id).where(EnvironmentRow.id == env.id)
-                ).one_or_none()
-                if still is None:
-                    raise NotFound(f"environment {env.name!r} was deleted meanwhile")
-                raise FailedPrecondition(
-                    f"environment {env.name!r} was pointed at deployment {still[0]} meanwhile; it cannot be deleted"
+                tx.session.execute(
+                    delete(HistoryRow)
+                    .where(HistoryRow.environment_id == env.id)
+                    .execution_options(synchronize_session=False)
                 )
+                # Compare-and-swap on what was read: a pointer move since
+                # then makes this delete lose (and roll back).
+                deleted = _rowcount(tx.session.execute(
+                    delete(EnvironmentRow)
+                    .where(
+                        EnvironmentRow.id == env.id,
+                        EnvironmentRow.sequence == env.sequence,
+                        EnvironmentRow.revision == env.revision,
+                    )
+                    .execution_options(synchronize_session=False)
+                ))
+                if deleted != 1:
+                    raise Aborted(f"environment {env.name!r} changed meanwhile; re-read and retry")
+            else:
+                deleted = _rowcount(tx.session.execute(
+                    delete(EnvironmentRow)
+                    .where(
+                        EnvironmentRow.id == env.id,
+                        EnvironmentRow.sequence == 0,
+                        EnvironmentRow.deployment_id.is_(None),
+                    )
+                    .execution_options(synchronize_session=False)
+                ))
+                if deleted != 1:
+                    still = tx.session.execute(
+                        select(EnvironmentRow.deployment_id).where(EnvironmentRow.id == env.id)
+                    ).one_or_none()
+                    if still is None:
+                        raise NotFound(f"environment {env.name!r} was deleted meanwhile")
+                    raise FailedPrecondition(
+                        f"environment {env.name!r} was pointed at deployment {still[0]} meanwhile; "
+                        "it cannot be deleted without --force"
+                    )
             tx.session.expunge(env)
             tx.deleted_environments.append(env.id)
             return result

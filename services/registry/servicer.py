@@ -54,9 +54,17 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def DeleteEnvironment(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()
         env = await asyncio.to_thread(
-            self._service.delete_environment, principal, request.project, request.environment
+            self._service.delete_environment,
+            principal,
+            request.project,
+            request.environment,
+            force=request.force,
+            confirm=request.confirm,
         )
-        log.info("environment_deleted", extra={"environment": env.id, "actor": principal.actor})
+        log.info(
+            "environment_deleted",
+            extra={"environment": env.id, "actor": principal.actor, "force": request.force},
+        )
         return registry_pb2.DeleteEnvironmentResponse(environment=env)
 
     async def CreateApiKey(self, request, context):  # type: ignore[no-untyped-def]

@@ -280,6 +280,13 @@ SCALE_BOUNDS = Body((
 CREATE_ENVIRONMENT = Body((
     Field("name", str, True, "lowercase letters, digits and dashes, starting with a letter"),
 ))
+DELETE_ENVIRONMENT = Body((
+    Field("force", bool, description="also delete an environment that points to a deployment, with its bindings "
+          "and history (its replicas stop, routing to it ends); without it such an environment is refused (412)",
+          default=False),
+    Field("confirm", bool, description="required with force to delete a protected environment (production)",
+          default=False),
+))
 EMPTY = Body(())
 PUT_SECRET = Body((
     Field("name", str, True, "secret name (an environment variable name)"),
@@ -496,6 +503,14 @@ class RestApi:
         e = await self.rpc("registry", self.services.registry.CreateEnvironment, request, call.api_key)
         return json_response(200, {"environment": environment_json(e)})
 
+    async def delete_environment(self, call: Call) -> PlatformResponse:
+        b = DELETE_ENVIRONMENT.parse(call.body)
+        request = registry_pb2.DeleteEnvironmentRequest(
+            environment=call.params["id"], force=bool(b["force"]), confirm=bool(b["confirm"])
+        )
+        found = await self.rpc("registry", self.services.registry.DeleteEnvironment, request, call.api_key)
+        return json_response(200, {"environment": environment_json(found.environment)})
+
     async def scale_up(self, call: Call) -> PlatformResponse:
         return await self._adjust(call, +1)
 
@@ -612,6 +627,9 @@ OPERATIONS: tuple[Operation, ...] = (
               "Environments of the project", response="EnvironmentList"),
     Operation("POST", "/environments", RestApi.create_environment, "createEnvironment",
               "Create an environment", CREATE_ENVIRONMENT, response="EnvironmentResult"),
+    Operation("DELETE", "/environments/{id}", RestApi.delete_environment, "deleteEnvironment",
+              "Delete an environment (with force, also one that points somewhere, with its bindings and history)",
+              DELETE_ENVIRONMENT, response="EnvironmentResult"),
     Operation("GET", "/environments/{id}/promotions", RestApi.promotions, "listPromotions",
               "Promotion history of an environment (" + ENV_FIELD_DOC + ")", response="History"),
     Operation("GET", "/secrets", RestApi.list_secrets, "listSecrets",

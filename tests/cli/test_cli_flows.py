@@ -350,3 +350,47 @@ def test_terminated_deployment_promote_refuses_rollback_starts_it_and_says_so(pl
     assert f"deployment {v1} was terminated: rolling back to it starts it again" in back.stderr
     assert pointer(platform, key, project, "staging") == v1
     assert next(d for d in run("deployments")["deployments"] if d["id"] == v1)["state"] == "active"
+
+
+# ---------------------------------------------------------------- env delete --force
+
+
+def test_env_delete_force_deletes_an_environment_that_pointed_somewhere(platform, image):
+    import requests
+
+    from tests.support.platform import eventually
+
+    project, key = new_project(platform)
+    cli_json(platform, key, "env", "create", "qa", "--project", project)
+    v1 = cli_json(platform, key, "deploy", "--image", image, "-e", "qa", "--project", project)["deployment"]["id"]
+    served = requests.get(platform.router + "/", headers={"X-Berth-Project": project, "X-Berth-Environment": "qa"},
+                          timeout=30)
+    assert served.status_code == 200 and served.headers["X-Berth-Deployment"] == v1
+
+    plain = cli(platform, key, "env", "delete", "qa", "--project", project)
+    assert plain.returncode == 5 and f"points to deployment {v1}" in plain.stderr and "--force" in plain.stderr
+    no_tty = cli(platform, key, "env", "delete", "qa", "--force", "--project", project)
+    assert no_tty.returncode == 5 and "--yes" in no_tty.stderr and "Traceback" not in no_tty.stderr
+    code, shown = cli_tty(platform, key, "env", "delete", "qa", "--force", "--project", project, answer="n")
+    assert code == 5 and "[y/N]" in shown and "not confirmed" in shown, shown
+    assert pointer(platform, key, project, "qa") == v1
+
+    code, shown = cli_tty(platform, key, "env", "delete", "qa", "--force", "--project", project, answer="y")
+    assert code == 0 and "Deleted environment qa" in shown, shown
+    names = {e["name"] for e in cli_json(platform, key, "env", "list", "--project", project)["environments"]}
+    assert "qa" not in names and "preview" in names
+    # The router's table dropped it: 404, not the old deployment.
+    eventually(lambda: requests.get(platform.router + "/", timeout=10, headers={
+        "X-Berth-Project": project, "X-Berth-Environment": "qa"}).status_code == 404, what="qa unrouted")
+    # The deployment's binding went with it, and the scheduler stops its replica.
+    status = cli(platform, key, "deployment", "status", v1, "--project", project)
+    assert status.returncode != 0 and "not bound to any environment" in status.stderr, status.stderr
+    eventually(lambda: not engine().containers.list(all=True, filters={"label": f"berth.deployment={v1}"}),
+               what="qa's replica removed")
+
+    # production: --force with --yes (a protected environment is confirmed).
+    cli_json(platform, key, "deploy", "--image", image, "-e", "production", "--yes", "--no-wait", "--project", project)
+    refused = cli(platform, key, "env", "delete", "production", "--project", project)
+    assert refused.returncode == 5 and "protected" in refused.stderr
+    gone = cli_json(platform, key, "env", "delete", "production", "--force", "--yes", "--project", project)
+    assert gone["environment"]["name"] == "production"

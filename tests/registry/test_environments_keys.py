@@ -51,6 +51,51 @@ def test_delete_refuses_protected_and_pointed_environments(registry):
     assert envs(registry, key)["qa"].deployment_id == dep.deployment.id
 
 
+def test_force_deletes_a_pointed_environment_with_its_bindings_and_history(registry):
+    _, key = registry.create_project("shop")
+    qa = registry.call("CreateEnvironment", registry_pb2.CreateEnvironmentRequest(name="qa"), key)
+    v1 = registry.call("Deploy", registry_pb2.DeployRequest(image="app:1", image_id=IMAGE, environment="qa"), key)
+    v2 = registry.call("Deploy", registry_pb2.DeployRequest(image="app:2", image_id=IMAGE, environment="qa"), key)
+    # Also bound elsewhere: that binding and environment stay.
+    registry.call("Promote", registry_pb2.PromoteRequest(deployment_id=v2.deployment.id, target_environment="staging"), key)
+    with pytest.raises(errors.FailedPrecondition, match="points to deployment .*--force"):
+        registry.call("DeleteEnvironment", registry_pb2.DeleteEnvironmentRequest(environment="qa"), key)
+
+    stream = registry.watch()
+    snapshot = collect_until(stream, lambda e: e.snapshot_complete)
+    deleted = registry.call("DeleteEnvironment", registry_pb2.DeleteEnvironmentRequest(environment="qa", force=True), key)
+    assert deleted.environment.id == qa.id and deleted.environment.deployment_id == v2.deployment.id
+    event = collect_until(stream, lambda e: e.WhichOneof("change") == "environment_deleted")[-1]
+    assert event.environment_deleted == qa.id and event.revision > snapshot[-1].revision
+    stream.cancel()
+    assert "qa" not in envs(registry, key)
+    with pytest.raises(errors.NotFound, match="environment 'qa' not found"):
+        registry.call("ListHistory", registry_pb2.ListHistoryRequest(environment="qa"), key)
+    for dep in (v1.deployment.id, v2.deployment.id):
+        bound = registry.call("ListBindings", registry_pb2.ListBindingsRequest(deployment_id=dep), key).bindings
+        assert qa.id not in {b.environment_id for b in bound}
+    assert envs(registry, key)["staging"].deployment_id == v2.deployment.id
+    assert len(registry.call("ListHistory", registry_pb2.ListHistoryRequest(environment="staging"), key).entries) == 1
+    # A new environment of that name starts empty.
+    again = registry.call("CreateEnvironment", registry_pb2.CreateEnvironmentRequest(name="qa"), key)
+    assert again.id != qa.id and not again.deployment_id and again.sequence == 0
+    assert not registry.call("ListHistory", registry_pb2.ListHistoryRequest(environment="qa"), key).entries
+
+
+def test_force_delete_of_production_needs_confirm(registry):
+    _, key = registry.create_project("shop")
+    registry.call("Deploy", registry_pb2.DeployRequest(
+        image="app:1", image_id=IMAGE, environment="production", confirm=True), key)
+    with pytest.raises(errors.FailedPrecondition, match="'production' is protected and cannot be deleted"):
+        registry.call("DeleteEnvironment", registry_pb2.DeleteEnvironmentRequest(environment="production"), key)
+    with pytest.raises(errors.FailedPrecondition, match="'production' is protected: deleting it needs confirmation"):
+        registry.call("DeleteEnvironment", registry_pb2.DeleteEnvironmentRequest(environment="production", force=True), key)
+    assert "production" in envs(registry, key)
+    registry.call("DeleteEnvironment", registry_pb2.DeleteEnvironmentRequest(
+        environment="production", force=True, confirm=True), key)
+    assert "production" not in envs(registry, key)
+
+
 def test_environment_carries_previous_deployment(registry):
     _, key = registry.create_project("shop")
     v1 = registry.call("Deploy", registry_pb2.DeployRequest(image="app:1", image_id=IMAGE), key).deployment

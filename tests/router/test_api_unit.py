@@ -82,7 +82,12 @@ def test_openapi_matches_the_operation_table() -> None:
     }
     # The design's endpoints, plus what Studio needs beyond them.
     studio_extras = {("POST", "/api/v1/deployments/{id}/scale"), ("POST", "/api/v1/environments")}
-    assert implemented == design | studio_extras
+    # Deleting an environment (force: one that pointed somewhere).
+    extras = {("DELETE", "/api/v1/environments/{id}")}
+    assert implemented == design | studio_extras | extras
+    delete_env = doc["paths"]["/api/v1/environments/{id}"]["delete"]
+    body = delete_env["requestBody"]["content"]["application/json"]["schema"]
+    assert set(body["properties"]) == {"force", "confirm"} and body["required"] == []
     promote = doc["paths"]["/api/v1/deployments/promote"]["post"]
     schema = promote["requestBody"]["content"]["application/json"]["schema"]
     assert schema["required"] == ["source_deployment_id", "target_environment_id"]
