@@ -118,6 +118,8 @@ def fail(ctx: Ctx | None, error: errors.BerthError) -> None:
         body: dict[str, Any] = {"code": code, "message": error.message}
         if error.hint:
             body["hint"] = error.hint
+        # reason, field/description, resource, metadata (google.rpc.Status details)
+        body.update(error.details())
         click.echo(json.dumps({"error": body}), err=True)
     else:
         err.print(f"[bold red]error:[/] {error.message}", markup=True)
@@ -469,10 +471,13 @@ def confirm_protected(ctx: Ctx, environment: common_pb2.Environment, yes: bool, 
     if not sys.stdin.isatty():
         raise errors.FailedPrecondition(
             f"environment {name!r} is protected: moving its pointer needs confirmation, and there is no terminal to ask on",
-            hint="pass --yes to confirm",
+            hint="pass --yes to confirm", reason="PROTECTED_ENVIRONMENT", resource_name=name,
         )
     if not click.confirm(question or f"Move the pointer of protected environment '{name}'?", default=False, err=True):
-        raise errors.FailedPrecondition(f"not confirmed: '{name}' did not move", hint="pass --yes to skip the prompt")
+        raise errors.FailedPrecondition(
+            f"not confirmed: '{name}' did not move", hint="pass --yes to skip the prompt",
+            reason="PROTECTED_ENVIRONMENT", resource_name=name,
+        )
     return True
 
 
@@ -490,7 +495,7 @@ def refuse_terminated(ctx: Ctx, deployment_id: str) -> None:
         d_id = deployment_id
         raise errors.FailedPrecondition(
             f"deployment {d_id} is terminated; start it with `berth deployment start {d_id}`",
-            hint="then run this command again",
+            hint="then run this command again", reason="DEPLOYMENT_TERMINATED", resource_name=d_id,
         )
 
 

@@ -5,8 +5,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from berth import errors
 from berth.v1 import (
@@ -29,11 +33,47 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.BerthError]] = {
 }
 
 
+def status_details(exc: grpc.RpcError) -> status_pb2.Status | None:
+    """The ``google.rpc.Status`` a failed call carried
+    (``grpc-status-details-bin``), or None when it carried none."""
+    try:
+        return rpc_status.from_call(exc)  # type: ignore[arg-type]
+    except (ValueError, TypeError, AttributeError, DecodeError):
+        return None
+
+
 def error_from_rpc(exc: grpc.RpcError) -> errors.BerthError:
+    """The Berth exception for a failed call, with the structured details the
+    service sent (reason, metadata, field, resource; the hint from
+    ``ErrorInfo.metadata["hint"]``)."""
     code = exc.code()  # type: ignore[attr-defined]
     details = exc.details() or code.name  # type: ignore[attr-defined]
     cls = ERROR_BY_STATUS.get(code, errors.Internal)
-    error = cls(details)
+    kwargs: dict[str, Any] = {}
+    status = status_details(exc)
+    for any_detail in status.details if status is not None else ():
+        if any_detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            any_detail.Unpack(info)
+            metadata = dict(info.metadata)
+            kwargs["reason"] = info.reason
+            kwargs["hint"] = metadata.pop("hint", "")
+            kwargs["metadata"] = metadata
+        elif any_detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            any_detail.Unpack(bad)
+            if bad.field_violations:
+                kwargs["field"] = bad.field_violations[0].field
+                kwargs["description"] = bad.field_violations[0].description
+        elif any_detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            resource = error_details_pb2.ResourceInfo()
+            any_detail.Unpack(resource)
+            kwargs["resource_type"] = resource.resource_type
+            kwargs["resource_name"] = resource.resource_name
+    error = cls(details, **kwargs)
+    # Only what the service sent: not a field guessed from the text.
+    error.field = kwargs.get("field", "")
+    error.description = kwargs.get("description", "")
     error.code = code.name  # type: ignore[attr-defined]
     return error
 

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from berth import errors
 from services.common.auth import API_KEY_METADATA, Principal, current_principal
@@ -56,8 +59,35 @@ def status_for(error: errors.BerthError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _error_details(error: errors.BerthError) -> str:
-    return f"{error.message} (hint: {error.hint})" if error.hint else error.message
+def status_proto(error: errors.BerthError, code: grpc.StatusCode) -> status_pb2.Status:
+    """The ``google.rpc.Status`` for a domain error: the code, the human
+    message and the details. Every error gets an ``ErrorInfo`` (its reason;
+    the hint, when there is one, as ``metadata["hint"]``); INVALID_ARGUMENT
+    with a field a ``BadRequest``; FAILED_PRECONDITION a
+    ``PreconditionFailure``; NOT_FOUND with a resource a ``ResourceInfo``."""
+    details: list[Message] = []
+    metadata = dict(error.metadata)
+    if error.hint:
+        metadata["hint"] = error.hint
+    details.append(error_details_pb2.ErrorInfo(reason=error.reason, domain=errors.ERROR_DOMAIN, metadata=metadata))
+    if code == grpc.StatusCode.INVALID_ARGUMENT and error.field:
+        details.append(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.description),
+        ]))
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        details.append(error_details_pb2.PreconditionFailure(violations=[
+            error_details_pb2.PreconditionFailure.Violation(
+                type=error.reason, subject=error.resource_name or error.field, description=error.message,
+            ),
+        ]))
+    if code == grpc.StatusCode.NOT_FOUND and (error.resource_type or error.resource_name):
+        details.append(error_details_pb2.ResourceInfo(
+            resource_type=error.resource_type, resource_name=error.resource_name, description=error.message,
+        ))
+    status = status_pb2.Status(code=code.value[0], message=error.message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return status
 
 
 class _Undecodable:
@@ -127,7 +157,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 code = status_for(exc)
                 if code == grpc.StatusCode.INTERNAL:
                     log.error("internal_error", extra={"method": method, "error": exc.message})
-                await context.abort(code, _error_details(exc))
+                await context.abort_with_status(rpc_status.to_status(status_proto(exc, code)))
             log.exception("unexpected_error", extra={"method": method})
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
 

@@ -72,15 +72,17 @@ def new_id(prefix: str) -> str:
     return prefix + _secrets.token_hex(6)
 
 
-def validate_name(value: str, *, field_name: str) -> str:
+def validate_name(value: str, *, field_name: str, field: str = "name") -> str:
+    """``field_name`` says it in words, ``field`` is the request field."""
     if not value:
-        raise InvalidArgument(f"{field_name} is required")
+        raise InvalidArgument(f"{field_name} is required", field=field)
     if len(value) > 40:
-        raise InvalidArgument(f"{field_name} is {len(value)} characters long; at most 40 are allowed")
+        raise InvalidArgument(f"{field_name} is {len(value)} characters long; at most 40 are allowed", field=field)
     if not NAME_PATTERN.match(value):
         raise InvalidArgument(
             f"{field_name} {value!r} is not valid: use lowercase letters, digits and dashes, "
-            "starting with a letter and not ending with a dash"
+            "starting with a letter and not ending with a dash",
+            field=field,
         )
     return value
 
@@ -89,25 +91,30 @@ def validate_reference(value: str, *, field_name: str, what: str) -> str:
     """Syntax check of a name-or-id used to look something up: an unknown one
     is NOT_FOUND later, an impossible one is INVALID_ARGUMENT now."""
     if not value:
-        raise InvalidArgument(f"{field_name} is required: give the {what}'s name or id")
+        raise InvalidArgument(f"{field_name} is required: give the {what}'s name or id", field=field_name)
     if len(value) > MAX_REFERENCE_LENGTH:
-        raise InvalidArgument(f"{field_name} is {len(value)} characters long; at most {MAX_REFERENCE_LENGTH} are allowed")
+        raise InvalidArgument(
+            f"{field_name} is {len(value)} characters long; at most {MAX_REFERENCE_LENGTH} are allowed",
+            field=field_name, reason="INVALID_ID",
+        )
     if not REFERENCE_PATTERN.match(value):
         raise InvalidArgument(
             f"{field_name} {value!r} is not a valid {what} name or id "
-            "(letters, digits, '-', '_' and '.' only)"
+            "(letters, digits, '-', '_' and '.' only)",
+            field=field_name, reason="INVALID_ID",
         )
     return value
 
 
-def _check_text(value: str, *, field_name: str) -> None:
+def _check_text(value: str, *, field_name: str, field: str = "") -> None:
+    field = field or field_name
     if "\x00" in value:
-        raise InvalidArgument(f"{field_name} must not contain NUL characters")
+        raise InvalidArgument(f"{field_name} must not contain NUL characters", field=field)
 
 
 def validate_image(image: str, image_id: str) -> None:
     if not image:
-        raise InvalidArgument("image is required: give an image reference such as 'registry.example/app:1.2'")
+        raise InvalidArgument("image is required: give an image reference such as 'registry.example/app:1.2'", field="image")
     if len(image) > MAX_IMAGE_REFERENCE_LENGTH:
         raise InvalidArgument(f"image reference is longer than {MAX_IMAGE_REFERENCE_LENGTH} characters")
     if not (IMAGE_REFERENCE_PATTERN.match(image) or IMAGE_ID_PATTERN.match(image)):
@@ -174,7 +181,7 @@ def validate_config(config: WorkerConfig) -> WorkerConfig:
     for name, value in config.variables.items():
         if len(value) > 32768:
             raise InvalidArgument(f"config.variables: the value of {name!r} is longer than 32768 characters")
-        _check_text(value, field_name=f"config.variables[{name!r}]")
+        _check_text(value, field_name=f"config.variables[{name!r}]", field="config.variables")
     if len(config.variables) > 1000:
         raise InvalidArgument("config.variables has more than 1000 entries")
     if len(config.command) > 256 or any(len(part) > 4096 for part in config.command):
@@ -185,7 +192,10 @@ def validate_config(config: WorkerConfig) -> WorkerConfig:
     if not math.isfinite(resources.cpus):
         raise InvalidArgument("config.resources.cpus must be a finite number")
     if resources.memory_bytes < 0 or resources.cpus < 0:
-        raise InvalidArgument("config.resources must not be negative")
+        raise InvalidArgument(
+            "config.resources must not be negative",
+            field="config.resources.cpus" if resources.cpus < 0 else "config.resources.memory_bytes",
+        )
     if resources.cpus > MAX_CPUS:
         raise InvalidArgument(f"config.resources.cpus {resources.cpus} is above the limit of {MAX_CPUS:g}")
     if resources.memory_bytes > MAX_MEMORY_BYTES:
@@ -214,7 +224,10 @@ def resolve_bounds(
     binding's bounds), else the defaults. 0 means "not given"."""
     base = fallback or ReplicaBounds(DEFAULT_MIN_REPLICAS, DEFAULT_MAX_REPLICAS)
     if requested_min < 0 or requested_max < 0:
-        raise InvalidArgument("min_replicas and max_replicas must not be negative")
+        raise InvalidArgument(
+            "min_replicas and max_replicas must not be negative",
+            field="min_replicas" if requested_min < 0 else "max_replicas",
+        )
     minimum = requested_min if requested_min or requested_max else base.min_replicas
     if requested_max:
         maximum = requested_max
@@ -252,7 +265,8 @@ def adjust_bounds(current: ReplicaBounds, delta: int) -> ReplicaBounds:
     minimum = max(0, current.min_replicas + delta)
     if minimum > MAX_REPLICAS_LIMIT:
         raise InvalidArgument(
-            f"scaling up by {delta} would take min_replicas to {minimum}, above the limit of {MAX_REPLICAS_LIMIT}"
+            f"scaling up by {delta} would take min_replicas to {minimum}, above the limit of {MAX_REPLICAS_LIMIT}",
+            field="delta",
         )
     return ReplicaBounds(minimum, max(current.max_replicas, minimum, 1))
 
@@ -277,6 +291,8 @@ def check_protected(environment_name: str, protected: bool, confirm: bool) -> No
         raise FailedPrecondition(
             f"environment {environment_name!r} is protected: moving its pointer needs confirmation",
             hint="pass --yes (CLI) or \"confirm\": true (API)",
+            reason="PROTECTED_ENVIRONMENT", field="confirm", resource_name=environment_name,
+            metadata={"environment": environment_name},
         )
 
 
@@ -289,4 +305,7 @@ def check_expected_sequence(environment_name: str, current: int, expected: int |
         raise Aborted(
             f"environment {environment_name!r} moved meanwhile: expected sequence {expected}, it is at {current}",
             hint="re-read the history and retry",
+            reason="SEQUENCE_CONFLICT",
+            metadata={"environment": environment_name, "current_sequence": str(current),
+                      "expected_sequence": str(expected)},
         )

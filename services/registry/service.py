@@ -212,7 +212,8 @@ class RegistryService:
     def _project(self, session: Session, principal: Principal, ref: str) -> ProjectRow:
         if principal.admin:
             raise PermissionDenied(
-                "the admin key only creates projects", hint="use the project's API key (BERTH_API_KEY)"
+                "the admin key only creates projects", hint="use the project's API key (BERTH_API_KEY)",
+                reason="ADMIN_KEY_NOT_ALLOWED",
             )
         if not ref:
             if not principal.project_id:
@@ -225,9 +226,10 @@ class RegistryService:
             raise PermissionDenied(
                 f"your API key belongs to project {principal.project_name!r}, not {ref!r}",
                 hint="use that project's API key",
+                reason="WRONG_PROJECT", metadata={"key_project": principal.project_name},
             )
         if row is None:
-            raise NotFound(f"project {ref!r} not found")
+            raise NotFound(f"project {ref!r} not found", resource_type="project", resource_name=ref)
         return row
 
     @staticmethod
@@ -243,6 +245,7 @@ class RegistryService:
             raise NotFound(
                 f"environment {ref!r} not found in project {project.name!r}",
                 hint="known environments: " + ", ".join(known),
+                resource_type="environment", resource_name=ref,
             )
         return row
 
@@ -253,7 +256,10 @@ class RegistryService:
         domain.validate_reference(deployment_id, field_name="deployment_id", what="deployment")
         row = session.get(DeploymentRow, deployment_id)
         if row is None or row.project_id != project.id:
-            raise NotFound(f"deployment {deployment_id!r} not found in project {project.name!r}")
+            raise NotFound(
+                f"deployment {deployment_id!r} not found in project {project.name!r}",
+                resource_type="deployment", resource_name=deployment_id,
+            )
         return row
 
     # ---- projects and keys -------------------------------------------
@@ -268,7 +274,9 @@ class RegistryService:
                 .where(ApiKeyRow.key_hash == hash_key(api_key), ApiKeyRow.revoked_at.is_(None))
             ).one_or_none()
         if row is None:
-            raise Unauthenticated("the API key is not valid (mistyped or revoked)", hint="check BERTH_API_KEY")
+            raise Unauthenticated(
+                "the API key is not valid (mistyped or revoked)", hint="check BERTH_API_KEY", reason="API_KEY_INVALID"
+            )
         key, project_name = row
         return Principal(project_id=key.project_id, project_name=project_name, key_name=key.name)
 
@@ -277,6 +285,7 @@ class RegistryService:
             raise PermissionDenied(
                 "creating a project needs the platform's admin key",
                 hint="run it on the machine where 'berth up' runs, or set BERTH_ADMIN_KEY",
+                reason="ADMIN_KEY_REQUIRED",
             )
         domain.validate_name(name, field_name="project name")
         api_key = new_key(PROJECT_KEY_PREFIX)
@@ -377,11 +386,13 @@ class RegistryService:
                 raise FailedPrecondition(
                     f"environment {env.name!r} is protected and cannot be deleted",
                     hint=f"berth env delete {env.name} --force --yes deletes it with its bindings and history",
+                    reason="PROTECTED_ENVIRONMENT", resource_name=env.name, field="force",
                 )
             if env.protected and not confirm:
                 raise FailedPrecondition(
                     f"environment {env.name!r} is protected: deleting it needs confirmation",
                     hint="pass --yes (CLI) or \"confirm\": true (API)",
+                    reason="PROTECTED_ENVIRONMENT", resource_name=env.name, field="confirm",
                 )
             if env.deployment_id and not force:
                 raise FailedPrecondition(
@@ -389,6 +400,8 @@ class RegistryService:
                     "only an environment nothing points to can be deleted without --force",
                     hint=f"berth env delete {env.name} --force (\"force\": true in the API) deletes it "
                     "with its bindings and history",
+                    reason="ENVIRONMENT_IN_USE", resource_name=env.name, field="force",
+                    metadata={"deployment_id": env.deployment_id},
                 )
             result = convert.environment(env, project.name)
             tx.bump()
@@ -431,10 +444,13 @@ class RegistryService:
                         select(EnvironmentRow.deployment_id).where(EnvironmentRow.id == env.id)
                     ).one_or_none()
                     if still is None:
-                        raise NotFound(f"environment {env.name!r} was deleted meanwhile")
+                        raise NotFound(
+                    f"environment {env.name!r} was deleted meanwhile", resource_type="environment", resource_name=env.name
+                )
                     raise FailedPrecondition(
                         f"environment {env.name!r} was pointed at deployment {still[0]} meanwhile; "
-                        "it cannot be deleted without --force"
+                        "it cannot be deleted without --force",
+                        reason="ENVIRONMENT_IN_USE", resource_name=env.name, field="force",
                     )
             tx.session.expunge(env)
             tx.deleted_environments.append(env.id)
@@ -505,6 +521,7 @@ class RegistryService:
                 raise NotFound(
                     f"no active API key {key_ref!r} in project {project.name!r}",
                     hint="see the keys with ListApiKeys",
+                    resource_type="api_key", resource_name=key_ref,
                 )
             if row.revoked_at is not None:
                 return convert.api_key(row)  # already revoked: nothing to do
@@ -522,6 +539,7 @@ class RegistryService:
                     f"API key {row.name!r} is the last active key of project {project.name!r}; "
                     "revoking it would lock the project out",
                     hint="create another key first",
+                    reason="LAST_ACTIVE_KEY", resource_name=row.name,
                 )
             row.revoked_at = utcnow()
             tx.session.flush()
@@ -562,10 +580,14 @@ class RegistryService:
                 select(EnvironmentRow.sequence).where(EnvironmentRow.id == env.id)
             ).scalar_one_or_none()
             if now is None:
-                raise NotFound(f"environment {env.name!r} was deleted meanwhile")
+                raise NotFound(
+                    f"environment {env.name!r} was deleted meanwhile", resource_type="environment", resource_name=env.name
+                )
             raise Aborted(
                 f"environment {env.name!r} moved meanwhile: expected sequence {current}, it is at {now}",
                 hint="re-read the history and retry",
+                reason="SEQUENCE_CONFLICT",
+                metadata={"environment": env.name, "current_sequence": str(now), "expected_sequence": str(current)},
             )
         tx.session.refresh(env)
         entry = HistoryRow(
@@ -669,9 +691,13 @@ class RegistryService:
                 raise FailedPrecondition(
                     f"deployment {dep.id} is terminated and cannot be promoted",
                     hint=f"start it first: berth deployment start {dep.id}",
+                    reason="DEPLOYMENT_TERMINATED", resource_name=dep.id, metadata={"deployment_id": dep.id},
                 )
             if env.deployment_id == dep.id:
-                raise FailedPrecondition(f"deployment {dep.id} already serves environment {env.name!r}")
+                raise FailedPrecondition(
+                    f"deployment {dep.id} already serves environment {env.name!r}",
+                    reason="ALREADY_SERVING", resource_name=env.name,
+                )
             domain.check_protected(env.name, env.protected, confirm)
             existing = tx.session.get(BindingRow, (env.id, dep.id))
             fallback = domain.ReplicaBounds(existing.min_replicas, existing.max_replicas) if existing else None
@@ -712,16 +738,21 @@ class RegistryService:
                     raise FailedPrecondition(
                         f"deployment {to_deployment_id!r} never served environment {env.name!r}",
                         hint=f"see: berth history --environment {env.name}",
+                        reason="NOT_IN_HISTORY", field="to_deployment_id", resource_name=env.name,
                     )
                 target_id = to_deployment_id
             else:
                 target_id = history[0].previous_deployment_id if history else ""
                 if not target_id:
                     raise FailedPrecondition(
-                        f"environment {env.name!r} has no earlier deployment to roll back to"
+                        f"environment {env.name!r} has no earlier deployment to roll back to",
+                        reason="NO_EARLIER_DEPLOYMENT", resource_name=env.name,
                     )
             if target_id == env.deployment_id:
-                raise FailedPrecondition(f"deployment {target_id} already serves environment {env.name!r}")
+                raise FailedPrecondition(
+                    f"deployment {target_id} already serves environment {env.name!r}",
+                    reason="ALREADY_SERVING", resource_name=env.name,
+                )
             domain.check_protected(env.name, env.protected, confirm)
             dep = self._deployment(tx.session, project, target_id)
             # Restore the bounds it last served with; a terminated or
@@ -779,14 +810,18 @@ class RegistryService:
             raise NotFound(
                 f"deployment {dep.id} is not bound to environment {env.name!r}",
                 hint="bound to: " + (", ".join(e.name for _, e in rows) or "no environment"),
+                resource_type="binding", resource_name=f"{env.name}/{dep.id}",
             )
         if not rows:
-            raise NotFound(f"deployment {dep.id} is not bound to any environment")
+            raise NotFound(
+                f"deployment {dep.id} is not bound to any environment", resource_type="binding", resource_name=dep.id
+            )
         if len(rows) > 1:
             raise InvalidArgument(
                 f"deployment {dep.id} is bound to several environments "
                 f"({', '.join(e.name for _, e in rows)}): environment is required",
                 hint="pass --environment NAME",
+                field="environment",
             )
         return rows[0][0], rows[0][1]
 
@@ -796,6 +831,7 @@ class RegistryService:
             raise FailedPrecondition(
                 f"deployment {dep.id} is terminated; its replica bounds cannot change",
                 hint=f"start it first: berth deployment start {dep.id}",
+                reason="DEPLOYMENT_TERMINATED", resource_name=dep.id, metadata={"deployment_id": dep.id},
             )
 
     def _set_bounds(
@@ -924,9 +960,14 @@ class RegistryService:
         with self._write() as tx:
             dep = tx.session.get(DeploymentRow, deployment_id)
             if dep is None:
-                raise NotFound(f"deployment {deployment_id!r} not found")
+                raise NotFound(
+                    f"deployment {deployment_id!r} not found", resource_type="deployment", resource_name=deployment_id
+                )
             if dep.image_id and dep.image_id != image_id:
-                raise FailedPrecondition(f"deployment {deployment_id} already runs image {dep.image_id}; it is immutable")
+                raise FailedPrecondition(
+                    f"deployment {deployment_id} already runs image {dep.image_id}; it is immutable",
+                    reason="IMAGE_ALREADY_RESOLVED", resource_name=deployment_id,
+                )
             if not dep.image_id:
                 tx.bump()
                 dep.image_id = image_id

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
+from berth.client import error_from_rpc
 from berth.shapes import (
     binding_json,
     deployment_json,
@@ -98,6 +99,9 @@ class ApiError(Exception):
     def from_rpc(cls, exc: grpc.aio.AioRpcError, service: str) -> ApiError:
         status, code = HTTP_BY_GRPC.get(exc.code(), (500, "internal"))
         message = exc.details() or exc.code().name
+        hint = error_from_rpc(exc).hint  # sent in ErrorInfo.metadata["hint"]
+        if hint and status < 500:
+            message = f"{message} (hint: {hint})"
         if status == 503:
             message = f"the {service} service is unavailable ({message}); retry shortly"
         elif status == 501:

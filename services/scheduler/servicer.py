@@ -58,7 +58,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             names.add(principal.project_name)
         if requested_project and requested_project not in names - {""}:
             if principal.admin or principal.service:
-                raise errors.NotFound(f"deployment not found in project {requested_project!r}")
+                raise errors.NotFound(
+                    f"deployment not found in project {requested_project!r}",
+                    resource_type="deployment",
+                )
             raise errors.PermissionDenied("this deployment belongs to another project")
         if principal.admin or principal.service:
             return
@@ -76,7 +79,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 raise errors.PermissionDenied("your API key belongs to another project")
             mine = [b for b in self._table.bindings() if b.project_id == principal.project_id]
         if not mine:
-            raise errors.NotFound("no deployment found in this project", hint="deploy one with `berth deploy`")
+            raise errors.NotFound(
+                "no deployment found in this project", hint="deploy one with `berth deploy`",
+                resource_type="deployment", resource_name="",
+            )
         latest = max(mine, key=lambda b: (b.deployment.created_at.seconds, b.deployment.created_at.nanos))
         return latest.deployment.id
 
@@ -98,6 +104,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise errors.NotFound(
                 f"deployment {deployment_id} not found: it is not bound to any environment",
                 hint="list deployments with `berth deployments`",
+                resource_type="deployment", resource_name=deployment_id,
             )
         first = bindings[0]
         self._authorize(principal, request.project, first.project_id, first.project_name)
@@ -108,7 +115,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             ]
             if not views:
                 raise errors.NotFound(
-                    f"deployment {deployment_id} is not bound to environment {request.environment!r}"
+                    f"deployment {deployment_id} is not bound to environment {request.environment!r}",
+                    resource_type="binding", resource_name=f"{request.environment}/{deployment_id}",
                 )
         response = scheduler_pb2.DeploymentStatus(deployment=first.deployment)
         for view in sorted(views, key=lambda v: v.binding.environment_name):
@@ -147,7 +155,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             # Events outlive bindings: the stored project decides ownership.
             owner = self._events.project_of(deployment_id)
             if owner is None:
-                raise errors.NotFound(f"deployment {deployment_id} not found")
+                raise errors.NotFound(
+                    f"deployment {deployment_id} not found", resource_type="deployment", resource_name=deployment_id
+                )
             project_id, project_name = owner, ""
         self._authorize(principal, request.project, project_id, project_name)
         response = scheduler_pb2.ListDeploymentErrorsResponse()
@@ -196,9 +206,15 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
         loads: dict[tuple[str, str], tuple[int, int]] = {}
         for i, load in enumerate(request.bindings):
             if not load.environment_id or not load.deployment_id:
-                raise errors.InvalidArgument(f"bindings[{i}]: environment_id and deployment_id are required")
+                raise errors.InvalidArgument(
+                    f"bindings[{i}]: environment_id and deployment_id are required",
+                    field=f"bindings[{i}]." + ("environment_id" if not load.environment_id else "deployment_id"),
+                )
             if load.in_flight < 0 or load.requests < 0:
-                raise errors.InvalidArgument(f"bindings[{i}]: in_flight and requests cannot be negative")
+                raise errors.InvalidArgument(
+                    f"bindings[{i}]: in_flight and requests cannot be negative",
+                    field=f"bindings[{i}]." + ("in_flight" if load.in_flight < 0 else "requests"),
+                )
             key = (load.environment_id, load.deployment_id)
             in_flight, requests = loads.get(key, (0, 0))
             loads[key] = (in_flight + load.in_flight, requests + int(load.requests))
@@ -209,13 +225,17 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
         self, request: scheduler_internal_pb2.ActivateRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_internal_pb2.ActivateResponse:
         if not request.environment_id or not request.deployment_id:
-            raise errors.InvalidArgument("environment_id and deployment_id are required")
+            raise errors.InvalidArgument(
+                "environment_id and deployment_id are required",
+                field="environment_id" if not request.environment_id else "deployment_id",
+            )
         require_loaded(self._table)
         key = (request.environment_id, request.deployment_id)
         binding = self._table.get(key)
         if binding is None:
             raise errors.NotFound(
-                f"deployment {request.deployment_id} is not bound to environment {request.environment_id}"
+                f"deployment {request.deployment_id} is not bound to environment {request.environment_id}",
+                resource_type="binding", resource_name=f"{request.environment_id}/{request.deployment_id}",
             )
         if is_terminated(binding):
             return scheduler_internal_pb2.ActivateResponse(status="terminated")  # `berth deployment start` first

@@ -266,6 +266,7 @@ class SecretsService:
                     f"secret {name!r} not found in {_scope_text(environment_name)}"
                     + (" (it was deleted)" if rows else ""),
                     hint="`berth secrets list` shows the secrets of a scope",
+                    resource_type="secret", resource_name=name,
                 )
             row = self._append(
                 session, principal, project_id=project_id, environment_id=environment_id,
@@ -294,19 +295,27 @@ class SecretsService:
         def write(session: Session) -> SecretInfo:
             rows = self._versions(session, project_id, environment_id, name)
             if not rows:
-                raise NotFound(f"secret {name!r} not found in {_scope_text(environment_name)}")
+                raise NotFound(
+                    f"secret {name!r} not found in {_scope_text(environment_name)}",
+                    resource_type="secret", resource_name=name,
+                )
             target = next((r for r in rows if r.version == to_version), None)
             if target is None:
                 raise NotFound(
                     f"secret {name!r} has no version {to_version} (versions 1..{rows[-1].version})",
                     hint="`berth secrets versions` lists them",
+                    resource_type="secret_version", resource_name=f"{name}@{to_version}",
                 )
             if target.deleted:
                 raise FailedPrecondition(
-                    f"version {to_version} of {name!r} is a deletion and holds no value; pick a version that does"
+                    f"version {to_version} of {name!r} is a deletion and holds no value; pick a version that does",
+                    reason="VERSION_IS_DELETION", field="to_version", resource_name=name,
                 )
             if target is rows[-1]:
-                raise FailedPrecondition(f"version {to_version} is already the current version of {name!r}")
+                raise FailedPrecondition(
+                    f"version {to_version} is already the current version of {name!r}",
+                    reason="ALREADY_CURRENT_VERSION", field="to_version", resource_name=name,
+                )
             data_key = self._data_key(session, project_id, create=False)
             if data_key is None:
                 raise crypto.DecryptionFailed(f"project {project_id} has secrets but no data key")
@@ -316,6 +325,7 @@ class SecretsService:
                 raise FailedPrecondition(
                     f"version {to_version} of {name!r} cannot be restored: its value {problem}",
                     hint="set a new value with `berth secrets set`",
+                    reason="VERSION_NOT_RESTORABLE", field="to_version", resource_name=name,
                 )
             row = self._append(
                 session, principal, project_id=project_id, environment_id=environment_id,
@@ -464,6 +474,7 @@ class SecretsService:
             raise NotFound(
                 f"secret {name!r} not found in {_scope_text(environment_name)}",
                 hint="`berth secrets list` shows the secrets of a scope",
+                resource_type="secret", resource_name=name,
             )
         return versions
 

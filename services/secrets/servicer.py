@@ -63,7 +63,8 @@ class EnvironmentDirectory:
             if ref in (env.id, env.name):
                 return env.id, env.name
         raise NotFound(
-            f"environment {ref!r} not found", hint="known environments: " + ", ".join(sorted(e.name for e in envs))
+            f"environment {ref!r} not found", hint="known environments: " + ", ".join(sorted(e.name for e in envs)),
+            resource_type="environment", resource_name=ref,
         )
 
     async def close(self) -> None:
@@ -73,12 +74,15 @@ class EnvironmentDirectory:
 def project_of(principal: Principal, ref: str) -> str:
     """The caller's own project; a reference to any other is refused."""
     if principal.admin:
-        raise PermissionDenied("the admin key only creates projects", hint="use the project's API key")
+        raise PermissionDenied(
+            "the admin key only creates projects", hint="use the project's API key", reason="ADMIN_KEY_NOT_ALLOWED"
+        )
     if not principal.project_id:
         raise InvalidArgument("project is required")
     if ref and ref not in (principal.project_id, principal.project_name):
         raise PermissionDenied(
-            f"your API key belongs to project {principal.project_name!r}, not {ref!r}", hint="use that project's API key"
+            f"your API key belongs to project {principal.project_name!r}, not {ref!r}", hint="use that project's API key",
+            reason="WRONG_PROJECT", metadata={"key_project": principal.project_name},
         )
     return principal.project_id
 

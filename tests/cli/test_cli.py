@@ -114,7 +114,16 @@ def test_promote_rollback_history_shapes(platform, project, image):
     unconfirmed = platform.cli("promote", v1, "--to", "production", "--project", "clishop", "--output", "json",
                                api_key=project, check=False)
     assert unconfirmed.returncode == 5
-    assert json.loads(unconfirmed.stderr)["error"]["code"] == "failed_precondition"
+    error = json.loads(unconfirmed.stderr)["error"]
+    assert error["code"] == "failed_precondition"
+    # The google.rpc.Status details the registry sent, read back by the client;
+    # the hint comes from ErrorInfo.metadata, not the message.
+    assert error["reason"] == "PROTECTED_ENVIRONMENT" and "--yes" in error["hint"] and "--yes" not in error["message"]
+    assert error["resource"] == {"type": "", "name": "production"}
+    bad = platform.cli("deployment", "scale", v1, "--min-replicas", "3", "--max-replicas", "1", "--environment", "staging",
+                       "--project", "clishop", "--output", "json", api_key=project, check=False)
+    bad_error = json.loads(bad.stderr)["error"]
+    assert bad_error["code"] == "invalid_argument" and bad_error["field"] == "min_replicas", bad.stderr
 
 
 def test_secrets_commands(platform, project):

@@ -88,8 +88,10 @@ def test_terminate_and_start(registry):
     assert registry.call("GetDeployment", registry_pb2.GetDeploymentRequest(deployment_id=v1.id), key).image == "app:1"
     with pytest.raises(errors.FailedPrecondition, match="terminated and cannot be promoted"):
         registry.call("Promote", registry_pb2.PromoteRequest(deployment_id=v1.id, target_environment="production", confirm=True), key)
-    with pytest.raises(errors.FailedPrecondition, match="start it first"):
+    with pytest.raises(errors.FailedPrecondition, match="terminated; its replica bounds") as terminated:
         registry.call("AdjustReplicas", registry_pb2.AdjustReplicasRequest(deployment_id=v1.id, environment="staging", delta=1), key)
+    # The hint and the reason travel as details (ErrorInfo), not in the message.
+    assert "start it first" in terminated.value.hint and terminated.value.reason == "DEPLOYMENT_TERMINATED"
     # Terminating twice changes nothing.
     before = registry.service.current_revision()
     registry.call("TerminateDeployment", registry_pb2.TerminateDeploymentRequest(deployment_id=v1.id), key)

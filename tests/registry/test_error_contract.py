@@ -10,6 +10,8 @@ import grpc
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message_factory import GetMessageClass
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -72,7 +74,7 @@ CASES = [
     ("CreateEnvironment", lambda w: R.CreateEnvironmentRequest(name="staging"), "project", C.ALREADY_EXISTS, "'staging' already exists"),
     ("CreateEnvironment", lambda w: R.CreateEnvironmentRequest(project="other", name="x"), "project", C.PERMISSION_DENIED, "belongs to project"),
     ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment=""), "project", C.INVALID_ARGUMENT, "environment is required"),
-    ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment="nope"), "project", C.NOT_FOUND, "'nope' not found.*known environments: preview"),
+    ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment="nope"), "project", C.NOT_FOUND, "'nope' not found"),
     ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment="production"), "project", C.FAILED_PRECONDITION, "protected"),
     ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment="preview"), "project", C.FAILED_PRECONDITION, "points to deployment"),
     ("CreateApiKey", lambda w: R.CreateApiKeyRequest(name=""), "project", C.INVALID_ARGUMENT, "key name is required"),
@@ -84,7 +86,7 @@ CASES = [
     ("RevokeApiKey", lambda w: R.RevokeApiKeyRequest(key="default"), "project", C.FAILED_PRECONDITION, "last active key"),
     ("Deploy", lambda w: R.DeployRequest(image=""), "project", C.INVALID_ARGUMENT, "image is required"),
     ("Deploy", lambda w: R.DeployRequest(image="app:1", environment="nope"), "project", C.NOT_FOUND, "environment 'nope' not found"),
-    ("Deploy", lambda w: R.DeployRequest(image="app:1", environment="production"), "project", C.FAILED_PRECONDITION, "protected.*--yes"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", environment="production"), "project", C.FAILED_PRECONDITION, "protected: moving its pointer needs confirmation"),
     ("Deploy", lambda w: R.DeployRequest(image="app:1", expected_sequence=7), "project", C.ABORTED, "expected sequence 7, it is at 2"),
     ("Deploy", lambda w: R.DeployRequest(image="app:1", expected_sequence=0), "project", C.ABORTED, "expected sequence 0, it is at 2"),
     ("Deploy", lambda w: R.DeployRequest(image="app:1", config=common_pb2.WorkerConfig(resources=common_pb2.Resources(cpus=math.nan))), "project", C.INVALID_ARGUMENT, "cpus must be a finite number"),
@@ -130,6 +132,40 @@ CASES = [
 ]
 
 
+def status_details(exc: grpc.RpcError) -> dict[type, object]:
+    """The details of a failed call's google.rpc.Status, by type."""
+    status = rpc_status.from_call(exc)
+    assert status is not None, f"no google.rpc.Status details: {exc.code()} {exc.details()}"
+    assert status.code == exc.code().value[0] and status.message == exc.details()
+    out: dict[type, object] = {}
+    for any_detail in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
+                    error_details_pb2.PreconditionFailure, error_details_pb2.ResourceInfo):
+            if any_detail.Is(cls.DESCRIPTOR):
+                message = cls()
+                any_detail.Unpack(message)
+                out[cls] = message
+    return out
+
+
+# Hints travel in ErrorInfo.metadata["hint"] (the CLI shows them).
+HINTS = [
+    ("DeleteEnvironment", lambda w: R.DeleteEnvironmentRequest(environment="nope"), "NOT_FOUND", "known environments: preview"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", environment="production"), "PROTECTED_ENVIRONMENT", "--yes"),
+    ("Deploy", lambda w: R.DeployRequest(image="app:1", expected_sequence=7), "SEQUENCE_CONFLICT", "re-read the history"),
+    ("Promote", lambda w: R.PromoteRequest(deployment_id=w.dead, target_environment="staging"), "DEPLOYMENT_TERMINATED", "berth deployment start"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "make", "reason", "hint"), HINTS)
+def test_hints_and_reasons_travel_in_error_info(world, rpc, make, reason, hint):
+    with pytest.raises(grpc.RpcError) as info:
+        getattr(world.registry.stub, rpc)(make(world), metadata=(("x-api-key", world.key),), timeout=10)
+    detail = status_details(info.value)[error_details_pb2.ErrorInfo]
+    assert hint in detail.metadata["hint"] and hint not in info.value.details()
+    assert detail.reason == reason
+
+
 def stub_for(registry: Registry, rpc: str):  # type: ignore[no-untyped-def]
     return registry.internal if rpc in INTERNAL else registry.stub
 
@@ -147,6 +183,25 @@ def test_error_contract(world, rpc, make, who, code, message):
         getattr(stub_for(registry, rpc), rpc)(make(world), metadata=(("x-api-key", key_for(world, who)),), timeout=10)
     assert info.value.code() == code, info.value.details()
     assert re.search(message, info.value.details()), info.value.details()
+    details = status_details(info.value)
+    assert "hint:" not in info.value.details(), "hints travel in ErrorInfo.metadata, not in the message"
+    info_detail = details[error_details_pb2.ErrorInfo]
+    assert info_detail.domain == "berth.dev" and re.fullmatch(r"[A-Z][A-Z0-9_]*", info_detail.reason), info_detail
+    if code == C.INVALID_ARGUMENT:
+        violations = details[error_details_pb2.BadRequest].field_violations
+        assert violations and violations[0].field and violations[0].description, details
+        # The field named is one the message names too (or its parent, for a map entry).
+        assert violations[0].field.split(".")[0] in info.value.details(), (violations[0].field, info.value.details())
+    if code == C.ABORTED:
+        assert info_detail.reason == "SEQUENCE_CONFLICT"
+        history_env = make(world)
+        env_name = getattr(history_env, "environment", "") or getattr(history_env, "target_environment", "") or "preview"
+        entries = registry.call("ListHistory", R.ListHistoryRequest(environment=env_name), world.key).entries
+        assert info_detail.metadata["current_sequence"] == str(max((e.sequence for e in entries), default=0))
+    if code == C.FAILED_PRECONDITION:
+        assert details[error_details_pb2.PreconditionFailure].violations[0].type == info_detail.reason
+    if code == C.NOT_FOUND:
+        assert details[error_details_pb2.ResourceInfo].resource_type, details
     # A refused call changes nothing.
     assert registry.service.current_revision() == revision
     assert registry.call("ListHistory", R.ListHistoryRequest(environment="preview"), world.key).entries == history
@@ -209,6 +264,11 @@ def test_arbitrary_requests_never_get_unknown_or_internal(world, data):
     except grpc.RpcError as exc:
         assert exc.code() not in (C.UNKNOWN, C.INTERNAL), f"{method.name}({request}) -> {exc.code()}: {exc.details()}"
         assert exc.details(), "every error carries a message"
+        if exc.code() != C.DEADLINE_EXCEEDED:
+            details = status_details(exc)
+            assert details[error_details_pb2.ErrorInfo].reason, f"{method.name}({request}): no ErrorInfo reason"
+            if exc.code() == C.ABORTED and details[error_details_pb2.ErrorInfo].reason == "SEQUENCE_CONFLICT":
+                assert details[error_details_pb2.ErrorInfo].metadata["current_sequence"].isdigit()
 
 
 @pytest.mark.parametrize(("path", "who"), [

@@ -8,6 +8,8 @@ import contextlib
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from berth import errors
 from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
@@ -315,6 +317,15 @@ def test_load_reports_from_several_router_processes_add_up(monkeypatch: pytest.M
                     metadata=credentials("svc-token"), timeout=5,
                 )
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # google.rpc.Status details: the field, and an ErrorInfo reason.
+            status = rpc_status.from_call(bad.value)
+            kinds = {d.TypeName(): d for d in status.details}
+            violations = error_details_pb2.BadRequest()
+            kinds["google.rpc.BadRequest"].Unpack(violations)
+            assert violations.field_violations[0].field == "bindings[0].in_flight"
+            info = error_details_pb2.ErrorInfo()
+            kinds["google.rpc.ErrorInfo"].Unpack(info)
+            assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "berth.dev")
 
     try:
         asyncio.run(scenario())

@@ -66,6 +66,40 @@ def test_isolation_and_bad_input(platform):
     assert list(secrets.call("ListSecrets", secrets_pb2.ListSecretsRequest(), key_b).secrets) == []
 
 
+def test_errors_carry_structured_details(platform):
+    """The google.rpc.Status details come back through berth.client into the
+    exception: BadRequest's field, ErrorInfo's reason and hint, ResourceInfo."""
+    registry, secrets, _ = platform
+    registry.create_project("alpha")
+    _, key = registry.create_project("beta")
+    with pytest.raises(errors.InvalidArgument) as bad_name:
+        secrets.call("SetSecret", secrets_pb2.SetSecretRequest(name="1BAD", type="token", value="x"), key)
+    assert (bad_name.value.field, bad_name.value.reason) == ("name", "INVALID_ARGUMENT")
+    assert "environment variable" in bad_name.value.description
+    with pytest.raises(errors.InvalidArgument) as bad_type:
+        secrets.call("SetSecret", secrets_pb2.SetSecretRequest(name="OK", type="weird", value="x"), key)
+    assert bad_type.value.field == "type"
+    with pytest.raises(errors.InvalidArgument) as bad_version:
+        secrets.call("RollbackSecret", secrets_pb2.RollbackSecretRequest(name="OK", to_version=0), key)
+    assert bad_version.value.field == "to_version"
+    with pytest.raises(errors.NotFound) as missing_env:
+        secrets.call("SetSecret", secrets_pb2.SetSecretRequest(name="OK", type="token", value="x", environment="nope"), key)
+    # Raised by the registry, carried through the secrets service unchanged.
+    assert (missing_env.value.reason, missing_env.value.resource_type, missing_env.value.resource_name) == (
+        "NOT_FOUND", "environment", "nope")
+    assert "known environments: preview" in missing_env.value.hint and "hint" not in missing_env.value.message
+    with pytest.raises(errors.NotFound) as missing:
+        secrets.call("DeleteSecret", secrets_pb2.DeleteSecretRequest(name="NOPE"), key)
+    assert (missing.value.resource_type, missing.value.resource_name) == ("secret", "NOPE")
+    assert "berth secrets list" in missing.value.hint
+    with pytest.raises(errors.PermissionDenied) as other:
+        secrets.call("ListSecrets", secrets_pb2.ListSecretsRequest(project="alpha"), key)
+    assert other.value.reason == "WRONG_PROJECT" and other.value.metadata == {"key_project": "beta"}
+    with pytest.raises(errors.Unauthenticated) as nobody:
+        secrets.call("ListSecrets", secrets_pb2.ListSecretsRequest(), "berth_pk_nope")
+    assert nobody.value.reason == "API_KEY_INVALID"
+
+
 def test_tampered_or_moved_ciphertext_fails_loudly(platform):
     registry, secrets, db_url = platform
     project_id, key = registry.create_project("shop")
