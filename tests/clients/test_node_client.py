@@ -198,6 +198,14 @@ def test_node_client_runs_a_ci_pipeline(node_client, platform_with_image):
     assert "dep_000000000000" in messages["unknown_deployment_registry"]
     assert "production" in messages["promote_production_unconfirmed"]
     assert "image" in messages["deploy_empty_image"]
+    # The google.rpc.Status details, decoded by the Node client from grpc-status-details-bin.
+    reasons = {name: answer["reason"] for name, answer in summary["bad_input"].items()}
+    assert all(reasons.values()), reasons
+    assert reasons["promote_production_unconfirmed"] == "PROTECTED_ENVIRONMENT"
+    assert "--yes" in summary["bad_input"]["promote_production_unconfirmed"]["metadata"]["hint"]
+    assert summary["bad_input"]["deploy_empty_image"]["fields"] == ["image"]
+    assert summary["bad_input"]["unknown_deployment_registry"]["details"] == [
+        "type.googleapis.com/google.rpc.ErrorInfo", "type.googleapis.com/google.rpc.ResourceInfo"]
 
     # The secret's value went in and never came back out.
     assert "ci-canary-" not in run.stdout + run.stderr

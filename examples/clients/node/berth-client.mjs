@@ -166,16 +166,51 @@ function fields(buf) {
   }
   return out;
 }
-function statusDetails(err) {
+function anyDetails(err) {
   const raw = err?.metadata?.get?.("grpc-status-details-bin") ?? [];
   if (!raw.length) return [];
+  return fields(Buffer.from(raw[0]))
+    .filter(([number]) => number === 3)
+    .map(([, any]) => {
+      const parts = fields(any);
+      return {
+        type: parts.find(([n]) => n === 1)?.[1]?.toString("utf8") ?? "?",
+        value: parts.find(([n]) => n === 2)?.[1] ?? Buffer.alloc(0),
+      };
+    });
+}
+const text = (parts, number) => parts.find(([n]) => n === number)?.[1]?.toString("utf8") ?? "";
+/** The type names of the google.rpc.Status details an error carried. */
+function statusDetails(err) {
   try {
-    return fields(Buffer.from(raw[0]))
-      .filter(([number]) => number === 3)
-      .map(([, any]) => fields(any).find(([n]) => n === 1)?.[1]?.toString("utf8") ?? "?");
+    return anyDetails(err).map((d) => d.type);
   } catch (decodeError) {
     return [`undecodable: ${decodeError.message}`];
   }
+}
+/** google.rpc.ErrorInfo {reason = 1; domain = 2; map<string, string> metadata = 3}
+ *  and google.rpc.BadRequest {repeated FieldViolation field_violations = 1 {field = 1; description = 2}}. */
+function decodedDetails(err) {
+  const out = { reason: null, domain: null, metadata: {}, field_violations: [] };
+  try {
+    for (const { type, value } of anyDetails(err)) {
+      if (type.endsWith("/google.rpc.ErrorInfo")) {
+        const parts = fields(value);
+        out.reason = text(parts, 1);
+        out.domain = text(parts, 2);
+        for (const [n, entry] of parts) {
+          if (n === 3) out.metadata[text(fields(entry), 1)] = text(fields(entry), 2);
+        }
+      } else if (type.endsWith("/google.rpc.BadRequest")) {
+        for (const [n, violation] of fields(value)) {
+          if (n === 1) out.field_violations.push({ field: text(fields(violation), 1), description: text(fields(violation), 2) });
+        }
+      }
+    }
+  } catch (decodeError) {
+    out.reason = `undecodable: ${decodeError.message}`;
+  }
+  return out;
 }
 
 // ------------------------------------------------------------------ checks
@@ -241,8 +276,10 @@ async function eventually(what, probe, timeoutMs = config.waitMs) {
   }
 }
 
-/** Expects `promise` to fail with `codeName`, its message matching `pattern`. */
-async function expectError(name, promise, codeName, pattern) {
+/** Expects `promise` to fail with `codeName`, its message matching `pattern`,
+ *  carrying an ErrorInfo with a reason (and, when given, `reason` itself; on
+ *  INVALID_ARGUMENT a BadRequest naming `field`). */
+async function expectError(name, promise, codeName, pattern, { reason = null, field = null } = {}) {
   await step(
     name,
     async () => {
@@ -254,9 +291,18 @@ async function expectError(name, promise, codeName, pattern) {
         if (e instanceof Failed) throw e;
         err = e;
       }
-      summary.bad_input[name] = { code: err.codeName, message: err.details, details: statusDetails(err) };
+      const decoded = decodedDetails(err);
+      summary.bad_input[name] = {
+        code: err.codeName, message: err.details, details: statusDetails(err),
+        reason: decoded.reason, metadata: decoded.metadata, fields: decoded.field_violations.map((v) => v.field),
+      };
       assert(err.codeName === codeName, `expected ${codeName}, got ${err.codeName}: ${err.details}`);
       assert(pattern.test(err.details ?? ""), `message ${JSON.stringify(err.details)} does not match ${pattern}`);
+      assert(decoded.reason && decoded.domain === "berth.dev", `no ErrorInfo in the status details: ${JSON.stringify(decoded)}`);
+      if (reason) assert(decoded.reason === reason, `reason ${decoded.reason}, expected ${reason}`);
+      if (field) {
+        assert(decoded.field_violations.some((v) => v.field === field), `no BadRequest naming ${field}: ${JSON.stringify(decoded)}`);
+      }
     },
     { fatal: false },
   );
@@ -488,6 +534,7 @@ async function pipeline() {
     call(registry, "Promote", { project, deployment_id: d2, target_environment: "production" }, key),
     "FAILED_PRECONDITION",
     /production/,
+    { reason: "PROTECTED_ENVIRONMENT" },
   );
   await step(
     "production_unchanged_after_refusal",
@@ -503,6 +550,7 @@ async function pipeline() {
     call(registry, "Deploy", { project, image: "", environment: "preview" }, key),
     "INVALID_ARGUMENT",
     /image/,
+    { field: "image" },
   );
   const wrongKey = `berth_pk_${randomBytes(16).toString("hex")}`;
   await expectError("wrong_key_registry", call(registry, "ListEnvironments", { project }, wrongKey), "UNAUTHENTICATED", /./);
