@@ -15,6 +15,7 @@ from berth import errors
 from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from berth.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.auth import Principal, caller
+from services.common.ids import deployment_not_found_message, validate_deployment_id, validate_reference
 
 from .desired import DesiredTable, is_terminated
 from .events import EventStore
@@ -52,21 +53,42 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._events = events
 
     # -- helpers ------------------------------------------------------------
-    def _authorize(self, principal: Principal, requested_project: str, project_id: str, project_name: str) -> None:
-        names = {project_id, project_name}
-        if principal.project_id == project_id and principal.project_name:
-            names.add(principal.project_name)
-        if requested_project and requested_project not in names - {""}:
-            if principal.admin or principal.service:
-                raise errors.NotFound(
-                    f"deployment not found in project {requested_project!r}",
-                    resource_type="deployment",
-                )
-            raise errors.PermissionDenied("this deployment belongs to another project")
+    @staticmethod
+    def _check_project(principal: Principal, requested_project: str) -> None:
+        """A project key naming another project is refused before anything is
+        looked up, as the registry refuses it (WRONG_PROJECT)."""
+        if requested_project:
+            validate_reference(requested_project, field="project")
+        if principal.admin or principal.service or not requested_project:
+            return
+        if requested_project not in (principal.project_id, principal.project_name):
+            raise errors.PermissionDenied(
+                f"your API key belongs to project {principal.project_name!r}, not {requested_project!r}",
+                hint="use that project's API key",
+                reason="WRONG_PROJECT", metadata={"key_project": principal.project_name},
+            )
+
+    @staticmethod
+    def _not_found(principal: Principal, requested_project: str, deployment_id: str) -> errors.NotFound:
+        """One answer for a deployment that does not exist, is not bound
+        anywhere or is another project's: other tenants' ids are not confirmed."""
+        project = principal.project_name if not (principal.admin or principal.service) else requested_project
+        return errors.NotFound(
+            deployment_not_found_message(deployment_id, project or requested_project),
+            hint="not bound to any environment, or not in this project; list deployments with `berth deployments`",
+            resource_type="deployment", resource_name=deployment_id,
+        )
+
+    def _authorize(
+        self, principal: Principal, requested_project: str, deployment_id: str, project_id: str, project_name: str
+    ) -> None:
+        names = {project_id, project_name} - {""}
+        if requested_project and requested_project not in names:
+            raise self._not_found(principal, requested_project, deployment_id)
         if principal.admin or principal.service:
             return
         if not principal.project_id or principal.project_id != project_id:
-            raise errors.PermissionDenied("this deployment belongs to another project")
+            raise self._not_found(principal, requested_project, deployment_id)
 
     def _latest_deployment_id(self, principal: Principal, requested_project: str) -> str:
         self._require_loaded()
@@ -75,8 +97,6 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 raise errors.InvalidArgument("project: required when deployment_id is empty for this credential")
             mine = [b for b in self._table.bindings() if _names_project(requested_project, b)]
         else:
-            if requested_project and requested_project not in (principal.project_id, principal.project_name):
-                raise errors.PermissionDenied("your API key belongs to another project")
             mine = [b for b in self._table.bindings() if b.project_id == principal.project_id]
         if not mine:
             raise errors.NotFound(
@@ -85,6 +105,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
         latest = max(mine, key=lambda b: (b.deployment.created_at.seconds, b.deployment.created_at.nanos))
         return latest.deployment.id
+
+    def _deployment_id(self, principal: Principal, request_project: str, deployment_id: str) -> str:
+        self._check_project(principal, request_project)
+        if deployment_id:
+            return validate_deployment_id(deployment_id)
+        return self._latest_deployment_id(principal, request_project)
 
     def _require_loaded(self) -> None:
         require_loaded(self._table)
@@ -97,17 +123,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GetDeploymentStatusRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.DeploymentStatus:
         principal = caller()
+        deployment_id = self._deployment_id(principal, request.project, request.deployment_id)
         self._require_loaded()
-        deployment_id = request.deployment_id or self._latest_deployment_id(principal, request.project)
         bindings = self._bindings_of(deployment_id)
         if not bindings:
-            raise errors.NotFound(
-                f"deployment {deployment_id} not found: it is not bound to any environment",
-                hint="list deployments with `berth deployments`",
-                resource_type="deployment", resource_name=deployment_id,
-            )
+            raise self._not_found(principal, request.project, deployment_id)
         first = bindings[0]
-        self._authorize(principal, request.project, first.project_id, first.project_name)
+        self._authorize(principal, request.project, deployment_id, first.project_id, first.project_name)
         views = await self._reconciler.status(deployment_id)
         if request.environment:
             views = [
@@ -147,7 +169,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.ListDeploymentErrorsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListDeploymentErrorsResponse:
         principal = caller()
-        deployment_id = request.deployment_id or self._latest_deployment_id(principal, request.project)
+        deployment_id = self._deployment_id(principal, request.project, request.deployment_id)
         bindings = self._bindings_of(deployment_id)
         if bindings:
             project_id, project_name = bindings[0].project_id, bindings[0].project_name
@@ -155,11 +177,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             # Events outlive bindings: the stored project decides ownership.
             owner = self._events.project_of(deployment_id)
             if owner is None:
-                raise errors.NotFound(
-                    f"deployment {deployment_id} not found", resource_type="deployment", resource_name=deployment_id
-                )
+                raise self._not_found(principal, request.project, deployment_id)
             project_id, project_name = owner, ""
-        self._authorize(principal, request.project, project_id, project_name)
+        self._authorize(principal, request.project, deployment_id, project_id, project_name)
         response = scheduler_pb2.ListDeploymentErrorsResponse()
         for event in self._events.list(deployment_id):
             error = response.errors.add(

@@ -152,7 +152,7 @@ def make_binding(
         environment_id=environment_id or f"env{uuid.uuid4().hex[:8]}",
         environment_name="staging",
         deployment=common_pb2.Deployment(
-            id=deployment_id or f"dep{uuid.uuid4().hex[:8]}",
+            id=deployment_id or f"dep_{uuid.uuid4().hex[:12]}",
             project_id=project_id,
             image=image,
             image_id=image_id,

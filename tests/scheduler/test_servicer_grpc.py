@@ -39,6 +39,27 @@ async def fake_authenticate(api_key: str) -> Principal:
     return KEYS[api_key]
 
 
+def _details(error: grpc.aio.AioRpcError) -> tuple[str, str, str, str]:
+    """(ErrorInfo.reason, BadRequest field, ErrorInfo hint, ResourceInfo type) of a refusal."""
+    status = rpc_status.from_call(error)
+    assert status is not None
+    reason = field = hint = resource_type = ""
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, hint = info.reason, info.metadata.get("hint", "")
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            field = bad.field_violations[0].field
+        elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            resource = error_details_pb2.ResourceInfo()
+            detail.Unpack(resource)
+            resource_type = resource.resource_type
+    return reason, field, hint, resource_type
+
+
 def test_watch_endpoints_and_status_over_grpc(adapter, instance, worker_image):
     tag, image_id = worker_image
     binding = make_binding(image=tag, image_id=image_id, min_replicas=2)
@@ -101,15 +122,54 @@ def test_watch_endpoints_and_status_over_grpc(adapter, instance, worker_image):
                         metadata=credentials("key-other"),
                         timeout=5,
                     )
-                assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                # Another project's deployment is answered as one that does
+                # not exist (the registry's wording): ids are not confirmed.
+                assert other.value.code() == grpc.StatusCode.NOT_FOUND
+                assert other.value.details() == f"deployment {dep!r} not found in project 'other'"
+                with pytest.raises(grpc.aio.AioRpcError) as absent:
+                    await stub.GetDeploymentStatus(
+                        scheduler_pb2.GetDeploymentStatusRequest(deployment_id="dep_0123456789ab"),
+                        metadata=credentials("key-other"),
+                        timeout=5,
+                    )
+                assert absent.value.code() == grpc.StatusCode.NOT_FOUND
+                assert absent.value.details() == "deployment 'dep_0123456789ab' not found in project 'other'"
+                assert _details(absent.value)[1:] == _details(other.value)[1:]  # same reason, hint, resource type
+                with pytest.raises(grpc.aio.AioRpcError) as other_errors:
+                    await stub.ListDeploymentErrors(
+                        scheduler_pb2.ListDeploymentErrorsRequest(deployment_id=dep),
+                        metadata=credentials("key-other"),
+                        timeout=5,
+                    )
+                assert other_errors.value.code() == grpc.StatusCode.NOT_FOUND
+                assert other_errors.value.details() == f"deployment {dep!r} not found in project 'other'"
                 with pytest.raises(grpc.aio.AioRpcError) as missing:
                     await stub.ListDeploymentErrors(
-                        scheduler_pb2.ListDeploymentErrorsRequest(deployment_id="no-such-deployment"),
+                        scheduler_pb2.ListDeploymentErrorsRequest(deployment_id="dep_0123456789ab"),
                         metadata=credentials("key-owner"),
                         timeout=5,
                     )
                 assert missing.value.code() == grpc.StatusCode.NOT_FOUND
-                assert "no-such-deployment" in (missing.value.details() or "")
+                assert missing.value.details() == "deployment 'dep_0123456789ab' not found in project 'shop'"
+                # A malformed id is the caller's mistake: INVALID_ID naming the field.
+                for method, request_type in (
+                    (stub.GetDeploymentStatus, scheduler_pb2.GetDeploymentStatusRequest),
+                    (stub.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest),
+                ):
+                    for bad in ("no-such-deployment", "dep_0123", "dep_0123456789AB", "dep_0123456789abc"):
+                        with pytest.raises(grpc.aio.AioRpcError) as malformed:
+                            await method(request_type(deployment_id=bad), metadata=credentials("key-owner"), timeout=5)
+                        assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                        reason, field = _details(malformed.value)[:2]
+                        assert (reason, field) == ("INVALID_ID", "deployment_id")
+                # A project key naming another project: WRONG_PROJECT, as in the registry.
+                with pytest.raises(grpc.aio.AioRpcError) as wrong:
+                    await stub.GetDeploymentStatus(
+                        scheduler_pb2.GetDeploymentStatusRequest(deployment_id=dep, project="shop"),
+                        metadata=credentials("key-other"), timeout=5,
+                    )
+                assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert _details(wrong.value)[0] == "WRONG_PROJECT"
                 errs = await stub.ListDeploymentErrors(
                     scheduler_pb2.ListDeploymentErrorsRequest(deployment_id=dep), metadata=credentials("key-owner"),
                     timeout=5,
@@ -360,7 +420,7 @@ def test_before_the_bindings_are_loaded_status_is_unavailable_and_health_not_ser
 
                 assert await health_status() == health_pb2.HealthCheckResponse.NOT_SERVING
                 for call in (
-                    stub.GetDeploymentStatus(scheduler_pb2.GetDeploymentStatusRequest(deployment_id="dep-1"),
+                    stub.GetDeploymentStatus(scheduler_pb2.GetDeploymentStatusRequest(deployment_id="dep_00000000000a"),
                                              metadata=credentials("key-owner"), timeout=5),
                     internal.Activate(scheduler_internal_pb2.ActivateRequest(environment_id="env-1", deployment_id="dep-1"),
                                       metadata=credentials("svc-token"), timeout=5),
@@ -374,7 +434,7 @@ def test_before_the_bindings_are_loaded_status_is_unavailable_and_health_not_ser
                 await server.set_serving()
                 assert await health_status() == health_pb2.HealthCheckResponse.SERVING
                 with pytest.raises(grpc.aio.AioRpcError) as unknown:
-                    await stub.GetDeploymentStatus(scheduler_pb2.GetDeploymentStatusRequest(deployment_id="dep-1"),
+                    await stub.GetDeploymentStatus(scheduler_pb2.GetDeploymentStatusRequest(deployment_id="dep_00000000000a"),
                                                    metadata=credentials("key-owner"), timeout=5)
                 assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
         finally:
