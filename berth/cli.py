@@ -695,7 +695,7 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
 def deployments_list(ctx: Ctx, environment: str) -> None:
     """The project's deployments, newest first."""
     c = ctx.client()
-    deps = c.call(c.registry.ListDeployments, registry_pb2.ListDeploymentsRequest(project=ctx.project, environment=environment)).deployments
+    deps = c.list_all(c.registry.ListDeployments, registry_pb2.ListDeploymentsRequest(project=ctx.project, environment=environment), "deployments")
 
     def human() -> None:
         t = table("DEPLOYMENT", "IMAGE", "STATE", "CREATED", "BY")
@@ -716,7 +716,7 @@ def deployment() -> None:
 
 def latest_deployment_id(ctx: Ctx) -> str:
     c = ctx.client()
-    deps = c.call(c.registry.ListDeployments, registry_pb2.ListDeploymentsRequest(project=ctx.project)).deployments
+    deps = c.call(c.registry.ListDeployments, registry_pb2.ListDeploymentsRequest(project=ctx.project, page_size=1)).deployments
     if not deps:
         raise errors.NotFound("this project has no deployments yet", hint="berth deploy PATH")
     return deps[0].id
@@ -943,7 +943,7 @@ def rollback(ctx: Ctx, environment: str, target: str, reason: str, yes: bool, wa
     """
     env = find_environment(ctx, environment)
     c = ctx.client()
-    entries = c.call(c.registry.ListHistory, registry_pb2.ListHistoryRequest(project=ctx.project, environment=env.id)).entries
+    entries = c.list_all(c.registry.ListHistory, registry_pb2.ListHistoryRequest(project=ctx.project, environment=env.id), "entries")
     if target:
         target_id = target if any(h.deployment_id == target for h in entries) else ""
     else:  # what the registry picks: the deployment the newest entry moved away from
@@ -970,7 +970,7 @@ def rollback(ctx: Ctx, environment: str, target: str, reason: str, yes: bool, wa
 def history(ctx: Ctx, environment: str) -> None:
     """The promotion history of an environment, oldest first."""
     c = ctx.client()
-    entries = c.call(c.registry.ListHistory, registry_pb2.ListHistoryRequest(project=ctx.project, environment=environment)).entries
+    entries = c.list_all(c.registry.ListHistory, registry_pb2.ListHistoryRequest(project=ctx.project, environment=environment), "entries")
     rows = [entry_json(h) for h in entries]
 
     def human() -> None:

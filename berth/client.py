@@ -120,6 +120,20 @@ class Client:
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
 
+    def list_all(self, method, request, field: str, *, page_size: int = 0) -> list:  # type: ignore[no-untyped-def]
+        """Every item of a paginated List RPC: follows ``next_page_token``
+        until it is empty and returns the ``field`` items of all pages in
+        order."""
+        items: list = []
+        request.page_size = page_size
+        request.page_token = ""
+        while True:
+            response = self.call(method, request)
+            items.extend(getattr(response, field))
+            if not response.next_page_token:
+                return items
+            request.page_token = response.next_page_token
+
     def close(self) -> None:
         for ch in self._channels.values():
             ch.close()

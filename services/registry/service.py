@@ -31,9 +31,10 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,6 +49,7 @@ from berth.errors import (
     Unavailable,
 )
 from berth.v1 import common_pb2
+from services.common import paging
 from services.common.auth import PROJECT_KEY_PREFIX, Principal, hash_key, new_key
 from services.registry import convert, domain
 from services.registry.changes import Change, ChangeHub
@@ -929,27 +931,60 @@ class RegistryService:
             return convert.deployment(self._deployment(session, project, deployment_id))
 
     def list_deployments(
-        self, principal: Principal, project_ref: str, environment_ref: str
-    ) -> list[common_pb2.Deployment]:
+        self, principal: Principal, project_ref: str, environment_ref: str, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[common_pb2.Deployment], str]:
+        """Newest first (``created_at`` descending, then ``id``), one page read
+        with a keyset after the token's last (created_at, id)."""
+        size = paging.page_size(page_size)
         with self._read() as session:
             project = self._project(session, principal, project_ref)
             query = select(DeploymentRow).where(DeploymentRow.project_id == project.id)
+            env_id = ""
             if environment_ref:
                 env = self._environment(session, project, environment_ref)
+                env_id = env.id
                 query = query.join(BindingRow, BindingRow.deployment_id == DeploymentRow.id).where(
                     BindingRow.environment_id == env.id
                 )
-            rows = session.execute(query.order_by(DeploymentRow.created_at.desc(), DeploymentRow.id)).scalars()
-            return [convert.deployment(row) for row in rows]
+            scope = f"ListDeployments/{project.id}/{env_id}"
+            after = paging.decode_token(page_token, scope)
+            if after is not None:
+                try:
+                    created_at, last_id = datetime.fromisoformat(after[0]), str(after[1])
+                except (IndexError, TypeError, ValueError):
+                    raise paging.bad_token() from None
+                query = query.where(
+                    or_(
+                        DeploymentRow.created_at < created_at,
+                        and_(DeploymentRow.created_at == created_at, DeploymentRow.id > last_id),
+                    )
+                )
+            rows = session.execute(
+                query.order_by(DeploymentRow.created_at.desc(), DeploymentRow.id).limit(size + 1)
+            ).scalars().all()
+            page, more = paging.split(rows, size)
+            token = paging.encode_token(scope, [page[-1].created_at.isoformat(), page[-1].id]) if more else ""
+            return [convert.deployment(row) for row in page], token
 
-    def list_history(self, principal: Principal, project_ref: str, environment_ref: str) -> list[common_pb2.HistoryEntry]:
+    def list_history(
+        self, principal: Principal, project_ref: str, environment_ref: str, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[common_pb2.HistoryEntry], str]:
+        """Oldest first (by sequence, unique per environment)."""
+        size = paging.page_size(page_size)
         with self._read() as session:
             project = self._project(session, principal, project_ref)
             env = self._environment(session, project, environment_ref)
-            rows = session.execute(
-                select(HistoryRow).where(HistoryRow.environment_id == env.id).order_by(HistoryRow.sequence)
-            ).scalars()
-            return [convert.history_entry(row) for row in rows]
+            scope = f"ListHistory/{project.id}/{env.id}"
+            after = paging.decode_token(page_token, scope)
+            query = select(HistoryRow).where(HistoryRow.environment_id == env.id)
+            if after is not None:
+                if len(after) != 1 or not isinstance(after[0], int):
+                    raise paging.bad_token()
+                query = query.where(HistoryRow.sequence > after[0])
+            rows = session.execute(query.order_by(HistoryRow.sequence).limit(size + 1)).scalars().all()
+            page, more = paging.split(rows, size)
+            token = paging.encode_token(scope, [page[-1].sequence]) if more else ""
+            return [convert.history_entry(row) for row in page], token
 
     def resolve_image(self, principal: Principal, deployment_id: str, image_id: str) -> common_pb2.Deployment:
         if not principal.service:

@@ -145,8 +145,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return await asyncio.to_thread(self._service.get_deployment, caller(), request.project, request.deployment_id)
 
     async def ListDeployments(self, request, context):  # type: ignore[no-untyped-def]
-        deps = await asyncio.to_thread(self._service.list_deployments, caller(), request.project, request.environment)
-        return registry_pb2.ListDeploymentsResponse(deployments=deps)
+        principal = caller()
+        deps, token = await asyncio.to_thread(
+            lambda: self._service.list_deployments(
+                principal, request.project, request.environment,
+                page_size=request.page_size, page_token=request.page_token,
+            )
+        )
+        return registry_pb2.ListDeploymentsResponse(deployments=deps, next_page_token=token)
 
     async def Promote(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()
@@ -184,8 +190,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return registry_pb2.PointerMoveResponse(environment=move.environment, entry=move.entry)
 
     async def ListHistory(self, request, context):  # type: ignore[no-untyped-def]
-        entries = await asyncio.to_thread(self._service.list_history, caller(), request.project, request.environment)
-        return registry_pb2.ListHistoryResponse(entries=entries)
+        principal = caller()
+        entries, token = await asyncio.to_thread(
+            lambda: self._service.list_history(
+                principal, request.project, request.environment,
+                page_size=request.page_size, page_token=request.page_token,
+            )
+        )
+        return registry_pb2.ListHistoryResponse(entries=entries, next_page_token=token)
 
 
 def _event(change: Change) -> registry_internal_pb2.WatchEvent:

@@ -120,6 +120,21 @@ def bad(field: str, why: str) -> ApiError:
     return ApiError(400, "invalid_argument", f"{field}: {why}")
 
 
+def page(call: Call) -> dict[str, Any]:
+    """``page_size`` and ``page_token`` of a list request's query string;
+    the service checks their values (a negative size, a bad token: 400)."""
+    raw = call.query.get("page_size", "").strip()
+    size = 0
+    if raw:
+        try:
+            size = int(raw)
+        except ValueError:
+            raise bad("page_size", "must be an integer") from None
+        if not -(2**31) <= size < 2**31:
+            raise bad("page_size", "is out of range (at most 1000 are returned)")
+    return {"page_size": size, "page_token": call.query.get("page_token", "")}
+
+
 # --------------------------------------------------------------------------
 # Input: bodies described once, validated here and documented in OpenAPI
 # --------------------------------------------------------------------------
@@ -534,9 +549,10 @@ class RestApi:
         return json_response(200, {"deployment": deployment_json(d)})
 
     async def list_deployments(self, call: Call) -> PlatformResponse:
-        request = registry_pb2.ListDeploymentsRequest(environment=call.query.get("environment_id", ""))
+        request = registry_pb2.ListDeploymentsRequest(environment=call.query.get("environment_id", ""), **page(call))
         found = await self.rpc("registry", self.services.registry.ListDeployments, request, call.api_key, retry=True)
-        return json_response(200, {"deployments": [deployment_json(d) for d in found.deployments]})
+        return json_response(200, {"deployments": [deployment_json(d) for d in found.deployments],
+                                   "next_page_token": found.next_page_token})
 
     async def get_deployment(self, call: Call) -> PlatformResponse:
         request = registry_pb2.GetDeploymentRequest(deployment_id=call.params["id"])
@@ -562,9 +578,10 @@ class RestApi:
         return json_response(200, {"environments": [environment_json(e) for e in found.environments]})
 
     async def promotions(self, call: Call) -> PlatformResponse:
-        request = registry_pb2.ListHistoryRequest(environment=call.params["id"])
+        request = registry_pb2.ListHistoryRequest(environment=call.params["id"], **page(call))
         found = await self.rpc("registry", self.services.registry.ListHistory, request, call.api_key, retry=True)
-        return json_response(200, {"environment": call.params["id"], "entries": [entry_json(h) for h in found.entries]})
+        return json_response(200, {"environment": call.params["id"], "entries": [entry_json(h) for h in found.entries],
+                                   "next_page_token": found.next_page_token})
 
     async def list_secrets(self, call: Call) -> PlatformResponse:
         request = secrets_pb2.ListSecretsRequest(environment=call.query.get("environment_id", ""))
@@ -601,6 +618,10 @@ def _match(template: list[str], segments: list[str]) -> dict[str, str] | None:
 
 
 ENVIRONMENT_QUERY = (("environment_id", "only what concerns this environment (" + ENV_FIELD_DOC + ")"),)
+PAGE_QUERY = (
+    ("page_size", "items per page: 0 or absent means 100, at most 1000"),
+    ("page_token", "next_page_token of the previous page (absent for the first)"),
+)
 OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/openapi.json", RestApi.openapi, "getOpenApi", "This document", auth=False),
     Operation("POST", "/deployments/promote", RestApi.promote, "promote",
@@ -619,8 +640,9 @@ OPERATIONS: tuple[Operation, ...] = (
               response="DeploymentResult"),
     Operation("POST", "/deployments/{id}/start", RestApi.start, "start",
               "Bring a terminated deployment's bindings back to their bounds", EMPTY, response="DeploymentResult"),
-    Operation("GET", "/deployments", RestApi.list_deployments, "listDeployments", "Deployments of the project",
-              query=ENVIRONMENT_QUERY, response="DeploymentList"),
+    Operation("GET", "/deployments", RestApi.list_deployments, "listDeployments",
+              "Deployments of the project, newest first, one page at a time",
+              query=ENVIRONMENT_QUERY + PAGE_QUERY, response="DeploymentList"),
     Operation("GET", "/deployments/{id}", RestApi.get_deployment, "getDeployment", "One deployment",
               response="Deployment"),
     Operation("GET", "/deployments/{id}/status", RestApi.deployment_status, "getDeploymentStatus",
@@ -635,7 +657,8 @@ OPERATIONS: tuple[Operation, ...] = (
               "Delete an environment (with force, also one that points somewhere, with its bindings and history)",
               DELETE_ENVIRONMENT, response="EnvironmentResult"),
     Operation("GET", "/environments/{id}/promotions", RestApi.promotions, "listPromotions",
-              "Promotion history of an environment (" + ENV_FIELD_DOC + ")", response="History"),
+              "Promotion history of an environment (" + ENV_FIELD_DOC + "), oldest first, one page at a time",
+              query=PAGE_QUERY, response="History"),
     Operation("GET", "/secrets", RestApi.list_secrets, "listSecrets",
               "Secrets (never their values); with environment_id, what that environment resolves",
               query=ENVIRONMENT_QUERY, response="SecretList"),

@@ -11,6 +11,7 @@ from services.router import api
 
 STRING = {"type": "string"}
 INTEGER = {"type": "integer"}
+PAGE_TOKEN = {"type": "string", "description": "pass as page_token for the next page; empty on the last page"}
 BOOLEAN = {"type": "boolean"}
 TIME = {"type": "string", "description": "RFC 3339 time; empty when unknown"}
 
@@ -122,14 +123,14 @@ SCHEMAS: dict[str, Any] = {
     }),
     "BindingResult": obj({"binding": ref("Binding")}),
     "DeploymentResult": obj({"deployment": ref("Deployment")}),
-    "DeploymentList": obj({"deployments": array(ref("Deployment"))}),
+    "DeploymentList": obj({"deployments": array(ref("Deployment")), "next_page_token": PAGE_TOKEN}),
     "DeploymentStatus": {
         "allOf": [ref("Deployment"), obj({"bindings": array(ref("BindingStatus"))})],
     },
     "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError"))}),
     "EnvironmentList": obj({"environments": array(ref("Environment"))}),
     "EnvironmentResult": obj({"environment": ref("Environment")}),
-    "History": obj({"environment": STRING, "entries": array(ref("HistoryEntry"))}),
+    "History": obj({"environment": STRING, "entries": array(ref("HistoryEntry")), "next_page_token": PAGE_TOKEN}),
     "SecretList": obj({"secrets": array(ref("Secret"))}),
     "SecretResult": obj({"secret": ref("Secret")}),
 }
@@ -167,7 +168,8 @@ def _operation(op: api.Operation) -> dict[str, Any]:
         for s in op.segments if s.startswith("{")
     ]
     parameters += [
-        {"name": name, "in": "query", "required": False, "schema": STRING, "description": description}
+        {"name": name, "in": "query", "required": False,
+         "schema": INTEGER if name == "page_size" else STRING, "description": description}
         for name, description in op.query
     ]
     if parameters:

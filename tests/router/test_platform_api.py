@@ -174,6 +174,36 @@ class Answer:
     served_by: str  # what the worker says it is
 
 
+def test_rest_lists_page_with_page_size_and_page_token(shop: Shop) -> None:
+    first = shop.ok("GET", "/deployments", params={"page_size": 1})
+    assert [d["id"] for d in first["deployments"]] == [shop.v2] and first["next_page_token"]
+    second = shop.ok("GET", "/deployments", params={"page_size": "1", "page_token": first["next_page_token"]})
+    assert [d["id"] for d in second["deployments"]] == [shop.v1] and second["next_page_token"] == ""
+    whole = shop.ok("GET", "/deployments")
+    assert [d["id"] for d in whole["deployments"]] == [shop.v2, shop.v1] and whole["next_page_token"] == ""
+
+    entries: list[int] = []
+    token = ""
+    while True:
+        page = shop.ok("GET", f"/environments/{ENV}/promotions", params={"page_size": 2, "page_token": token})
+        assert len(page["entries"]) <= 2
+        entries += [e["sequence"] for e in page["entries"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert entries == [1, 2, 3]
+
+    for params, field_name in (({"page_size": "-1"}, "page_size"), ({"page_size": "ten"}, "page_size"),
+                               ({"page_token": "garbage!"}, "page_token"),
+                               ({"page_token": first["next_page_token"], "environment_id": ENV}, "page_token")):
+        resp = shop.call("GET", "/deployments", params=params)
+        assert resp.status_code == 400, (params, resp.text)
+        assert resp.json()["error"]["code"] == "invalid_argument" and field_name in resp.json()["error"]["message"]
+    # Another project's token is refused too.
+    foreign = shop.call("GET", "/deployments", key=shop.other_key, params={"page_token": first["next_page_token"]})
+    assert foreign.status_code == 400 and "page_token" in foreign.json()["error"]["message"]
+
+
 def test_prober_zero_downtime_with_moves_and_scale_down(shop: Shop) -> None:
     total, concurrency, moves = 2000, 32, 10
     answers: list[Answer] = []
