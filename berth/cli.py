@@ -550,8 +550,9 @@ def binding_reason(ctx: Ctx, deployment_id: str, environment_id: str, patience: 
     c = ctx.client()
     deadline = time.monotonic() + patience
     while True:
-        found = c.call(c.scheduler.ListDeploymentErrors,
-                       scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id)).errors
+        found = c.list_all(c.scheduler.ListDeploymentErrors,
+                           scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id),
+                           "errors")
         mine = [e for e in found if e.environment_id == environment_id]
         if mine or time.monotonic() >= deadline:
             candidates = mine or list(found)
@@ -785,7 +786,7 @@ def deployment_errors(ctx: Ctx, deployment_id: str | None) -> None:
     """Scheduling failures and image-pull errors of a deployment."""
     c = ctx.client()
     deployment_id = deployment_id or latest_deployment_id(ctx)
-    found = c.call(c.scheduler.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id)).errors
+    found = c.list_all(c.scheduler.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id), "errors")
     rows = [error_json(e) for e in found]
 
     def human() -> None:
@@ -1044,7 +1045,7 @@ def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: b
 @command
 def secrets_list(ctx: Ctx, environment: str) -> None:
     c = ctx.client()
-    found = c.call(c.secrets.ListSecrets, secrets_pb2.ListSecretsRequest(project=ctx.project, environment=environment)).secrets
+    found = c.list_all(c.secrets.ListSecrets, secrets_pb2.ListSecretsRequest(project=ctx.project, environment=environment), "secrets")
     rows = [secret_json(s) for s in found]
 
     def human() -> None:
@@ -1073,7 +1074,7 @@ def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
 def secrets_versions(ctx: Ctx, name: str, environment: str) -> None:
     """Every version of a secret (never the values)."""
     c = ctx.client()
-    found = c.call(c.secrets.ListSecretVersions, secrets_pb2.ListSecretVersionsRequest(project=ctx.project, name=name, environment=environment)).versions
+    found = c.list_all(c.secrets.ListSecretVersions, secrets_pb2.ListSecretVersionsRequest(project=ctx.project, name=name, environment=environment), "versions")
     rows = [secret_json(v) for v in found]
 
     def human() -> None:

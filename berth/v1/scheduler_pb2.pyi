@@ -65,12 +65,16 @@ class DeploymentStatus(_message.Message):
     def __init__(self, deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., bindings: _Optional[_Iterable[_Union[BindingStatus, _Mapping]]] = ...) -> None: ...
 
 class ListDeploymentErrorsRequest(_message.Message):
-    __slots__ = ("project", "deployment_id")
+    __slots__ = ("project", "deployment_id", "page_size", "page_token")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     project: str
     deployment_id: str
-    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class DeploymentError(_message.Message):
     __slots__ = ("kind", "message", "deployment_id", "environment_id", "environment", "replica", "count", "first_seen", "last_seen")
@@ -95,7 +99,9 @@ class DeploymentError(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., replica: _Optional[str] = ..., count: _Optional[int] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListDeploymentErrorsResponse(_message.Message):
-    __slots__ = ("errors",)
+    __slots__ = ("errors", "next_page_token")
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     errors: _containers.RepeatedCompositeFieldContainer[DeploymentError]
-    def __init__(self, errors: _Optional[_Iterable[_Union[DeploymentError, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, errors: _Optional[_Iterable[_Union[DeploymentError, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -46,18 +46,24 @@ class SetSecretRequest(_message.Message):
     def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., value: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
 
 class ListSecretsRequest(_message.Message):
-    __slots__ = ("project", "environment")
+    __slots__ = ("project", "environment", "page_size", "page_token")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     project: str
     environment: str
-    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListSecretsResponse(_message.Message):
-    __slots__ = ("secrets",)
+    __slots__ = ("secrets", "next_page_token")
     SECRETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     secrets: _containers.RepeatedCompositeFieldContainer[SecretInfo]
-    def __init__(self, secrets: _Optional[_Iterable[_Union[SecretInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, secrets: _Optional[_Iterable[_Union[SecretInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteSecretRequest(_message.Message):
     __slots__ = ("project", "name", "environment")
@@ -76,20 +82,26 @@ class DeleteSecretResponse(_message.Message):
     def __init__(self, secret: _Optional[_Union[SecretInfo, _Mapping]] = ...) -> None: ...
 
 class ListSecretVersionsRequest(_message.Message):
-    __slots__ = ("project", "name", "environment")
+    __slots__ = ("project", "name", "environment", "page_size", "page_token")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     project: str
     name: str
     environment: str
-    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., environment: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListSecretVersionsResponse(_message.Message):
-    __slots__ = ("versions",)
+    __slots__ = ("versions", "next_page_token")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     versions: _containers.RepeatedCompositeFieldContainer[SecretInfo]
-    def __init__(self, versions: _Optional[_Iterable[_Union[SecretInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, versions: _Optional[_Iterable[_Union[SecretInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class RollbackSecretRequest(_message.Message):
     __slots__ = ("project", "name", "environment", "to_version")

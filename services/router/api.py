@@ -567,10 +567,11 @@ class RestApi:
         return json_response(200, status_json(s))
 
     async def deployment_errors(self, call: Call) -> PlatformResponse:
-        request = scheduler_pb2.ListDeploymentErrorsRequest(deployment_id=call.params["id"])
+        request = scheduler_pb2.ListDeploymentErrorsRequest(deployment_id=call.params["id"], **page(call))
         found = await self.rpc("scheduler", self.services.scheduler.ListDeploymentErrors, request, call.api_key,
                                retry=True)
-        return json_response(200, {"deployment_id": call.params["id"], "errors": [error_json(e) for e in found.errors]})
+        return json_response(200, {"deployment_id": call.params["id"], "errors": [error_json(e) for e in found.errors],
+                                   "next_page_token": found.next_page_token})
 
     async def list_environments(self, call: Call) -> PlatformResponse:
         found = await self.rpc("registry", self.services.registry.ListEnvironments,
@@ -584,9 +585,10 @@ class RestApi:
                                    "next_page_token": found.next_page_token})
 
     async def list_secrets(self, call: Call) -> PlatformResponse:
-        request = secrets_pb2.ListSecretsRequest(environment=call.query.get("environment_id", ""))
+        request = secrets_pb2.ListSecretsRequest(environment=call.query.get("environment_id", ""), **page(call))
         found = await self.rpc("secrets", self.services.secrets.ListSecrets, request, call.api_key, retry=True)
-        return json_response(200, {"secrets": [secret_json(s) for s in found.secrets]})
+        return json_response(200, {"secrets": [secret_json(s) for s in found.secrets],
+                                   "next_page_token": found.next_page_token})
 
     async def put_secret(self, call: Call) -> PlatformResponse:
         b = PUT_SECRET.parse(call.body)
@@ -648,7 +650,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/deployments/{id}/status", RestApi.deployment_status, "getDeploymentStatus",
               "Bindings and replicas of a deployment", query=ENVIRONMENT_QUERY, response="DeploymentStatus"),
     Operation("GET", "/deployments/{id}/errors", RestApi.deployment_errors, "listDeploymentErrors",
-              "Folded scheduling, pull, crash and health errors", response="DeploymentErrors"),
+              "Folded scheduling, pull, crash and health errors, most recently seen first, one page at a time",
+              query=PAGE_QUERY, response="DeploymentErrors"),
     Operation("GET", "/environments", RestApi.list_environments, "listEnvironments",
               "Environments of the project", response="EnvironmentList"),
     Operation("POST", "/environments", RestApi.create_environment, "createEnvironment",
@@ -660,8 +663,9 @@ OPERATIONS: tuple[Operation, ...] = (
               "Promotion history of an environment (" + ENV_FIELD_DOC + "), oldest first, one page at a time",
               query=PAGE_QUERY, response="History"),
     Operation("GET", "/secrets", RestApi.list_secrets, "listSecrets",
-              "Secrets (never their values); with environment_id, what that environment resolves",
-              query=ENVIRONMENT_QUERY, response="SecretList"),
+              "Secrets (never their values) by name, one page at a time; with environment_id, what that "
+              "environment resolves",
+              query=ENVIRONMENT_QUERY + PAGE_QUERY, response="SecretList"),
     Operation("PUT", "/secrets", RestApi.put_secret, "putSecret", "Set a secret (a new version)", PUT_SECRET,
               response="SecretResult"),
 )

@@ -127,11 +127,12 @@ SCHEMAS: dict[str, Any] = {
     "DeploymentStatus": {
         "allOf": [ref("Deployment"), obj({"bindings": array(ref("BindingStatus"))})],
     },
-    "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError"))}),
+    "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError")),
+                             "next_page_token": PAGE_TOKEN}),
     "EnvironmentList": obj({"environments": array(ref("Environment"))}),
     "EnvironmentResult": obj({"environment": ref("Environment")}),
     "History": obj({"environment": STRING, "entries": array(ref("HistoryEntry")), "next_page_token": PAGE_TOKEN}),
-    "SecretList": obj({"secrets": array(ref("Secret"))}),
+    "SecretList": obj({"secrets": array(ref("Secret")), "next_page_token": PAGE_TOKEN}),
     "SecretResult": obj({"secret": ref("Secret")}),
 }
 

@@ -19,12 +19,12 @@ import os
 import pathlib
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from sqlalchemy import DateTime, Engine, Integer, String, Text, UniqueConstraint, create_engine, select
+from sqlalchemy import DateTime, Engine, Integer, String, Text, UniqueConstraint, and_, create_engine, or_, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
@@ -238,12 +238,26 @@ class EventStore:
                 row.message = message
 
     def list(self, deployment_id: str) -> list[Event]:
+        return [event for event, _ in self.page(deployment_id)]
+
+    def page(
+        self, deployment_id: str, *, after: tuple[str, int] | None = None, limit: int | None = None
+    ) -> Sequence[tuple[Event, tuple[str, int]]]:
+        """A deployment's events, most recently seen first (then by id), each
+        with its keyset key; ``after`` a key, at most ``limit`` of them."""
         with Session(self._engine) as session:
-            rows = session.scalars(
-                select(_EventRow).where(_EventRow.deployment_id == deployment_id).order_by(_EventRow.last_seen.desc())
-            ).all()
+            query = select(_EventRow).where(_EventRow.deployment_id == deployment_id)
+            if after is not None:
+                last_seen = datetime.fromisoformat(after[0])
+                query = query.where(
+                    or_(_EventRow.last_seen < last_seen, and_(_EventRow.last_seen == last_seen, _EventRow.id > after[1]))
+                )
+            query = query.order_by(_EventRow.last_seen.desc(), _EventRow.id)
+            if limit is not None:
+                query = query.limit(limit)
+            rows = session.scalars(query).all()
             return [
-                Event(
+                (Event(
                     kind=r.kind,
                     message=r.message,
                     project_id=r.project_id,
@@ -254,7 +268,7 @@ class EventStore:
                     count=r.count,
                     first_seen=_utc(r.first_seen),
                     last_seen=_utc(r.last_seen),
-                )
+                ), (r.last_seen.isoformat(), r.id))
                 for r in rows
             ]
 

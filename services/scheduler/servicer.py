@@ -14,6 +14,7 @@ from google.protobuf import timestamp_pb2
 from berth import errors
 from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from berth.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common import paging
 from services.common.auth import Principal, caller
 from services.common.ids import deployment_not_found_message, validate_deployment_id, validate_reference
 
@@ -180,8 +181,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 raise self._not_found(principal, request.project, deployment_id)
             project_id, project_name = owner, ""
         self._authorize(principal, request.project, deployment_id, project_id, project_name)
-        response = scheduler_pb2.ListDeploymentErrorsResponse()
-        for event in self._events.list(deployment_id):
+        size = paging.page_size(request.page_size)
+        scope = f"ListDeploymentErrors/{project_id}/{deployment_id}"
+        after = paging.decode_token(request.page_token, scope)
+        if after is not None and (
+            len(after) != 2 or not isinstance(after[0], str) or not isinstance(after[1], int)
+        ):
+            raise paging.bad_token()
+        try:
+            found = self._events.page(
+                deployment_id, after=(after[0], after[1]) if after is not None else None, limit=size + 1
+            )
+        except ValueError:  # a last_seen that is no time
+            raise paging.bad_token() from None
+        page, more = paging.split(found, size)
+        response = scheduler_pb2.ListDeploymentErrorsResponse(
+            next_page_token=paging.encode_token(scope, list(page[-1][1])) if more else ""
+        )
+        for event, _ in page:
             error = response.errors.add(
                 kind=event.kind,
                 message=event.message,

@@ -9,6 +9,7 @@ so versions only grow and the history stays listable after a deletion.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import re
@@ -24,6 +25,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from berth.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from services.common import paging
 from services.common.auth import Principal
 from services.secrets import crypto, limits
 from services.secrets.storage import DataKeyRow, SecretVersionRow
@@ -426,57 +428,83 @@ class SecretsService:
             )
         ).scalar()
 
-    def _latest(self, project_id: str, environment_ids: set[str]) -> list[SecretInfo]:
-        """Latest version of every live (not deleted) secret in the given
-        scopes ("" = project)."""
-
-        def read(session: Session) -> list[SecretInfo]:
-            rows = session.execute(
-                select(SecretVersionRow)
-                .where(SecretVersionRow.project_id == project_id, SecretVersionRow.environment_id.in_(environment_ids))
-                .order_by(SecretVersionRow.name, SecretVersionRow.version)
-            ).scalars()
-            first: dict[tuple[str, str], datetime] = {}
-            latest: dict[tuple[str, str], SecretVersionRow] = {}
-            for row in rows:
-                key = (row.environment_id, row.name)
-                first.setdefault(key, row.created_at)
-                latest[key] = row
-            return [
-                self._info(row, first[key])
-                for key, row in sorted(latest.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-                if not row.deleted
-            ]
-
-        return self._read(read)
-
-    def list_secrets(self, project_id: str, environment_id: str) -> list[SecretInfo]:
+    def list_secrets(
+        self, project_id: str, environment_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[SecretInfo], str]:
         """Without an environment: every project-scoped secret. With one: what
-        that environment resolves (its own secrets override the project's)."""
-        if not environment_id:
-            return self._latest(project_id, {""})
-        resolved: dict[str, SecretInfo] = {}
-        for info in self._latest(project_id, {"", environment_id}):
-            if info.name not in resolved or info.environment_id:
-                resolved[info.name] = info
-        return [resolved[name] for name in sorted(resolved)]
-
-    def list_versions(self, project_id: str, environment_id: str, environment_name: str, name: str) -> list[SecretInfo]:
-        """Every version of one secret in one scope, oldest first (no values)."""
-        validate_name(name)
+        that environment resolves (its own secrets override the project's).
+        By name, one page: the rows are read in (name, version) order after
+        the token's last name and reading stops once the page is full."""
+        size = paging.page_size(page_size)
+        scope = f"ListSecrets/{project_id}/{environment_id}"
+        after = paging.decode_token(page_token, scope)
+        if after is not None and (len(after) != 1 or not isinstance(after[0], str)):
+            raise paging.bad_token()
+        scopes = {"", environment_id}
 
         def read(session: Session) -> list[SecretInfo]:
-            rows = self._versions(session, project_id, environment_id, name)
-            return [self._info(r, rows[0].created_at) for r in rows]
+            query = select(SecretVersionRow).where(
+                SecretVersionRow.project_id == project_id, SecretVersionRow.environment_id.in_(scopes)
+            )
+            if after is not None:
+                query = query.where(SecretVersionRow.name > after[0])
+            rows = session.execute(query.order_by(SecretVersionRow.name, SecretVersionRow.version)).scalars()
+            out: list[SecretInfo] = []
+            for _, group in itertools.groupby(rows, key=lambda r: r.name):
+                first: dict[str, datetime] = {}
+                latest: dict[str, SecretVersionRow] = {}
+                for row in group:
+                    first.setdefault(row.environment_id, row.created_at)
+                    latest[row.environment_id] = row
+                live = [e for e in sorted(latest) if not latest[e].deleted]
+                if live:  # the environment's own ("env_..." sorts after "") overrides the project's
+                    out.append(self._info(latest[live[-1]], first[live[-1]]))
+                if len(out) > size:
+                    break
+            return out
+
+        page, more = paging.split(self._read(read), size)
+        return list(page), paging.encode_token(scope, [page[-1].name]) if more else ""
+
+    def list_versions(
+        self, project_id: str, environment_id: str, environment_name: str, name: str, *,
+        page_size: int = 0, page_token: str = "",
+    ) -> tuple[list[SecretInfo], str]:
+        """Every version of one secret in one scope, oldest first (no values),
+        one page after the token's last version."""
+        validate_name(name)
+        size = paging.page_size(page_size)
+        scope = f"ListSecretVersions/{project_id}/{environment_id}/{name}"
+        after = paging.decode_token(page_token, scope)
+        if after is not None and (len(after) != 1 or not isinstance(after[0], int)):
+            raise paging.bad_token()
+
+        def read(session: Session) -> list[SecretInfo]:
+            where = (
+                SecretVersionRow.project_id == project_id,
+                SecretVersionRow.environment_id == environment_id,
+                SecretVersionRow.name == name,
+            )
+            first = session.execute(
+                select(SecretVersionRow.created_at).where(*where).order_by(SecretVersionRow.version).limit(1)
+            ).scalar_one_or_none()
+            if first is None:
+                return []
+            query = select(SecretVersionRow).where(*where)
+            if after is not None:
+                query = query.where(SecretVersionRow.version > after[0])
+            rows = session.execute(query.order_by(SecretVersionRow.version).limit(size + 1)).scalars().all()
+            return [self._info(r, first) for r in rows]
 
         versions = self._read(read)
-        if not versions:
+        if not versions and after is None:
             raise NotFound(
                 f"secret {name!r} not found in {_scope_text(environment_name)}",
                 hint="`berth secrets list` shows the secrets of a scope",
                 resource_type="secret", resource_name=name,
             )
-        return versions
+        page, more = paging.split(versions, size)
+        return list(page), paging.encode_token(scope, [page[-1].version]) if more else ""
 
     def _decrypt(self, data_key: bytes, project_id: str, row: SecretVersionRow) -> str:
         scope = f"environment:{row.environment_name}" if row.environment_id else "project"

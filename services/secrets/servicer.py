@@ -133,8 +133,12 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):
     async def ListSecretVersions(self, request, context):  # type: ignore[no-untyped-def]
         project_id = project_of(caller(), request.project)
         env_id, env_name = await self._scope(project_id, request.environment)
-        versions = await asyncio.to_thread(self._service.list_versions, project_id, env_id, env_name, request.name)
-        return secrets_pb2.ListSecretVersionsResponse(versions=[_info(v) for v in versions])
+        versions, token = await asyncio.to_thread(
+            lambda: self._service.list_versions(
+                project_id, env_id, env_name, request.name, page_size=request.page_size, page_token=request.page_token
+            )
+        )
+        return secrets_pb2.ListSecretVersionsResponse(versions=[_info(v) for v in versions], next_page_token=token)
 
     async def RollbackSecret(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()
@@ -162,8 +166,12 @@ class SecretsServicer(secrets_pb2_grpc.SecretsServicer):
         env_id = ""
         if request.environment:
             env_id, _ = await self._directory.environment(project_id, request.environment)
-        infos = await asyncio.to_thread(self._service.list_secrets, project_id, env_id)
-        return secrets_pb2.ListSecretsResponse(secrets=[_info(i) for i in infos])
+        infos, token = await asyncio.to_thread(
+            lambda: self._service.list_secrets(
+                project_id, env_id, page_size=request.page_size, page_token=request.page_token
+            )
+        )
+        return secrets_pb2.ListSecretsResponse(secrets=[_info(i) for i in infos], next_page_token=token)
 
 
 class SecretsInternalServicer(secrets_internal_pb2_grpc.SecretsInternalServicer):

@@ -108,7 +108,8 @@ def test_rest_api_semantics(shop: Shop) -> None:
     assert one["created_at"]
     status = shop.ok("GET", f"/deployments/{shop.v1}/status")
     assert {b["environment"] for b in status["bindings"]} == {ENV}
-    assert shop.ok("GET", f"/deployments/{shop.v1}/errors") == {"deployment_id": shop.v1, "errors": []}
+    assert shop.ok("GET", f"/deployments/{shop.v1}/errors") == {"deployment_id": shop.v1, "errors": [],
+                                                                 "next_page_token": ""}
 
     history = shop.ok("GET", f"/environments/{ENV}/promotions")["entries"]
     assert [(h["sequence"], h["kind"], h["deployment_id"]) for h in history] == [

@@ -441,3 +441,69 @@ def test_before_the_bindings_are_loaded_status_is_unavailable_and_health_not_ser
             await server.stop(0)
 
     asyncio.run(scenario())
+
+
+def test_deployment_errors_page_most_recent_first_with_a_stable_tiebreaker() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from services.common.paging import encode_token
+    from services.scheduler.events import EventKind
+    from services.scheduler.servicer import SchedulerServicer
+
+    events = EventStore()
+    dep = "dep_00000000beef"
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    for i in range(250):  # three events share each second: the id breaks the tie
+        events.record(EventKind.CRASH_LOOP, message=f"exit {i}", project_id="proj-1", deployment_id=dep,
+                      environment_id="env-1", environment="staging", replica=str(i), at=base + timedelta(seconds=i // 3))
+    expected = [r for second in sorted({i // 3 for i in range(250)}, reverse=True)
+                for r in [str(i) for i in range(250) if i // 3 == second]]
+    servicer = SchedulerServicer(DesiredTable(), None, events)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        server = await start_server(
+            host="127.0.0.1", port=0, service_names=[SERVICE_NAME],
+            register=lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s),
+            authenticate=fake_authenticate,
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+
+                async def page(key: str = "key-owner", **kw):  # type: ignore[no-untyped-def]
+                    return await stub.ListDeploymentErrors(
+                        scheduler_pb2.ListDeploymentErrorsRequest(deployment_id=dep, **kw),
+                        metadata=credentials(key), timeout=5,
+                    )
+
+                sizes, seen, token = [], [], ""
+                while True:
+                    answer = await page(page_token=token)
+                    sizes.append(len(answer.errors))
+                    seen += [e.replica for e in answer.errors]
+                    token = answer.next_page_token
+                    if not token:
+                        break
+                assert sizes == [100, 100, 50] and seen == expected
+
+                first = await page(page_size=10)
+                # A new event lands before the cursor: the next page does not shift.
+                events.record(EventKind.OOM_KILLED, message="killed", project_id="proj-1", deployment_id=dep,
+                              environment_id="env-1", environment="staging", replica="0",
+                              at=base + timedelta(days=1))
+                second = await page(page_size=10, page_token=first.next_page_token)
+                assert [e.replica for e in list(first.errors) + list(second.errors)] == expected[:20]
+
+                for kw, field in (({"page_size": -1}, "page_size"), ({"page_token": "x!"}, "page_token"),
+                                  ({"page_token": encode_token(f"ListDeploymentErrors/proj-1/{dep}", ["no time", 1])},
+                                   "page_token"),
+                                  ({"page_token": encode_token("ListDeployments/proj-1/", ["x", "y"])}, "page_token")):
+                    with pytest.raises(grpc.aio.AioRpcError) as bad:
+                        await page(**kw)
+                    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                    assert _details(bad.value)[1] == field
+        finally:
+            await server.stop(0)
+            events.close()
+
+    asyncio.run(scenario())

@@ -188,3 +188,55 @@ def test_concurrent_writers_lose_no_version(platform):
     assert len(seen) == len(set(seen)), "two writes got the same version"
     versions = [v.version for v in secrets.call("ListSecretVersions", pb.ListSecretVersionsRequest(name="SHARED"), key).versions]
     assert versions == list(range(1, len(seen) + 1)) == sorted(seen)
+
+
+def _all_pages(secrets, key, method, request, field):  # type: ignore[no-untyped-def]
+    pages = []
+    while True:
+        answer = secrets.call(method, request, key)
+        pages.append(list(getattr(answer, field)))
+        if not answer.next_page_token:
+            return pages
+        request.page_token = answer.next_page_token
+
+
+def test_secrets_and_versions_page_by_name_and_version(platform):
+    registry, secrets = platform
+    _, key = registry.create_project("shop")
+    _, other_key = registry.create_project("other")
+    names = [f"S_{i:03d}" for i in range(25)]
+    for name in names:
+        secrets.call("SetSecret", pb.SetSecretRequest(name=name, type="token", value="x"), key)
+    # A deleted secret is skipped, an environment's own overrides the project's.
+    secrets.call("DeleteSecret", pb.DeleteSecretRequest(name="S_003"), key)
+    secrets.call("SetSecret", pb.SetSecretRequest(name="S_010", type="token", value="y", environment="staging"), key)
+    live = [n for n in names if n != "S_003"]
+
+    pages = _all_pages(secrets, key, "ListSecrets", pb.ListSecretsRequest(page_size=10), "secrets")
+    assert [len(p) for p in pages] == [10, 10, 4]
+    assert [s.name for p in pages for s in p] == live
+    staged = _all_pages(secrets, key, "ListSecrets", pb.ListSecretsRequest(environment="staging", page_size=7), "secrets")
+    flat = [s for p in staged for s in p]
+    assert [s.name for s in flat] == live and [s.scope for s in flat if s.name == "S_010"] == ["environment:staging"]
+
+    for i in range(2, 13):
+        secrets.call("SetSecret", pb.SetSecretRequest(name="S_000", type="token", value=f"v{i}"), key)
+    versions = _all_pages(secrets, key, "ListSecretVersions", pb.ListSecretVersionsRequest(name="S_000", page_size=5),
+                          "versions")
+    assert [len(p) for p in versions] == [5, 5, 2]
+    assert [v.version for p in versions for v in p] == list(range(1, 13))
+
+    first = secrets.call("ListSecrets", pb.ListSecretsRequest(page_size=1), key)
+    cases = [
+        ("ListSecrets", pb.ListSecretsRequest(page_size=-1), key, "page_size"),
+        ("ListSecretVersions", pb.ListSecretVersionsRequest(name="S_000", page_size=-1), key, "page_size"),
+        ("ListSecrets", pb.ListSecretsRequest(page_token="%%%"), key, "page_token"),
+        ("ListSecrets", pb.ListSecretsRequest(page_token=first.next_page_token), other_key, "page_token"),
+        ("ListSecrets", pb.ListSecretsRequest(environment="staging", page_token=first.next_page_token), key, "page_token"),
+        ("ListSecretVersions", pb.ListSecretVersionsRequest(name="S_000", page_token=first.next_page_token), key,
+         "page_token"),
+    ]
+    for method, request, caller_key, field in cases:
+        with pytest.raises(errors.InvalidArgument) as refused:
+            secrets.call(method, request, caller_key)
+        assert refused.value.field == field, (method, request)
