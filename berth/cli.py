@@ -308,7 +308,7 @@ def env_group() -> None:
 @command
 def env_list(ctx: Ctx) -> None:
     c = ctx.client()
-    envs = c.call(c.registry.ListEnvironments, registry_pb2.ListEnvironmentsRequest(project=ctx.project)).environments
+    envs = c.list_all(c.registry.ListEnvironments, registry_pb2.ListEnvironmentsRequest(project=ctx.project), "environments")
 
     def human() -> None:
         t = table("ENVIRONMENT", "ID", "DEPLOYMENT", "SEQUENCE", "PROTECTED")
@@ -383,7 +383,7 @@ def keys_create(ctx: Ctx, name: str) -> None:
 @command
 def keys_list(ctx: Ctx) -> None:
     c = ctx.client()
-    found = c.call(c.registry.ListApiKeys, registry_pb2.ListApiKeysRequest(project=ctx.project)).keys
+    found = c.list_all(c.registry.ListApiKeys, registry_pb2.ListApiKeysRequest(project=ctx.project), "keys")
     rows = [api_key_json(k) for k in found]
 
     def human() -> None:
@@ -445,7 +445,7 @@ def find_environment(ctx: Ctx, ref: str) -> common_pb2.Environment:
     c = ctx.client()
     project, origin = ctx.project_and_origin()
     try:
-        envs = c.call(c.registry.ListEnvironments, registry_pb2.ListEnvironmentsRequest(project=project)).environments
+        envs = c.list_all(c.registry.ListEnvironments, registry_pb2.ListEnvironmentsRequest(project=project), "environments")
     except errors.PermissionDenied as error:
         if project and origin:
             error.hint = (f"the project {project!r} comes from {origin}; use that project's API key "

@@ -333,13 +333,40 @@ class RegistryService:
 
     # ---- environments -------------------------------------------------
 
-    def list_environments(self, principal: Principal, project_ref: str) -> list[common_pb2.Environment]:
+    @staticmethod
+    def _oldest_first_page(
+        session: Session, query: Any, created: Any, unique: Any, scope: str, page_size: int, page_token: str
+    ) -> tuple[list[Any], str]:
+        """One page of ``query`` ordered by (created, unique) ascending, read
+        with a keyset after the token's last pair."""
+        size = paging.page_size(page_size)
+        after = paging.decode_token(page_token, scope)
+        if after is not None:
+            try:
+                created_at, last = datetime.fromisoformat(after[0]), str(after[1])
+            except (IndexError, TypeError, ValueError):
+                raise paging.bad_token() from None
+            query = query.where(or_(created > created_at, and_(created == created_at, unique > last)))
+        rows = session.execute(query.order_by(created, unique).limit(size + 1)).scalars().all()
+        page, more = paging.split(rows, size)
+        if not more:
+            return list(page), ""
+        last_row = page[-1]
+        return list(page), paging.encode_token(
+            scope, [getattr(last_row, created.key).isoformat(), getattr(last_row, unique.key)]
+        )
+
+    def list_environments(
+        self, principal: Principal, project_ref: str, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[common_pb2.Environment], str]:
+        """Oldest first (created_at, then name: unique in a project)."""
         with self._read() as session:
             project = self._project(session, principal, project_ref)
-            rows = session.execute(
-                select(EnvironmentRow).where(EnvironmentRow.project_id == project.id).order_by(EnvironmentRow.created_at, EnvironmentRow.name)
-            ).scalars()
-            return [convert.environment(row, project.name) for row in rows]
+            rows, token = self._oldest_first_page(
+                session, select(EnvironmentRow).where(EnvironmentRow.project_id == project.id),
+                EnvironmentRow.created_at, EnvironmentRow.name, f"ListEnvironments/{project.id}", page_size, page_token,
+            )
+            return [convert.environment(row, project.name) for row in rows], token
 
     def create_environment(self, principal: Principal, project_ref: str, name: str) -> common_pb2.Environment:
         domain.validate_name(name, field_name="environment name")
@@ -494,13 +521,17 @@ class RegistryService:
                 hint="choose another name, or revoke that key first",
             )
 
-    def list_api_keys(self, principal: Principal, project_ref: str) -> list[common_pb2.ApiKeyInfo]:
+    def list_api_keys(
+        self, principal: Principal, project_ref: str, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[common_pb2.ApiKeyInfo], str]:
+        """Oldest first (created_at, then id)."""
         with self._read() as session:
             project = self._project(session, principal, project_ref)
-            rows = session.execute(
-                select(ApiKeyRow).where(ApiKeyRow.project_id == project.id).order_by(ApiKeyRow.created_at, ApiKeyRow.id)
-            ).scalars()
-            return [convert.api_key(row) for row in rows]
+            rows, token = self._oldest_first_page(
+                session, select(ApiKeyRow).where(ApiKeyRow.project_id == project.id),
+                ApiKeyRow.created_at, ApiKeyRow.id, f"ListApiKeys/{project.id}", page_size, page_token,
+            )
+            return [convert.api_key(row) for row in rows], token
 
     def revoke_api_key(self, principal: Principal, project_ref: str, key_ref: str) -> common_pb2.ApiKeyInfo:
         """Revokes a key by id or name. It stops working everywhere once

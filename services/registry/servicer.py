@@ -45,8 +45,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return await asyncio.to_thread(self._service.get_project, caller(), request.project)
 
     async def ListEnvironments(self, request, context):  # type: ignore[no-untyped-def]
-        envs = await asyncio.to_thread(self._service.list_environments, caller(), request.project)
-        return registry_pb2.ListEnvironmentsResponse(environments=envs)
+        principal = caller()
+        envs, token = await asyncio.to_thread(
+            lambda: self._service.list_environments(
+                principal, request.project, page_size=request.page_size, page_token=request.page_token
+            )
+        )
+        return registry_pb2.ListEnvironmentsResponse(environments=envs, next_page_token=token)
 
     async def CreateEnvironment(self, request, context):  # type: ignore[no-untyped-def]
         return await asyncio.to_thread(self._service.create_environment, caller(), request.project, request.name)
@@ -74,8 +79,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return registry_pb2.CreateApiKeyResponse(key=info, api_key=api_key)
 
     async def ListApiKeys(self, request, context):  # type: ignore[no-untyped-def]
-        keys = await asyncio.to_thread(self._service.list_api_keys, caller(), request.project)
-        return registry_pb2.ListApiKeysResponse(keys=keys)
+        principal = caller()
+        keys, token = await asyncio.to_thread(
+            lambda: self._service.list_api_keys(
+                principal, request.project, page_size=request.page_size, page_token=request.page_token
+            )
+        )
+        return registry_pb2.ListApiKeysResponse(keys=keys, next_page_token=token)
 
     async def RevokeApiKey(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()

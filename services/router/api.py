@@ -575,8 +575,9 @@ class RestApi:
 
     async def list_environments(self, call: Call) -> PlatformResponse:
         found = await self.rpc("registry", self.services.registry.ListEnvironments,
-                               registry_pb2.ListEnvironmentsRequest(), call.api_key, retry=True)
-        return json_response(200, {"environments": [environment_json(e) for e in found.environments]})
+                               registry_pb2.ListEnvironmentsRequest(**page(call)), call.api_key, retry=True)
+        return json_response(200, {"environments": [environment_json(e) for e in found.environments],
+                                   "next_page_token": found.next_page_token})
 
     async def promotions(self, call: Call) -> PlatformResponse:
         request = registry_pb2.ListHistoryRequest(environment=call.params["id"], **page(call))
@@ -653,7 +654,8 @@ OPERATIONS: tuple[Operation, ...] = (
               "Folded scheduling, pull, crash and health errors, most recently seen first, one page at a time",
               query=PAGE_QUERY, response="DeploymentErrors"),
     Operation("GET", "/environments", RestApi.list_environments, "listEnvironments",
-              "Environments of the project", response="EnvironmentList"),
+              "Environments of the project, oldest first, one page at a time", query=PAGE_QUERY,
+              response="EnvironmentList"),
     Operation("POST", "/environments", RestApi.create_environment, "createEnvironment",
               "Create an environment", CREATE_ENVIRONMENT, response="EnvironmentResult"),
     Operation("DELETE", "/environments/{id}", RestApi.delete_environment, "deleteEnvironment",

@@ -129,7 +129,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError")),
                              "next_page_token": PAGE_TOKEN}),
-    "EnvironmentList": obj({"environments": array(ref("Environment"))}),
+    "EnvironmentList": obj({"environments": array(ref("Environment")), "next_page_token": PAGE_TOKEN}),
     "EnvironmentResult": obj({"environment": ref("Environment")}),
     "History": obj({"environment": STRING, "entries": array(ref("HistoryEntry")), "next_page_token": PAGE_TOKEN}),
     "SecretList": obj({"secrets": array(ref("Secret")), "next_page_token": PAGE_TOKEN}),

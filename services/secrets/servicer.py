@@ -10,7 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth.errors import InvalidArgument, NotFound, PermissionDenied
 from berth.internal.v1 import secrets_internal_pb2, secrets_internal_pb2_grpc
-from berth.v1 import registry_pb2, registry_pb2_grpc, secrets_pb2, secrets_pb2_grpc
+from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc, secrets_pb2, secrets_pb2_grpc
 from services.common.auth import Principal, caller
 from services.common.remote import DEFAULT_DEADLINE, call_idempotent, channel, credentials
 from services.secrets.service import SecretInfo, SecretsService, validate_secret
@@ -51,14 +51,22 @@ class EnvironmentDirectory:
         self._token = service_token
 
     async def environment(self, project_id: str, ref: str) -> tuple[str, str]:
+        token = ""
+
         async def ask() -> registry_pb2.ListEnvironmentsResponse:
             return await self._stub.ListEnvironments(
-                registry_pb2.ListEnvironmentsRequest(project=project_id),
+                registry_pb2.ListEnvironmentsRequest(project=project_id, page_size=1000, page_token=token),
                 metadata=credentials(self._token),
                 timeout=DEFAULT_DEADLINE,
             )
 
-        envs = (await call_idempotent(ask)).environments
+        envs: list[common_pb2.Environment] = []
+        while True:  # every page: a project may have more environments than one holds
+            answer = await call_idempotent(ask)
+            envs.extend(answer.environments)
+            token = answer.next_page_token
+            if not token:
+                break
         for env in envs:
             if ref in (env.id, env.name):
                 return env.id, env.name

@@ -111,3 +111,21 @@ def test_bad_foreign_or_negative_paging_is_invalid_argument_naming_the_field(reg
         with pytest.raises(errors.InvalidArgument) as refused:
             registry.call(method, request, caller_key)
         assert refused.value.field == field, (method, request)
+
+
+def test_environments_and_api_keys_page_oldest_first(registry):
+    _, key = registry.create_project("shop")
+    for i in range(12):
+        registry.call("CreateEnvironment", registry_pb2.CreateEnvironmentRequest(name=f"qa-{i:02d}"), key)
+        registry.call("CreateApiKey", registry_pb2.CreateApiKeyRequest(name=f"ci-{i:02d}"), key)
+    envs = pages(registry, key, "ListEnvironments", registry_pb2.ListEnvironmentsRequest(page_size=5), "environments")
+    assert [len(p) for p in envs] == [5, 5, 5]
+    everything = registry.call("ListEnvironments", registry_pb2.ListEnvironmentsRequest(), key).environments
+    assert [i for p in envs for i in p] == [e.id for e in everything] and len(everything) == 15
+    assert [e.name for e in everything][3:] == [f"qa-{i:02d}" for i in range(12)]
+    keys = pages(registry, key, "ListApiKeys", registry_pb2.ListApiKeysRequest(page_size=4), "keys")
+    assert [len(p) for p in keys] == [4, 4, 4, 1] and len({i for p in keys for i in p}) == 13
+    token = registry.call("ListEnvironments", registry_pb2.ListEnvironmentsRequest(page_size=1), key).next_page_token
+    with pytest.raises(errors.InvalidArgument) as refused:
+        registry.call("ListApiKeys", registry_pb2.ListApiKeysRequest(page_token=token), key)
+    assert refused.value.field == "page_token"
