@@ -242,20 +242,26 @@ class ListHistoryResponse(_message.Message):
     def __init__(self, entries: _Optional[_Iterable[_Union[_common_pb2.HistoryEntry, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ListBindingsRequest(_message.Message):
-    __slots__ = ("project", "deployment_id", "environment")
+    __slots__ = ("project", "deployment_id", "environment", "page_size", "page_token")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     project: str
     deployment_id: str
     environment: str
-    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListBindingsResponse(_message.Message):
-    __slots__ = ("bindings",)
+    __slots__ = ("bindings", "next_page_token")
     BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     bindings: _containers.RepeatedCompositeFieldContainer[_common_pb2.Binding]
-    def __init__(self, bindings: _Optional[_Iterable[_Union[_common_pb2.Binding, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, bindings: _Optional[_Iterable[_Union[_common_pb2.Binding, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ScaleBindingRequest(_message.Message):
     __slots__ = ("project", "deployment_id", "environment", "min_replicas", "max_replicas")

@@ -808,8 +808,12 @@ class RegistryService:
     # ---- bindings (desired state the scheduler converges on) ---------
 
     def list_bindings(
-        self, principal: Principal, project_ref: str, deployment_id: str, environment_ref: str
-    ) -> list[common_pb2.Binding]:
+        self, principal: Principal, project_ref: str, deployment_id: str, environment_ref: str, *,
+        page_size: int = 0, page_token: str = "",
+    ) -> tuple[list[common_pb2.Binding], str]:
+        """By environment name, then the deployment's (created_at, id): one
+        page with a keyset after the token's last triple."""
+        size = paging.page_size(page_size)
         with self._read() as session:
             project = self._project(session, principal, project_ref)
             query = select(BindingRow, EnvironmentRow, DeploymentRow).join(
@@ -817,12 +821,34 @@ class RegistryService:
             ).join(DeploymentRow, DeploymentRow.id == BindingRow.deployment_id).where(
                 BindingRow.project_id == project.id
             )
+            dep_filter = env_filter = ""
             if deployment_id:
-                query = query.where(BindingRow.deployment_id == self._deployment(session, project, deployment_id).id)
+                dep_filter = self._deployment(session, project, deployment_id).id
+                query = query.where(BindingRow.deployment_id == dep_filter)
             if environment_ref:
-                query = query.where(BindingRow.environment_id == self._environment(session, project, environment_ref).id)
-            rows = session.execute(query.order_by(EnvironmentRow.name, DeploymentRow.created_at, DeploymentRow.id))
-            return [convert.binding(b, env, dep, project.name) for b, env, dep in rows]
+                env_filter = self._environment(session, project, environment_ref).id
+                query = query.where(BindingRow.environment_id == env_filter)
+            scope = f"ListBindings/{project.id}/{dep_filter}/{env_filter}"
+            after = paging.decode_token(page_token, scope)
+            if after is not None:
+                try:
+                    name, created_at, last_id = str(after[0]), datetime.fromisoformat(after[1]), str(after[2])
+                except (IndexError, TypeError, ValueError):
+                    raise paging.bad_token() from None
+                query = query.where(or_(
+                    EnvironmentRow.name > name,
+                    and_(EnvironmentRow.name == name, DeploymentRow.created_at > created_at),
+                    and_(EnvironmentRow.name == name, DeploymentRow.created_at == created_at, DeploymentRow.id > last_id),
+                ))
+            rows = session.execute(
+                query.order_by(EnvironmentRow.name, DeploymentRow.created_at, DeploymentRow.id).limit(size + 1)
+            ).all()
+            page, more = paging.split(rows, size)
+            token = ""
+            if more:
+                _, env, dep = page[-1]
+                token = paging.encode_token(scope, [env.name, dep.created_at.isoformat(), dep.id])
+            return [convert.binding(b, env, dep, project.name) for b, env, dep in page], token
 
     def _binding(
         self, session: Session, project: ProjectRow, dep: DeploymentRow, environment_ref: str

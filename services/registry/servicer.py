@@ -94,10 +94,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return info
 
     async def ListBindings(self, request, context):  # type: ignore[no-untyped-def]
-        bindings = await asyncio.to_thread(
-            self._service.list_bindings, caller(), request.project, request.deployment_id, request.environment
+        principal = caller()
+        bindings, token = await asyncio.to_thread(
+            lambda: self._service.list_bindings(
+                principal, request.project, request.deployment_id, request.environment,
+                page_size=request.page_size, page_token=request.page_token,
+            )
         )
-        return registry_pb2.ListBindingsResponse(bindings=bindings)
+        return registry_pb2.ListBindingsResponse(bindings=bindings, next_page_token=token)
 
     async def ScaleBinding(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()

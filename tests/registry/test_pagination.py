@@ -129,3 +129,28 @@ def test_environments_and_api_keys_page_oldest_first(registry):
     with pytest.raises(errors.InvalidArgument) as refused:
         registry.call("ListApiKeys", registry_pb2.ListApiKeysRequest(page_token=token), key)
     assert refused.value.field == "page_token"
+
+
+def test_bindings_page_by_environment_then_deployment(registry):
+    _, key = registry.create_project("shop")
+    deps = [deploy(registry, key).id for _ in range(4)]
+    for dep in deps[:3]:
+        registry.call("Promote", registry_pb2.PromoteRequest(deployment_id=dep, target_environment="staging"), key)
+    whole = registry.call("ListBindings", registry_pb2.ListBindingsRequest(page_size=1000), key)
+    expected = [(b.environment_name, b.deployment.id) for b in whole.bindings]
+    assert whole.next_page_token == "" and len(expected) == len(set(expected)) >= 5
+    assert expected == sorted(expected, key=lambda p: (p[0], deps.index(p[1])))
+    got = []
+    request = registry_pb2.ListBindingsRequest(page_size=2)
+    while True:
+        answer = registry.call("ListBindings", request, key)
+        assert len(answer.bindings) <= 2
+        got += [(b.environment_name, b.deployment.id) for b in answer.bindings]
+        if not answer.next_page_token:
+            break
+        request.page_token = answer.next_page_token
+    assert got == expected
+    first = registry.call("ListBindings", registry_pb2.ListBindingsRequest(page_size=1), key).next_page_token
+    with pytest.raises(errors.InvalidArgument) as refused:
+        registry.call("ListBindings", registry_pb2.ListBindingsRequest(environment="staging", page_token=first), key)
+    assert refused.value.field == "page_token"
