@@ -29,6 +29,21 @@ async function api(method, path, body) {
   return data;
 }
 
+// Every page of a list endpoint (they page at 100 by default): ``field`` of
+// each answer, following next_page_token; bounded in pages.
+async function listAll(path, field) {
+  const items = [];
+  let token = "";
+  for (let page = 0; page < 100; page++) {
+    const query = `page_size=1000${token ? `&page_token=${encodeURIComponent(token)}` : ""}`;
+    const data = await api("GET", `${path}${path.includes("?") ? "&" : "?"}${query}`);
+    items.push(...(data[field] || []));
+    token = data.next_page_token || "";
+    if (!token) break;
+  }
+  return items;
+}
+
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -100,8 +115,8 @@ const ENV_ORDER = ["preview", "staging", "production"];
 const envRank = (e) => (ENV_ORDER.includes(e.name) ? ENV_ORDER.indexOf(e.name) : ENV_ORDER.length);
 
 async function loadEnvironments() {
-  const data = await api("GET", "/environments");
-  state.environments = [...data.environments].sort((a, b) => envRank(a) - envRank(b) || a.name.localeCompare(b.name));
+  const environments = await listAll("/environments", "environments");
+  state.environments = [...environments].sort((a, b) => envRank(a) - envRank(b) || a.name.localeCompare(b.name));
   if (state.environments.length) $("project-label").textContent = `project ${state.environments[0].project_name || ""}`.trim();
 }
 
@@ -114,13 +129,13 @@ async function refresh() {
     const env = current();
     if (!env) return;
     const [deployments, history, status, errors] = await Promise.all([
-      api("GET", "/deployments"),
-      api("GET", `/environments/${env.id}/promotions`),
+      listAll("/deployments", "deployments"),
+      listAll(`/environments/${env.id}/promotions`, "entries"),
       env.deployment_id ? api("GET", `/deployments/${env.deployment_id}/status`) : null,
-      env.deployment_id ? api("GET", `/deployments/${env.deployment_id}/errors`) : null,
+      env.deployment_id ? listAll(`/deployments/${env.deployment_id}/errors`, "errors") : null,
     ]);
-    state.deployments = deployments.deployments;
-    if (current() && current().id === env.id) renderPanel(env, history.entries, status, errors ? errors.errors : []);
+    state.deployments = deployments;
+    if (current() && current().id === env.id) renderPanel(env, history, status, errors || []);
   } catch (e) {
     if (e.status === 401) { signOut(); $("sign-in-error").textContent = "Your key stopped working; sign in again."; }
     else flash(e.message, true);
