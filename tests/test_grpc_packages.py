@@ -206,3 +206,24 @@ def test_the_grpc_docs_name_every_service_and_method() -> None:
     for prefix in (domain.PROJECT_ID_PREFIX, domain.ENVIRONMENT_ID_PREFIX, domain.DEPLOYMENT_ID_PREFIX,
                    domain.API_KEY_ID_PREFIX):
         assert f"`{prefix}` + 12" in doc, prefix
+
+
+@pytest.mark.parametrize(("package_dir", "module_package", "go_suffix", "java", "csharp"), [
+    ("berth/v1", "berth.v1", "berth/v1;berthv1", "dev.berth.v1", "Berth.V1"),
+    ("berth/internal/v1", "berth.internal.v1", "berth/internal/v1;internalv1", "dev.berth.internal.v1",
+     "Berth.Internal.V1"),
+])
+def test_every_proto_file_carries_the_language_file_options(
+    package_dir: str, module_package: str, go_suffix: str, java: str, csharp: str
+) -> None:
+    """go_package, java_package (multiple files), csharp_namespace and
+    php_namespace, the same on every file of a package (docs/grpc.md)."""
+    doc = (ROOT / "docs" / "grpc.md").read_text()
+    go_package = f"github.com/berth-dev/berth/gen/go/{go_suffix}"
+    assert f"`{go_package}`" in doc
+    for descriptor in _descriptors(package_dir, module_package):
+        options = descriptor.GetOptions()
+        assert options.go_package == go_package, descriptor.name
+        assert (options.java_package, options.java_multiple_files) == (java, True), descriptor.name
+        assert options.csharp_namespace == csharp, descriptor.name
+        assert options.php_namespace == csharp.replace(".", "\\"), descriptor.name

@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(berth/internal/v1/secrets_internal.proto\x12\x11\x62\x65rth.internal.v1\"C\n\x15ResolveSecretsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\"M\n\x0eResolvedSecret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05scope\x18\x04 \x01(\t\"L\n\x16ResolveSecretsResponse\x12\x32\n\x07secrets\x18\x01 \x03(\x0b\x32!.berth.internal.v1.ResolvedSecret2x\n\x0fSecretsInternal\x12\x65\n\x0eResolveSecrets\x12(.berth.internal.v1.ResolveSecretsRequest\x1a).berth.internal.v1.ResolveSecretsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(berth/internal/v1/secrets_internal.proto\x12\x11\x62\x65rth.internal.v1\"C\n\x15ResolveSecretsRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\"M\n\x0eResolvedSecret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\r\n\x05scope\x18\x04 \x01(\t\"L\n\x16ResolveSecretsResponse\x12\x32\n\x07secrets\x18\x01 \x03(\x0b\x32!.berth.internal.v1.ResolvedSecret2x\n\x0fSecretsInternal\x12\x65\n\x0eResolveSecrets\x12(.berth.internal.v1.ResolveSecretsRequest\x1a).berth.internal.v1.ResolveSecretsResponseB\x81\x01\n\x15\x64\x65v.berth.internal.v1P\x01Z>github.com/berth-dev/berth/gen/go/berth/internal/v1;internalv1\xaa\x02\x11\x42\x65rth.Internal.V1\xca\x02\x11\x42\x65rth\\Internal\\V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'berth.internal.v1.secrets_internal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\025dev.berth.internal.v1P\001Z>github.com/berth-dev/berth/gen/go/berth/internal/v1;internalv1\252\002\021Berth.Internal.V1\312\002\021Berth\\Internal\\V1'
   _globals['_RESOLVESECRETSREQUEST']._serialized_start=63
   _globals['_RESOLVESECRETSREQUEST']._serialized_end=130
   _globals['_RESOLVEDSECRET']._serialized_start=132
