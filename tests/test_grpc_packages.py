@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -227,3 +228,39 @@ def test_every_proto_file_carries_the_language_file_options(
         assert (options.java_package, options.java_multiple_files) == (java, True), descriptor.name
         assert options.csharp_namespace == csharp, descriptor.name
         assert options.php_namespace == csharp.replace(".", "\\"), descriptor.name
+
+
+@pytest.mark.parametrize("process", sorted(PUBLIC_SERVICES))
+def test_reflection_v1_lists_and_describes_both_services(channels: dict[str, grpc.Channel], process: str) -> None:
+    """A raw ``grpc.reflection.v1.ServerReflection/ServerReflectionInfo``
+    call (the v1 messages are v1alpha's under another package, the same
+    bytes): every process lists its public and internal service and both
+    reflection versions, and describes the internal service and v1
+    reflection itself."""
+    info = channels[process].stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=INTERNAL_SERVICES[process]),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+    ]
+    listed, internal_file, reflection_file = list(info(iter(requests), timeout=10))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {PUBLIC_SERVICES[process], INTERNAL_SERVICES[process], "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names, names
+
+    def files(answer: reflection_pb2.ServerReflectionResponse) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+        assert not answer.HasField("error_response"), answer.error_response
+        parsed = [descriptor_pb2.FileDescriptorProto.FromString(b)
+                  for b in answer.file_descriptor_response.file_descriptor_proto]
+        return {f.name: f for f in parsed}
+
+    internal = files(internal_file)
+    service = INTERNAL_SERVICES[process].rsplit(".", 1)[1]
+    assert any(f.package == "berth.internal.v1" and service in {s.name for s in f.service} for f in internal.values())
+    own = files(reflection_file)["grpc/reflection/v1/reflection.proto"]
+    assert own.package == "grpc.reflection.v1"
+    assert [m.input_type for s in own.service for m in s.method] == [".grpc.reflection.v1.ServerReflectionRequest"]

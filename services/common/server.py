@@ -1,8 +1,8 @@
 """One way to build, run and stop a Berth gRPC service.
 
 ``start_server`` binds the port (0 picks a free one), registers health checking
-and reflection, and installs ``CallInterceptor``: the single place where the
-caller is authenticated and domain errors become gRPC status codes.
+and reflection (v1alpha and v1), and installs ``CallInterceptor``: the single
+place where the caller is authenticated and domain errors become gRPC status codes.
 
 Each process serves a public service (``berth.v1``: project keys, the admin
 key where a method says so) and an internal one (``berth.internal.v1``:
@@ -24,11 +24,11 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from berth import errors
 from services.common.auth import API_KEY_METADATA, Principal, current_principal
+from services.common.reflection import enable_reflection
 
 log = logging.getLogger("berth.grpc")
 
@@ -251,8 +251,7 @@ async def start_server(
     register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = (*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+    enable_reflection((*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
