@@ -32,3 +32,18 @@ def test_generated_stubs_are_current(tmp_path):
 def test_cli_reference_is_current():
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_cli_docs.py"), "--check"])
     assert result.returncode == 0, "docs/cli.md is stale: run python scripts/gen_cli_docs.py and commit"
+
+
+def test_rest_reference_is_current():
+    """docs/api.md's endpoint reference is rendered from the OpenAPI document
+    the router serves; every operation appears in it."""
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_api_docs.py"), "--check"])
+    assert result.returncode == 0, "docs/api.md is stale: run python scripts/gen_api_docs.py and commit"
+    sys.path.insert(0, str(ROOT))
+    from services.router import openapi
+
+    text = (ROOT / "docs" / "api.md").read_text()
+    for path, methods in openapi.document()["paths"].items():
+        for method in methods:
+            assert f"### `{method.upper()} {path}`" in text
+    assert "uptime\n" not in text and "state, uptime" not in text
