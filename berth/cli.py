@@ -500,12 +500,10 @@ def refuse_terminated(ctx: Ctx, deployment_id: str) -> None:
 
 
 def replicas_ready(b: scheduler_pb2.BindingStatus) -> str:
-    """"1/2 replicas ready" while below the minimum; "3 ready (min 2, max 5)"
-    above it (autoscaling, or replicas kept warm), never "3/2"."""
+    """"2/3 ready (min 1, max 5)": ready replicas over the count the scheduler
+    is driving the binding to (desired_replicas), then the bounds."""
     ready = sum(1 for r in b.replicas if r.state == "ready")
-    if ready <= b.min_replicas:
-        return f"{ready}/{b.min_replicas} replicas ready"
-    return f"{ready} ready (min {b.min_replicas}, max {b.max_replicas})"
+    return f"{ready}/{b.desired_replicas} ready (min {b.min_replicas}, max {b.max_replicas})"
 
 
 def wait_for_binding(ctx: Ctx, deployment_id: str, environment: str, timeout: float) -> scheduler_pb2.BindingStatus | None:

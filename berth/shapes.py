@@ -85,6 +85,7 @@ def status_json(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
             "serving": b.serving,
             "min_replicas": b.min_replicas,
             "max_replicas": b.max_replicas,
+            "desired_replicas": b.desired_replicas,
             "replicas": [
                 {"id": r.id, "name": r.name, "index": r.index, "state": r.state,
                  "started_at": timestamp(r, "started_at"), "restarts": r.restarts, "address": r.address}

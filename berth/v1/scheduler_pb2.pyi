@@ -39,7 +39,7 @@ class Replica(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class BindingStatus(_message.Message):
-    __slots__ = ("environment_id", "environment", "status", "min_replicas", "max_replicas", "serving", "replicas")
+    __slots__ = ("environment_id", "environment", "status", "min_replicas", "max_replicas", "serving", "replicas", "desired_replicas")
     ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,7 @@ class BindingStatus(_message.Message):
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     environment_id: str
     environment: str
     status: str
@@ -54,7 +55,8 @@ class BindingStatus(_message.Message):
     max_replicas: int
     serving: bool
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
-    def __init__(self, environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., status: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., serving: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+    desired_replicas: int
+    def __init__(self, environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., status: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., serving: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., desired_replicas: _Optional[int] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
     __slots__ = ("deployment", "bindings")

@@ -95,6 +95,8 @@ SCHEMAS: dict[str, Any] = {
         "serving": BOOLEAN,
         "min_replicas": INTEGER,
         "max_replicas": INTEGER,
+        "desired_replicas": {"type": "integer", "description": "the replica count the scheduler is driving the "
+                             "binding to now (within the bounds, by load; 0 when terminated)"},
         "replicas": array(ref("Replica")),
     }),
     "DeploymentError": obj({

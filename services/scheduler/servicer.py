@@ -151,6 +151,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 min_replicas=b.min_replicas,
                 max_replicas=b.max_replicas,
                 serving=b.serving,
+                desired_replicas=view.desired,
             )
             for r in view.replicas:
                 replica = status.replicas.add(

@@ -108,6 +108,8 @@ def test_rest_api_semantics(shop: Shop) -> None:
     assert one["created_at"]
     status = shop.ok("GET", f"/deployments/{shop.v1}/status")
     assert {b["environment"] for b in status["bindings"]} == {ENV}
+    [bound] = status["bindings"]  # serving again after the rollback: driven to within its bounds
+    assert bound["min_replicas"] <= bound["desired_replicas"] <= bound["max_replicas"], bound
     assert shop.ok("GET", f"/deployments/{shop.v1}/errors") == {"deployment_id": shop.v1, "errors": [],
                                                                  "next_page_token": ""}
 

@@ -115,6 +115,8 @@ def test_watch_endpoints_and_status_over_grpc(adapter, instance, worker_image):
                 assert b.status == "running" and b.environment == "staging"
                 assert sorted(r.address for r in b.replicas) == sorted(ready)
                 assert {r.state for r in b.replicas} == {"ready"}
+                # the count the scheduler drives the binding to: its target (the minimum, no load)
+                assert (b.min_replicas, b.desired_replicas) == (binding.min_replicas, 2)
 
                 with pytest.raises(grpc.aio.AioRpcError) as other:
                     await stub.GetDeploymentStatus(
