@@ -501,9 +501,13 @@ def refuse_terminated(ctx: Ctx, deployment_id: str) -> None:
 
 def replicas_ready(b: scheduler_pb2.BindingStatus) -> str:
     """"2/3 ready (min 1, max 5)": ready replicas over the count the scheduler
-    is driving the binding to (desired_replicas), then the bounds."""
+    is driving the binding to (desired_replicas), then the bounds; more ready
+    than that reads "3 ready, scaling to 2 (min 2, max 3)", never "3/2"."""
     ready = sum(1 for r in b.replicas if r.state == "ready")
-    return f"{ready}/{b.desired_replicas} ready (min {b.min_replicas}, max {b.max_replicas})"
+    bounds = f"(min {b.min_replicas}, max {b.max_replicas})"
+    if ready > b.desired_replicas:
+        return f"{ready} ready, scaling to {b.desired_replicas} {bounds}"
+    return f"{ready}/{b.desired_replicas} ready {bounds}"
 
 
 def wait_for_binding(ctx: Ctx, deployment_id: str, environment: str, timeout: float) -> scheduler_pb2.BindingStatus | None:
