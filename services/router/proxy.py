@@ -181,10 +181,6 @@ class RequestBody:
     def empty(self) -> bool:
         return self.complete and self.received == 0
 
-    @property
-    def too_large(self) -> bool:
-        return self.error is not None and self.error.status == 413
-
     def feed(self, data: bytes) -> None:
         if self.error is not None:
             return
@@ -629,16 +625,14 @@ class ClientConnection(asyncio.Protocol):
         if self._pending or self._worker is not None or self._fast is not None:
             self._final_error = error
             return
-        self.write_error(error.status, error.code, error.message, close=True,
-                         allow=ALLOWED_METHODS if error.status == 405 else None)
+        self.write_error(error.status, error.code, error.message, close=True)
         self.close()
 
     def _end(self) -> None:
         """After the last request this connection serves."""
         error, self._final_error = self._final_error, None
         if error is not None and not self.closed:
-            self.write_error(error.status, error.code, error.message, close=True,
-                             allow=ALLOWED_METHODS if error.status == 405 else None)
+            self.write_error(error.status, error.code, error.message, close=True)
         self.close()
 
     def _start_head_timer(self) -> None:
@@ -1016,11 +1010,10 @@ class ClientConnection(asyncio.Protocol):
         deployment_id: str = "",
         retry_after: int | None = None,
         close: bool = False,
-        allow: bytes | None = None,
     ) -> bool:
         headers = [(b"Content-Type", b"application/json")]
-        if allow is not None:
-            headers.append((b"Allow", allow))
+        if status == 405:  # (the router's own refusal of a method: TRACE, CONNECT)
+            headers.append((b"Allow", ALLOWED_METHODS))
         if deployment_id:
             headers.append((b"X-Berth-Deployment", deployment_id.encode()))
         if retry_after is not None:
@@ -1761,8 +1754,6 @@ class ProxyServer:
             if len(self._addressed) >= ADDRESS_CACHE_SIZE:
                 self._addressed.clear()
             self._addressed[key] = addressed
-        if addressed is not None and request.method == b"CONNECT":
-            raise ProxyError(405, "method_not_allowed", "the router does not tunnel CONNECT")
         return addressed  # type: ignore[return-value]
 
     def _parse_address(

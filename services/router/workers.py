@@ -123,9 +123,10 @@ def worker_count(value: str) -> int:
     return count
 
 
-def listening_sockets(host: str, port: int, count: int, backlog: int = 1024) -> list[socket.socket]:
-    """``count`` listening sockets on one address (SO_REUSEPORT); with port
-    0, the port the first one got."""
+def bound_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` sockets bound to one address (SO_REUSEPORT) that do not
+    listen yet: a worker listens on its own once it may take connections.
+    With port 0, the port the first one got."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sockets: list[socket.socket] = []
     try:
@@ -136,7 +137,6 @@ def listening_sockets(host: str, port: int, count: int, backlog: int = 1024) -> 
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
             port = sock.getsockname()[1]
-            sock.listen(backlog)
             sock.set_inheritable(True)
     except OSError:
         for sock in sockets:
@@ -145,24 +145,11 @@ def listening_sockets(host: str, port: int, count: int, backlog: int = 1024) -> 
     return sockets
 
 
-def bound_sockets(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` sockets bound to one address (SO_REUSEPORT) that do not
-    listen yet: a worker listens on its own once it may take connections."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            port = sock.getsockname()[1]
-            sock.set_inheritable(True)
-    except OSError:
-        for sock in sockets:
-            sock.close()
-        raise
+def listening_sockets(host: str, port: int, count: int, backlog: int = 1024) -> list[socket.socket]:
+    """``count`` listening sockets on one address (SO_REUSEPORT)."""
+    sockets = bound_sockets(host, port, count)
+    for sock in sockets:
+        sock.listen(backlog)
     return sockets
 
 
