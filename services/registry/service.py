@@ -473,9 +473,8 @@ class RegistryService:
                         select(EnvironmentRow.deployment_id).where(EnvironmentRow.id == env.id)
                     ).one_or_none()
                     if still is None:
-                        raise NotFound(
-                    f"environment {env.name!r} was deleted meanwhile", resource_type="environment", resource_name=env.name
-                )
+                        raise NotFound(f"environment {env.name!r} was deleted meanwhile",
+                                       resource_type="environment", resource_name=env.name)
                     raise FailedPrecondition(
                         f"environment {env.name!r} was pointed at deployment {still[0]} meanwhile; "
                         "it cannot be deleted without --force",
