@@ -22,10 +22,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
 from typing import Protocol
 
 from berth import errors
@@ -33,7 +32,6 @@ from berth.v1 import common_pb2
 
 from . import docker_adapter as da
 from . import spec as specs
-from .autoscale import Bounds, LoadTracker, ScalePolicy
 from .desired import DesiredTable, binding_key, is_terminated
 from .events import EventKind, EventStore, redact
 from .plan import (
@@ -51,42 +49,25 @@ from .plan import (
     plan,
 )
 from .probes import probe_http
+from .runtime import (
+    REPORTER_TTL,
+    BindingState,
+    BindingView,
+    EndpointBroadcast,
+    EndpointSet,
+    ReplicaState,
+    ReplicaView,
+    ScalingRuntime,
+    SchedulerConfig,
+    binding_state,
+)
 
 log = logging.getLogger("berth.scheduler.reconciler")
 
-# A router (process) silent for this long no longer counts in the in-flight
-# load: it stopped, or restarted under another reporter name.
-REPORTER_TTL = 10.0
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    instance: str = "default"
-    reconcile_interval: float = 2.0
-    pull_timeout: float = 60.0
-    stop_grace: float = 10.0
-    # After a live replica leaves the published endpoints, wait this long
-    # before stopping it, so routers stop picking it and in-flight requests
-    # finish (busybox-like workers die on SIGTERM mid-request).
-    drain_delay: float = 2.0
-    probe_timeout: float = 1.0
-    fast_probe_interval: float = 0.1
-    startup_timeout: float = 120.0
-    unhealthy_after: int = 3  # consecutive failed probes of a running replica
-    quick_exit: float = 10.0  # a replica that ran less than this crashed "quickly"
-    crash_loop_after: int = 3
-    restart_backoff: float = 1.0
-    restart_backoff_max: float = 60.0
-    pull_retry: float = 5.0
-    pull_retry_max: float = 300.0
-    target_concurrency: float = 10.0
-    scale_down_window: float = 30.0
-    idle_window: float = 60.0
-    # Warm rollback: a binding that stopped serving keeps its minimum this
-    # long (from its last change), so rolling back to it is a pure pointer
-    # move; afterwards its minimum counts as 0 and it scales to zero when idle.
-    keep_warm: float = 600.0
-    host_refresh: float = 60.0
+__all__ = [
+    "REPORTER_TTL", "BindingState", "BindingView", "EndpointBroadcast", "EndpointSet", "Reconciler",
+    "ReplicaState", "ReplicaView", "SchedulerConfig", "SecretsResolver",
+]
 
 
 class SecretsResolver(Protocol):
@@ -95,24 +76,6 @@ class SecretsResolver(Protocol):
 
 # Records the image id resolved for a deployment registered by reference.
 ImageRecorder = Callable[[str, str], Awaitable[None]]
-
-
-class ReplicaState(str, Enum):
-    PENDING = "pending"
-    STARTING = "starting"
-    READY = "ready"
-    UNHEALTHY = "unhealthy"
-    EXITED = "exited"
-    FAILED = "failed"
-
-
-class BindingState(str, Enum):
-    DEPLOYING = "deploying"
-    RUNNING = "running"
-    DEGRADED = "degraded"
-    FAILED = "failed"
-    SCALED_TO_ZERO = "scaled_to_zero"
-    TERMINATED = "terminated"
 
 
 @dataclass
@@ -142,77 +105,6 @@ class _PullFailure:
     message: str
     not_before: float
     backoff: float
-
-
-@dataclass(frozen=True)
-class EndpointSet:
-    project_id: str
-    environment_id: str
-    deployment_id: str
-    addresses: tuple[str, ...]
-    status: str = ""
-
-
-@dataclass(frozen=True)
-class ReplicaView:
-    container_id: str
-    name: str
-    index: int
-    state: ReplicaState
-    started_at: datetime | None
-    restarts: int
-    address: str
-
-
-@dataclass(frozen=True)
-class BindingView:
-    binding: common_pb2.Binding = field(repr=False)
-    status: BindingState
-    desired: int
-    replicas: tuple[ReplicaView, ...]
-
-
-class EndpointBroadcast:
-    """Latest-value broadcast of the endpoint sets."""
-
-    def __init__(self) -> None:
-        self._value: tuple[EndpointSet, ...] = ()
-        self._queues: set[asyncio.Queue[tuple[EndpointSet, ...] | None]] = set()
-
-    @property
-    def current(self) -> tuple[EndpointSet, ...]:
-        return self._value
-
-    def publish(self, value: tuple[EndpointSet, ...]) -> bool:
-        if value == self._value:
-            return False
-        self._value = value
-        for queue in self._queues:
-            self._offer(queue, value)
-        return True
-
-    def close(self) -> None:
-        for queue in self._queues:
-            self._offer(queue, None)
-
-    @staticmethod
-    def _offer(queue: asyncio.Queue[tuple[EndpointSet, ...] | None], value: tuple[EndpointSet, ...] | None) -> None:
-        while not queue.empty():  # only the latest value matters
-            queue.get_nowait()
-        queue.put_nowait(value)
-
-    async def subscribe(self) -> AsyncIterator[tuple[EndpointSet, ...]]:
-        queue: asyncio.Queue[tuple[EndpointSet, ...] | None] = asyncio.Queue(maxsize=1)
-        self._queues.add(queue)
-        try:
-            yield self._value
-            while True:
-                value = await queue.get()
-                if value is None:
-                    return
-                yield value
-        finally:
-            self._queues.discard(queue)
 
 
 def _int_label(labels: Mapping[str, str], name: str, default: int = 0) -> int:
@@ -257,7 +149,9 @@ def restart_delay(crashes: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** (crashes - 1))
 
 
-class Reconciler:
+class Reconciler(ScalingRuntime):
+    """The ``local`` runtime: replicas as containers on one Docker engine."""
+
     def __init__(
         self,
         adapter: da.DockerAdapter,
@@ -268,25 +162,13 @@ class Reconciler:
         *,
         record_image: ImageRecorder | None = None,
     ) -> None:
+        super().__init__(table, config)
         self._adapter = adapter
-        self._table = table
         self._secrets = secrets
         self._events = events
-        self.config = config
         self._record_image = record_image
-        self.load = LoadTracker(
-            ScalePolicy(
-                target_concurrency=config.target_concurrency,
-                scale_down_window=config.scale_down_window,
-                idle_window=config.idle_window,
-            )
-        )
-        self._in_flight_by_reporter: dict[str, tuple[float, dict[BindingKey, int]]] = {}
-        self.endpoints = EndpointBroadcast()
-        self._wake = asyncio.Event()
         self._pass_lock = asyncio.Lock()
         self._observed: list[da.ContainerInfo] = []
-        self._desired: dict[BindingKey, int] = {}
         self._statuses: dict[BindingKey, BindingState] = {}
         self._readiness: dict[str, _Readiness] = {}
         self._draining: set[str] = set()
@@ -307,9 +189,6 @@ class Reconciler:
         table.on_change(self.wake)
 
     # -- loop ---------------------------------------------------------------
-    def wake(self) -> None:
-        self._wake.set()
-
     async def run(self) -> None:
         """Reconciles until cancelled: at once on a wake-up, else every tick."""
         while True:
@@ -324,13 +203,7 @@ class Reconciler:
                 log.warning("reconcile_failed", extra={"error": exc.message})
             except Exception:
                 log.exception("reconcile_crashed")
-            try:
-                # (asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
-                # cancellation that races the wake-up, gh-86296, and the loop never stops)
-                async with asyncio.timeout(self.config.reconcile_interval):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await self._sleep_until_woken()
 
     async def close(self) -> None:
         """Stops background probes and pulls. Replicas keep running: they
@@ -341,54 +214,7 @@ class Reconciler:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    # -- load signal --------------------------------------------------------
-    def report_load(self, loads: Mapping[BindingKey, tuple[int, int]], reporter: str = "") -> None:
-        """A router's report of (in flight, requests completed since its last
-        report) per binding; a known binding absent from it had none there.
-        Several routers (or router worker processes) report separately: the
-        load recorded is the in-flight count summed over every reporter heard
-        from within ``REPORTER_TTL`` and this report's completed requests
-        (each counted once). Wakes the loop when a binding now wants more
-        replicas."""
-        now = time.monotonic()
-        self._in_flight_by_reporter[reporter] = (now, {k: v[0] for k, v in loads.items()})
-        in_flight: dict[BindingKey, int] = {}
-        for name, (heard_at, counts) in list(self._in_flight_by_reporter.items()):
-            if now - heard_at > REPORTER_TTL:
-                del self._in_flight_by_reporter[name]  # gone (or restarted under another name)
-                continue
-            for key, count in counts.items():
-                in_flight[key] = in_flight.get(key, 0) + count
-        full = {}
-        for b in self._table.bindings():
-            key = binding_key(b)
-            full[key] = (in_flight.get(key, 0), loads[key][1] if key in loads else 0)
-        self.load.report(full)
-        for b in self._table.bindings():
-            key = binding_key(b)
-            if is_terminated(b) or key not in self._desired:
-                continue
-            if self._decide(b, self._slots.get(key, 0)) != self._desired[key]:
-                self.wake()
-                return
-
-    def activate(self, key: BindingKey) -> None:
-        """A request is waiting for this binding: at least one replica now."""
-        self.load.activate(key)
-        self.wake()
-
-    def _decide(self, b: common_pb2.Binding, slots: int) -> int:
-        if is_terminated(b):
-            return 0
-        minimum = 0 if self._cooled(b) else b.min_replicas
-        return self.load.decide(binding_key(b), Bounds(minimum, b.max_replicas), slots)
-
-    def _cooled(self, b: common_pb2.Binding) -> bool:
-        """Not serving, and past the keep-warm window since its last change."""
-        if b.serving or not b.HasField("updated_at") or b.updated_at.seconds <= 0:
-            return False
-        return time.time() - b.updated_at.ToSeconds() >= self.config.keep_warm
-
+    # -- load signal (report_load, activate, _decide: ScalingRuntime) ---------
     @property
     def _slots(self) -> dict[BindingKey, int]:
         by_key: dict[BindingKey, list[da.ContainerInfo]] = defaultdict(list)
@@ -898,21 +724,5 @@ class Reconciler:
         return ReplicaState.EXITED
 
     def _binding_state(self, b: common_pb2.Binding, want: int, replicas: tuple[ReplicaView, ...]) -> BindingState:
-        if is_terminated(b):
-            return BindingState.TERMINATED
-        live = [r for r in replicas if r.state in (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.READY,
-                                                   ReplicaState.UNHEALTHY)]
-        ready = len({r.index for r in replicas if r.state is ReplicaState.READY})
-        if want == 0:
-            return BindingState.RUNNING if live and ready else BindingState.SCALED_TO_ZERO
-        if ready >= max(1, b.min_replicas):
-            return BindingState.RUNNING  # at least min ready (autoscaling may be adding more)
         problem = self._problems.get(binding_key(b))
-        if problem is not None and problem.kind in (EventKind.IMAGE_PULL_ERROR, EventKind.SCHEDULING_FAILURE):
-            return BindingState.FAILED
-        crash_looping = any(r.state is ReplicaState.FAILED for r in replicas)
-        if crash_looping:
-            return BindingState.DEGRADED if ready else BindingState.FAILED
-        if ready or any(r.state in (ReplicaState.UNHEALTHY, ReplicaState.EXITED) for r in replicas):
-            return BindingState.DEGRADED
-        return BindingState.DEPLOYING
+        return binding_state(b, want, replicas, problem.kind if problem is not None else None)
