@@ -4,6 +4,13 @@ Blocking SDK calls run in a small thread pool (about 4 threads: the engine is
 the limit, see DOCKER-NOTES.md); pulls run in their own pool so a slow
 registry cannot starve container operations. Docker errors are translated
 here, once, into the scheduler's own exceptions below.
+
+Fencing: with a ``fence`` (the scheduler's lease, ``lease.py``) every engine
+write — create, start, stop, remove, pull — first asks
+``fence.ensure_leading()``, in the worker thread right before the SDK call,
+and a scheduler that lost its lease gets ``LeaseLost`` instead of touching
+the engine; every container created carries the fence's epoch as the
+``berth.epoch`` label. Reads (list, inspect, images) are not fenced.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ import docker
 import docker.errors
 import requests.exceptions
 from docker.utils import parse_repository_tag
+
+from .lease import EPOCH_LABEL, Fence
 
 log = logging.getLogger("berth.scheduler.docker")
 
@@ -122,15 +131,26 @@ class DockerAdapter:
     # Creating ten containers took 1.06 s with 10 threads and ~1.5 s with 4
     # on this kind of machine (bench/scheduler_bench.py): the engine overlaps
     # the starts, so a wider pool pays off for bursts of creates.
-    def __init__(self, client: docker.DockerClient, *, network: str = "bridge", workers: int = 8) -> None:
+    def __init__(
+        self, client: docker.DockerClient, *, network: str = "bridge", workers: int = 8, fence: Fence | None = None
+    ) -> None:
         self._client = client
         self.network = network
+        self.fence = fence
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._pull_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="docker-pull")
 
     async def _run(self, fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool or self._pool, functools.partial(_translated, fn, *args))
+
+    def _fenced(self) -> dict[str, str]:
+        """Raises ``LeaseLost`` unless the lease is held now; the labels
+        stamping what this write creates with the lease's epoch."""
+        if self.fence is None:
+            return {}
+        self.fence.ensure_leading()
+        return {EPOCH_LABEL: str(self.fence.epoch)}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -178,10 +198,11 @@ class DockerAdapter:
         container is removed and ``StartFailed`` carries the engine's text."""
 
         def run_() -> ContainerInfo:
+            epoch = self._fenced()
             kwargs: dict[str, Any] = {
                 "name": spec.name,
                 "environment": dict(spec.environment),
-                "labels": dict(spec.labels),
+                "labels": {**spec.labels, **epoch},
                 "detach": True,
                 "init": True,
                 "network": self.network,
@@ -202,6 +223,7 @@ class DockerAdapter:
                     raise NameConflict(_explanation(exc)) from None
                 raise StartFailed(_explanation(exc)) from None
             try:
+                self._fenced()
                 container.start()
             except docker.errors.APIError as exc:
                 message = _explanation(exc)
@@ -219,6 +241,7 @@ class DockerAdapter:
         exited container stays as the record of what happened to it."""
 
         def stop_() -> None:
+            self._fenced()
             try:
                 self._client.api.stop(container_id, timeout=int(max(grace, 0)))
             except docker.errors.NotFound:
@@ -240,6 +263,7 @@ class DockerAdapter:
         that is already gone counts as removed."""
 
         def remove_() -> None:
+            self._fenced()
             try:
                 self._client.api.stop(container_id, timeout=int(max(grace, 0)))
             except docker.errors.NotFound:
@@ -247,6 +271,7 @@ class DockerAdapter:
             except docker.errors.APIError:
                 pass  # not running, or being removed: remove(force) decides
             try:
+                self._fenced()  # the stop may have taken its whole grace period
                 self._client.api.remove_container(container_id, force=True)
             except docker.errors.NotFound:
                 return
@@ -276,6 +301,7 @@ class DockerAdapter:
         repository, tag = parse_repository_tag(ref)
 
         def pull_() -> str:
+            self._fenced()
             try:
                 for item in self._client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
                     if isinstance(item, dict) and item.get("error"):

@@ -1,7 +1,10 @@
 """Deployment events (image_pull_error, scheduling_failure, crash_loop,
 oom_killed, health_check_failed), folded by (deployment, kind, environment,
-replica) with a count and first/last seen, persisted with SQLAlchemy in
-SQLite so they survive restarts (in memory when no data directory is given).
+replica) with a count and first/last seen, persisted with SQLAlchemy so they
+survive restarts: in SQLite under the data directory by default (in memory
+when none is given), or in PostgreSQL by URL, shared by a leader and its
+standbys so the one that takes over has the events (the lease lives in the
+same database, ``lease.py``).
 
 Messages are the engine's own text, and the engine may quote a replica's
 environment in them (runc refuses a value holding NUL by printing the whole
@@ -24,7 +27,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from sqlalchemy import DateTime, Engine, Integer, String, Text, UniqueConstraint, and_, create_engine, or_, select
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    and_,
+    create_engine,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import StaticPool
 
@@ -35,6 +51,7 @@ class EventKind(str, Enum):
     CRASH_LOOP = "crash_loop"
     OOM_KILLED = "oom_killed"
     HEALTH_CHECK_FAILED = "health_check_failed"
+    NODE_DOWN = "node_down"  # a cluster node went down with replicas on it (swarm runtime)
 
 
 @dataclass(frozen=True)
@@ -174,19 +191,46 @@ def migrate(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # Schedulers starting together on one database migrate one at a time.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+_MIGRATION_LOCK = 0x62657274_6576  # "bert" "ev": the event store's migration lock
+
+
+def normalise_url(url: str) -> str:
+    """``postgresql://`` means psycopg 3 here, not psycopg2."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the store at ``url`` (SQLite file or PostgreSQL). On
+    PostgreSQL connections and statements have short deadlines: a lease
+    renewal must fail fast rather than hang past its deadline."""
+    url = normalise_url(url)
+    if url.startswith("sqlite"):
+        return create_engine(url, connect_args={"timeout": 5})
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=5,
+        connect_args={"connect_timeout": 3, "options": "-c statement_timeout=3000"},
+    )
 
 
 class EventStore:
     """Small and synchronous: SQLite writes take well under a millisecond and
     happen only on failures."""
 
-    def __init__(self, data_dir: str | None = None) -> None:
-        if data_dir:
+    def __init__(self, data_dir: str | None = None, *, url: str | None = None) -> None:
+        if url:
+            self._engine = make_engine(url)
+        elif data_dir:
             os.makedirs(data_dir, exist_ok=True)
-            url = f"sqlite:///{os.path.join(data_dir, 'scheduler-events.db')}"
-            self._engine = create_engine(url)
+            self._engine = make_engine(f"sqlite:///{os.path.join(data_dir, 'scheduler-events.db')}")
         else:
             self._engine = create_engine(
                 "sqlite://", connect_args={"check_same_thread": False}, poolclass=StaticPool
@@ -208,6 +252,24 @@ class EventStore:
     ) -> None:
         now = at or datetime.now(UTC)
         message = scrub_env_leaks(message)[:MAX_MESSAGE]  # callers ``redact``; this needs no values
+        for attempt in range(3):
+            try:
+                self._record(kind, message, project_id, deployment_id, environment_id, environment, replica, now)
+                return
+            except IntegrityError:
+                # Another scheduler on the shared database inserted the same
+                # row first (a leader and the one it replaced): fold into it.
+                if attempt == 2:
+                    raise
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    def _record(
+        self, kind: EventKind, message: str, project_id: str, deployment_id: str, environment_id: str,
+        environment: str, replica: str, now: datetime,
+    ) -> None:
         with self._lock, Session(self._engine) as session, session.begin():
             row = session.scalars(
                 select(_EventRow).where(

@@ -15,6 +15,11 @@ due, so the backoff is derived from its finish time. In memory there is only
 what the engine cannot tell and may be lost: readiness and consecutive probe
 failures, the load signal, pull/start retry timers and the last failure of
 each binding (for status).
+
+With several schedulers on one engine only the lease holder reconciles
+(``lease.py``): a pass starts only while the lease is held, the adapter
+fences every engine write, and a pass that sees a container created in a
+higher epoch than its own stops there and deposes this scheduler.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from . import docker_adapter as da
 from . import spec as specs
 from .desired import DesiredTable, binding_key, is_terminated
 from .events import EventKind, EventStore, redact
+from .lease import Leadership, LeaseLost, epoch_of
 from .plan import (
     GONE,
     LIVE,
@@ -142,6 +148,17 @@ def _slots_in_use(containers: Sequence[da.ContainerInfo]) -> int:
     return len({_index_of(c) for c in containers if ContainerStatus.parse(c.status) is not ContainerStatus.REMOVING})
 
 
+def _check_epochs(observed: Sequence[da.ContainerInfo], fence: Leadership) -> None:
+    """A container created in a higher epoch than ours means another
+    scheduler acquired the lease since: never touch its work; stand down."""
+    newer = max((epoch_of(c.labels) for c in observed), default=0)
+    if newer > fence.epoch:
+        reason = f"a container of epoch {newer} exists; this scheduler's epoch is {fence.epoch}"
+        fence.depose(reason)
+        raise LeaseLost(f"another scheduler leads: {reason}")
+    fence.ensure_leading()  # still, after the listing
+
+
 def restart_delay(crashes: int, base: float, cap: float) -> float:
     """Exponential backoff before restarting after ``crashes`` quick exits."""
     if crashes <= 0:
@@ -161,9 +178,11 @@ class Reconciler(ScalingRuntime):
         config: SchedulerConfig,
         *,
         record_image: ImageRecorder | None = None,
+        fence: Leadership | None = None,
     ) -> None:
         super().__init__(table, config)
         self._adapter = adapter
+        self._fence = fence  # the lease (lease.py); None: the only scheduler
         self._secrets = secrets
         self._events = events
         self._record_image = record_image
@@ -197,6 +216,8 @@ class Reconciler(ScalingRuntime):
                 await self.reconcile_once()
             except asyncio.CancelledError:
                 raise
+            except LeaseLost as exc:
+                log.info("not_leading", extra={"error": exc.message})
             except da.EngineUnavailable as exc:
                 self._engine_unreachable(exc.message)
             except da.EngineError as exc:
@@ -225,7 +246,11 @@ class Reconciler(ScalingRuntime):
     # -- one pass -----------------------------------------------------------
     async def reconcile_once(self) -> Plan:
         async with self._pass_lock:
+            if self._fence is not None:
+                self._fence.ensure_leading()
             observed = [c for c in await self._adapter.list_managed(self.config.instance) if _labels_ok(c.labels)]
+            if self._fence is not None:
+                _check_epochs(observed, self._fence)
             if self._engine_down:
                 log.info("engine_reachable_again")
                 self._engine_down = ""
@@ -355,6 +380,8 @@ class Reconciler(ScalingRuntime):
         self._publish_endpoints()
         try:
             await self._adapter.stop(c.id, grace=self.config.stop_grace)
+        except LeaseLost:
+            return  # not leading: the leader decides
         except da.EngineError as exc:
             log.warning("stop_failed", extra={"container": c.name, "error": exc.message})
         self.wake()
@@ -513,6 +540,8 @@ class Reconciler(ScalingRuntime):
             await self._adapter.pull(ref, timeout=self.config.pull_timeout)
             self._pull_failures.pop(ref, None)
             log.info("pull_done", extra={"image": ref})
+        except LeaseLost:
+            return  # not leading: the leader pulls
         except da.EngineError as exc:
             previous = self._pull_failures.get(ref)
             backoff = min(self.config.pull_retry_max, previous.backoff * 2) if previous else self.config.pull_retry
