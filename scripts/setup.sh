@@ -12,11 +12,26 @@ command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 command -v debootstrap >/dev/null 2>&1 || need_apt+=(debootstrap)   # seeds the python base image offline
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)         # Studio's browser tests
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)                     # the router's differential HTTP tests
+command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)                 # the swarm test harness
+command -v nsenter >/dev/null 2>&1 || need_apt+=(util-linux)          # (nsenter, unshare)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# The swarm test harness (tests/support/swarm.py) runs Debian's docker-registry,
+# extracted here without installing (and starting) its system service.
+REGISTRY_DIR=/opt/berth-docker-registry
+if [ ! -x "$REGISTRY_DIR/usr/bin/docker-registry" ]; then
+  echo "setup: extracting docker-registry to $REGISTRY_DIR" >&2
+  deb_dir="$(mktemp -d)"
+  chmod 755 "$deb_dir"
+  ( cd "$deb_dir" && { apt-get download -qq docker-registry 2>/dev/null || { apt-get update -qq && apt-get download -qq docker-registry; }; } )
+  mkdir -p "$REGISTRY_DIR"
+  dpkg-deb -x "$deb_dir"/docker-registry_*.deb "$REGISTRY_DIR"
+  rm -rf "$deb_dir"
 fi
 
 if ! docker info >/dev/null 2>&1; then
