@@ -28,11 +28,15 @@ from berth.client import Client
 from berth.shapes import (
     api_key_json,
     binding_json,
+    binding_status,
     deployment_json,
+    deployment_state,
     entry_json,
     environment_json,
     error_json,
+    error_kind,
     secret_json,
+    secret_scope,
     status_json,
     timestamp,
 )
@@ -484,7 +488,7 @@ def confirm_protected(ctx: Ctx, environment: common_pb2.Environment, yes: bool, 
 def is_terminated(ctx: Ctx, deployment_id: str) -> bool:
     c = ctx.client()
     d = c.call(c.registry.GetDeployment, registry_pb2.GetDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
-    return d.state == "terminated"
+    return d.state == common_pb2.Deployment.STATE_TERMINATED
 
 
 def refuse_terminated(ctx: Ctx, deployment_id: str) -> None:
@@ -499,11 +503,15 @@ def refuse_terminated(ctx: Ctx, deployment_id: str) -> None:
         )
 
 
+#: Binding statuses a wait for readiness stops at.
+SETTLED = (scheduler_pb2.BindingStatus.STATUS_RUNNING, scheduler_pb2.BindingStatus.STATUS_FAILED)
+
+
 def replicas_ready(b: scheduler_pb2.BindingStatus) -> str:
     """"2/3 ready (min 1, max 5)": ready replicas over the count the scheduler
     is driving the binding to (desired_replicas), then the bounds; more ready
     than that reads "3 ready, scaling to 2 (min 2, max 3)", never "3/2"."""
-    ready = sum(1 for r in b.replicas if r.state == "ready")
+    ready = sum(1 for r in b.replicas if r.state == scheduler_pb2.Replica.STATE_READY)
     bounds = f"(min {b.min_replicas}, max {b.max_replicas})"
     if ready > b.desired_replicas:
         return f"{ready} ready, scaling to {b.desired_replicas} {bounds}"
@@ -531,8 +539,8 @@ def wait_for_binding(ctx: Ctx, deployment_id: str, environment: str, timeout: fl
                     if environment in (b.environment, b.environment_id):
                         last = b
                         if live is not None:
-                            live.update(f"{b.environment}: {b.status}, {replicas_ready(b)}")
-                        if b.status in ("running", "failed"):
+                            live.update(f"{b.environment}: {binding_status(b)}, {replicas_ready(b)}")
+                        if b.status in SETTLED:
                             return b
             except errors.NotFound:
                 pass  # the scheduler has not seen the binding yet
@@ -571,16 +579,16 @@ class WaitResult:
         self.environment_id = environment_id
         self.status = wait_for_binding(ctx, deployment_id, environment_id, timeout)
         self.reason: scheduler_pb2.DeploymentError | None = None
-        if self.status is None or self.status.status != "running":
-            failed = self.status is not None and self.status.status == "failed"
+        if self.status is None or self.status.status != scheduler_pb2.BindingStatus.STATUS_RUNNING:
+            failed = self.status is not None and self.status.status == scheduler_pb2.BindingStatus.STATUS_FAILED
             self.reason = binding_reason(ctx, deployment_id, environment_id, patience=5.0 if failed else 0.0)
 
     @property
     def failed(self) -> bool:
-        return self.status is not None and self.status.status == "failed"
+        return self.status is not None and self.status.status == scheduler_pb2.BindingStatus.STATUS_FAILED
 
     def add_to(self, data: dict[str, Any]) -> None:
-        data["status"] = self.status.status if self.status is not None else "unknown"
+        data["status"] = binding_status(self.status) if self.status is not None else "unknown"
         if self.reason is not None:
             data["reason"] = error_json(self.reason)
 
@@ -588,13 +596,13 @@ class WaitResult:
         if self.status is None:
             out.print(f"  status unknown: the scheduler did not report this binding within {self.timeout:.0f} s")
         else:
-            late = "" if self.status.status in ("running", "failed") else f" (not ready after {self.timeout:.0f} s)"
-            out.print(f"  status {self.status.status}: {replicas_ready(self.status)}{late}")
+            late = "" if self.status.status in SETTLED else f" (not ready after {self.timeout:.0f} s)"
+            out.print(f"  status {binding_status(self.status)}: {replicas_ready(self.status)}{late}")
         if self.reason is not None:
             r = self.reason
             times = f", x{r.count}" if r.count > 1 else ""
             where = f" (in {r.environment or r.environment_id})" if r.environment_id != self.environment_id else ""
-            out.print(f"  reason{where}: {r.kind}{times}: {escape(r.message)}")
+            out.print(f"  reason{where}: {error_kind(r)}{times}: {escape(r.message)}")
             out.print("  see: berth deployment errors " + (r.deployment_id or ""))
         elif self.failed:
             out.print("  reason: none recorded yet; see: berth deployment errors")
@@ -687,7 +695,7 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
     if waited is not None and waited.failed:
         if quiet and not ctx.json:  # the id went to stdout; say why on stderr
             r = waited.reason
-            why = f": {r.kind}: {escape(r.message)}" if r is not None else " (see: berth deployment errors)"
+            why = f": {error_kind(r)}: {escape(r.message)}" if r is not None else " (see: berth deployment errors)"
             err.print(f"[bold red]error:[/] {d.id} failed in {e.name}{why}", markup=True)
         sys.exit(5)
 
@@ -703,7 +711,7 @@ def deployments_list(ctx: Ctx, environment: str) -> None:
     def human() -> None:
         t = table("DEPLOYMENT", "IMAGE", "STATE", "CREATED", "BY")
         for d in deps:
-            t.add_row(d.id, d.image, d.state, short_time(timestamp(d, "created_at")), d.created_by)
+            t.add_row(d.id, d.image, deployment_state(d), short_time(timestamp(d, "created_at")), d.created_by)
         out.print(t)
 
     ctx.emit({"deployments": [deployment_json(d) for d in deps]}, human)
@@ -769,7 +777,7 @@ def deployment_status(ctx: Ctx, deployment_id: str | None, environment: str) -> 
     data = status_json(s)
 
     def human() -> None:
-        out.print(f"Deployment [bold]{s.deployment.id}[/]  {s.deployment.image}  ({s.deployment.state})")
+        out.print(f"Deployment [bold]{s.deployment.id}[/]  {s.deployment.image}  ({deployment_state(s.deployment)})")
         for b in data["bindings"]:
             mark = " (serving)" if b["serving"] else ""
             out.print(f"\n[bold]{b['environment']}[/]{mark}: {b['status']}, replicas {b['min_replicas']}..{b['max_replicas']}")
@@ -1039,7 +1047,7 @@ def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: b
         raise errors.InvalidArgument("no terminal to prompt on", hint="pipe the value and pass --stdin")
     c = ctx.client()
     s = c.call(c.secrets.SetSecret, secrets_pb2.SetSecretRequest(project=ctx.project, name=name, type=type_, value=value, environment=environment))
-    ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Set {s.name} ({s.type}, {s.scope}) version {s.version}"))
+    ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Set {s.name} ({s.type}, {secret_scope(s)}) version {s.version}"))
 
 
 @secrets.command("list")
@@ -1066,7 +1074,7 @@ def secrets_list(ctx: Ctx, environment: str) -> None:
 def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
     c = ctx.client()
     s = c.call(c.secrets.DeleteSecret, secrets_pb2.DeleteSecretRequest(project=ctx.project, name=name, environment=environment)).secret
-    ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Deleted {s.name} ({s.scope}) as version {s.version}; replicas that resolved it are replaced"))
+    ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Deleted {s.name} ({secret_scope(s)}) as version {s.version}; replicas that resolved it are replaced"))
 
 
 @secrets.command("versions")

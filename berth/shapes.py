@@ -1,17 +1,45 @@
 """JSON shapes of Berth's objects: one definition shared by the CLI's
 ``--output json`` and the router's REST API, so both name things the same way
-(``shared/DESIGN.md``). Timestamps are RFC 3339 strings, "" when unset."""
+(``shared/DESIGN.md``). Timestamps are RFC 3339 strings, "" when unset.
+
+States and kinds are enums in the protos and the contract's lowercase words
+here (``"kind": "promote"``), converted by berth.enums; a value a newer
+server sends that these stubs do not know reads ``"unknown"``."""
 from __future__ import annotations
 
 from typing import Any
 
 from google.protobuf.message import Message
 
+from berth import enums
 from berth.v1 import common_pb2, scheduler_pb2, secrets_pb2
 
 
 def timestamp(message: Message, name: str) -> str:
     return getattr(message, name).ToJsonString() if message.HasField(name) else ""
+
+
+def deployment_state(d: common_pb2.Deployment) -> str:
+    return enums.label(common_pb2.Deployment.State, d.state)
+
+
+def binding_status(b: scheduler_pb2.BindingStatus) -> str:
+    return enums.label(scheduler_pb2.BindingStatus.Status, b.status)
+
+
+def replica_state(r: scheduler_pb2.Replica) -> str:
+    return enums.label(scheduler_pb2.Replica.State, r.state)
+
+
+def error_kind(e: scheduler_pb2.DeploymentError) -> str:
+    return enums.label(scheduler_pb2.DeploymentError.Kind, e.kind)
+
+
+def secret_scope(s: secrets_pb2.SecretInfo) -> str:
+    """``project`` or ``environment:<name>`` (DESIGN.md's words)."""
+    if s.scope == secrets_pb2.SecretInfo.SCOPE_ENVIRONMENT:
+        return f"environment:{s.environment or s.environment_id}"
+    return enums.label(secrets_pb2.SecretInfo.Scope, s.scope)
 
 
 def deployment_json(d: common_pb2.Deployment) -> dict[str, Any]:
@@ -21,7 +49,7 @@ def deployment_json(d: common_pb2.Deployment) -> dict[str, Any]:
         "project_id": d.project_id,
         "image": d.image,
         "image_id": d.image_id,
-        "state": d.state,
+        "state": deployment_state(d),
         "created_at": timestamp(d, "created_at"),
         "created_by": d.created_by,
         "config": {
@@ -51,7 +79,7 @@ def environment_json(e: common_pb2.Environment) -> dict[str, Any]:
 def entry_json(h: common_pb2.HistoryEntry) -> dict[str, Any]:
     return {
         "sequence": h.sequence,
-        "kind": h.kind,
+        "kind": enums.label(common_pb2.HistoryEntry.Kind, h.kind),
         "deployment_id": h.deployment_id,
         "previous_deployment_id": h.previous_deployment_id,
         "min_replicas": h.min_replicas,
@@ -69,7 +97,7 @@ def binding_json(b: common_pb2.Binding) -> dict[str, Any]:
         "deployment_id": b.deployment.id,
         "min_replicas": b.min_replicas,
         "max_replicas": b.max_replicas,
-        "state": b.state,
+        "state": enums.label(common_pb2.Binding.State, b.state),
         "serving": b.serving,
         "updated_at": timestamp(b, "updated_at"),
     }
@@ -81,25 +109,27 @@ def status_json(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
         {
             "environment": b.environment,
             "environment_id": b.environment_id,
-            "status": b.status,
+            "status": binding_status(b),
             "serving": b.serving,
             "min_replicas": b.min_replicas,
             "max_replicas": b.max_replicas,
             "desired_replicas": b.desired_replicas,
             "replicas": [
-                {"id": r.id, "name": r.name, "index": r.index, "state": r.state,
+                {"id": r.id, "name": r.name, "index": r.index, "state": replica_state(r),
                  "started_at": timestamp(r, "started_at"), "restarts": r.restarts, "address": r.address}
                 for r in b.replicas
             ],
         }
         for b in s.bindings
     ]
+    if s.HasField("scheduler_leader"):  # the scheduler that leads (holds the lease) and answered
+        data["scheduler_leader"] = {"instance": s.scheduler_leader.instance, "epoch": s.scheduler_leader.epoch}
     return data
 
 
 def error_json(e: scheduler_pb2.DeploymentError) -> dict[str, Any]:
     return {
-        "kind": e.kind,
+        "kind": error_kind(e),
         "message": e.message,
         "environment": e.environment,
         "environment_id": e.environment_id,
@@ -115,7 +145,7 @@ def secret_json(s: secrets_pb2.SecretInfo) -> dict[str, Any]:
     return {
         "name": s.name,
         "type": s.type,
-        "scope": s.scope,
+        "scope": secret_scope(s),
         "environment_id": s.environment_id,
         "version": s.version,
         "deleted": s.deleted,

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -50,6 +51,14 @@ class WorkerConfig(_message.Message):
 
 class Deployment(_message.Message):
     __slots__ = ("id", "project_id", "image", "image_id", "config", "state", "created_at", "created_by")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Deployment.State]
+        STATE_ACTIVE: _ClassVar[Deployment.State]
+        STATE_TERMINATED: _ClassVar[Deployment.State]
+    STATE_UNSPECIFIED: Deployment.State
+    STATE_ACTIVE: Deployment.State
+    STATE_TERMINATED: Deployment.State
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -63,10 +72,10 @@ class Deployment(_message.Message):
     image: str
     image_id: str
     config: WorkerConfig
-    state: str
+    state: Deployment.State
     created_at: _timestamp_pb2.Timestamp
     created_by: str
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., config: _Optional[_Union[WorkerConfig, _Mapping]] = ..., state: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., config: _Optional[_Union[WorkerConfig, _Mapping]] = ..., state: _Optional[_Union[Deployment.State, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
 
 class Environment(_message.Message):
     __slots__ = ("id", "project_id", "project_name", "name", "deployment_id", "sequence", "protected", "created_at", "previous_deployment_id")
@@ -92,6 +101,14 @@ class Environment(_message.Message):
 
 class Binding(_message.Message):
     __slots__ = ("project_id", "project_name", "environment_id", "environment_name", "deployment", "min_replicas", "max_replicas", "state", "serving", "updated_at")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Binding.State]
+        STATE_ACTIVE: _ClassVar[Binding.State]
+        STATE_TERMINATED: _ClassVar[Binding.State]
+    STATE_UNSPECIFIED: Binding.State
+    STATE_ACTIVE: Binding.State
+    STATE_TERMINATED: Binding.State
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_NAME_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -109,13 +126,23 @@ class Binding(_message.Message):
     deployment: Deployment
     min_replicas: int
     max_replicas: int
-    state: str
+    state: Binding.State
     serving: bool
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., environment_id: _Optional[str] = ..., environment_name: _Optional[str] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., state: _Optional[str] = ..., serving: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., environment_id: _Optional[str] = ..., environment_name: _Optional[str] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., state: _Optional[_Union[Binding.State, str]] = ..., serving: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class HistoryEntry(_message.Message):
     __slots__ = ("environment_id", "sequence", "kind", "deployment_id", "previous_deployment_id", "min_replicas", "max_replicas", "actor", "created_at", "reason")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[HistoryEntry.Kind]
+        KIND_DEPLOY: _ClassVar[HistoryEntry.Kind]
+        KIND_PROMOTE: _ClassVar[HistoryEntry.Kind]
+        KIND_ROLLBACK: _ClassVar[HistoryEntry.Kind]
+    KIND_UNSPECIFIED: HistoryEntry.Kind
+    KIND_DEPLOY: HistoryEntry.Kind
+    KIND_PROMOTE: HistoryEntry.Kind
+    KIND_ROLLBACK: HistoryEntry.Kind
     ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -128,7 +155,7 @@ class HistoryEntry(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     environment_id: str
     sequence: int
-    kind: str
+    kind: HistoryEntry.Kind
     deployment_id: str
     previous_deployment_id: str
     min_replicas: int
@@ -136,7 +163,7 @@ class HistoryEntry(_message.Message):
     actor: str
     created_at: _timestamp_pb2.Timestamp
     reason: str
-    def __init__(self, environment_id: _Optional[str] = ..., sequence: _Optional[int] = ..., kind: _Optional[str] = ..., deployment_id: _Optional[str] = ..., previous_deployment_id: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, environment_id: _Optional[str] = ..., sequence: _Optional[int] = ..., kind: _Optional[_Union[HistoryEntry.Kind, str]] = ..., deployment_id: _Optional[str] = ..., previous_deployment_id: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ApiKeyInfo(_message.Message):
     __slots__ = ("id", "project_id", "name", "prefix", "created_at", "revoked_at")

@@ -3,6 +3,7 @@ import datetime
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from berth.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -22,6 +23,22 @@ class GetDeploymentStatusRequest(_message.Message):
 
 class Replica(_message.Message):
     __slots__ = ("id", "name", "index", "state", "started_at", "restarts", "address")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Replica.State]
+        STATE_PENDING: _ClassVar[Replica.State]
+        STATE_STARTING: _ClassVar[Replica.State]
+        STATE_READY: _ClassVar[Replica.State]
+        STATE_UNHEALTHY: _ClassVar[Replica.State]
+        STATE_EXITED: _ClassVar[Replica.State]
+        STATE_FAILED: _ClassVar[Replica.State]
+    STATE_UNSPECIFIED: Replica.State
+    STATE_PENDING: Replica.State
+    STATE_STARTING: Replica.State
+    STATE_READY: Replica.State
+    STATE_UNHEALTHY: Replica.State
+    STATE_EXITED: Replica.State
+    STATE_FAILED: Replica.State
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -32,14 +49,30 @@ class Replica(_message.Message):
     id: str
     name: str
     index: int
-    state: str
+    state: Replica.State
     started_at: _timestamp_pb2.Timestamp
     restarts: int
     address: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[Replica.State, str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
 
 class BindingStatus(_message.Message):
     __slots__ = ("environment_id", "environment", "status", "min_replicas", "max_replicas", "serving", "replicas", "desired_replicas")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNSPECIFIED: _ClassVar[BindingStatus.Status]
+        STATUS_DEPLOYING: _ClassVar[BindingStatus.Status]
+        STATUS_RUNNING: _ClassVar[BindingStatus.Status]
+        STATUS_DEGRADED: _ClassVar[BindingStatus.Status]
+        STATUS_FAILED: _ClassVar[BindingStatus.Status]
+        STATUS_SCALED_TO_ZERO: _ClassVar[BindingStatus.Status]
+        STATUS_TERMINATED: _ClassVar[BindingStatus.Status]
+    STATUS_UNSPECIFIED: BindingStatus.Status
+    STATUS_DEPLOYING: BindingStatus.Status
+    STATUS_RUNNING: BindingStatus.Status
+    STATUS_DEGRADED: BindingStatus.Status
+    STATUS_FAILED: BindingStatus.Status
+    STATUS_SCALED_TO_ZERO: BindingStatus.Status
+    STATUS_TERMINATED: BindingStatus.Status
     ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -50,13 +83,13 @@ class BindingStatus(_message.Message):
     DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     environment_id: str
     environment: str
-    status: str
+    status: BindingStatus.Status
     min_replicas: int
     max_replicas: int
     serving: bool
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     desired_replicas: int
-    def __init__(self, environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., status: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., serving: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., desired_replicas: _Optional[int] = ...) -> None: ...
+    def __init__(self, environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., status: _Optional[_Union[BindingStatus.Status, str]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., serving: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., desired_replicas: _Optional[int] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
     __slots__ = ("deployment", "bindings")
@@ -80,6 +113,22 @@ class ListDeploymentErrorsRequest(_message.Message):
 
 class DeploymentError(_message.Message):
     __slots__ = ("kind", "message", "deployment_id", "environment_id", "environment", "replica", "count", "first_seen", "last_seen")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[DeploymentError.Kind]
+        KIND_IMAGE_PULL_ERROR: _ClassVar[DeploymentError.Kind]
+        KIND_SCHEDULING_FAILURE: _ClassVar[DeploymentError.Kind]
+        KIND_CRASH_LOOP: _ClassVar[DeploymentError.Kind]
+        KIND_OOM_KILLED: _ClassVar[DeploymentError.Kind]
+        KIND_HEALTH_CHECK_FAILED: _ClassVar[DeploymentError.Kind]
+        KIND_NODE_DOWN: _ClassVar[DeploymentError.Kind]
+    KIND_UNSPECIFIED: DeploymentError.Kind
+    KIND_IMAGE_PULL_ERROR: DeploymentError.Kind
+    KIND_SCHEDULING_FAILURE: DeploymentError.Kind
+    KIND_CRASH_LOOP: DeploymentError.Kind
+    KIND_OOM_KILLED: DeploymentError.Kind
+    KIND_HEALTH_CHECK_FAILED: DeploymentError.Kind
+    KIND_NODE_DOWN: DeploymentError.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -89,7 +138,7 @@ class DeploymentError(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
-    kind: str
+    kind: DeploymentError.Kind
     message: str
     deployment_id: str
     environment_id: str
@@ -98,7 +147,7 @@ class DeploymentError(_message.Message):
     count: int
     first_seen: _timestamp_pb2.Timestamp
     last_seen: _timestamp_pb2.Timestamp
-    def __init__(self, kind: _Optional[str] = ..., message: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., replica: _Optional[str] = ..., count: _Optional[int] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[DeploymentError.Kind, str]] = ..., message: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., replica: _Optional[str] = ..., count: _Optional[int] = ..., first_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListDeploymentErrorsResponse(_message.Message):
     __slots__ = ("errors", "next_page_token")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x65rth/v1/secrets.proto\x12\x08\x62\x65rth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x01\n\nSecretInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x08 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\t \x01(\x08\"c\n\x10SetSecretRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\"a\n\x12ListSecretsRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"U\n\x13ListSecretsResponse\x12%\n\x07secrets\x18\x01 \x03(\x0b\x32\x14.berth.v1.SecretInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x13\x44\x65leteSecretRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\"<\n\x14\x44\x65leteSecretResponse\x12$\n\x06secret\x18\x01 \x01(\x0b\x32\x14.berth.v1.SecretInfo\"v\n\x19ListSecretVersionsRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"]\n\x1aListSecretVersionsResponse\x12&\n\x08versions\x18\x01 \x03(\x0b\x32\x14.berth.v1.SecretInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"_\n\x15RollbackSecretRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\x03\"\x18\n\x16RotateMasterKeyRequest\"O\n\x17RotateMasterKeyResponse\x12\x1b\n\x13\x64\x61ta_keys_rewrapped\x18\x01 \x01(\x03\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t2\xe5\x03\n\x07Secrets\x12=\n\tSetSecret\x12\x1a.berth.v1.SetSecretRequest\x1a\x14.berth.v1.SecretInfo\x12J\n\x0bListSecrets\x12\x1c.berth.v1.ListSecretsRequest\x1a\x1d.berth.v1.ListSecretsResponse\x12M\n\x0c\x44\x65leteSecret\x12\x1d.berth.v1.DeleteSecretRequest\x1a\x1e.berth.v1.DeleteSecretResponse\x12_\n\x12ListSecretVersions\x12#.berth.v1.ListSecretVersionsRequest\x1a$.berth.v1.ListSecretVersionsResponse\x12G\n\x0eRollbackSecret\x12\x1f.berth.v1.RollbackSecretRequest\x1a\x14.berth.v1.SecretInfo\x12V\n\x0fRotateMasterKey\x12 .berth.v1.RotateMasterKeyRequest\x1a!.berth.v1.RotateMasterKeyResponseBZ\n\x0c\x64\x65v.berth.v1P\x01Z2github.com/berth-dev/berth/gen/go/berth/v1;berthv1\xaa\x02\x08\x42\x65rth.V1\xca\x02\x08\x42\x65rth\\V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62\x65rth/v1/secrets.proto\x12\x08\x62\x65rth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x02\n\nSecretInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12)\n\x05scope\x18\x03 \x01(\x0e\x32\x1a.berth.v1.SecretInfo.Scope\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\x03\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x08 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\t \x01(\x08\x12\x13\n\x0b\x65nvironment\x18\n \x01(\t\"H\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\x11\n\rSCOPE_PROJECT\x10\x01\x12\x15\n\x11SCOPE_ENVIRONMENT\x10\x02\"c\n\x10SetSecretRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\"a\n\x12ListSecretsRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"U\n\x13ListSecretsResponse\x12%\n\x07secrets\x18\x01 \x03(\x0b\x32\x14.berth.v1.SecretInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x13\x44\x65leteSecretRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\"<\n\x14\x44\x65leteSecretResponse\x12$\n\x06secret\x18\x01 \x01(\x0b\x32\x14.berth.v1.SecretInfo\"v\n\x19ListSecretVersionsRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"]\n\x1aListSecretVersionsResponse\x12&\n\x08versions\x18\x01 \x03(\x0b\x32\x14.berth.v1.SecretInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"_\n\x15RollbackSecretRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\x03\"\x18\n\x16RotateMasterKeyRequest\"O\n\x17RotateMasterKeyResponse\x12\x1b\n\x13\x64\x61ta_keys_rewrapped\x18\x01 \x01(\x03\x12\x17\n\x0fkey_fingerprint\x18\x02 \x01(\t2\xe5\x03\n\x07Secrets\x12=\n\tSetSecret\x12\x1a.berth.v1.SetSecretRequest\x1a\x14.berth.v1.SecretInfo\x12J\n\x0bListSecrets\x12\x1c.berth.v1.ListSecretsRequest\x1a\x1d.berth.v1.ListSecretsResponse\x12M\n\x0c\x44\x65leteSecret\x12\x1d.berth.v1.DeleteSecretRequest\x1a\x1e.berth.v1.DeleteSecretResponse\x12_\n\x12ListSecretVersions\x12#.berth.v1.ListSecretVersionsRequest\x1a$.berth.v1.ListSecretVersionsResponse\x12G\n\x0eRollbackSecret\x12\x1f.berth.v1.RollbackSecretRequest\x1a\x14.berth.v1.SecretInfo\x12V\n\x0fRotateMasterKey\x12 .berth.v1.RotateMasterKeyRequest\x1a!.berth.v1.RotateMasterKeyResponseBZ\n\x0c\x64\x65v.berth.v1P\x01Z2github.com/berth-dev/berth/gen/go/berth/v1;berthv1\xaa\x02\x08\x42\x65rth.V1\xca\x02\x08\x42\x65rth\\V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\014dev.berth.v1P\001Z2github.com/berth-dev/berth/gen/go/berth/v1;berthv1\252\002\010Berth.V1\312\002\010Berth\\V1'
   _globals['_SECRETINFO']._serialized_start=70
-  _globals['_SECRETINFO']._serialized_end=299
-  _globals['_SETSECRETREQUEST']._serialized_start=301
-  _globals['_SETSECRETREQUEST']._serialized_end=400
-  _globals['_LISTSECRETSREQUEST']._serialized_start=402
-  _globals['_LISTSECRETSREQUEST']._serialized_end=499
-  _globals['_LISTSECRETSRESPONSE']._serialized_start=501
-  _globals['_LISTSECRETSRESPONSE']._serialized_end=586
-  _globals['_DELETESECRETREQUEST']._serialized_start=588
-  _globals['_DELETESECRETREQUEST']._serialized_end=661
-  _globals['_DELETESECRETRESPONSE']._serialized_start=663
-  _globals['_DELETESECRETRESPONSE']._serialized_end=723
-  _globals['_LISTSECRETVERSIONSREQUEST']._serialized_start=725
-  _globals['_LISTSECRETVERSIONSREQUEST']._serialized_end=843
-  _globals['_LISTSECRETVERSIONSRESPONSE']._serialized_start=845
-  _globals['_LISTSECRETVERSIONSRESPONSE']._serialized_end=938
-  _globals['_ROLLBACKSECRETREQUEST']._serialized_start=940
-  _globals['_ROLLBACKSECRETREQUEST']._serialized_end=1035
-  _globals['_ROTATEMASTERKEYREQUEST']._serialized_start=1037
-  _globals['_ROTATEMASTERKEYREQUEST']._serialized_end=1061
-  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_start=1063
-  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_end=1142
-  _globals['_SECRETS']._serialized_start=1145
-  _globals['_SECRETS']._serialized_end=1630
+  _globals['_SECRETINFO']._serialized_end=422
+  _globals['_SECRETINFO_SCOPE']._serialized_start=350
+  _globals['_SECRETINFO_SCOPE']._serialized_end=422
+  _globals['_SETSECRETREQUEST']._serialized_start=424
+  _globals['_SETSECRETREQUEST']._serialized_end=523
+  _globals['_LISTSECRETSREQUEST']._serialized_start=525
+  _globals['_LISTSECRETSREQUEST']._serialized_end=622
+  _globals['_LISTSECRETSRESPONSE']._serialized_start=624
+  _globals['_LISTSECRETSRESPONSE']._serialized_end=709
+  _globals['_DELETESECRETREQUEST']._serialized_start=711
+  _globals['_DELETESECRETREQUEST']._serialized_end=784
+  _globals['_DELETESECRETRESPONSE']._serialized_start=786
+  _globals['_DELETESECRETRESPONSE']._serialized_end=846
+  _globals['_LISTSECRETVERSIONSREQUEST']._serialized_start=848
+  _globals['_LISTSECRETVERSIONSREQUEST']._serialized_end=966
+  _globals['_LISTSECRETVERSIONSRESPONSE']._serialized_start=968
+  _globals['_LISTSECRETVERSIONSRESPONSE']._serialized_end=1061
+  _globals['_ROLLBACKSECRETREQUEST']._serialized_start=1063
+  _globals['_ROLLBACKSECRETREQUEST']._serialized_end=1158
+  _globals['_ROTATEMASTERKEYREQUEST']._serialized_start=1160
+  _globals['_ROTATEMASTERKEYREQUEST']._serialized_end=1184
+  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_start=1186
+  _globals['_ROTATEMASTERKEYRESPONSE']._serialized_end=1265
+  _globals['_SECRETS']._serialized_start=1268
+  _globals['_SECRETS']._serialized_end=1753
 # @@protoc_insertion_point(module_scope)

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -10,7 +11,15 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SecretInfo(_message.Message):
-    __slots__ = ("name", "type", "scope", "environment_id", "version", "created_at", "updated_at", "updated_by", "deleted")
+    __slots__ = ("name", "type", "scope", "environment_id", "version", "created_at", "updated_at", "updated_by", "deleted", "environment")
+    class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        SCOPE_UNSPECIFIED: _ClassVar[SecretInfo.Scope]
+        SCOPE_PROJECT: _ClassVar[SecretInfo.Scope]
+        SCOPE_ENVIRONMENT: _ClassVar[SecretInfo.Scope]
+    SCOPE_UNSPECIFIED: SecretInfo.Scope
+    SCOPE_PROJECT: SecretInfo.Scope
+    SCOPE_ENVIRONMENT: SecretInfo.Scope
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
@@ -20,16 +29,18 @@ class SecretInfo(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_BY_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: str
-    scope: str
+    scope: SecretInfo.Scope
     environment_id: str
     version: int
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     updated_by: str
     deleted: bool
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., scope: _Optional[str] = ..., environment_id: _Optional[str] = ..., version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
+    environment: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., scope: _Optional[_Union[SecretInfo.Scope, str]] = ..., environment_id: _Optional[str] = ..., version: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_by: _Optional[str] = ..., deleted: _Optional[bool] = ..., environment: _Optional[str] = ...) -> None: ...
 
 class SetSecretRequest(_message.Message):
     __slots__ = ("project", "name", "type", "value", "environment")

@@ -1,11 +1,14 @@
 """Storage rows -> protobuf messages (one direction only: the registry never
-reads its rows back from protos)."""
+reads its rows back from protos). States and kinds are stored as the
+contract's words (``"promote"``) and sent as the protos' enums
+(``HistoryEntry.KIND_PROMOTE``), through berth.enums."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from berth import enums
 from berth.v1 import common_pb2
 from services.registry import domain
 from services.registry.storage import ApiKeyRow, BindingRow, DeploymentRow, EnvironmentRow, HistoryRow, ProjectRow
@@ -51,7 +54,7 @@ def deployment(row: DeploymentRow) -> common_pb2.Deployment:
         image=row.image,
         image_id=row.image_id,
         config=worker_config(domain.WorkerConfig.from_json(row.config)),
-        state=row.state,
+        state=enums.number(common_pb2.Deployment.State, row.state),
         created_at=timestamp(row.created_at),
         created_by=row.created_by,
     )
@@ -92,7 +95,7 @@ def binding(
         deployment=deployment(dep),
         min_replicas=row.min_replicas,
         max_replicas=row.max_replicas,
-        state=row.state,
+        state=enums.number(common_pb2.Binding.State, row.state),
         serving=env.deployment_id == dep.id,
         updated_at=timestamp(row.updated_at),
     )
@@ -102,7 +105,7 @@ def history_entry(row: HistoryRow) -> common_pb2.HistoryEntry:
     return common_pb2.HistoryEntry(
         environment_id=row.environment_id,
         sequence=row.sequence,
-        kind=row.kind,
+        kind=enums.number(common_pb2.HistoryEntry.Kind, row.kind),
         deployment_id=row.deployment_id,
         previous_deployment_id=row.previous_deployment_id,
         min_replicas=row.min_replicas,

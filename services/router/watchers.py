@@ -13,12 +13,14 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from berth import enums
 from berth.internal.v1 import (
     registry_internal_pb2,
     registry_internal_pb2_grpc,
     scheduler_internal_pb2,
     scheduler_internal_pb2_grpc,
 )
+from berth.v1 import common_pb2
 from services.common.registry_watch import RegistryFollower
 from services.common.remote import channel, credentials
 from services.router.table import BindingEntry, EnvironmentEntry, RoutingState, RoutingTable
@@ -96,7 +98,8 @@ def environment_entry(env) -> EnvironmentEntry:  # type: ignore[no-untyped-def]
 def binding_entry(b) -> BindingEntry:  # type: ignore[no-untyped-def]
     return BindingEntry(
         project_id=b.project_id, environment_id=b.environment_id, deployment_id=b.deployment.id,
-        state=b.state, serving=b.serving, min_replicas=b.min_replicas, max_replicas=b.max_replicas,
+        state=enums.label(common_pb2.Binding.State, b.state), serving=b.serving,
+        min_replicas=b.min_replicas, max_replicas=b.max_replicas,
     )
 
 

@@ -28,15 +28,14 @@ from .plan import BindingKey
 
 log = logging.getLogger("berth.scheduler.desired")
 
-TERMINATED = "terminated"
-
 
 def binding_key(binding: common_pb2.Binding) -> BindingKey:
     return (binding.environment_id, binding.deployment.id)
 
 
 def is_terminated(binding: common_pb2.Binding) -> bool:
-    return binding.state == TERMINATED or binding.deployment.state == TERMINATED
+    return (binding.state == common_pb2.Binding.STATE_TERMINATED
+            or binding.deployment.state == common_pb2.Deployment.STATE_TERMINATED)
 
 
 def desired_count(binding: common_pb2.Binding) -> int:

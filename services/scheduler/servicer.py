@@ -11,7 +11,7 @@ from datetime import datetime
 import grpc
 from google.protobuf import timestamp_pb2
 
-from berth import errors
+from berth import enums, errors
 from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from berth.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common import paging
@@ -147,7 +147,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             status = response.bindings.add(
                 environment_id=b.environment_id,
                 environment=b.environment_name,
-                status=view.status.value,
+                status=enums.number(scheduler_pb2.BindingStatus.Status, view.status.value),
                 min_replicas=b.min_replicas,
                 max_replicas=b.max_replicas,
                 serving=b.serving,
@@ -158,7 +158,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     id=r.container_id,
                     name=r.name,
                     index=r.index,
-                    state=r.state.value,
+                    state=enums.number(scheduler_pb2.Replica.State, r.state.value),
                     restarts=r.restarts,
                     address=r.address,
                 )
@@ -201,7 +201,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         for event, _ in page:
             error = response.errors.add(
-                kind=event.kind,
+                kind=enums.number(scheduler_pb2.DeploymentError.Kind, event.kind),
                 message=event.message,
                 deployment_id=event.deployment_id,
                 environment_id=event.environment_id,

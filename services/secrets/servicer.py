@@ -32,8 +32,9 @@ def _info(info: SecretInfo) -> secrets_pb2.SecretInfo:
     return secrets_pb2.SecretInfo(
         name=info.name,
         type=info.type,
-        scope=info.scope,
+        scope=secrets_pb2.SecretInfo.SCOPE_ENVIRONMENT if info.environment_id else secrets_pb2.SecretInfo.SCOPE_PROJECT,
         environment_id=info.environment_id,
+        environment=info.environment_name,
         version=info.version,
         created_at=_ts(info.created_at),
         updated_at=_ts(info.updated_at),

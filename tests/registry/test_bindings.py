@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from berth import errors
-from berth.v1 import registry_pb2
+from berth import enums, errors, shapes
+from berth.v1 import common_pb2, registry_pb2
 from tests.registry.conftest import collect_until
 
 IMAGE = "sha256:" + "d" * 64
@@ -20,7 +20,7 @@ def test_scale_and_adjust(registry):
     _, key = registry.create_project("shop")
     dep = registry.call("Deploy", registry_pb2.DeployRequest(image="app:1", image_id=IMAGE), key).deployment
     (b,) = bindings(registry, key, deployment_id=dep.id).values()
-    assert (b.environment_name, b.min_replicas, b.max_replicas, b.state, b.serving) == ("preview", 1, 3, "active", True)
+    assert (b.environment_name, b.min_replicas, b.max_replicas, shapes.binding_json(b)["state"], b.serving) == ("preview", 1, 3, "active", True)
 
     stream = registry.watch()
     start = collect_until(stream, lambda e: e.snapshot_complete)[-1].revision
@@ -79,11 +79,11 @@ def test_terminate_and_start(registry):
     stream = registry.watch()
     collect_until(stream, lambda e: e.snapshot_complete)
     done = registry.call("TerminateDeployment", registry_pb2.TerminateDeploymentRequest(deployment_id=v1.id), key)
-    assert done.state == "terminated"
+    assert shapes.deployment_state(done) == "terminated"
     events = collect_until(stream, lambda e: e.WhichOneof("change") == "binding" and e.binding.environment_name == "staging")
-    assert {(e.binding.environment_name, e.binding.state, e.binding.deployment.state) for e in events} >= {
+    assert {(e.binding.environment_name, enums.label(common_pb2.Binding.State, e.binding.state), shapes.deployment_state(e.binding.deployment)) for e in events} >= {
         ("staging", "terminated", "terminated")}
-    assert all(b.state == "terminated" for b in bindings(registry, key, deployment_id=v1.id).values())
+    assert all(b.state == common_pb2.Binding.STATE_TERMINATED for b in bindings(registry, key, deployment_id=v1.id).values())
     # The record stays; a terminated deployment cannot be promoted or scaled.
     assert registry.call("GetDeployment", registry_pb2.GetDeploymentRequest(deployment_id=v1.id), key).image == "app:1"
     with pytest.raises(errors.FailedPrecondition, match="terminated and cannot be promoted"):
@@ -98,11 +98,11 @@ def test_terminate_and_start(registry):
     assert registry.service.current_revision() == before
 
     started = registry.call("StartDeployment", registry_pb2.StartDeploymentRequest(deployment_id=v1.id), key)
-    assert started.state == "active"
+    assert shapes.deployment_state(started) == "active"
     after = bindings(registry, key, deployment_id=v1.id)
     # staging is served by v1: at least one replica; preview (served by v2) stays at 0.
-    assert (after[("staging", v1.id)].state, after[("staging", v1.id)].min_replicas) == ("active", 1)
-    assert (after[("preview", v1.id)].state, after[("preview", v1.id)].min_replicas) == ("active", 0)
+    assert (after[("staging", v1.id)].state, after[("staging", v1.id)].min_replicas) == (common_pb2.Binding.STATE_ACTIVE, 1)
+    assert (after[("preview", v1.id)].state, after[("preview", v1.id)].min_replicas) == (common_pb2.Binding.STATE_ACTIVE, 0)
     assert bindings(registry, key)[("preview", v2.id)].serving
     stream.cancel()
 
@@ -115,4 +115,4 @@ def test_rollback_restarts_a_terminated_deployment(registry):
     back = registry.call("Rollback", registry_pb2.RollbackRequest(environment="preview"), key)
     assert back.environment.deployment_id == v1.id
     b = bindings(registry, key)[("preview", v1.id)]
-    assert (b.state, b.deployment.state, b.serving, b.min_replicas >= 1) == ("active", "active", True, True)
+    assert (shapes.binding_json(b)["state"], shapes.deployment_state(b.deployment), b.serving, b.min_replicas >= 1) == ("active", "active", True, True)

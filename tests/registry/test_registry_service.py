@@ -6,7 +6,7 @@ import threading
 import grpc
 import pytest
 
-from berth import errors
+from berth import errors, shapes
 from berth.internal.v1 import registry_internal_pb2
 from berth.v1 import common_pb2, registry_pb2
 from tests.registry.conftest import ADMIN_KEY
@@ -44,15 +44,15 @@ def test_deploy_promote_rollback_history(registry):
     assert moved.environment.deployment_id == v2.id and moved.entry.previous_deployment_id == v1.id
     back = registry.call("Rollback", registry_pb2.RollbackRequest(environment="staging"), key)
     assert back.environment.deployment_id == v1.id
-    assert (back.entry.kind, back.entry.deployment_id, back.entry.previous_deployment_id) == ("rollback", v1.id, v2.id)
+    assert (back.entry.kind, back.entry.deployment_id, back.entry.previous_deployment_id) == (common_pb2.HistoryEntry.KIND_ROLLBACK, v1.id, v2.id)
 
     history = registry.call("ListHistory", registry_pb2.ListHistoryRequest(environment="staging"), key).entries
-    assert [(h.sequence, h.kind, h.deployment_id) for h in history] == [
+    assert [(h.sequence, shapes.entry_json(h)["kind"], h.deployment_id) for h in history] == [
         (1, "promote", v1.id), (2, "promote", v2.id), (3, "rollback", v1.id)
     ]
     assert all(h.actor == "default" for h in history)
     preview = registry.call("ListHistory", registry_pb2.ListHistoryRequest(environment="preview"), key).entries
-    assert [h.kind for h in preview] == ["deploy", "deploy"]
+    assert [h.kind for h in preview] == [common_pb2.HistoryEntry.KIND_DEPLOY] * 2
 
 
 def test_production_needs_confirmation(registry):

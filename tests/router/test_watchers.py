@@ -50,7 +50,7 @@ def binding_event(env_id: str, deployment_id: str, project: str = "shop") -> reg
     return registry_internal_pb2.WatchEvent(
         binding=common_pb2.Binding(
             project_id=f"id-{project}", project_name=project, environment_id=env_id,
-            deployment=common_pb2.Deployment(id=deployment_id), state="active", serving=True,
+            deployment=common_pb2.Deployment(id=deployment_id), state=common_pb2.Binding.STATE_ACTIVE, serving=True,
             min_replicas=1, max_replicas=3,
         )
     )

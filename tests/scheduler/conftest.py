@@ -157,12 +157,12 @@ def make_binding(
             image=image,
             image_id=image_id,
             config=common_pb2.WorkerConfig(port=8080, variables=variables or {}, command=list(command)),
-            state="active",
+            state=common_pb2.Deployment.STATE_ACTIVE,
             created_at=timestamp_pb2.Timestamp(seconds=created_at),
         ),
         min_replicas=min_replicas,
         max_replicas=max(min_replicas, 3) if max_replicas is None else max_replicas,
-        state="active",
+        state=common_pb2.Binding.STATE_ACTIVE,
         serving=True,
     )
 

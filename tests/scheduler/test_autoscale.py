@@ -90,8 +90,8 @@ def test_tracker_forgets_old_samples_and_keeps_activation():
 
 def _binding_for_warmth(*, serving: bool, changed_ago: float | None) -> common_pb2.Binding:
     b = common_pb2.Binding(
-        project_id="p", environment_id="env-warm", deployment=common_pb2.Deployment(id="dep-warm", state="active"),
-        min_replicas=2, max_replicas=3, state="active", serving=serving,
+        project_id="p", environment_id="env-warm", deployment=common_pb2.Deployment(id="dep-warm", state=common_pb2.Deployment.STATE_ACTIVE),
+        min_replicas=2, max_replicas=3, state=common_pb2.Binding.STATE_ACTIVE, serving=serving,
     )
     if changed_ago is not None:
         b.updated_at.CopyFrom(timestamp_pb2.Timestamp(seconds=int(time.time() - changed_ago)))

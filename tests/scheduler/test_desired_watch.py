@@ -43,7 +43,7 @@ class FakeRegistry(registry_internal_pb2_grpc.RegistryInternalServicer):
 def test_watch_snapshot_live_changes_and_rebuild_after_reconnect():
     a = make_binding(image="a", image_id="sha256:a", min_replicas=2)
     b = make_binding(image="b", image_id="sha256:b", min_replicas=1)
-    b.state = "terminated"
+    b.state = common_pb2.Binding.STATE_TERMINATED
 
     async def scenario() -> None:
         fake = FakeRegistry(a, b)

@@ -230,7 +230,7 @@ def test_replica_failing_on_a_nul_secret_leaks_nothing(adapter, instance, worker
     assert "can't contain null" in recording.raw[0]
 
     [error] = answered
-    assert error.kind == EventKind.SCHEDULING_FAILURE.value
+    assert error.kind == scheduler_pb2.DeploymentError.KIND_SCHEDULING_FAILURE
     assert f'"API_TOKEN={REDACTED}"' in error.message
     traces = ("Xq9-canary-head", "canary-tail-7", "canary")
     logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)

@@ -144,9 +144,9 @@ def test_sigkill_ten_times_while_scaling_converges_and_adopts(docker_client, ins
                     [b] = status.bindings
                     on_engine = replicas_on_engine(docker_client, instance, dep)
                     return (
-                        b.status == "running"
+                        b.status == scheduler_pb2.BindingStatus.STATUS_RUNNING
                         and sorted(r.index for r in b.replicas) == list(range(final))
-                        and all(r.state == "ready" for r in b.replicas)
+                        and all(r.state == scheduler_pb2.Replica.STATE_READY for r in b.replicas)
                         and [i for i, _, _ in on_engine] == list(range(final))
                     )
 
@@ -187,6 +187,6 @@ def converged_again(stub, deployment_id: str, final: int):  # type: ignore[no-un
         except grpc.aio.AioRpcError:
             return False
         [b] = status.bindings
-        return b.status == "running" and len([r for r in b.replicas if r.state == "ready"]) == final
+        return b.status == scheduler_pb2.BindingStatus.STATUS_RUNNING and len([r for r in b.replicas if r.state == scheduler_pb2.Replica.STATE_READY]) == final
 
     return check

@@ -11,7 +11,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from berth import errors
+from berth import errors, shapes
 from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from berth.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common.auth import SERVICE_PRINCIPAL, Principal
@@ -112,9 +112,9 @@ def test_watch_endpoints_and_status_over_grpc(adapter, instance, worker_image):
                 )
                 assert status.deployment.id == dep  # empty id: the latest deployment
                 [b] = status.bindings
-                assert b.status == "running" and b.environment == "staging"
+                assert shapes.binding_status(b) == "running" and b.environment == "staging"
                 assert sorted(r.address for r in b.replicas) == sorted(ready)
-                assert {r.state for r in b.replicas} == {"ready"}
+                assert {shapes.replica_state(r) for r in b.replicas} == {"ready"}
                 # the count the scheduler drives the binding to: its target (the minimum, no load)
                 assert (b.min_replicas, b.desired_replicas) == (binding.min_replicas, 2)
 
@@ -271,7 +271,7 @@ def test_activate_and_report_load_drive_replicas(adapter, instance, worker_image
 
             async def ready_count(n: int, state: str = "running") -> bool:
                 b = await status()
-                return b.status == state and len([r for r in b.replicas if r.state == "ready"]) == n \
+                return shapes.binding_status(b) == state and len([r for r in b.replicas if shapes.replica_state(r) == "ready"]) == n \
                     and len(b.replicas) == n
 
             async def wait(check, what: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ from sqlalchemy import create_engine, text
 
 from berth import errors
 from berth.internal.v1 import secrets_internal_pb2 as internal
+from berth.shapes import secret_scope
 from berth.v1 import secrets_pb2
 from tests.secrets.support import SERVICE_TOKEN, Registry, Secrets, environment_ids
 
@@ -31,12 +32,12 @@ def test_environment_overrides_project_and_values_stay_write_only(platform):
     secrets.call("SetSecret", secrets_pb2.SetSecretRequest(name="API_TOKEN", type="token", value="project-" + CANARY), key)
     secrets.call("SetSecret", secrets_pb2.SetSecretRequest(name="API_TOKEN", type="token", value="staging-" + CANARY, environment="staging"), key)
     second = secrets.call("SetSecret", secrets_pb2.SetSecretRequest(name="API_TOKEN", type="token", value="p2-" + CANARY), key)
-    assert second.version == 2 and second.scope == "project"
+    assert second.version == 2 and second.scope == secrets_pb2.SecretInfo.SCOPE_PROJECT
 
     listed = secrets.call("ListSecrets", secrets_pb2.ListSecretsRequest(), key)
-    assert [(s.name, s.scope, s.version) for s in listed.secrets] == [("API_TOKEN", "project", 2)]
+    assert [(s.name, secret_scope(s), s.version) for s in listed.secrets] == [("API_TOKEN", "project", 2)]
     staging = secrets.call("ListSecrets", secrets_pb2.ListSecretsRequest(environment="staging"), key)
-    assert [(s.name, s.scope, s.version) for s in staging.secrets] == [("API_TOKEN", "environment:staging", 1)]
+    assert [(s.name, secret_scope(s), s.version) for s in staging.secrets] == [("API_TOKEN", "environment:staging", 1)]
     assert CANARY not in str(listed) + str(staging)
 
     envs = environment_ids(registry, key)

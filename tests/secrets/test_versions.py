@@ -8,6 +8,7 @@ import pytest
 
 from berth import errors
 from berth.internal.v1 import secrets_internal_pb2 as internal
+from berth.shapes import secret_scope
 from berth.v1 import secrets_pb2 as pb
 from tests.secrets.support import ADMIN_KEY, SERVICE_TOKEN, Registry, Secrets, environment_ids
 
@@ -38,7 +39,7 @@ def test_set_delete_set_rollback_keeps_every_version(platform):
     secrets.call("SetSecret", pb.SetSecretRequest(name="DB_PASSWORD", type="password", value="stg-" + CANARY, environment="staging"), key)
 
     deleted = secrets.call("DeleteSecret", pb.DeleteSecretRequest(name="DB_PASSWORD"), key).secret
-    assert (deleted.version, deleted.deleted, deleted.scope, deleted.type) == (3, True, "project", "password")
+    assert (deleted.version, deleted.deleted, secret_scope(deleted), deleted.type) == (3, True, "project", "password")
     assert list(secrets.call("ListSecrets", pb.ListSecretsRequest(), key).secrets) == []
     assert resolve(secrets, project_id, envs["preview"]) == {}
     # The staging override is a secret of its own: it still resolves there.
@@ -77,9 +78,9 @@ def test_set_delete_set_rollback_keeps_every_version(platform):
     secrets.call("DeleteSecret", pb.DeleteSecretRequest(name="DB_PASSWORD", environment="staging"), key)
     assert resolve(secrets, project_id, envs["staging"]) == {"DB_PASSWORD": ("v2-" + CANARY, 7, "project")}
     listed = secrets.call("ListSecrets", pb.ListSecretsRequest(environment="staging"), key).secrets
-    assert [(s.name, s.scope, s.version) for s in listed] == [("DB_PASSWORD", "project", 7)]
+    assert [(s.name, secret_scope(s), s.version) for s in listed] == [("DB_PASSWORD", "project", 7)]
     staging_versions = secrets.call("ListSecretVersions", pb.ListSecretVersionsRequest(name="DB_PASSWORD", environment="staging"), key)
-    assert [(v.version, v.deleted, v.scope) for v in staging_versions.versions] == [
+    assert [(v.version, v.deleted, secret_scope(v)) for v in staging_versions.versions] == [
         (1, False, "environment:staging"), (2, True, "environment:staging")]
     all_versions = [v.version for v in secrets.call("ListSecretVersions", pb.ListSecretVersionsRequest(name="DB_PASSWORD"), key).versions]
     assert all_versions == list(range(1, 8))  # never decreasing, nothing lost
@@ -217,7 +218,7 @@ def test_secrets_and_versions_page_by_name_and_version(platform):
     assert [s.name for p in pages for s in p] == live
     staged = _all_pages(secrets, key, "ListSecrets", pb.ListSecretsRequest(environment="staging", page_size=7), "secrets")
     flat = [s for p in staged for s in p]
-    assert [s.name for s in flat] == live and [s.scope for s in flat if s.name == "S_010"] == ["environment:staging"]
+    assert [s.name for s in flat] == live and [secret_scope(s) for s in flat if s.name == "S_010"] == ["environment:staging"]
 
     for i in range(2, 13):
         secrets.call("SetSecret", pb.SetSecretRequest(name="S_000", type="token", value=f"v{i}"), key)

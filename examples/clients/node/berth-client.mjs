@@ -308,15 +308,16 @@ async function expectError(name, promise, codeName, pattern, { reason = null, fi
   );
 }
 
-// Kinds and states are strings today ("promote"); should they become enums
-// (HISTORY_ENTRY_KIND_PROMOTE) the comparison still holds.
+// Kinds and states are enums (HistoryEntry.Kind KIND_PROMOTE, loaded with
+// `enums: String`); the contract's word is the lower-case name after the
+// enum's prefix ("promote").
 const norm = (value) => String(value ?? "").toLowerCase();
 const isKind = (value, kind) => norm(value) === kind || norm(value).endsWith(`_${kind}`);
 const KNOWN = [
   "deploy", "promote", "rollback", // history entry kinds
   "deploying", "running", "degraded", "failed", "scaled_to_zero", "terminated", // binding status
   "pending", "starting", "ready", "unhealthy", "exited", // replica states
-  "image_pull_error", "scheduling_failure", "crash_loop", "oom_killed", "health_check_failed", // error kinds
+  "image_pull_error", "scheduling_failure", "crash_loop", "oom_killed", "health_check_failed", "node_down", // error kinds
 ];
 /** The plain lower-case name of a kind or state, whichever form the server sends. */
 const short = (value) => KNOWN.filter((k) => isKind(value, k)).sort((a, b) => b.length - a.length)[0] ?? norm(value);
@@ -354,7 +355,7 @@ async function pipeline() {
   await step("set_secret", async () => {
     const r = await call(secrets, "SetSecret", { project, name: "CI_TOKEN", type: "token", value: secretValue }, key);
     assert(r.name === "CI_TOKEN" && Number(r.version) === 1, `answer ${JSON.stringify(r)}`);
-    assert(norm(r.scope) === "project", `scope ${r.scope}`);
+    assert(isKind(r.scope, "project"), `scope ${r.scope}`);
     const listed = await call(secrets, "ListSecrets", { project }, key);
     assert(listed.secrets.some((s) => s.name === "CI_TOKEN"), "CI_TOKEN not listed");
     assert(!JSON.stringify(listed).includes(secretValue), "ListSecrets shows the value");
