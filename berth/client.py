@@ -4,6 +4,9 @@
 """
 from __future__ import annotations
 
+import ipaddress
+import json
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,9 +81,139 @@ def error_from_rpc(exc: grpc.RpcError) -> errors.BerthError:
     return error
 
 
+# ---------------------------------------------------------------- channels
+#
+# Every address setting of Berth (flags, BERTH_*_ADDR, platform.json) takes
+# one address or a comma-separated list of instances of one service. One
+# address gives the channel gRPC's defaults, exactly as before. A list gives
+# client-side ``round_robin`` over every instance with client-side health
+# checking (``healthCheckConfig``): an instance whose grpc.health.v1 answers
+# NOT_SERVING for the service (a standby scheduler, one still starting) gets
+# no calls until it serves. Idempotent methods (``retry_policy``) are retried
+# by gRPC itself on UNAVAILABLE, on another instance, within the call's
+# deadline; pointer moves are retried only under compare-and-swap by their
+# callers (the REST API), never blindly.
+
+IDEMPOTENT_PREFIXES = ("Get", "List")
+IDEMPOTENT_METHODS = frozenset({"Authenticate", "ResolveImage", "ResolveSecrets", "Activate", "ScaleBinding"})
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+
+
+def split_addresses(value: str) -> list[str]:
+    """The instances an address setting names: ``host:port`` entries
+    separated by commas (spaces allowed). Raises ValueError naming the entry
+    that is not ``host:port``."""
+    found = [part.strip() for part in value.split(",") if part.strip()]
+    if not found:
+        raise ValueError(f"no address in {value!r}: expected host:port, or several separated by commas")
+    for address in found:
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address!r} is not host:port (in {value!r})")
+    return found
+
+
+def _literal_ips(address: str) -> list[tuple[int, str]]:
+    """(family, "ip:port" or "[ip]:port") for one entry; a host name is
+    resolved now (the list is fixed for the channel's life: give a name with
+    several A records as one address to follow changes through DNS)."""
+    host, _, port = address.rpartition(":")
+    bare = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        infos = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM)
+        out = []
+        for family, _, _, _, sockaddr in infos:
+            entry = (4, f"{sockaddr[0]}:{port}") if family == socket.AF_INET else (6, f"[{sockaddr[0]}]:{port}")
+            if entry not in out:
+                out.append(entry)
+        return out
+    return [(4, f"{ip}:{port}")] if ip.version == 4 else [(6, f"[{ip}]:{port}")]
+
+
+def channel_target(value: str) -> str:
+    """The gRPC target for an address setting: the address itself when it
+    names one instance, else an ``ipv4:``/``ipv6:`` list of every instance."""
+    found = split_addresses(value)
+    if len(found) == 1:
+        return found[0]
+    entries = [entry for address in found for entry in _literal_ips(address)]
+    families = {family for family, _ in entries}
+    if families == {4}:
+        return "ipv4:" + ",".join(a for _, a in entries)
+    if families == {6}:
+        return "ipv6:" + ",".join(a for _, a in entries)
+    # both families: IPv4 as IPv4-mapped IPv6 addresses
+    return "ipv6:" + ",".join(a if family == 6 else f"[::ffff:{a.rsplit(':', 1)[0]}]:{a.rsplit(':', 1)[1]}"
+                              for family, a in entries)
+
+
+ALL_SERVICES = (
+    "berth.v1.Registry", "berth.internal.v1.RegistryInternal",
+    "berth.v1.Secrets", "berth.internal.v1.SecretsInternal",
+    "berth.v1.Scheduler", "berth.internal.v1.SchedulerInternal",
+)
+HEALTH_SERVICE_OF = {"registry": "berth.v1.Registry", "secrets": "berth.v1.Secrets", "scheduler": "berth.v1.Scheduler"}
+
+
+def idempotent_methods() -> list[dict[str, str]]:
+    """Every unary method of Berth's services that is safe to send twice
+    (reads, set-once and set-to-a-value writes), as service config names."""
+    from google.protobuf import descriptor_pool
+
+    from berth.internal.v1 import registry_internal_pb2, scheduler_internal_pb2, secrets_internal_pb2  # noqa: F401
+    from berth.v1 import registry_pb2, scheduler_pb2, secrets_pb2  # noqa: F401
+
+    pool = descriptor_pool.Default()
+    return [
+        {"service": service, "method": method.name}
+        for service in ALL_SERVICES
+        for method in pool.FindServiceByName(service).methods
+        if not (method.server_streaming or method.client_streaming)
+        and (method.name.startswith(IDEMPOTENT_PREFIXES) or method.name in IDEMPOTENT_METHODS)
+    ]
+
+
+def service_config(health_service: str) -> str:
+    """The service config of a channel to several instances: round_robin,
+    health-checked against ``health_service`` ("" is the server as a whole),
+    with gRPC retries of the idempotent methods."""
+    config: dict[str, Any] = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": health_service},
+        "methodConfig": [{"name": idempotent_methods(), "retryPolicy": RETRY_POLICY}],
+    }
+    return json.dumps(config)
+
+
+def channel_arguments(value: str, kind: str = "") -> tuple[str, list[tuple[str, Any]]]:
+    """(target, options) of a channel to the instances ``value`` names, of
+    the service ``kind`` ("registry", "secrets", "scheduler"; "" checks the
+    server's overall health). One instance: today's channel."""
+    target = channel_target(value)
+    options: list[tuple[str, Any]] = []
+    if len(split_addresses(value)) > 1:
+        options.append(("grpc.service_config", service_config(HEALTH_SERVICE_OF.get(kind, ""))))
+        options.append(("grpc.enable_retries", 1))
+    return target, options
+
+
+def sync_channel(value: str, kind: str = "") -> grpc.Channel:
+    target, options = channel_arguments(value, kind)
+    return grpc.insecure_channel(target, options=options)
+
+
 @dataclass(frozen=True)
 class Endpoints:
-    """Service addresses; ``berth.local.endpoints()`` fills them from the
+    """Service addresses, each one ``host:port`` or a comma-separated list
+    of instances; ``berth.local.endpoints()`` fills them from the
     environment and the running platform's ``platform.json``."""
 
     registry: str = "127.0.0.1:50051"
@@ -99,7 +232,7 @@ class Client:
 
     def __post_init__(self) -> None:
         self._channels = {
-            name: grpc.insecure_channel(addr)
+            name: sync_channel(addr, name)
             for name, addr in (
                 ("registry", self.endpoints.registry),
                 ("secrets", self.endpoints.secrets),

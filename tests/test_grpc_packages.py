@@ -33,7 +33,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 INTERNAL_METHODS = {
     "berth.internal.v1.RegistryInternal": {"Authenticate", "ResolveImage", "Watch"},
     "berth.internal.v1.SecretsInternal": {"ResolveSecrets"},
-    "berth.internal.v1.SchedulerInternal": {"WatchEndpoints", "ReportLoad", "Activate"},
+    "berth.internal.v1.SchedulerInternal": {"WatchEndpoints", "ReportLoad", "Activate", "ListRouters"},
 }
 PUBLIC_SERVICES = {"registry": "berth.v1.Registry", "secrets": "berth.v1.Secrets", "scheduler": "berth.v1.Scheduler"}
 INTERNAL_SERVICES = {
@@ -123,6 +123,8 @@ CALLS: dict[str, tuple[str, Call]] = {
                                                  reporter="test"), metadata=md, timeout=10)),
     "Activate": ("scheduler", lambda ch, p, md: scheduler_internal_pb2_grpc.SchedulerInternalStub(ch["scheduler"]).Activate(
         scheduler_internal_pb2.ActivateRequest(**_binding_key(p)), metadata=md, timeout=10)),
+    "ListRouters": ("scheduler", lambda ch, p, md: scheduler_internal_pb2_grpc.SchedulerInternalStub(ch["scheduler"]).ListRouters(
+        scheduler_internal_pb2.ListRoutersRequest(), metadata=md, timeout=10)),
 }
 
 
@@ -167,6 +169,7 @@ def test_the_service_token_is_accepted_by_every_internal_method(platform: Platfo
     assert isinstance(CALLS["WatchEndpoints"][1](channels, platform, token), scheduler_internal_pb2.EndpointSnapshot)
     assert CALLS["ReportLoad"][1](channels, platform, token) == scheduler_internal_pb2.ReportLoadResponse()
     assert CALLS["Activate"][1](channels, platform, token).status
+    assert CALLS["ListRouters"][1](channels, platform, token).live_window_seconds > 0
 
 
 def test_a_project_key_still_calls_the_public_api(platform: Platform, channels: dict[str, grpc.Channel]) -> None:

@@ -9,7 +9,7 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential, wait_random
 
 from berth import errors
-from berth.client import error_from_rpc
+from berth.client import channel_arguments, error_from_rpc
 from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 from services.common.auth import (
     ADMIN_PRINCIPAL,
@@ -24,10 +24,15 @@ T = TypeVar("T")
 DEFAULT_DEADLINE = 5.0
 
 
-def channel(address: str) -> grpc.aio.Channel:
+def channel(address: str, kind: str = "") -> grpc.aio.Channel:
+    """A channel to the service ``kind`` ("registry", "secrets",
+    "scheduler") at ``address``: one ``host:port``, or a comma-separated list
+    of instances reached with round_robin, health-checked, idempotent methods
+    retried by gRPC (``berth.client.channel_arguments``)."""
+    target, options = channel_arguments(address, kind)
     return grpc.aio.insecure_channel(
-        address,
-        options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1)],
+        target,
+        options=[("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_permit_without_calls", 1), *options],
     )
 
 
@@ -67,7 +72,7 @@ class RegistryAuthenticator:
     round trip per call is cheap at control-plane rates."""
 
     def __init__(self, registry_address: str, service_token: str, *, admin_key: str = "") -> None:
-        self._channel = channel(registry_address)
+        self._channel = channel(registry_address, "registry")
         self._stub = registry_internal_pb2_grpc.RegistryInternalStub(self._channel)
         self._service_token = service_token
         self._admin_key = admin_key

@@ -16,7 +16,11 @@ Decisions (also in the OpenAPI document, ``openapi.py``):
   place gRPC status codes become HTTP statuses.
 * After promote/rollback returns, this router already routes new requests by
   the move: the handler waits (bounded) until its watched table shows the new
-  history entry, and says so in ``"routed"``.
+  history entry, and says so in ``"routed"``. With several router instances
+  it also waits until every live one reports (to the scheduler) that it
+  routes by that revision, and otherwise names them in ``"lagging"``.
+* A move interrupted by a registry instance's death is settled, not
+  guessed: see ``RestApi.move``.
 """
 from __future__ import annotations
 
@@ -86,6 +90,8 @@ HTTP_BY_GRPC: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "unavailable"),
 }
 RETRYABLE_STATUSES = frozenset({503})
+MOVE_ATTEMPTS = 4  # sends of one pointer move (each under compare-and-swap)
+ROUTERS_POLL = 0.05  # seconds between asks while another router lags
 
 
 class ApiError(Exception):
@@ -356,7 +362,7 @@ class Services:
     """gRPC stubs of the services the API translates to."""
 
     def __init__(self, registry: str, secrets: str, scheduler: str) -> None:
-        self._channels = [channel(registry), channel(secrets), channel(scheduler)]
+        self._channels = [channel(registry, "registry"), channel(secrets, "secrets"), channel(scheduler, "scheduler")]
         self.registry = registry_pb2_grpc.RegistryStub(self._channels[0])
         self.secrets = secrets_pb2_grpc.SecretsStub(self._channels[1])
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channels[2])
@@ -376,12 +382,21 @@ class RestApi:
         routing_wait: float = 5.0,
         read_retry_within: float = 3.0,
         workers: SharedState | None = None,
+        routers: Callable[[float], Awaitable[Any]] | None = None,
+        router_name: str = "",
     ) -> None:
         """``workers``: with several router processes on one port, what they
-        share (a pointer move is "routed" once every one of them routes by it)."""
+        share (a pointer move is "routed" once every one of them routes by it).
+        ``routers``: asks the scheduler which router processes are alive and
+        the revision each routes by (``SchedulerInternal.ListRouters``, given
+        a timeout); a move is "routed" once every live router instance routes
+        by it. ``router_name``: this router instance, as it reports itself."""
         self.services = services
         self.state = state
         self.workers = workers
+        self.routers = routers
+        self.router_name = router_name
+        self._peers_seen = False  # another router instance has reported to the scheduler
         self.deadline = deadline
         self.routing_wait = routing_wait
         self.read_retry_within = read_retry_within
@@ -454,6 +469,84 @@ class RestApi:
                     continue
                 raise ApiError.from_rpc(exc, service) from None
 
+    # -- pointer moves ---------------------------------------------------------
+    #
+    # A move is sent under compare-and-swap on the environment's sequence
+    # (the caller's expected_sequence, else the one read just before), so it
+    # can be sent again when a registry instance dies with the call in flight
+    # (UNAVAILABLE: did it commit?): the history then says whether the entry
+    # after that sequence is this move (answered as its success) or not (sent
+    # again, or 409 when the caller fixed the sequence). A move without
+    # expected_sequence that loses the swap to a concurrent move is re-read
+    # and sent again, as a plain move would have won after it.
+
+    async def _environment(self, ref: str, key: str) -> Any:
+        token = ""
+        for _ in range(1000):
+            answer = await self.rpc("registry", self.services.registry.ListEnvironments,
+                                    registry_pb2.ListEnvironmentsRequest(page_size=1000, page_token=token), key,
+                                    retry=True)
+            for env in answer.environments:
+                if ref in (env.id, env.name):
+                    return env
+            token = answer.next_page_token
+            if not token:
+                break
+        return None  # the registry names what is wrong with the reference in the move's own answer
+
+    async def _entry(self, environment_id: str, sequence: int, key: str) -> Any:
+        token = ""
+        for _ in range(100_000):
+            answer = await self.rpc("registry", self.services.registry.ListHistory,
+                                    registry_pb2.ListHistoryRequest(environment=environment_id, page_size=1000,
+                                                                    page_token=token), key, retry=True)
+            for entry in answer.entries:
+                if entry.sequence == sequence:
+                    return entry
+            token = answer.next_page_token
+            if not token:
+                break
+        return None
+
+    async def move(self, method: Callable[..., Any], request: Any, ref: str, key: str, *, kind: str,
+                   deployment_id: str) -> PlatformResponse:
+        fixed = request.HasField("expected_sequence")
+        started = asyncio.get_running_loop().time()
+        give_up = started + self.deadline + self.read_retry_within
+        for attempt in range(MOVE_ATTEMPTS):
+            if not fixed:
+                current = await self._environment(ref, key)
+                if current is None:  # no such environment: the registry says so
+                    return await self.moved(await self.rpc("registry", method, request, key))
+                request.expected_sequence = current.sequence
+            base = request.expected_sequence
+            try:
+                response = await method(request, metadata=(("x-api-key", key),), timeout=self.deadline)
+                return await self.moved(response)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                last = attempt == MOVE_ATTEMPTS - 1 or asyncio.get_running_loop().time() > give_up
+                if code == grpc.StatusCode.ABORTED and not fixed and not last:
+                    continue  # a concurrent move won the swap: read the new sequence, move again
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise ApiError.from_rpc(exc, "registry") from None
+                # In flight when an instance went away: committed or not?
+                env = await self._environment(ref, key)
+                if env is None:
+                    raise ApiError.from_rpc(exc, "registry") from None
+                if env.sequence > base:
+                    entry = await self._entry(env.id, base + 1, key)
+                    if entry is not None and entry.kind == kind and deployment_id in ("", entry.deployment_id):
+                        log.info("move_settled_after_retry", extra={"environment": env.id, "sequence": base + 1})
+                        return await self.moved(registry_pb2.PointerMoveResponse(environment=env, entry=entry))
+                    if fixed:
+                        raise ApiError(409, "aborted", f"environment {ref!r} moved on to sequence {env.sequence} "
+                                       f"(another move), not from {base}") from None
+                if last:
+                    raise ApiError.from_rpc(exc, "registry") from None
+                await asyncio.sleep(min(0.05 * 2**attempt, 0.5))
+        raise ApiError(409, "aborted", f"environment {ref!r} kept moving; retry")  # pragma: no cover
+
     async def moved(self, response: registry_pb2.PointerMoveResponse) -> PlatformResponse:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.routing_wait
@@ -462,13 +555,56 @@ class RestApi:
         )
         if routed and self.workers is not None:
             routed = await self.workers.wait_for_revision(self.state.revision, max(0.0, deadline - loop.time()))
+        lagging: list[dict[str, Any]] = []
+        if routed and self.routers is not None:
+            lagging = await self._lagging_routers(self.state.revision, deadline)
+            routed = not lagging
         if not routed:
             log.warning("routing_lagging", extra={"environment": response.environment.id,
-                                                  "sequence": response.entry.sequence})
-        return json_response(
-            200, {"environment": environment_json(response.environment), "entry": entry_json(response.entry),
-                  "routed": routed}
-        )
+                                                  "sequence": response.entry.sequence,
+                                                  "lagging": [r["router"] for r in lagging]})
+        body: dict[str, Any] = {"environment": environment_json(response.environment),
+                                "entry": entry_json(response.entry), "routed": routed}
+        if lagging:
+            body["lagging"] = lagging
+        return json_response(200, body)
+
+    async def _lagging_routers(self, revision: int, deadline: float) -> list[dict[str, Any]]:
+        """The other router instances that do not route by ``revision`` yet,
+        waiting for them until ``deadline``: [] once every live router (as
+        the scheduler heard from them) does. Alone (no other router ever
+        heard of), a scheduler that cannot be asked changes nothing."""
+        assert self.routers is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - loop.time()
+            try:
+                answer = await self.routers(max(0.05, min(1.0, remaining)))
+            except grpc.aio.AioRpcError as exc:
+                if not self._peers_seen:
+                    return []
+                if remaining <= 0:
+                    return [{"router": "*", "revision": 0,
+                             "reason": f"the scheduler, which tracks the routers, did not answer ({exc.code().name})"}]
+                await asyncio.sleep(min(0.1, max(0.0, remaining)))
+                continue
+            behind: dict[str, int] = {}
+            for process in answer.routers:
+                if process.router != self.router_name:
+                    self._peers_seen = True
+                if process.loaded and process.revision < revision:
+                    behind[process.router] = min(behind.get(process.router, revision), process.revision)
+            complete = answer.listening_seconds >= answer.live_window_seconds
+            if not behind and complete:
+                return []
+            if remaining <= 0:
+                lagging = [{"router": r, "revision": rev, "reason": f"routes by revision {rev}, not {revision} yet"}
+                           for r, rev in sorted(behind.items())]
+                if not complete and self._peers_seen:
+                    lagging.append({"router": "*", "revision": 0, "reason": "the scheduler took over "
+                                    f"{answer.listening_seconds:.1f} s ago and may not have heard from every router"})
+                return lagging
+            await asyncio.sleep(min(ROUTERS_POLL, max(0.0, remaining)))
 
     # -- the endpoints ---------------------------------------------------------
     async def openapi(self, call: Call) -> PlatformResponse:
@@ -485,8 +621,8 @@ class RestApi:
         )
         if b["expected_sequence"] is not None:
             request.expected_sequence = b["expected_sequence"]
-        r = self.services.registry
-        return await self.moved(await self.rpc("registry", r.Promote, request, call.api_key))
+        return await self.move(self.services.registry.Promote, request, b["target_environment_id"], call.api_key,
+                               kind="promote", deployment_id=b["source_deployment_id"])
 
     async def rollback(self, call: Call) -> PlatformResponse:
         b = ROLLBACK.parse(call.body)
@@ -496,8 +632,8 @@ class RestApi:
         )
         if b["expected_sequence"] is not None:
             request.expected_sequence = b["expected_sequence"]
-        r = self.services.registry
-        return await self.moved(await self.rpc("registry", r.Rollback, request, call.api_key))
+        return await self.move(self.services.registry.Rollback, request, b["environment_id"], call.api_key,
+                               kind="rollback", deployment_id=b["deployment_id"] or "")
 
     async def _adjust(self, call: Call, sign: int) -> PlatformResponse:
         b = SCALE.parse(call.body)

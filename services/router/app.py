@@ -126,6 +126,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def router_name(host: str, port: int) -> str:
+    """How a router instance names itself to the scheduler: the address it
+    serves on (the host name when it listens on every interface)."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
+
+
 class RouterApp:
     """The router process, startable in-process (tests) or from ``main``."""
 
@@ -137,7 +145,7 @@ class RouterApp:
         self.shared: SharedState | None = None
         if args.worker_index is not None:
             self.shared = SharedState(Path(args.shared_dir), args.worker_index, args.worker_count)
-            self.state.on_revision = self._revision_applied
+        self.state.on_revision = self._revision_applied
         self.registry_watch = RegistryWatcher(args.registry, args.service_token, self.state)
         self.endpoint_watch = EndpointWatcher(
             args.scheduler, args.service_token, self.state, on_removed=lambda gone: self.proxy.pool.forget(gone)
@@ -148,13 +156,19 @@ class RouterApp:
             interval=args.health_interval,
         )
         self.load = LoadTracker()
-        self.scheduler_link = SchedulerLink(args.scheduler, args.service_token)
+        # The router instance, as it tells the scheduler with its revision
+        # (see control.py): named once its port is bound, in ``start``.
+        self.router_name = ""
+        self.scheduler_link = SchedulerLink(args.scheduler, args.service_token, router=self.router_name,
+                                            revision=lambda: (self.state.revision, self.state.loaded))
         self.activator = Activator(self.scheduler_link.activate, hold=args.activation_timeout)
-        self.load_reporter = LoadReporter(self.load, self.scheduler_link.report_load, args.load_report_interval)
+        self.load_reporter = LoadReporter(self.load, self.scheduler_link.report_load, args.load_report_interval,
+                                          heartbeat=True)
         self.metrics = RouterMetrics(self.state, self.load, held=lambda: self.state.endpoints.waiting,
                                      peers=self.shared.peer_metrics if self.shared else list)
         self.services = Services(args.registry, args.secrets, args.scheduler)
-        self.api = RestApi(self.services, self.state, workers=self.shared)
+        self.api = RestApi(self.services, self.state, workers=self.shared,
+                           routers=self.scheduler_link.list_routers, router_name=self.router_name)
         self.platform: Platform = build_platform(Readiness(self.not_ready))
         self.platform.mount(PREFIX, self.api.handle)
         self.platform.route("GET", "/metrics", self.metrics.handle)
@@ -192,8 +206,9 @@ class RouterApp:
         return self.proxy.port
 
     def _revision_applied(self, revision: int) -> None:
-        assert self.shared is not None
-        self.shared.publish_revision(revision, loaded=self.state.loaded)
+        if self.shared is not None:
+            self.shared.publish_revision(revision, loaded=self.state.loaded)
+        self.load_reporter.revision_changed()
 
     def not_ready(self) -> list[str]:
         waiting = []
@@ -232,6 +247,8 @@ class RouterApp:
         if sock is not None and self.shared is not None:
             await self._wait_for_turn(sock)
         port = await self.proxy.start(self.args.host, self.args.port, sock)
+        self.router_name = self.api.router_name = self.scheduler_link.router = router_name(self.args.host, port)
+        self.load_reporter.revision_changed()
         self.accepting = True
         if self.shared is not None:
             self.shared.set_accepting(True)

@@ -1,6 +1,9 @@
 """What the router tells the scheduler: activation requests for bindings
-with no ready replica, and the load it carries per binding (in-flight
-concurrency and completed requests) for autoscaling.
+with no ready replica, the load it carries per binding (in-flight
+concurrency and completed requests) for autoscaling, and with every load
+report the registry revision its routing table reflects (sent at once when
+it changes), which ``ListRouters`` gives back to the router that must know
+whether every live router routes by a pointer move.
 
 Both are best effort: routing never waits on these RPCs, and an older
 scheduler answering UNIMPLEMENTED is logged once, not fatal.
@@ -81,18 +84,24 @@ class SchedulerLink:
     """The router's calls to the scheduler's internal service
     (berth.internal.v1.SchedulerInternal, service token)."""
 
-    def __init__(self, address: str, service_token: str) -> None:
+    def __init__(self, address: str, service_token: str, *, router: str = "",
+                 revision: Callable[[], tuple[int, bool]] | None = None) -> None:
+        """``router``: the router instance this process belongs to (the
+        "host:port" it serves); ``revision``: (revision, loaded) of its
+        routing table, sent with every report."""
         self.address = address
         self._metadata = credentials(service_token)
         # Every router process reports its own load; the scheduler adds them up.
         self.reporter = f"{socket.gethostname()}:{os.getpid()}"
+        self.router = router
+        self._revision = revision
         self._channel: grpc.aio.Channel | None = None
         self._stub: scheduler_internal_pb2_grpc.SchedulerInternalStub | None = None
 
     @property
     def stub(self) -> scheduler_internal_pb2_grpc.SchedulerInternalStub:
         if self._stub is None:
-            self._channel = channel(self.address)
+            self._channel = channel(self.address, "scheduler")
             self._stub = scheduler_internal_pb2_grpc.SchedulerInternalStub(self._channel)
         return self._stub
 
@@ -106,10 +115,21 @@ class SchedulerLink:
         )
         return answer.status
 
+    @property
+    def reports_revision(self) -> bool:
+        return bool(self.router) and self._revision is not None
+
     async def report_load(self, bindings: list[scheduler_internal_pb2.BindingLoad]) -> None:
-        await self.stub.ReportLoad(
-            scheduler_internal_pb2.ReportLoadRequest(bindings=bindings, reporter=self.reporter),
-            metadata=self._metadata, timeout=DEFAULT_DEADLINE,
+        request = scheduler_internal_pb2.ReportLoadRequest(bindings=bindings, reporter=self.reporter)
+        if self.reports_revision:
+            assert self._revision is not None
+            request.router = self.router
+            request.revision, request.loaded = self._revision()
+        await self.stub.ReportLoad(request, metadata=self._metadata, timeout=DEFAULT_DEADLINE)
+
+    async def list_routers(self, timeout: float) -> scheduler_internal_pb2.ListRoutersResponse:
+        return await self.stub.ListRouters(
+            scheduler_internal_pb2.ListRoutersRequest(), metadata=self._metadata, timeout=timeout
         )
 
     async def close(self) -> None:
@@ -172,23 +192,35 @@ class Activator:
 
 
 class LoadReporter:
-    """Sends ``LoadTracker`` reports every ``interval`` seconds."""
+    """Sends ``LoadTracker`` reports every ``interval`` seconds, and at once
+    when ``revision_changed`` is called. With ``heartbeat`` (the link reports
+    the routing revision) a report goes out every interval even with no
+    binding in it: it is how the scheduler knows this router is alive."""
 
     def __init__(
         self,
         tracker: LoadTracker,
         send: Callable[[list[scheduler_internal_pb2.BindingLoad]], Awaitable[None]],
         interval: float = 1.0,
+        *,
+        heartbeat: bool = False,
     ) -> None:
         self.tracker = tracker
         self._send = send
         self.interval = interval
+        self.heartbeat = heartbeat
         self._log = _OnceLogger()
         self.reports = 0  # reports sent successfully
+        self._wake: asyncio.Event | None = None
+
+    def revision_changed(self) -> None:
+        """The routing table moved to a new revision: report now."""
+        if self._wake is not None:
+            self._wake.set()
 
     async def tick(self) -> None:
         report = self.tracker.drain_report()
-        if not report:
+        if not report and not self.heartbeat:
             return
         try:
             await self._send(report)
@@ -197,6 +229,17 @@ class LoadReporter:
             self._log("load_report_failed", exc, bindings=len(report))
 
     async def run(self) -> None:
+        self._wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + self.interval
         while True:
-            await asyncio.sleep(self.interval)
+            try:
+                async with asyncio.timeout(max(0.0, next_tick - loop.time())):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            if self._wake.is_set():
+                self._wake.clear()
+            else:
+                next_tick = loop.time() + self.interval
             await self.tick()

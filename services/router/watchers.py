@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from berth import enums
+from berth.client import split_addresses
 from berth.internal.v1 import (
     registry_internal_pb2,
     registry_internal_pb2_grpc,
@@ -47,6 +48,7 @@ class Backoff:
 
 class _StreamWatcher:
     name = "stream"
+    kind = ""  # the service streamed from (its channel's health check)
 
     def __init__(self, address: str, service_token: str, *, backoff: Backoff | None = None) -> None:
         self.address = address
@@ -58,7 +60,7 @@ class _StreamWatcher:
         self.last_error = ""
 
     async def run(self) -> None:
-        self._channel = channel(self.address)
+        self._channel = channel(self.address, self.kind)
         try:
             while True:
                 self.connects += 1
@@ -117,6 +119,7 @@ class RegistryWatcher(_StreamWatcher):
     """Keeps ``state.table`` equal to the registry's environments and bindings."""
 
     name = "registry"
+    kind = "registry"
 
     def __init__(self, address: str, service_token: str, state: RoutingState, *, backoff: Backoff | None = None):
         super().__init__(address, service_token, backoff=backoff)
@@ -156,6 +159,7 @@ class EndpointWatcher(_StreamWatcher):
     """Keeps ``state.endpoints`` equal to the scheduler's latest snapshot."""
 
     name = "scheduler"
+    kind = "scheduler"
 
     def __init__(
         self,
@@ -186,10 +190,13 @@ class EndpointWatcher(_StreamWatcher):
 
 class HealthProbe:
     """Asks each dependency's grpc.health.v1 service, every ``interval``
-    seconds in the background, whether it is SERVING."""
+    seconds in the background, whether it is SERVING. A dependency given as
+    several instances (a comma-separated list) is asked instance by
+    instance: it serves while any instance does, and the status names each
+    one that does not."""
 
     def __init__(self, targets: dict[str, tuple[str, str]], *, interval: float = 2.0, timeout: float = 1.0) -> None:
-        # name -> (address, gRPC service name)
+        # name -> (address or comma-separated addresses, gRPC service name)
         self.targets = targets
         self.interval = interval
         self.timeout = timeout
@@ -199,17 +206,26 @@ class HealthProbe:
     def serving(self, name: str) -> bool:
         return self.status.get(name) == "SERVING"
 
+    async def _ask(self, address: str, service: str) -> str:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = channel(address)
+        stub = health_pb2_grpc.HealthStub(ch)
+        try:
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        except grpc.aio.AioRpcError as exc:
+            return f"unreachable at {address} ({exc.code().name})"
+
     async def check_once(self) -> None:
-        async def one(name: str, address: str, service: str) -> None:
-            ch = self._channels.get(name)
-            if ch is None:
-                ch = self._channels[name] = channel(address)
-            stub = health_pb2_grpc.HealthStub(ch)
-            try:
-                answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
-                self.status[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
-            except grpc.aio.AioRpcError as exc:
-                self.status[name] = f"unreachable at {address} ({exc.code().name})"
+        async def one(name: str, addresses: str, service: str) -> None:
+            instances = split_addresses(addresses)
+            answers = await asyncio.gather(*(self._ask(a, service) for a in instances))
+            if len(instances) == 1 or "SERVING" not in answers:
+                self.status[name] = answers[0] if len(instances) == 1 else "; ".join(
+                    f"{a}: {s}" for a, s in zip(instances, answers, strict=True))
+            else:
+                self.status[name] = "SERVING"
 
         await asyncio.gather(*(one(n, a, s) for n, (a, s) in self.targets.items()))
 

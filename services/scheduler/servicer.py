@@ -21,6 +21,7 @@ from services.common.ids import deployment_not_found_message, validate_deploymen
 from .desired import DesiredTable, is_terminated
 from .events import EventStore
 from .reconciler import Reconciler
+from .routers import RouterRevisions
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 INTERNAL_SERVICE_NAME = scheduler_internal_pb2.DESCRIPTOR.services_by_name["SchedulerInternal"].full_name
@@ -220,6 +221,7 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
     def __init__(self, table: DesiredTable, reconciler: Reconciler) -> None:
         self._table = table
         self._reconciler = reconciler
+        self.routers = RouterRevisions()  # routers' revisions, for ListRouters
 
     async def WatchEndpoints(
         self, request: scheduler_internal_pb2.WatchEndpointsRequest, context: grpc.aio.ServicerContext
@@ -257,7 +259,15 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
             in_flight, requests = loads.get(key, (0, 0))
             loads[key] = (in_flight + load.in_flight, requests + int(load.requests))
         self._reconciler.report_load(loads, reporter=request.reporter)
+        self.routers.record(request)
         return scheduler_internal_pb2.ReportLoadResponse()
+
+    # -- router revisions (ListRouters; services/scheduler/routers.py) ---------
+    async def ListRouters(
+        self, request: scheduler_internal_pb2.ListRoutersRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_internal_pb2.ListRoutersResponse:
+        return self.routers.live()
+    # -- end router revisions ----------------------------------------------------
 
     async def Activate(
         self, request: scheduler_internal_pb2.ActivateRequest, context: grpc.aio.ServicerContext

@@ -8,11 +8,14 @@ another row fails to decrypt instead of yielding the wrong secret.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import os
 import pathlib
 import secrets as _secrets
 import threading
+from collections.abc import Iterator
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -76,7 +79,17 @@ class MasterKeyring:
     finished re-wrapping every data key yet. Each wrapped data key records
     the fingerprint of its wrapping key, so unwrapping picks the right one.
     A key given by value (BERTH_MASTER_KEY) cannot be rotated by the service:
-    it does not own where the key lives."""
+    it does not own where the key lives.
+
+    Several secrets services may share one key file (several instances of
+    ``berth up``, or containers sharing a volume) and one database. They
+    coordinate through an flock on the key file's directory: a rotation (and the
+    recovery of an interrupted one) holds it exclusively from writing the new
+    key until ``.previous`` is gone; every other write holds it shared while
+    it reads the current key and commits, so no data key is ever wrapped by a
+    key that a rotation elsewhere has already retired. A keyring re-reads the
+    key file when it changed (``refresh``) and when it meets a data key
+    wrapped by a key it does not hold: another instance rotated."""
 
     def __init__(self, current: bytes, *, key_file: pathlib.Path | None = None, previous: bytes | None = None) -> None:
         self._lock = threading.Lock()
@@ -86,6 +99,55 @@ class MasterKeyring:
         if previous is not None:
             self._keys.setdefault(fingerprint(previous), previous)
         self.key_file = key_file
+        self._file_state = self._stat()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        if self.key_file is None:
+            return None
+        try:
+            st = self.key_file.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def refresh(self) -> bool:
+        """Takes the key file's key as current when the file changed since
+        this keyring last read it (another instance rotated); the keys held
+        before stay held. Returns whether anything changed."""
+        if self.key_file is None:
+            return False
+        state = self._stat()
+        if state is None or state == self._file_state:
+            return False
+        current = _read_key_file(self.key_file)
+        previous_file = previous_path(self.key_file)
+        previous = _read_key_file(previous_file) if previous_file.exists() else None
+        with self._lock:
+            self._file_state = state
+            if previous is not None:
+                self._keys.setdefault(fingerprint(previous), previous)
+            self._keys.setdefault(fingerprint(current), current)
+            changed = current != self._current
+            if changed:
+                self._retiring = self._current
+                self._current = current
+        return changed
+
+    @contextlib.contextmanager
+    def file_lock(self, *, exclusive: bool) -> Iterator[None]:
+        """The flock every instance sharing the key file takes (see the
+        class): exclusive to rotate, shared to wrap or re-read a data key."""
+        if self.key_file is None:
+            yield
+            return
+        # The key file's directory is the lock: no file of its own is left
+        # behind, and every instance sharing the key file shares it.
+        fd = os.open(self.key_file.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     @classmethod
     def load(cls, *, env_value: str, key_file: pathlib.Path | None) -> MasterKeyring:
@@ -114,7 +176,10 @@ class MasterKeyring:
             return set(self._keys)
 
     def candidates(self, key_id: str) -> list[bytes]:
-        """Keys to try on a data key wrapped by ``key_id`` ("" = unknown)."""
+        """Keys to try on a data key wrapped by ``key_id`` ("" = unknown);
+        a key not held sends the keyring to the key file first."""
+        if key_id and key_id not in self.ids():
+            self.refresh()
         with self._lock:
             if key_id:
                 key = self._keys.get(key_id)
@@ -139,6 +204,7 @@ class MasterKeyring:
             self._keys[fingerprint(new)] = new
             self._retiring = self._current
             self._current = new
+            self._file_state = self._stat()
         return new
 
     def finish_rotation(self) -> None:

@@ -9,6 +9,7 @@ so versions only grow and the history stays listable after a deletion.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
@@ -110,12 +111,21 @@ class SecretsService:
         return self._keyring
 
     # -- plumbing -----------------------------------------------------------
-    def _write(self, what: str, fn: Callable[[Session], T]) -> T:
+    def _write(self, what: str, fn: Callable[[Session], T], *, rotating: bool = False) -> T:
         """Runs ``fn`` in one transaction under the write lock; a lost
-        unique-version race (another process) is retried a few times."""
+        unique-version race (another process) is retried a few times. It
+        holds the key file's lock shared (a rotation holds it exclusively,
+        ``rotating``) and reads the current master key under it, so a data
+        key it wraps is never under a key another instance just retired."""
         for attempt in range(WRITE_ATTEMPTS):
             try:
-                with self._write_lock, self._sessions() as session, session.begin():
+                with contextlib.ExitStack() as stack:
+                    if not rotating:
+                        stack.enter_context(self._keyring.file_lock(exclusive=False))
+                        self._keyring.refresh()
+                    stack.enter_context(self._write_lock)
+                    session = stack.enter_context(self._sessions())
+                    stack.enter_context(session.begin())
                     return fn(session)
             except IntegrityError:
                 if attempt + 1 == WRITE_ATTEMPTS:
@@ -357,10 +367,15 @@ class SecretsService:
         goes). Returns how many data keys were re-wrapped."""
         if not self._keyring.rotatable:
             return 0
+        with self._keyring.file_lock(exclusive=True):
+            return self._recover_locked()
+
+    def _recover_locked(self) -> int:
         assert self._keyring.key_file is not None
+        self._keyring.refresh()  # another instance may have rotated since this one read the file
         if not crypto.previous_path(self._keyring.key_file).exists():
             return 0
-        count = self._write("finishing the key rotation", self._rewrap_all)
+        count = self._write("finishing the key rotation", self._rewrap_all, rotating=True)
         self._keyring.finish_rotation()
         log.info("rotation_finished", extra={"data_keys_rewrapped": count, "master_key_id": self._keyring.current_id})
         return count
@@ -386,18 +401,19 @@ class SecretsService:
                 "would leave the data keys wrapped by a key that the next start no longer has",
                 hint="use a key file (unset BERTH_MASTER_KEY; --master-key-file) to rotate with `berth secrets rotate-key`",
             )
-        self.recover()
-        with self._write_lock:
-            old_id = self._keyring.current_id
-            self._keyring.begin_rotation()
-        try:
-            count = self._write("re-wrapping the data keys", self._rewrap_all)
-        except Unavailable as exc:
-            raise Unavailable(
-                "the new master key is in place but the data keys could not be re-wrapped; they stay readable "
-                "with the previous key (kept next to the key file); run the rotation again",
-            ) from exc
-        self._keyring.finish_rotation()
+        with self._keyring.file_lock(exclusive=True):  # one rotation at a time over every instance
+            self._recover_locked()
+            with self._write_lock:
+                old_id = self._keyring.current_id
+                self._keyring.begin_rotation()
+            try:
+                count = self._write("re-wrapping the data keys", self._rewrap_all, rotating=True)
+            except Unavailable as exc:
+                raise Unavailable(
+                    "the new master key is in place but the data keys could not be re-wrapped; they stay readable "
+                    "with the previous key (kept next to the key file); run the rotation again",
+                ) from exc
+            self._keyring.finish_rotation()
         log.info(
             "master_key_rotated",
             extra={"from_key": old_id, "to_key": self._keyring.current_id, "data_keys_rewrapped": count},

@@ -47,7 +47,7 @@ class EnvironmentDirectory:
     """Resolves project and environment references through the registry."""
 
     def __init__(self, registry_address: str, service_token: str) -> None:
-        self._channel = channel(registry_address)
+        self._channel = channel(registry_address, "registry")
         self._stub = registry_pb2_grpc.RegistryStub(self._channel)
         self._token = service_token
 

@@ -45,12 +45,18 @@ class BindingLoad(_message.Message):
     def __init__(self, project_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
 
 class ReportLoadRequest(_message.Message):
-    __slots__ = ("bindings", "reporter")
+    __slots__ = ("bindings", "reporter", "router", "revision", "loaded")
     BINDINGS_FIELD_NUMBER: _ClassVar[int]
     REPORTER_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
     bindings: _containers.RepeatedCompositeFieldContainer[BindingLoad]
     reporter: str
-    def __init__(self, bindings: _Optional[_Iterable[_Union[BindingLoad, _Mapping]]] = ..., reporter: _Optional[str] = ...) -> None: ...
+    router: str
+    revision: int
+    loaded: bool
+    def __init__(self, bindings: _Optional[_Iterable[_Union[BindingLoad, _Mapping]]] = ..., reporter: _Optional[str] = ..., router: _Optional[str] = ..., revision: _Optional[int] = ..., loaded: _Optional[bool] = ...) -> None: ...
 
 class ReportLoadResponse(_message.Message):
     __slots__ = ()
@@ -71,3 +77,31 @@ class ActivateResponse(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     status: str
     def __init__(self, status: _Optional[str] = ...) -> None: ...
+
+class ListRoutersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RouterProcess(_message.Message):
+    __slots__ = ("router", "reporter", "revision", "loaded", "seconds_since_report")
+    ROUTER_FIELD_NUMBER: _ClassVar[int]
+    REPORTER_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_REPORT_FIELD_NUMBER: _ClassVar[int]
+    router: str
+    reporter: str
+    revision: int
+    loaded: bool
+    seconds_since_report: float
+    def __init__(self, router: _Optional[str] = ..., reporter: _Optional[str] = ..., revision: _Optional[int] = ..., loaded: _Optional[bool] = ..., seconds_since_report: _Optional[float] = ...) -> None: ...
+
+class ListRoutersResponse(_message.Message):
+    __slots__ = ("routers", "live_window_seconds", "listening_seconds")
+    ROUTERS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LISTENING_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    routers: _containers.RepeatedCompositeFieldContainer[RouterProcess]
+    live_window_seconds: float
+    listening_seconds: float
+    def __init__(self, routers: _Optional[_Iterable[_Union[RouterProcess, _Mapping]]] = ..., live_window_seconds: _Optional[float] = ..., listening_seconds: _Optional[float] = ...) -> None: ...

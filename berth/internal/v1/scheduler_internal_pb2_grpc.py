@@ -54,6 +54,11 @@ class SchedulerInternalStub:
                 request_serializer=berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ActivateRequest.SerializeToString,
                 response_deserializer=berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ActivateResponse.FromString,
                 _registered_method=True)
+        self.ListRouters = channel.unary_unary(
+                '/berth.internal.v1.SchedulerInternal/ListRouters',
+                request_serializer=berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ListRoutersRequest.SerializeToString,
+                response_deserializer=berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ListRoutersResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerInternalServicer:
@@ -88,6 +93,15 @@ class SchedulerInternalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListRouters(self, request, context):
+        """The router processes heard from recently and the registry revision each
+        routes by (from their load reports), so that a pointer move through one
+        router can wait until every live router routes by it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerInternalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +119,11 @@ def add_SchedulerInternalServicer_to_server(servicer, server):
                     servicer.Activate,
                     request_deserializer=berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ActivateRequest.FromString,
                     response_serializer=berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ActivateResponse.SerializeToString,
+            ),
+            'ListRouters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRouters,
+                    request_deserializer=berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ListRoutersRequest.FromString,
+                    response_serializer=berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ListRoutersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -193,6 +212,33 @@ class SchedulerInternal:
             '/berth.internal.v1.SchedulerInternal/Activate',
             berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ActivateRequest.SerializeToString,
             berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ActivateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRouters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.internal.v1.SchedulerInternal/ListRouters',
+            berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ListRoutersRequest.SerializeToString,
+            berth_dot_internal_dot_v1_dot_scheduler__internal__pb2.ListRoutersResponse.FromString,
             options,
             channel_credentials,
             insecure,
