@@ -163,5 +163,4 @@ def pull_problem(ref: str, *, insecure: Collection[str] = ()) -> str | None:
         return exc.message
     if answer.status_code == 200:
         return None
-    return f"registry {r.registry} answered {answer.status_code} for {r.repository}@{r.digest or r.tag}: " \
-        f"{_registry_words(answer)}"
+    return f"registry {r.registry} answered {answer.status_code}: {_registry_words(answer)}"

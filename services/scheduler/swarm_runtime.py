@@ -594,7 +594,7 @@ class SwarmRuntime(ScalingRuntime):
     def _record_pull(self, s: ServiceInfo, t: TaskInfo, ref: str, reason: str | None) -> None:
         node = self._nodes.get(t.node_id)
         where = f" on node {node.hostname}" if node is not None and node.hostname else ""
-        said = f"{t.error or t.message}{where}"
+        said = (t.error or t.message).replace(f": {ref}", "") + where  # the reference is said once
         message = (f"cannot pull {ref}: {reason} (Swarm: {said})" if reason
                    else f"cannot pull {ref}: {said}; the registry serves its manifest, so the node cannot reach it")
         self._record_service(s, EventKind.IMAGE_PULL_ERROR, message, problem=True)
