@@ -22,7 +22,7 @@ class GetDeploymentStatusRequest(_message.Message):
     def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
 
 class Replica(_message.Message):
-    __slots__ = ("id", "name", "index", "state", "started_at", "restarts", "address")
+    __slots__ = ("id", "name", "index", "state", "started_at", "restarts", "address", "node")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Replica.State]
@@ -46,6 +46,7 @@ class Replica(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     index: int
@@ -53,7 +54,8 @@ class Replica(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     restarts: int
     address: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[Replica.State, str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    node: str
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[Replica.State, str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class BindingStatus(_message.Message):
     __slots__ = ("environment_id", "environment", "status", "min_replicas", "max_replicas", "serving", "replicas", "desired_replicas")
