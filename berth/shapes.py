@@ -116,7 +116,8 @@ def status_json(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
             "desired_replicas": b.desired_replicas,
             "replicas": [
                 {"id": r.id, "name": r.name, "index": r.index, "state": replica_state(r),
-                 "started_at": timestamp(r, "started_at"), "restarts": r.restarts, "address": r.address}
+                 "started_at": timestamp(r, "started_at"), "restarts": r.restarts, "address": r.address,
+                 "node": r.node}
                 for r in b.replicas
             ],
         }

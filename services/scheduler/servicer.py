@@ -20,7 +20,7 @@ from services.common.ids import deployment_not_found_message, validate_deploymen
 
 from .desired import DesiredTable, is_terminated
 from .events import EventStore
-from .reconciler import Reconciler
+from .runtime import Runtime
 from .routers import RouterRevisions
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -49,7 +49,7 @@ def _names_project(given: str, binding: common_pb2.Binding) -> bool:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, table: DesiredTable, reconciler: Reconciler, events: EventStore) -> None:
+    def __init__(self, table: DesiredTable, reconciler: Runtime, events: EventStore) -> None:
         self._table = table
         self._reconciler = reconciler
         self._events = events
@@ -162,6 +162,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     state=enums.number(scheduler_pb2.Replica.State, r.state.value),
                     restarts=r.restarts,
                     address=r.address,
+                    node=r.node,
                 )
                 started = _timestamp(r.started_at)
                 if started is not None:
@@ -218,7 +219,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalServicer):
     """What the router asks of the scheduler."""
 
-    def __init__(self, table: DesiredTable, reconciler: Reconciler) -> None:
+    def __init__(self, table: DesiredTable, reconciler: Runtime) -> None:
         self._table = table
         self._reconciler = reconciler
         self.routers = RouterRevisions()  # routers' revisions, for ListRouters
@@ -294,7 +295,7 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
         return scheduler_internal_pb2.ActivateResponse(status=state.value)
 
 
-def add_to_server(server: grpc.aio.Server, table: DesiredTable, reconciler: Reconciler, events: EventStore) -> None:
+def add_to_server(server: grpc.aio.Server, table: DesiredTable, reconciler: Runtime, events: EventStore) -> None:
     """The public and the internal service, on one server."""
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(table, reconciler, events), server)
     scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(SchedulerInternalServicer(table, reconciler), server)
