@@ -16,11 +16,13 @@ from services.common.config import add_common_flags, env
 from services.common.remote import RegistryAuthenticator
 from services.common.server import serve_until_signalled, start_server
 
+from . import swarm_runtime
 from .desired import DesiredTable, RegistryWatcher
 from .docker_adapter import DockerAdapter
 from .events import EventStore
 from .reconciler import Reconciler, SchedulerConfig
 from .remote_deps import GrpcImageRecorder, GrpcSecretsResolver
+from .runtime import RUNTIMES, Runtime
 from .servicer import SERVICE_NAMES, add_to_server
 
 log = logging.getLogger("berth.scheduler")
@@ -98,7 +100,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-file", default=env("BERTH_LOG_FILE"),
                         help="write JSON log lines here, rotated by size (env BERTH_LOG_FILE; "
                              "BERTH_LOG_MAX_BYTES, BERTH_LOG_BACKUPS); default stderr")
+    parser.add_argument(
+        "--runtime",
+        default=env("BERTH_RUNTIME", "local"),
+        help="where replicas run: local (this Docker engine) or swarm (a Docker Swarm cluster; DOCKER_HOST names "
+             "a manager) (env BERTH_RUNTIME)",
+    )
+    parser.add_argument(
+        "--image-registry",
+        default=env("BERTH_IMAGE_REGISTRY", ""),
+        help="HOST:PORT of the registry images are pushed to and run from by digest, spoken to over HTTP like the "
+             "nodes' insecure-registries (env BERTH_IMAGE_REGISTRY)",
+    )
     args = parser.parse_args(argv)
+    if args.runtime not in RUNTIMES:
+        parser.error(f"--runtime must be one of {', '.join(RUNTIMES)}, not {args.runtime!r}")
     for name in ("target_concurrency", "reconcile_interval", "pull_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -113,6 +129,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    if args.runtime == "swarm":  # before any engine client: a clear error, not a traceback
+        try:
+            swarm_runtime.check_manager()
+        except swarm_runtime.SwarmSetupError as exc:
+            raise SystemExit(f"error: {exc.message}") from None
     config = SchedulerConfig(
         instance=args.instance,
         reconcile_interval=args.reconcile_interval,
@@ -132,7 +153,16 @@ async def serve(args: argparse.Namespace) -> None:
     table = DesiredTable()
     secrets = GrpcSecretsResolver(args.secrets, args.service_token)
     recorder = GrpcImageRecorder(args.registry, args.service_token)
-    reconciler = Reconciler(adapter, table, secrets, events, config, record_image=recorder)
+    reconciler: Runtime
+    if args.runtime == "swarm":
+        try:
+            reconciler = swarm_runtime.build(table, secrets, events, config, image_registry=args.image_registry,
+                                             fence=None)
+        except swarm_runtime.SwarmSetupError as exc:
+            log.error("swarm_unavailable", extra={"error": exc.message})
+            raise SystemExit(f"error: {exc.message}") from None
+    else:
+        reconciler = Reconciler(adapter, table, secrets, events, config, record_image=recorder)
     watcher = RegistryWatcher(table, args.registry, args.service_token)
     authenticator = RegistryAuthenticator(args.registry, args.service_token, admin_key=os.environ.get("BERTH_ADMIN_KEY", ""))
 

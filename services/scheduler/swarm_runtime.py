@@ -38,6 +38,7 @@ from datetime import datetime
 
 import docker
 import docker.errors
+import requests.exceptions
 
 from berth import errors, images
 from berth.v1 import common_pb2
@@ -764,6 +765,24 @@ class SwarmSetupError(Exception):
         self.message = message
 
 
+def check_manager() -> tuple[docker.DockerClient, str]:
+    """A client of the manager ``DOCKER_HOST`` names (the Docker SDK's
+    ``from_env``) and that manager's node id; ``SwarmSetupError`` saying
+    what is wrong when it is no swarm manager or cannot be reached."""
+    where = os.environ.get("DOCKER_HOST") or "the default Docker socket"
+    try:
+        client = docker.from_env(version=API_VERSION, timeout=30)
+        return client, SwarmAdapter(client).check_manager()
+    except NotAManager as exc:
+        raise SwarmSetupError(
+            f"--runtime swarm needs DOCKER_HOST to name a swarm manager, but {where}: {exc.message}"
+        ) from None
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise SwarmSetupError(
+            f"--runtime swarm needs DOCKER_HOST to name a swarm manager, but {where} cannot be reached: {exc}"
+        ) from None
+
+
 def build(
     table: DesiredTable,
     secrets: SecretsResolver,
@@ -773,23 +792,12 @@ def build(
     image_registry: str = "",
     fence: Leadership | None = None,
 ) -> SwarmRuntime:
-    """The swarm runtime on the manager ``DOCKER_HOST`` names (the Docker
-    SDK's ``from_env``), checked to be a swarm manager first."""
-    where = os.environ.get("DOCKER_HOST") or "the default Docker socket"
-    try:
-        client = docker.from_env(version=API_VERSION, timeout=30)
-        adapter = SwarmAdapter(client, fence=fence)
-        node_id = adapter.check_manager()
-    except NotAManager as exc:
-        raise SwarmSetupError(
-            f"--runtime swarm needs DOCKER_HOST to name a swarm manager, but {where}: {exc.message}"
-        ) from None
-    except docker.errors.DockerException as exc:
-        raise SwarmSetupError(
-            f"--runtime swarm needs DOCKER_HOST to name a swarm manager, but {where} cannot be reached: {exc}"
-        ) from None
-    log.info("swarm_manager", extra={"docker_host": where, "node_id": node_id, "image_registry": image_registry})
+    """The swarm runtime on the manager ``DOCKER_HOST`` names, checked to be
+    a swarm manager first (``check_manager``)."""
+    client, node_id = check_manager()
+    log.info("swarm_manager", extra={"docker_host": os.environ.get("DOCKER_HOST", ""), "node_id": node_id,
+                                     "image_registry": image_registry})
     return SwarmRuntime(
-        adapter, table, secrets, events, config, SwarmConfig(insecure_registries=tuple(insecure_from(image_registry))),
-        fence=fence,
+        SwarmAdapter(client, fence=fence), table, secrets, events, config,
+        SwarmConfig(insecure_registries=tuple(insecure_from(image_registry))), fence=fence,
     )
