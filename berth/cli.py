@@ -192,6 +192,13 @@ def main() -> None:
 @click.option("--secrets-port", default=50052, envvar="BERTH_SECRETS_PORT", show_default=True)
 @click.option("--scheduler-port", default=50053, envvar="BERTH_SCHEDULER_PORT", show_default=True)
 @click.option("--domain", default="localhost", envvar="BERTH_DOMAIN", show_default=True)
+@click.option("--runtime", type=click.Choice(["local", "swarm"]), default="local", envvar="BERTH_RUNTIME",
+              show_default=True, expose_value=False, callback=lambda _c, _p, v: use_runtime(v),
+              help="Where replicas run: this Docker engine, or the Docker Swarm whose manager DOCKER_HOST names.")
+@click.option("--image-registry", default="", envvar="BERTH_IMAGE_REGISTRY", metavar="HOST:PORT", expose_value=False,
+              callback=lambda _c, _p, v: use_image_registry(v),
+              help="Registry 'berth deploy' pushes to; replicas run from it by digest (plain HTTP, as the "
+                   "nodes' insecure-registries).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background; return once the platform serves.")
 def up(data_dir: str | None, database_url: str | None, host: str, router_port: int, registry_port: int,
        secrets_port: int, scheduler_port: int, domain: str, detach: bool) -> None:
@@ -419,7 +426,7 @@ def build_image(path: pathlib.Path, dockerfile: str, project: str, quiet: bool) 
     if not (path / dockerfile).is_file():
         raise errors.InvalidArgument(f"no {dockerfile} in {path}", hint="give a directory with a Dockerfile, or use --image REF")
     try:
-        api = docker.APIClient(timeout=600)
+        api = docker.from_env(timeout=600).api if os.environ.get("DOCKER_HOST") else docker.APIClient(timeout=600)
         api.ping()
     except Exception as exc:  # noqa: BLE001 - any failure here means "no engine"
         raise errors.Unavailable(f"cannot reach the Docker engine to build: {exc}", hint="is dockerd running?") from None
@@ -440,6 +447,95 @@ def build_image(path: pathlib.Path, dockerfile: str, project: str, quiet: bool) 
     repo, version = tag.rsplit(":", 1)
     api.tag(image_id, repo, version)
     return tag, image_id
+
+
+def use_runtime(runtime: str) -> str:
+    """``berth up --runtime``: swarm needs DOCKER_HOST to name a swarm
+    manager (checked now, so the error is one line, not a scheduler that
+    never serves); the scheduler child reads BERTH_RUNTIME."""
+    if runtime == "swarm":
+        import docker
+        import requests
+
+        where = os.environ.get("DOCKER_HOST") or "the default Docker socket"
+        try:
+            swarm = docker.from_env(version="1.41", timeout=10).info().get("Swarm") or {}
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise click.BadParameter(f"swarm needs DOCKER_HOST to name a swarm manager; {where} cannot be "
+                                     f"reached: {exc}", param_hint="--runtime") from None
+        if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+            what = "a swarm worker" if swarm.get("LocalNodeState") == "active" else "not in a swarm"
+            raise click.BadParameter(f"swarm needs DOCKER_HOST to name a swarm manager; {where} is {what}",
+                                     param_hint="--runtime")
+    os.environ["BERTH_RUNTIME"] = runtime
+    return runtime
+
+
+def use_image_registry(registry: str) -> str:
+    """``berth up --image-registry``: HOST:PORT, passed to the scheduler
+    (BERTH_IMAGE_REGISTRY) and recorded in the platform file for the CLI."""
+    registry = registry.strip()
+    if registry and ("/" in registry or " " in registry or not registry.rsplit(":", 1)[-1]):
+        raise click.BadParameter(f"{registry!r} is not HOST:PORT", param_hint="--image-registry")
+    os.environ["BERTH_IMAGE_REGISTRY"] = registry
+    return registry
+
+
+def image_registry() -> str:
+    """The registry deployments are pushed to: BERTH_IMAGE_REGISTRY, else
+    what the running platform was started with (its platform file)."""
+    if os.environ.get("BERTH_IMAGE_REGISTRY"):
+        return os.environ["BERTH_IMAGE_REGISTRY"].strip()
+    try:
+        recorded = json.loads((local.data_dir() / local.PLATFORM_FILE).read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(recorded.get("image_registry") or "") if isinstance(recorded, dict) else ""
+
+
+def push_image(image_id: str, registry: str, project: str, quiet: bool) -> str:
+    """Tags the built image into ``registry`` and pushes it (through the
+    engine DOCKER_HOST names); returns ``REGISTRY/berth-PROJECT@sha256:...``,
+    the reference every node runs."""
+    import docker
+
+    api = docker.from_env(timeout=600).api
+    repository = f"{registry}/berth-{(project or 'local').lower()}"
+    tag = image_id.split(":", 1)[1][:12]
+    api.tag(image_id, repository, tag)
+    digest = ""
+    try:
+        for chunk in api.push(repository, tag=tag, stream=True, decode=True):
+            if chunk.get("error"):
+                raise errors.Unavailable(f"pushing {repository}:{tag} failed: {chunk['error'].strip()}",
+                                         hint=f"is the image registry {registry} up and reachable from the engine?")
+            if "status" in chunk and not quiet and chunk.get("id") is None:
+                err.print(f"[dim]{escape(str(chunk['status']))}[/]", markup=True)
+            digest = (chunk.get("aux") or {}).get("Digest", digest)
+    except docker.errors.APIError as exc:
+        raise errors.Unavailable(f"pushing {repository}:{tag} failed: {exc.explanation or exc}") from None
+    if not digest:
+        raise errors.Unavailable(f"pushing {repository}:{tag} reported no digest")
+    return f"{repository}@{digest}"
+
+
+def pin_reference(ref: str, registry: str) -> str:
+    """``--image REF`` as the digest it names now (asked once, of the
+    registry's v2 API); a reference by digest stays as given."""
+    from berth import images
+
+    try:
+        parsed = images.parse(ref)
+    except ValueError as exc:
+        raise errors.InvalidArgument(str(exc), field="image") from None
+    if parsed.by_digest:
+        return ref
+    try:
+        digest = images.resolve_digest(ref, insecure=(registry,))
+    except images.RegistryError as exc:
+        raise errors.InvalidArgument(f"cannot resolve {ref} to a digest: {exc.message}", field="image",
+                                     hint="push it first, or give REPO@sha256:...") from None
+    return parsed.with_digest(digest)
 
 
 def find_environment(ctx: Ctx, ref: str) -> common_pb2.Environment:
@@ -670,6 +766,11 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
             described = f" as {project_file.path} describes" if project_file.path else ""
             err.print(f"[dim]building {escape(str(path.resolve()))}{escape(described)}[/]", markup=True)
         image, image_id = build_image(path.resolve(), project_file.dockerfile, target.project_name, quiet=ctx.json or quiet)
+    registry = image_registry()
+    if registry and path is not None:
+        image = push_image(image_id, registry, target.project_name, quiet=ctx.json or quiet)
+    elif registry and image:
+        image = pin_reference(image, registry)
     resp = c.call(
         c.registry.Deploy,
         registry_pb2.DeployRequest(
@@ -781,9 +882,11 @@ def deployment_status(ctx: Ctx, deployment_id: str | None, environment: str) -> 
         for b in data["bindings"]:
             mark = " (serving)" if b["serving"] else ""
             out.print(f"\n[bold]{b['environment']}[/]{mark}: {b['status']}, replicas {b['min_replicas']}..{b['max_replicas']}")
-            t = table("REPLICA", "STATE", "UPTIME", "RESTARTS", "ADDRESS")
+            nodes = any(r.get("node") for r in b["replicas"])
+            t = table("REPLICA", "STATE", "UPTIME", "RESTARTS", "ADDRESS", *(["NODE"] if nodes else []))
             for r in b["replicas"]:
-                t.add_row(r["name"] or r["id"][:12], r["state"], uptime(r["started_at"]), str(r["restarts"]), r["address"])
+                t.add_row(r["name"] or r["id"][:12], r["state"], uptime(r["started_at"]), str(r["restarts"]), r["address"],
+                          *([r.get("node") or "-"] if nodes else []))
             out.print(t)
 
     ctx.emit(data, human)

@@ -239,6 +239,8 @@ class Platform:
             "secrets": c.addr(c.secrets_port),
             "scheduler": c.addr(c.scheduler_port),
             "router": f"http://{c.host}:{c.router_port}",
+            "runtime": os.environ.get("BERTH_RUNTIME", "local"),  # berth up --runtime
+            "image_registry": os.environ.get("BERTH_IMAGE_REGISTRY", ""),  # where berth deploy pushes
             "instance": self.instance,
             "pid": os.getpid(),
             "start_time": local.process_start_time(os.getpid()),
