@@ -304,3 +304,39 @@ class StartDeploymentRequest(_message.Message):
     project: str
     deployment_id: str
     def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ...) -> None: ...
+
+class WatchEnvironmentsRequest(_message.Message):
+    __slots__ = ("project", "since_revision")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    since_revision: int
+    def __init__(self, project: _Optional[str] = ..., since_revision: _Optional[int] = ...) -> None: ...
+
+class EnvironmentEvent(_message.Message):
+    __slots__ = ("revision", "environment", "moved", "created", "deleted", "binding", "snapshot_complete", "resumed")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    BINDING_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    environment: _common_pb2.Environment
+    moved: PointerMove
+    created: _common_pb2.Environment
+    deleted: _common_pb2.Environment
+    binding: _common_pb2.Binding
+    snapshot_complete: bool
+    resumed: bool
+    def __init__(self, revision: _Optional[int] = ..., environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., moved: _Optional[_Union[PointerMove, _Mapping]] = ..., created: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., deleted: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., binding: _Optional[_Union[_common_pb2.Binding, _Mapping]] = ..., snapshot_complete: _Optional[bool] = ..., resumed: _Optional[bool] = ...) -> None: ...
+
+class PointerMove(_message.Message):
+    __slots__ = ("environment", "entry")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    environment: _common_pb2.Environment
+    entry: _common_pb2.HistoryEntry
+    def __init__(self, environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., entry: _Optional[_Union[_common_pb2.HistoryEntry, _Mapping]] = ...) -> None: ...

@@ -133,6 +133,11 @@ class RegistryStub:
                 request_serializer=berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_common__pb2.Deployment.FromString,
                 _registered_method=True)
+        self.WatchEnvironments = channel.unary_stream(
+                '/berth.v1.Registry/WatchEnvironments',
+                request_serializer=berth_dot_v1_dot_registry__pb2.WatchEnvironmentsRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.EnvironmentEvent.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -263,6 +268,19 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchEnvironments(self, request, context):
+        """Your project's changes as they commit, on any registry instance:
+        pointer moves, environments created and deleted, binding changes. First
+        the current state (or, with since_revision, the changes after it), then
+        a snapshot_complete marker, then each change once, in commit order.
+        Project key (the admin key must name a project). A revoked key ends the
+        stream with UNAUTHENTICATED; a negative since_revision, or one newer than
+        the registry has issued, is INVALID_ARGUMENT (field since_revision).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -360,6 +378,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.StartDeployment,
                     request_deserializer=berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.FromString,
                     response_serializer=berth_dot_v1_dot_common__pb2.Deployment.SerializeToString,
+            ),
+            'WatchEnvironments': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchEnvironments,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.WatchEnvironmentsRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.EnvironmentEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -878,6 +901,33 @@ class Registry:
             '/berth.v1.Registry/StartDeployment',
             berth_dot_v1_dot_registry__pb2.StartDeploymentRequest.SerializeToString,
             berth_dot_v1_dot_common__pb2.Deployment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchEnvironments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.v1.Registry/WatchEnvironments',
+            berth_dot_v1_dot_registry__pb2.WatchEnvironmentsRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.EnvironmentEvent.FromString,
             options,
             channel_credentials,
             insecure,

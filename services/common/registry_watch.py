@@ -7,13 +7,18 @@ after the marker, every change as it commits.
 
 The revision to resume from moves only with what was applied, so a stream
 cut before its marker never makes the next one resume past changes that
-were not applied.
+were not applied. Every registry instance on one database serves the same
+feed (it lives in the database), so that revision resumes on any of them:
+``follow_instances`` fails over between instances.
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Callable
+import asyncio
+from collections.abc import AsyncIterable, Callable, Sequence
 
-from berth.internal.v1 import registry_internal_pb2
+import grpc
+
+from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 
 
 class RegistryFollower:
@@ -60,3 +65,49 @@ class RegistryFollower:
                 self.revision = max(change.revision for change in before_marker)  # the snapshot's
             before_marker = None
             synced(event.resumed)
+
+
+async def follow_instances(
+    follower: RegistryFollower,
+    addresses: Sequence[str],
+    metadata: Sequence[tuple[str, str]],
+    *,
+    synced: Callable[[bool], None] = lambda resumed: None,
+    applied: Callable[[], None] = lambda: None,
+    broken: Callable[[str, str], None] = lambda address, error: None,
+    max_streams: int | None = None,
+    initial_delay: float = 0.05,
+    max_delay: float = 2.0,
+) -> None:
+    """Follows the change feed over several registry instances of one
+    database: when a stream breaks (its instance died or stopped), the next
+    address is tried, resuming from ``follower.revision`` — every instance
+    serves the same feed, so nothing is lost or repeated. Backs off (up to
+    ``max_delay``) while no instance answers; returns after ``max_streams``
+    streams when given, else runs until cancelled."""
+    if not addresses:
+        raise ValueError("follow_instances needs at least one registry address")
+    delay = initial_delay
+    opened = 0
+    index = 0
+    while max_streams is None or opened < max_streams:
+        address = addresses[index % len(addresses)]
+        opened += 1
+        progressed = False
+
+        def on_synced(resumed: bool) -> None:
+            nonlocal progressed
+            progressed = True
+            synced(resumed)
+
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = registry_internal_pb2_grpc.RegistryInternalStub(channel)
+                await follower.follow(stub.Watch(follower.request(), metadata=tuple(metadata)),
+                                      synced=on_synced, applied=applied)
+            broken(address, "stream ended by the server")
+        except grpc.aio.AioRpcError as exc:
+            broken(address, f"{exc.code().name}: {exc.details()}")
+        index += 1
+        delay = initial_delay if progressed else min(delay * 2, max_delay)
+        await asyncio.sleep(delay)

@@ -6,7 +6,10 @@ import asyncio
 import logging
 import os
 import pathlib
+import sys
+from dataclasses import dataclass
 
+from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
 from berth import errors
@@ -14,8 +17,15 @@ from services.common import logs
 from services.common.auth import ADMIN_PRINCIPAL, SERVICE_PRINCIPAL, Principal, same_secret
 from services.common.config import add_common_flags, env
 from services.common.server import RunningServer, serve_until_signalled, start_server
-from services.registry.changes import ChangeHub
-from services.registry.service import RegistryService, read_revision
+from services.registry.changes import (
+    ChangeFeed,
+    ChangeHub,
+    ChangeLog,
+    DatabaseInUse,
+    SingleInstanceLock,
+    sqlite_database_path,
+)
+from services.registry.service import RegistryService
 from services.registry.servicer import SERVICE_NAMES, add_to_server
 from services.registry.storage import make_engine, migrate
 
@@ -27,14 +37,59 @@ def default_database_url() -> str:
     return f"sqlite:///{data_dir / 'registry.db'}"
 
 
-async def start(*, host: str, port: int, database_url: str, admin_key: str, service_token: str) -> tuple[RunningServer, RegistryService]:
-    engine = make_engine(database_url)
-    await asyncio.to_thread(migrate, engine)
-    sessions = sessionmaker(engine, expire_on_commit=False)
-    # A watcher resuming from the revision it last saw before a restart has
-    # missed nothing if nothing changed since; older ones get a snapshot.
-    hub = ChangeHub(start_revision=await asyncio.to_thread(read_revision, sessions))
-    service = RegistryService(sessions, hub, admin_key=admin_key, service_token=service_token)
+def listen_dsn(engine: Engine) -> str | None:
+    """The libpq connection string of the feed's LISTEN connection
+    (PostgreSQL only)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    return engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@dataclass
+class RegistryServer(RunningServer):
+    """The running gRPC server with what the registry runs beside it: the
+    change feed's tasks and, on SQLite, the database's lock file."""
+
+    feed: ChangeFeed | None = None
+    lock: SingleInstanceLock | None = None
+
+    async def stop(self, grace: float = 5.0) -> None:
+        try:
+            await super().stop(grace)
+        finally:
+            if self.feed is not None:
+                await self.feed.close()
+            if self.lock is not None:
+                self.lock.release()
+
+
+async def start(*, host: str, port: int, database_url: str, admin_key: str, service_token: str) -> tuple[RegistryServer, RegistryService]:
+    """Raises ``DatabaseInUse`` when another registry process serves the
+    same SQLite file."""
+    lock: SingleInstanceLock | None = None
+    sqlite_path = sqlite_database_path(database_url)
+    if sqlite_path is not None:
+        lock = SingleInstanceLock(sqlite_path)
+        lock.acquire()
+    feed: ChangeFeed | None = None
+    try:
+        engine = make_engine(database_url)
+        await asyncio.to_thread(migrate, engine)
+        sessions = sessionmaker(engine, expire_on_commit=False)
+        changes = ChangeLog(sessions)
+        # The feed publishes what commits after this revision; a watcher
+        # resuming from an older one is served from the changes table.
+        latest = await asyncio.to_thread(changes.latest)
+        hub = ChangeHub(start_revision=latest)
+        feed = ChangeFeed(changes, hub, listen_dsn=listen_dsn(engine))
+        await feed.start(latest)
+        service = RegistryService(sessions, hub, admin_key=admin_key, service_token=service_token)
+    except BaseException:
+        if feed is not None:
+            await feed.close()
+        if lock is not None:
+            lock.release()
+        raise
 
     async def authenticate(api_key: str) -> Principal:
         if not api_key:
@@ -45,14 +100,23 @@ async def start(*, host: str, port: int, database_url: str, admin_key: str, serv
             return ADMIN_PRINCIPAL
         return await asyncio.to_thread(service.authenticate, api_key)
 
-    running = await start_server(
-        host=host,
-        port=port,
-        service_names=SERVICE_NAMES,
-        register=lambda server: add_to_server(server, service, hub),
-        authenticate=authenticate,
-    )
-    return running, service
+    try:
+        running = await start_server(
+            host=host,
+            port=port,
+            service_names=SERVICE_NAMES,
+            register=lambda server: add_to_server(server, service, hub, changes),
+            authenticate=authenticate,
+        )
+    except BaseException:
+        await feed.close()
+        if lock is not None:
+            lock.release()
+        raise
+    return RegistryServer(
+        server=running.server, port=running.port, health=running.health, service_names=running.service_names,
+        feed=feed, lock=lock,
+    ), service
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         )
         await serve_until_signalled(running, name="registry")
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except DatabaseInUse as exc:
+        log.error("database_in_use", extra={"error": str(exc)})
+        sys.exit(f"berth-registry: {exc}")
 
 
 if __name__ == "__main__":

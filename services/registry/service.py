@@ -1,14 +1,20 @@
 """Use cases of the registry. Each write runs in one transaction that bumps
-the registry revision, and publishes its changes to watchers after commit.
+the registry revision and records its watched changes in the ``changes``
+table, the feed every registry process tails (services/registry/changes.py).
 
 Callers pass the principal explicitly; authorisation is decided here.
 
 Concurrency. Correctness rests on the database, not on this process:
 
-- ``_Tx.bump`` locks the single ``registry_meta`` row (``SELECT ... FOR
-  UPDATE``) and increments the revision. Every transaction that changes
-  watched state takes it, so revisions are handed out in commit order, across
-  any number of processes.
+- ``_Tx.bump`` increments the revision in the single ``registry_meta`` row
+  (``UPDATE ... RETURNING``, which holds that row's lock until commit). Every
+  transaction that changes watched state takes it, so revisions are handed
+  out in commit order, across any number of processes: revision N+1 cannot
+  be claimed before N's transaction has committed (or rolled back, and then
+  N is claimed again), so a reader of the ``changes`` table never sees N+1
+  without N. (A row lock rather than a transaction-level advisory lock: it
+  works the same on SQLite, and the counter it protects is that same row, so
+  no second object has to be kept in step with the lock.)
 - A pointer move is a compare-and-swap: ``UPDATE environments SET
   sequence = s + 1 ... WHERE id = :id AND sequence = s``, where ``s`` is the
   sequence the move's decision was based on (and the caller's
@@ -34,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, or_, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -51,6 +57,7 @@ from berth.errors import (
 from berth.v1 import common_pb2
 from services.common import paging
 from services.common.auth import PROJECT_KEY_PREFIX, Principal, hash_key, new_key
+from services.registry import changes as feed
 from services.registry import convert, domain
 from services.registry.changes import Change, ChangeHub
 from services.registry.storage import (
@@ -74,18 +81,27 @@ class _Tx:
     revision: int = 0
     environments: dict[str, EnvironmentRow] = field(default_factory=dict)
     bindings: dict[tuple[str, str], BindingRow] = field(default_factory=dict)
-    deleted_environments: list[str] = field(default_factory=list)
+    deleted_environments: dict[str, common_pb2.Environment] = field(default_factory=dict)
+    # environment id -> the history entry its move appended
+    moves: dict[str, HistoryRow] = field(default_factory=dict)
+    revoked_keys: list[ApiKeyRow] = field(default_factory=list)
 
     def bump(self) -> int:
         if not self.revision:
-            meta = self.session.execute(select(MetaRow).where(MetaRow.id == 1).with_for_update()).scalar_one()
-            meta.revision += 1
-            self.revision = meta.revision
+            self.revision = self.session.execute(
+                update(MetaRow)
+                .where(MetaRow.id == 1)
+                .values(revision=MetaRow.revision + 1)
+                .returning(MetaRow.revision)
+                .execution_options(synchronize_session=False)
+            ).scalar_one()
         return self.revision
 
-    def touch_environment(self, row: EnvironmentRow) -> None:
+    def touch_environment(self, row: EnvironmentRow, *, move: HistoryRow | None = None) -> None:
         row.revision = self.bump()
         self.environments[row.id] = row
+        if move is not None:
+            self.moves[row.id] = move
 
     def touch_binding(self, row: BindingRow) -> None:
         # updated_at marks the binding's last change, its serving flag
@@ -134,9 +150,6 @@ class RegistryService:
         self._write_lock: contextlib.AbstractContextManager[object] = (
             threading.Lock() if self.dialect == "sqlite" else contextlib.nullcontext()
         )
-        # Held from just before a revision-bumping commit until its changes
-        # are published, so watchers see changes in revision order.
-        self._publish_lock = threading.Lock()
 
     # ---- transactions -------------------------------------------------
 
@@ -153,7 +166,6 @@ class RegistryService:
     @contextmanager
     def _write(self) -> Iterator[_Tx]:
         with self._write_lock:
-            publishing = False
             try:
                 with self._sessions() as session:
                     tx = _Tx(session)
@@ -162,15 +174,22 @@ class RegistryService:
                         yield tx
                         session.flush()
                         changes = self._changes(tx)
-                        if tx.revision:
-                            self._publish_lock.acquire()
-                            publishing = True
+                        if changes:
+                            session.add_all(feed.to_rows(changes))
+                            session.flush()
+                            if self.dialect == "postgresql":
+                                # Delivered by PostgreSQL at commit, and only
+                                # if the transaction commits.
+                                session.execute(
+                                    text("SELECT pg_notify(:channel, :revision)"),
+                                    {"channel": feed.NOTIFY_CHANNEL, "revision": str(tx.revision)},
+                                )
                         session.commit()
                     except BaseException:
                         session.rollback()
                         raise
                     if changes:
-                        self._hub.publish(changes)
+                        self._hub.committed(tx.revision)  # wakes this process's tailer at once
             except IntegrityError as exc:
                 raise Aborted("a concurrent change won; re-read and retry") from exc
             except OperationalError as exc:
@@ -179,9 +198,6 @@ class RegistryService:
                 raise InvalidArgument(
                     "a value in the request cannot be stored (check for control characters)"
                 ) from exc
-            finally:
-                if publishing:
-                    self._publish_lock.release()
 
     def current_revision(self) -> int:
         return read_revision(self._sessions)
@@ -192,14 +208,23 @@ class RegistryService:
             r.project_id for r in tx.bindings.values()
         })
         for env in tx.environments.values():
-            changes.append(Change(tx.revision, "environment", convert.environment(env, names[env.project_id])))
+            move = tx.moves.get(env.id)
+            changes.append(Change(
+                tx.revision, feed.ENVIRONMENT, convert.environment(env, names[env.project_id]), env.project_id,
+                feed.MOVED if move is not None else feed.CREATED,
+                convert.history_entry(move) if move is not None else None,
+            ))
         for row in tx.bindings.values():
             bound = tx.session.get(EnvironmentRow, row.environment_id)
             dep = tx.session.get(DeploymentRow, row.deployment_id)
             assert bound is not None and dep is not None
-            changes.append(Change(tx.revision, "binding", convert.binding(row, bound, dep, names[row.project_id])))
-        for env_id in tx.deleted_environments:
-            changes.append(Change(tx.revision, "environment_deleted", env_id))
+            changes.append(Change(
+                tx.revision, feed.BINDING, convert.binding(row, bound, dep, names[row.project_id]), row.project_id
+            ))
+        for env_id, view in tx.deleted_environments.items():
+            changes.append(Change(tx.revision, feed.ENVIRONMENT_DELETED, env_id, view.project_id, detail=view))
+        for key in tx.revoked_keys:
+            changes.append(Change(tx.revision, feed.KEY_REVOKED, key.id, key.project_id))
         return changes
 
     @staticmethod
@@ -481,7 +506,7 @@ class RegistryService:
                         reason="ENVIRONMENT_IN_USE", resource_name=env.name, field="force",
                     )
             tx.session.expunge(env)
-            tx.deleted_environments.append(env.id)
+            tx.deleted_environments[env.id] = result
             return result
 
     # ---- API keys -----------------------------------------------------
@@ -573,8 +598,10 @@ class RegistryService:
                     hint="create another key first",
                     reason="LAST_ACTIVE_KEY", resource_name=row.name,
                 )
+            tx.bump()  # watch streams held with this key end (WatchEnvironments)
             row.revoked_at = utcnow()
             tx.session.flush()
+            tx.revoked_keys.append(row)
             return convert.api_key(row)
 
     # ---- deployments and pointer moves -------------------------------
@@ -635,7 +662,7 @@ class RegistryService:
             created_at=utcnow(),
         )
         tx.session.add(entry)
-        tx.touch_environment(env)
+        tx.touch_environment(env, move=entry)
 
         binding = tx.session.get(BindingRow, (env.id, dep.id))
         if binding is None:
@@ -1070,26 +1097,50 @@ class RegistryService:
 
     # ---- watch --------------------------------------------------------
 
-    def snapshot(self) -> tuple[int, list[Change]]:
-        """Every environment and binding as of one revision: one consistent
-        read (REPEATABLE READ on PostgreSQL; on SQLite, under the write lock,
-        since its driver runs each SELECT on its own)."""
+    def watch_project(self, principal: Principal, project_ref: str) -> tuple[str, str]:
+        """The (id, name) of the project a ``WatchEnvironments`` stream
+        follows: a project key's own; the admin key (or the service token)
+        names one."""
+        if not principal.admin:
+            with self._read() as session:
+                row = self._project(session, principal, project_ref)
+                return row.id, row.name
+        if not project_ref:
+            raise InvalidArgument("project is required when watching with the admin key", field="project")
+        domain.validate_reference(project_ref, field_name="project", what="project")
+        column = ProjectRow.id if project_ref.startswith(domain.PROJECT_ID_PREFIX) else ProjectRow.name
+        with self._read() as session:
+            found = session.execute(select(ProjectRow).where(column == project_ref)).scalar_one_or_none()
+        if found is None:
+            raise NotFound(f"project {project_ref!r} not found", resource_type="project", resource_name=project_ref)
+        return found.id, found.name
+
+    def snapshot(self, project_id: str | None = None) -> tuple[int, list[Change]]:
+        """Every environment and binding (of one project, if given) as of one
+        revision: one consistent read (REPEATABLE READ on PostgreSQL; on
+        SQLite, under the write lock, since its driver runs each SELECT on
+        its own)."""
         with self._write_lock, self._read() as session:
             if self.dialect != "sqlite":
                 session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             revision = session.execute(select(MetaRow.revision).where(MetaRow.id == 1)).scalar_one()
             names = {row.id: row.name for row in session.execute(select(ProjectRow.id, ProjectRow.name))}
-            envs = {row.id: row for row in session.execute(select(EnvironmentRow)).scalars()}
-            deps = {row.id: row for row in session.execute(
-                select(DeploymentRow).join(BindingRow, BindingRow.deployment_id == DeploymentRow.id)
-            ).scalars()}
+            env_query, binding_query = select(EnvironmentRow), select(BindingRow)
+            dep_query = select(DeploymentRow).join(BindingRow, BindingRow.deployment_id == DeploymentRow.id)
+            if project_id is not None:
+                env_query = env_query.where(EnvironmentRow.project_id == project_id)
+                binding_query = binding_query.where(BindingRow.project_id == project_id)
+                dep_query = dep_query.where(BindingRow.project_id == project_id)
+            envs = {row.id: row for row in session.execute(env_query).scalars()}
+            deps = {row.id: row for row in session.execute(dep_query).scalars()}
             changes = [
-                Change(env.revision, "environment", convert.environment(env, names[env.project_id]))
+                Change(env.revision, feed.ENVIRONMENT, convert.environment(env, names[env.project_id]), env.project_id)
                 for env in envs.values()
             ]
-            for row in session.execute(select(BindingRow)).scalars():
+            for row in session.execute(binding_query).scalars():
                 env = envs[row.environment_id]
-                changes.append(
-                    Change(row.revision, "binding", convert.binding(row, env, deps[row.deployment_id], names[row.project_id]))
-                )
+                changes.append(Change(
+                    row.revision, feed.BINDING, convert.binding(row, env, deps[row.deployment_id], names[row.project_id]),
+                    row.project_id,
+                ))
             return revision, changes

@@ -7,16 +7,19 @@ serving watch streams."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
+from berth.errors import InvalidArgument
 from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 from berth.v1 import registry_pb2, registry_pb2_grpc
-from services.common.auth import caller
+from services.common.auth import API_KEY_METADATA, Principal, caller
+from services.registry import changes as feed
 from services.registry import convert
-from services.registry.changes import Change, ChangeHub
+from services.registry.changes import Change, ChangeHub, ChangeLog
 from services.registry.service import RegistryService
 
 log = logging.getLogger("berth.registry")
@@ -32,9 +35,16 @@ def _expected(request) -> int | None:  # type: ignore[no-untyped-def]
     return request.expected_sequence if request.HasField("expected_sequence") else None
 
 
+# A WatchEnvironments stream re-checks its key this often even when no
+# revocation came through the feed (a safety net; revocations end streams at
+# once).
+KEY_RECHECK_SECONDS = 30.0
+
+
 class RegistryServicer(registry_pb2_grpc.RegistryServicer):
-    def __init__(self, service: RegistryService) -> None:
+    def __init__(self, service: RegistryService, stream: ChangeStream) -> None:
         self._service = service
+        self._stream = stream
 
     async def CreateProject(self, request, context):  # type: ignore[no-untyped-def]
         project, api_key = await asyncio.to_thread(self._service.create_project, caller(), request.name)
@@ -214,18 +224,125 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         return registry_pb2.ListHistoryResponse(entries=entries, next_page_token=token)
 
 
-def _event(change: Change) -> registry_internal_pb2.WatchEvent:
-    if change.kind == "environment":
+    async def WatchEnvironments(self, request, context) -> AsyncIterator[registry_pb2.EnvironmentEvent]:  # type: ignore[no-untyped-def,override]
+        """One project's changes: a snapshot (or, with ``since_revision``, the
+        changes after it), the ``snapshot_complete`` marker, then each change
+        as it commits, filtered here. A revoked key ends the stream with
+        UNAUTHENTICATED."""
+        principal = caller()
+        api_key = dict(context.invocation_metadata() or ()).get(API_KEY_METADATA, "")
+        since = request.since_revision
+        if since < 0:
+            raise InvalidArgument(
+                f"since_revision must be 0 (start with a snapshot) or a revision a watch event carried, not {since}",
+                field="since_revision", reason="INVALID_REVISION",
+            )
+        project_id, _ = await asyncio.to_thread(self._service.watch_project, principal, request.project)
+        if since > 0:
+            current = await asyncio.to_thread(self._service.current_revision)
+            if since > current:
+                raise InvalidArgument(
+                    f"since_revision {since} is newer than any revision this registry has issued ({current}); "
+                    "it comes from another database: watch from 0 for a snapshot",
+                    field="since_revision", reason="INVALID_REVISION", metadata={"current_revision": str(current)},
+                )
+        async with self._stream.open(since, project_id) as (opening, resumed, revision, live):
+            for change in opening:
+                event = _public_event(change, snapshot=not resumed)
+                if event is not None:
+                    yield event
+            yield registry_pb2.EnvironmentEvent(revision=revision, snapshot_complete=True, resumed=resumed)
+            while True:
+                try:
+                    async with asyncio.timeout(KEY_RECHECK_SECONDS):
+                        change = await live.get()
+                except TimeoutError:
+                    await self._recheck(principal, api_key)
+                    continue
+                if change.project_id != project_id or change.revision <= revision:
+                    continue
+                if change.kind == feed.KEY_REVOKED:
+                    await self._recheck(principal, api_key)
+                    continue
+                event = _public_event(change, snapshot=False)
+                if event is not None:
+                    yield event
+
+    async def _recheck(self, principal: Principal, api_key: str) -> None:
+        """Raises Unauthenticated once a project key is revoked."""
+        if not (principal.admin or principal.service):
+            await asyncio.to_thread(self._service.authenticate, api_key)
+
+
+def _public_event(change: Change, *, snapshot: bool) -> registry_pb2.EnvironmentEvent | None:
+    event = registry_pb2.EnvironmentEvent(revision=change.revision)
+    if change.kind == feed.ENVIRONMENT:
+        if snapshot:
+            event.environment.CopyFrom(change.payload)
+        elif change.action == feed.MOVED:
+            event.moved.environment.CopyFrom(change.payload)
+            event.moved.entry.CopyFrom(change.detail)
+        else:
+            event.created.CopyFrom(change.payload)
+    elif change.kind == feed.BINDING:
+        event.binding.CopyFrom(change.payload)
+    elif change.kind == feed.ENVIRONMENT_DELETED:
+        event.deleted.CopyFrom(change.detail)
+    else:
+        return None
+    return event
+
+
+def _internal_event(change: Change) -> registry_internal_pb2.WatchEvent | None:
+    if change.kind == feed.ENVIRONMENT:
         return registry_internal_pb2.WatchEvent(revision=change.revision, environment=change.payload)
-    if change.kind == "binding":
+    if change.kind == feed.BINDING:
         return registry_internal_pb2.WatchEvent(revision=change.revision, binding=change.payload)
-    return registry_internal_pb2.WatchEvent(revision=change.revision, environment_deleted=change.payload)
+    if change.kind == feed.ENVIRONMENT_DELETED:
+        return registry_internal_pb2.WatchEvent(revision=change.revision, environment_deleted=change.payload)
+    return None  # key revocations are for WatchEnvironments only
+
+
+class ChangeStream:
+    """Opens a watch: subscribes to the hub, then reads what comes before
+    the live changes — the changes after ``since`` from the ``changes``
+    table, or a snapshot."""
+
+    def __init__(self, service: RegistryService, hub: ChangeHub, log_: ChangeLog) -> None:
+        self._service = service
+        self._hub = hub
+        self._log = log_
+
+    @contextlib.asynccontextmanager
+    async def open(
+        self, since: int, project_id: str | None = None
+    ) -> AsyncIterator[tuple[list[Change], bool, int, asyncio.Queue[Change]]]:
+        """Yields (opening changes, resumed, the revision they cover, the
+        live queue). Skip live changes at or below that revision: they are
+        in the opening already."""
+        subscription = self._hub.subscribe()  # before the read: nothing falls in between
+        try:
+            # From the table, not this process's memory: it holds what any
+            # process committed before this read, even what the tailer has
+            # not published here yet (a watch opened after a write returned
+            # sees that write before its marker).
+            replay = None
+            if since > 0:
+                replay = await asyncio.to_thread(lambda: self._log.replay(since, project_id=project_id))
+            if replay is not None:
+                revision = max([since, *(c.revision for c in replay)])
+                yield replay, True, revision, subscription[1]
+            else:
+                revision, snapshot = await asyncio.to_thread(self._service.snapshot, project_id)
+                yield snapshot, False, revision, subscription[1]
+        finally:
+            self._hub.unsubscribe(subscription)
 
 
 class RegistryInternalServicer(registry_internal_pb2_grpc.RegistryInternalServicer):
-    def __init__(self, service: RegistryService, hub: ChangeHub) -> None:
+    def __init__(self, service: RegistryService, stream: ChangeStream) -> None:
         self._service = service
-        self._hub = hub
+        self._stream = stream
 
     async def Authenticate(self, request, context):  # type: ignore[no-untyped-def]
         principal = await asyncio.to_thread(self._service.authenticate, request.api_key)
@@ -240,35 +357,28 @@ class RegistryInternalServicer(registry_internal_pb2_grpc.RegistryInternalServic
         return await asyncio.to_thread(self._service.resolve_image, caller(), request.deployment_id, request.image_id)
 
     async def Watch(self, request, context) -> AsyncIterator[registry_internal_pb2.WatchEvent]:  # type: ignore[no-untyped-def,override]
-        """A snapshot (or, with ``since_revision``, the changes after it when
-        this process still holds them), the ``snapshot_complete`` marker
+        """A snapshot (or, with ``since_revision``, the changes after it while
+        the feed still holds them), the ``snapshot_complete`` marker
         (``resumed`` tells which of the two came before it), then every later
-        change once, in revision order."""
-        subscription = self._hub.subscribe()  # before the snapshot: nothing falls in between
-        try:
-            _, queue = subscription
-            replay = self._hub.since(request.since_revision) if request.since_revision > 0 else None
-            if replay is not None:
-                revision = request.since_revision
-                for change in replay:
-                    revision = max(revision, change.revision)
-                    yield _event(change)
-                yield registry_internal_pb2.WatchEvent(revision=revision, snapshot_complete=True, resumed=True)
-            else:
-                revision, snapshot = await asyncio.to_thread(self._service.snapshot)
-                for change in snapshot:
-                    yield _event(change)
-                yield registry_internal_pb2.WatchEvent(revision=revision, snapshot_complete=True)
+        change once, in revision order, whichever registry process committed
+        it."""
+        async with self._stream.open(request.since_revision) as (opening, resumed, revision, live):
+            for change in opening:
+                event = _internal_event(change)
+                if event is not None:
+                    yield event
+            yield registry_internal_pb2.WatchEvent(revision=revision, snapshot_complete=True, resumed=resumed)
             while True:
-                change = await queue.get()
+                change = await live.get()
                 if change.revision <= revision:
                     continue  # already in the snapshot or the replay
-                yield _event(change)
-        finally:
-            self._hub.unsubscribe(subscription)
+                event = _internal_event(change)
+                if event is not None:
+                    yield event
 
 
-def add_to_server(server: grpc.aio.Server, service: RegistryService, hub: ChangeHub) -> None:
+def add_to_server(server: grpc.aio.Server, service: RegistryService, hub: ChangeHub, log_: ChangeLog) -> None:
     """The public and the internal service, on one server."""
-    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(service), server)
-    registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(RegistryInternalServicer(service, hub), server)
+    stream = ChangeStream(service, hub, log_)
+    registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(service, stream), server)
+    registry_internal_pb2_grpc.add_RegistryInternalServicer_to_server(RegistryInternalServicer(service, stream), server)

@@ -8,19 +8,24 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Engine,
     ForeignKey,
     Integer,
+    LargeBinary,
     String,
     Text,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
+# pg_advisory_xact_lock key held while migrating (an arbitrary constant: "berthreg").
+MIGRATION_LOCK_KEY = 0x62657274_68726567
 
 
 def utcnow() -> datetime:
@@ -114,6 +119,26 @@ class MetaRow(Base):
     revision: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class ChangeRow(Base):
+    """The change feed: one row per watched change, written in the
+    transaction that made it (migration 0003). Every registry process tails
+    this table, so a watcher on any process sees what any process committed;
+    it is also the replay log for ``since_revision`` (bounded: the oldest
+    revisions are pruned)."""
+
+    __tablename__ = "changes"
+    revision: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # Order of the change within its transaction's revision.
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Index ix_changes_project_id_revision: a project's watch replays its rows.
+    project_id: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(30))  # services.registry.changes.Change.kind
+    action: Mapped[str] = mapped_column(String(20), default="")
+    payload: Mapped[bytes] = mapped_column(LargeBinary)  # a serialized proto
+    detail: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # a serialized proto
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 def normalise_url(url: str) -> str:
     # "postgresql://" means psycopg 3 here, not psycopg2.
     if url.startswith(("postgresql://", "postgres://")):
@@ -147,5 +172,9 @@ def migrate(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several registries may start at once on one database: one
+            # migrates, the others wait here and then find nothing to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

@@ -26,7 +26,7 @@ def test_berth_up_with_postgresql(tmp_path, postgres_cluster):
         with psycopg.connect(url) as conn:
             names = {row[0] for row in conn.execute("SELECT name FROM environments")}
             version = conn.execute("SELECT version_num FROM alembic_version").fetchone()[0]
-        assert names == {"preview", "staging", "production", "qa"} and version == "0002"
+        assert names == {"preview", "staging", "production", "qa"} and version == "0003"
         # ...and survive a restart of the platform.
         platform.start()
         listed = platform.cli_json("env", "list", "--project", "shop", api_key=key)

@@ -57,7 +57,7 @@ def test_unknown_revision_gets_a_full_snapshot(registry):
     assert [e.binding.deployment.id for e in events if e.WhichOneof("change") == "binding"] == [dep.id]
 
 
-def test_restarted_registry_resumes_or_snapshots(database_url):
+def test_restarted_registry_resumes_from_the_table(database_url):
     from tests.registry.conftest import Registry
 
     first = Registry(database_url)
@@ -74,11 +74,14 @@ def test_restarted_registry_resumes_or_snapshots(database_url):
         stream = second.watch(since_revision=latest)
         assert [e.resumed for e in collect_until(stream, lambda e: e.snapshot_complete)] == [True]
         stream.cancel()
-        # Behind: the new process does not hold those changes -> snapshot.
+        # Behind: the changes table (the database's replay log) still holds
+        # what the first process committed -> resumed, not a snapshot.
         stream = second.watch(since_revision=old)
         events = collect_until(stream, lambda e: e.snapshot_complete)
         stream.cancel()
-        assert not events[-1].resumed and len(events) > 1
+        assert events[-1].resumed and events[-1].revision == latest
+        assert {e.revision for e in events[:-1]} == {latest}
+        assert {e.WhichOneof("change") for e in events[:-1]} == {"environment", "binding"}
     finally:
         second.close()
 
