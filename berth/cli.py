@@ -192,6 +192,9 @@ def main() -> None:
 @click.option("--secrets-port", default=50052, envvar="BERTH_SECRETS_PORT", show_default=True)
 @click.option("--scheduler-port", default=50053, envvar="BERTH_SCHEDULER_PORT", show_default=True)
 @click.option("--domain", default="localhost", envvar="BERTH_DOMAIN", show_default=True)
+@click.option("--instances", default=1, envvar="BERTH_INSTANCES", show_default=True, type=int,
+              help="Instances of each service (needs --database-url postgresql://...): instance i listens on each "
+                   "port + 100*i; one scheduler leads, the others stand by.")
 @click.option("--runtime", type=click.Choice(["local", "swarm"]), default="local", envvar="BERTH_RUNTIME",
               show_default=True, expose_value=False, callback=lambda _c, _p, v: use_runtime(v),
               help="Where replicas run: this Docker engine, or the Docker Swarm whose manager DOCKER_HOST names.")
@@ -201,10 +204,20 @@ def main() -> None:
                    "nodes' insecure-registries).")
 @click.option("--detach", "-d", is_flag=True, help="Run in the background; return once the platform serves.")
 def up(data_dir: str | None, database_url: str | None, host: str, router_port: int, registry_port: int,
-       secrets_port: int, scheduler_port: int, domain: str, detach: bool) -> None:
+       secrets_port: int, scheduler_port: int, domain: str, instances: int, detach: bool) -> None:
     """Run the whole platform here until interrupted (replicas keep running)."""
-    from berth.platform import Platform, PlatformConfig, start_detached
+    from berth.platform import ConfigError, Platform, PlatformConfig, start_detached
 
+    config = PlatformConfig(
+        data_dir=local.data_dir(data_dir), host=host, registry_port=registry_port, secrets_port=secrets_port,
+        scheduler_port=scheduler_port, router_port=router_port, database_url=database_url or "", domain=domain,
+        instances=instances,
+    )
+    try:
+        config.check()
+    except ConfigError as exc:
+        err.print(f"[bold red]error:[/] {exc}")
+        sys.exit(2)
     if detach:
         args = [a for a in sys.argv[1:] if a not in ("--detach", "-d")]
         try:
@@ -214,10 +227,6 @@ def up(data_dir: str | None, database_url: str | None, host: str, router_port: i
             sys.exit(8)
         return
 
-    config = PlatformConfig(
-        data_dir=local.data_dir(data_dir), host=host, registry_port=registry_port, secrets_port=secrets_port,
-        scheduler_port=scheduler_port, router_port=router_port, database_url=database_url or "", domain=domain,
-    )
     platform = Platform(config)
     stopping = {"flag": False}
 
@@ -241,8 +250,14 @@ def up(data_dir: str | None, database_url: str | None, host: str, router_port: i
             err.print(f"[bold red]error:[/] not serving after 90 s: {down}; logs in {config.data_dir / 'logs'}")
             sys.exit(8)
         out.print(f"Berth is up (data in {config.data_dir})")
-        out.print(f"  router    http://{host}:{router_port}")
-        out.print(f"  registry  {host}:{registry_port}   secrets {host}:{secrets_port}   scheduler {host}:{scheduler_port}")
+        if instances == 1:
+            out.print(f"  router    http://{host}:{router_port}")
+            out.print(f"  registry  {host}:{registry_port}   secrets {host}:{secrets_port}   scheduler {host}:{scheduler_port}")
+        else:
+            out.print(f"  routers   {', '.join(f'http://{host}:{config.port(router_port, i)}' for i in range(instances))}")
+            out.print(f"  registry  {config.addrs(registry_port)}")
+            out.print(f"  secrets   {config.addrs(secrets_port)}")
+            out.print(f"  scheduler {config.addrs(scheduler_port)}   (one leads, {instances - 1} stand by)")
         out.print("  create a project: berth projects create NAME   (Ctrl-C stops the platform; replicas keep running)")
         platform.supervise(lambda: stopping["flag"])
     except RuntimeError as exc:

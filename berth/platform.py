@@ -48,6 +48,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -83,6 +84,14 @@ class PlatformError(RuntimeError):
     """``berth up`` cannot start (ports taken, already running)."""
 
 
+class ConfigError(ValueError):
+    """``berth up`` was asked for something it cannot run (exit code 2)."""
+
+
+INSTANCE_PORT_STEP = 100  # instance i of a service listens on its port + 100·i
+MAX_INSTANCES = 9
+
+
 def rotate_small(path: pathlib.Path, limit: int = SMALL_LOG_LIMIT) -> None:
     """Moves ``path`` to ``path.1`` (replacing it) once it outgrew ``limit``."""
     try:
@@ -102,9 +111,30 @@ class PlatformConfig:
     router_port: int = 8080
     database_url: str = ""
     domain: str = "localhost"
+    instances: int = 1
 
     def addr(self, port: int) -> str:
         return f"{self.host}:{port}"
+
+    def port(self, base: int, index: int) -> int:
+        """Instance ``index``'s port: the service's port + 100·index."""
+        return base + INSTANCE_PORT_STEP * index
+
+    def addrs(self, base: int) -> str:
+        """Every instance of a service, as an address list."""
+        return ",".join(self.addr(self.port(base, i)) for i in range(self.instances))
+
+    def check(self) -> None:
+        """Several instances share their state through PostgreSQL only."""
+        if self.instances < 1:
+            raise ConfigError(f"--instances must be at least 1, not {self.instances}")
+        if self.instances > MAX_INSTANCES:
+            raise ConfigError(f"--instances is at most {MAX_INSTANCES}, not {self.instances}")
+        if self.instances > 1 and not self.database_url.startswith(("postgresql:", "postgresql+", "postgres:")):
+            raise ConfigError(
+                f"--instances {self.instances} needs a PostgreSQL database shared by the instances "
+                "(--database-url postgresql://USER@HOST/DB); the embedded SQLite serves one instance"
+            )
 
 
 @dataclass
@@ -128,6 +158,10 @@ class Child:
     @property
     def pid_path(self) -> pathlib.Path:
         return self.run_dir / f"{self.name}.pid"
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def start(self) -> None:
         rotate_small(self.stderr_path)
@@ -170,6 +204,7 @@ class Child:
 
 class Platform:
     def __init__(self, config: PlatformConfig) -> None:
+        config.check()
         self.config = config
         d = config.data_dir
         d.mkdir(parents=True, exist_ok=True)
@@ -187,58 +222,80 @@ class Platform:
         self._started = False
 
     def _children(self) -> list[Child]:
+        """One child per process: with ``instances`` N, N registries, secrets
+        services and routers (instance i on each port + 100·i; the first
+        keeps the plain name), and N schedulers, each with its own instance
+        name: one leads, the others stand by (the lease in PostgreSQL)."""
         c = self.config
         base = {
             **os.environ,
             "BERTH_DATA_DIR": str(c.data_dir),
             "BERTH_SERVICE_TOKEN": self.service_token,
-            "BERTH_REGISTRY_ADDR": c.addr(c.registry_port),
-            "BERTH_SECRETS_ADDR": c.addr(c.secrets_port),
-            "BERTH_SCHEDULER_ADDR": c.addr(c.scheduler_port),
+            "BERTH_REGISTRY_ADDR": c.addrs(c.registry_port),
+            "BERTH_SECRETS_ADDR": c.addrs(c.secrets_port),
+            "BERTH_SCHEDULER_ADDR": c.addrs(c.scheduler_port),
             "BERTH_RUN_DIR": str(self.run_dir),
             local.OWNER_ENV: self.owner,
             "PYTHONUNBUFFERED": "1",
         }
         base.pop("BERTH_PORT", None)
         logs = c.data_dir / "logs"
-        registry_args = ["services.registry", "--host", c.host, "--port", str(c.registry_port)]
-        if c.database_url:
-            registry_args += ["--database-url", c.database_url]
 
         def child(name: str, args: list[str], env: dict[str, str], port: int) -> Child:
             return Child(name, args, env, logs / f"{name}.log", self.run_dir, c.host, port)
 
-        return [
-            child("registry", registry_args, {**base, "BERTH_ADMIN_KEY": self.admin_key}, c.registry_port),
-            child(
-                "secrets",
-                ["services.secrets", "--host", c.host, "--port", str(c.secrets_port)],
+        def named(service: str, i: int) -> str:
+            return service if i == 0 else f"{service}-{i}"
+
+        children: dict[str, list[Child]] = {"registry": [], "secrets": [], "scheduler": [], "router": []}
+        for i in range(c.instances):
+            port = c.port(c.registry_port, i)
+            registry_args = ["services.registry", "--host", c.host, "--port", str(port)]
+            if c.database_url:
+                registry_args += ["--database-url", c.database_url]
+            children["registry"].append(child(named("registry", i), registry_args,
+                                              {**base, "BERTH_ADMIN_KEY": self.admin_key}, port))
+            port = c.port(c.secrets_port, i)
+            secrets_args = ["services.secrets", "--host", c.host, "--port", str(port)]
+            if c.instances > 1:  # one database for every instance (the key file is shared: same data dir)
+                secrets_args += ["--database-url", c.database_url]
+            children["secrets"].append(child(
+                named("secrets", i),
+                secrets_args,
                 {**base, "BERTH_ADMIN_KEY": self.admin_key},  # rotate-key is an admin operation
-                c.secrets_port,
-            ),
-            child(
-                "scheduler",
-                ["services.scheduler", "--host", c.host, "--port", str(c.scheduler_port), "--instance", self.instance,
-                 "--data-dir", str(c.data_dir)],
+                port,
+            ))
+            port = c.port(c.scheduler_port, i)
+            scheduler_args = ["services.scheduler", "--host", c.host, "--port", str(port), "--instance", self.instance,
+                              "--data-dir", str(c.data_dir)]
+            if c.instances > 1:
+                # The lease lives in the shared database; each scheduler has
+                # its own name in it (who leads, in `deployment status`).
+                scheduler_args += ["--database-url", c.database_url,
+                                   "--instance-name", f"{socket.gethostname()}-scheduler-{i}"]
+            children["scheduler"].append(child(named("scheduler", i), scheduler_args, base, port))
+            port = c.port(c.router_port, i)
+            children["router"].append(child(
+                named("router", i),
+                ["services.router", "--host", c.host, "--port", str(port), "--domain", c.domain, "--supervise"],
                 base,
-                c.scheduler_port,
-            ),
-            child(
-                "router",
-                ["services.router", "--host", c.host, "--port", str(c.router_port), "--domain", c.domain,
-                 "--supervise"],
-                base,
-                c.router_port,
-            ),
-        ]
+                port,
+            ))
+        return [*children["registry"], *children["secrets"], *children["scheduler"], *children["router"]]
+
+    def of(self, service: str) -> list[Child]:
+        """The children running ``service`` ("registry", ...), first instance first."""
+        return [child for child in self.children if child.args[0] == f"services.{service}"]
 
     def write_platform_file(self) -> None:
         c = self.config
         info = {
-            "registry": c.addr(c.registry_port),
-            "secrets": c.addr(c.secrets_port),
-            "scheduler": c.addr(c.scheduler_port),
+            "registry": c.addrs(c.registry_port),
+            "secrets": c.addrs(c.secrets_port),
+            "scheduler": c.addrs(c.scheduler_port),
             "router": f"http://{c.host}:{c.router_port}",
+            "routers": [f"http://{c.host}:{c.port(c.router_port, i)}" for i in range(c.instances)],
+            "instances": c.instances,
             "runtime": os.environ.get("BERTH_RUNTIME", "local"),  # berth up --runtime
             "image_registry": os.environ.get("BERTH_IMAGE_REGISTRY", ""),  # where berth deploy pushes
             "instance": self.instance,
@@ -289,24 +346,46 @@ class Platform:
             child.start()
 
     def healthy(self) -> dict[str, bool]:
-        c = self.config
+        """Per child (every instance): alive, holding its port, and serving
+        (grpc.health.v1 for the process, "", is SERVING; the router's
+        /healthz is 200). With several schedulers one of them must lead
+        (its berth.v1.Scheduler is SERVING; the standbys' NOT_SERVING)."""
         status = {child.name: child.owns_port() for child in self.children}
-        for name, port in (("registry", c.registry_port), ("secrets", c.secrets_port), ("scheduler", c.scheduler_port)):
-            if not status[name]:
+        for child in self.children:
+            service = child.args[0].removeprefix("services.")
+            if not status[child.name] or service == "router":
                 continue
             try:
-                with grpc.insecure_channel(c.addr(port)) as channel:
+                with grpc.insecure_channel(child.addr) as channel:
                     answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
-                status[name] = answer.status == health_pb2.HealthCheckResponse.SERVING
+                status[child.name] = answer.status == health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
-                status[name] = False
-        if status["router"]:
-            try:
-                with urllib.request.urlopen(f"http://{c.host}:{c.router_port}/healthz", timeout=2) as resp:
-                    status["router"] = resp.status == 200
-            except OSError:
-                status["router"] = False
+                status[child.name] = False
+        if self.config.instances > 1:
+            schedulers = [child.name for child in self.of("scheduler")]
+            # The leader reports berth.v1.Scheduler SERVING; a standby NOT_SERVING.
+            if not any(self._serving(child, "berth.v1.Scheduler") for child in self.of("scheduler")
+                       if status[child.name]):
+                for name in schedulers:
+                    status[name] = False  # no leader yet
+        for child in self.of("router"):
+            if status[child.name]:
+                try:
+                    with urllib.request.urlopen(f"http://{child.host}:{child.port}/healthz", timeout=2) as resp:
+                        status[child.name] = resp.status == 200
+                except OSError:
+                    status[child.name] = False
         return status
+
+    @staticmethod
+    def _serving(child: Child, service: str = "") -> bool:
+        try:
+            with grpc.insecure_channel(child.addr) as channel:
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                   timeout=1)
+            return answer.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
 
     def wait_healthy(self, timeout: float) -> dict[str, bool]:
         deadline = time.monotonic() + timeout

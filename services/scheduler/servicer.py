@@ -20,8 +20,8 @@ from services.common.ids import deployment_not_found_message, validate_deploymen
 
 from .desired import DesiredTable, is_terminated
 from .events import EventStore
-from .runtime import Runtime
 from .routers import RouterRevisions
+from .runtime import Runtime
 
 SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
 INTERNAL_SERVICE_NAME = scheduler_internal_pb2.DESCRIPTOR.services_by_name["SchedulerInternal"].full_name

@@ -4,11 +4,13 @@ from __future__ import annotations
 import pathlib
 from datetime import datetime
 
-from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, Integer, LargeBinary, String, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 MIGRATIONS_DIR = pathlib.Path(__file__).parent / "migrations"
 VERSION_TABLE = "alembic_version_secrets"  # the registry may share the database
+# pg_advisory_xact_lock key held while migrating (an arbitrary constant: "berthsec").
+MIGRATION_LOCK_KEY = 0x6265727468736563
 
 
 class Base(DeclarativeBase):
@@ -52,5 +54,9 @@ def migrate(engine) -> None:  # type: ignore[no-untyped-def]
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Several secrets services may start at once on one database: one
+            # migrates, the others wait here and then find nothing to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
