@@ -120,8 +120,16 @@ SCHEMAS: dict[str, Any] = {
     "PointerMove": obj({
         "environment": ref("Environment"),
         "entry": ref("HistoryEntry"),
-        "routed": {"type": "boolean", "description": "true when this router already routes new requests by "
-                   "the move (read your own write); false if its table lagged beyond a few seconds"},
+        "routed": {"type": "boolean", "description": "true when this router, and every other live router "
+                   "instance, already routes new requests by the move (read your own write, whichever router "
+                   "the next request reaches); false if one lagged beyond a few seconds"},
+        "lagging": {**array(obj({
+            "router": {"type": "string", "description": "the router instance (host:port), or * when the "
+                       "scheduler that tracks the routers could not tell"},
+            "revision": {"type": "integer", "description": "the registry revision it routes by"},
+            "reason": STRING,
+        })), "description": "only when routed is false because of other routers: those that did not route by "
+                            "the move in time"},
     }),
     "BindingResult": obj({"binding": ref("Binding")}),
     "DeploymentResult": obj({"deployment": ref("Deployment")}),
