@@ -723,8 +723,8 @@ class WaitResult:
 @click.argument("path", required=False, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--image", default=None, help="Register an existing image reference instead of building PATH.")
 @environment_option(default="preview", help="Environment to point at it (name or id).")
-@click.option("--min-replicas", type=int, default=0)
-@click.option("--max-replicas", type=int, default=0)
+@click.option("--min-replicas", type=int, default=None, help="Replicas kept running; 0 allows scale to zero (default 1).")
+@click.option("--max-replicas", type=int, default=None, help="Replicas autoscaling may reach (default: the larger of min and 3).")
 @click.option("--port", type=int, default=0, help="Port the worker listens on (default 8080 or berth.toml).")
 @click.option("--health-path", default="", help="Readiness path (default '/').")
 @click.option("--var", "variables", multiple=True, help="Plain variable KEY=VALUE (repeatable).")
@@ -733,8 +733,8 @@ class WaitResult:
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the deployment id (for scripts).")
 @command
-def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: str, min_replicas: int,
-           max_replicas: int, port: int, health_path: str, variables: tuple[str, ...], yes: bool, wait: bool,
+def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: str, min_replicas: int | None,
+           max_replicas: int | None, port: int, health_path: str, variables: tuple[str, ...], yes: bool, wait: bool,
            timeout: float, quiet: bool) -> None:
     """Build PATH (or take --image) and point an environment at the new deployment.
 
@@ -941,12 +941,13 @@ def report_binding(ctx: Ctx, verb: str, b: common_pb2.Binding) -> None:
 
 @deployment.command("scale")
 @click.argument("deployment_id")
-@click.option("--min-replicas", type=int, required=True)
-@click.option("--max-replicas", type=int, required=True)
+@click.option("--min-replicas", type=int, default=None, help="New lowest replica count (0 allows scale to zero).")
+@click.option("--max-replicas", type=int, default=None, help="New highest replica count.")
 @environment_option(help="Needed when the deployment serves several environments.")
 @command
-def deployment_scale(ctx: Ctx, deployment_id: str, min_replicas: int, max_replicas: int, environment: str) -> None:
-    """Set a binding's replica bounds."""
+def deployment_scale(ctx: Ctx, deployment_id: str, min_replicas: int | None, max_replicas: int | None,
+                     environment: str) -> None:
+    """Set a binding's replica bounds (either or both; the other stays)."""
     c = ctx.client()
     b = c.call(c.registry.ScaleBinding, registry_pb2.ScaleBindingRequest(
         project=ctx.project, deployment_id=deployment_id, environment=environment,
@@ -1027,15 +1028,16 @@ def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wai
 @main.command()
 @click.argument("deployment_id")
 @environment_option("--to", dest="target", required=True, help="Target environment (name or id).")
-@click.option("--min-replicas", type=int, default=0)
-@click.option("--max-replicas", type=int, default=0)
+@click.option("--min-replicas", type=int, default=None,
+              help="Bounds there (default: the deployment's bounds there, else min 1, max the larger of min and 3).")
+@click.option("--max-replicas", type=int, default=None)
 @click.option("--scale-previous-to-zero", is_flag=True)
 @click.option("--reason", default="")
 @click.option("--yes", is_flag=True, help="Confirm moving a protected environment (asked on a terminal).")
 @click.option("--wait/--no-wait", default=True)
 @click.option("--timeout", default=180.0, show_default=True)
 @command
-def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int, max_replicas: int,
+def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int | None, max_replicas: int | None,
             scale_previous_to_zero: bool, reason: str, yes: bool, wait: bool, timeout: float) -> None:
     """Point TARGET at a deployment that proved itself elsewhere (nothing is rebuilt).
 

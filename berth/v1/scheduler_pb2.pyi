@@ -12,14 +12,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetDeploymentStatusRequest(_message.Message):
-    __slots__ = ("project", "deployment_id", "environment")
+    __slots__ = ("project", "deployment_id", "environment", "latest")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     project: str
     deployment_id: str
     environment: str
-    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+    latest: bool
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ..., latest: _Optional[bool] = ...) -> None: ...
 
 class Replica(_message.Message):
     __slots__ = ("id", "name", "index", "state", "started_at", "restarts", "address", "node")
@@ -102,16 +104,18 @@ class DeploymentStatus(_message.Message):
     def __init__(self, deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., bindings: _Optional[_Iterable[_Union[BindingStatus, _Mapping]]] = ...) -> None: ...
 
 class ListDeploymentErrorsRequest(_message.Message):
-    __slots__ = ("project", "deployment_id", "page_size", "page_token")
+    __slots__ = ("project", "deployment_id", "page_size", "page_token", "latest")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     project: str
     deployment_id: str
     page_size: int
     page_token: str
-    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    latest: bool
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., latest: _Optional[bool] = ...) -> None: ...
 
 class DeploymentError(_message.Message):
     __slots__ = ("kind", "message", "deployment_id", "environment_id", "environment", "replica", "count", "first_seen", "last_seen")

@@ -218,41 +218,48 @@ class ReplicaBounds:
 
 
 def resolve_bounds(
-    requested_min: int, requested_max: int, *, fallback: ReplicaBounds | None = None
+    requested_min: int | None, requested_max: int | None, *, fallback: ReplicaBounds | None = None
 ) -> ReplicaBounds:
-    """Bounds for a binding: what was asked, else the fallback (an existing
-    binding's bounds), else the defaults. 0 means "not given"."""
+    """Bounds for a binding (Deploy, Promote). A bound given is taken as
+    given (0 is a real minimum); ``None`` means not given: the fallback's (an
+    existing binding's bounds), else the defaults, the minimum 1 and the
+    maximum the larger of the minimum and 3. An unset minimum never passes a
+    given maximum."""
+    for name, value in (("min_replicas", requested_min), ("max_replicas", requested_max)):
+        if value is not None and value < 0:
+            raise InvalidArgument(f"{name} {value} must not be negative", field=name)
     base = fallback or ReplicaBounds(DEFAULT_MIN_REPLICAS, DEFAULT_MAX_REPLICAS)
-    if requested_min < 0 or requested_max < 0:
-        raise InvalidArgument(
-            "min_replicas and max_replicas must not be negative",
-            field="min_replicas" if requested_min < 0 else "max_replicas",
-        )
-    minimum = requested_min if requested_min or requested_max else base.min_replicas
-    if requested_max:
-        maximum = requested_max
+    if requested_min is not None:
+        minimum = requested_min
+    elif requested_max is not None:
+        minimum = min(base.min_replicas, requested_max)
     else:
-        maximum = max(base.max_replicas, minimum)
+        minimum = base.min_replicas
+    maximum = requested_max if requested_max is not None else max(base.max_replicas, minimum)
+    return _checked(minimum, maximum)
+
+
+def _checked(minimum: int, maximum: int) -> ReplicaBounds:
     if maximum < 1:
-        raise InvalidArgument("max_replicas must be at least 1")
+        raise InvalidArgument(f"max_replicas {maximum} must be at least 1", field="max_replicas")
     if maximum > MAX_REPLICAS_LIMIT:
-        raise InvalidArgument(f"max_replicas {maximum} is above the limit of {MAX_REPLICAS_LIMIT}")
+        raise InvalidArgument(f"max_replicas {maximum} is above the limit of {MAX_REPLICAS_LIMIT}", field="max_replicas")
     if minimum > maximum:
-        raise InvalidArgument(f"min_replicas {minimum} is greater than max_replicas {maximum}")
+        raise InvalidArgument(f"min_replicas {minimum} is greater than max_replicas {maximum}", field="min_replicas")
     return ReplicaBounds(minimum, maximum)
 
 
-def validate_scale(min_replicas: int, max_replicas: int) -> ReplicaBounds:
-    """Explicit bounds (ScaleBinding): nothing defaults, 0 is a real minimum."""
-    if min_replicas < 0:
-        raise InvalidArgument(f"min_replicas {min_replicas} must not be negative")
-    if max_replicas < 1:
-        raise InvalidArgument(f"max_replicas {max_replicas} must be at least 1")
-    if max_replicas > MAX_REPLICAS_LIMIT:
-        raise InvalidArgument(f"max_replicas {max_replicas} is above the limit of {MAX_REPLICAS_LIMIT}")
-    if min_replicas > max_replicas:
-        raise InvalidArgument(f"min_replicas {min_replicas} is greater than max_replicas {max_replicas}")
-    return ReplicaBounds(min_replicas, max_replicas)
+def validate_scale(min_replicas: int | None, max_replicas: int | None, current: ReplicaBounds) -> ReplicaBounds:
+    """New bounds of an existing binding (ScaleBinding): a bound given is
+    taken as given (0 is a real minimum), one not given (``None``) stays as
+    it is; at least one must be given."""
+    if min_replicas is None and max_replicas is None:
+        raise InvalidArgument("min_replicas or max_replicas is required (both unset changes nothing)",
+                              field="min_replicas")
+    if min_replicas is not None and min_replicas < 0:
+        raise InvalidArgument(f"min_replicas {min_replicas} must not be negative", field="min_replicas")
+    return _checked(current.min_replicas if min_replicas is None else min_replicas,
+                    current.max_replicas if max_replicas is None else max_replicas)
 
 
 def adjust_bounds(current: ReplicaBounds, delta: int) -> ReplicaBounds:

@@ -694,8 +694,8 @@ class RegistryService:
         image_id: str,
         config: domain.WorkerConfig,
         environment_ref: str,
-        min_replicas: int,
-        max_replicas: int,
+        min_replicas: int | None,
+        max_replicas: int | None,
         expected_sequence: int | None,
         confirm: bool,
         reason: str,
@@ -734,8 +734,8 @@ class RegistryService:
         project_ref: str,
         deployment_id: str,
         target_environment_ref: str,
-        min_replicas: int,
-        max_replicas: int,
+        min_replicas: int | None,
+        max_replicas: int | None,
         scale_previous_to_zero: bool,
         expected_sequence: int | None,
         confirm: bool,
@@ -934,14 +934,18 @@ class RegistryService:
 
     def scale_binding(
         self, principal: Principal, project_ref: str, deployment_id: str, environment_ref: str,
-        min_replicas: int, max_replicas: int,
+        min_replicas: int | None, max_replicas: int | None,
     ) -> common_pb2.Binding:
-        bounds = domain.validate_scale(min_replicas, max_replicas)
+        # What can be checked before any lookup (against the widest bounds), then against the binding's own.
+        domain.validate_scale(min_replicas, max_replicas, domain.ReplicaBounds(0, domain.MAX_REPLICAS_LIMIT))
         with self._write() as tx:
             project = self._project(tx.session, principal, project_ref)
             dep = self._deployment(tx.session, project, deployment_id)
             binding, env = self._binding(tx.session, project, dep, environment_ref)
             self._require_active(dep)
+            bounds = domain.validate_scale(
+                min_replicas, max_replicas, domain.ReplicaBounds(binding.min_replicas, binding.max_replicas)
+            )
             return self._set_bounds(tx, project, binding, env, dep, bounds)
 
     def adjust_replicas(

@@ -35,6 +35,12 @@ def _expected(request) -> int | None:  # type: ignore[no-untyped-def]
     return request.expected_sequence if request.HasField("expected_sequence") else None
 
 
+def _bound(request, name: str) -> int | None:  # type: ignore[no-untyped-def]
+    """``min_replicas``/``max_replicas`` are optional: unset = the method's
+    documented default, 0 = 0."""
+    return getattr(request, name) if request.HasField(name) else None
+
+
 # A WatchEnvironments stream re-checks its key this often even when no
 # revocation came through the feed (a safety net; revocations end streams at
 # once).
@@ -117,7 +123,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         principal = caller()
         binding = await asyncio.to_thread(
             self._service.scale_binding, principal, request.project, request.deployment_id, request.environment,
-            request.min_replicas, request.max_replicas,
+            _bound(request, "min_replicas"), _bound(request, "max_replicas"),
         )
         log.info("binding_scaled", extra={"deployment": binding.deployment.id, "environment": binding.environment_id,
                                           "min": binding.min_replicas, "max": binding.max_replicas})
@@ -155,8 +161,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 image_id=request.image_id,
                 config=convert.config_from_proto(request.config),
                 environment_ref=request.environment,
-                min_replicas=request.min_replicas,
-                max_replicas=request.max_replicas,
+                min_replicas=_bound(request, "min_replicas"),
+                max_replicas=_bound(request, "max_replicas"),
                 expected_sequence=_expected(request),
                 confirm=request.confirm,
                 reason=request.reason,
@@ -186,8 +192,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 project_ref=request.project,
                 deployment_id=request.deployment_id,
                 target_environment_ref=request.target_environment,
-                min_replicas=request.min_replicas,
-                max_replicas=request.max_replicas,
+                min_replicas=_bound(request, "min_replicas"),
+                max_replicas=_bound(request, "max_replicas"),
                 scale_previous_to_zero=request.scale_previous_to_zero,
                 expected_sequence=_expected(request),
                 confirm=request.confirm,

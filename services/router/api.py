@@ -275,7 +275,9 @@ ENV_FIELD_DOC = "environment name or id"
 PROMOTE = Body((
     Field("source_deployment_id", str, True, "the deployment to promote"),
     Field("target_environment_id", str, True, "the environment to point at it (" + ENV_FIELD_DOC + ")"),
-    Field("min_replicas", int, description="replica bounds of the new binding (default: the registry's)",
+    Field("min_replicas", int, description="replica bounds of the binding in the target environment; 0 is a "
+          "real minimum (scale to zero); absent: the deployment's bounds there, else min 1 and max the larger of "
+          "min and 3",
           minimum=0, maximum=MAX_REPLICAS),
     Field("max_replicas", int, minimum=0, maximum=MAX_REPLICAS),
     Field("scale_previous_to_zero", bool, description="scale the previously serving binding to zero", default=False),
@@ -616,7 +618,7 @@ class RestApi:
         b = PROMOTE.parse(call.body)
         request = registry_pb2.PromoteRequest(
             deployment_id=b["source_deployment_id"], target_environment=b["target_environment_id"],
-            min_replicas=b["min_replicas"] or 0, max_replicas=b["max_replicas"] or 0,
+            min_replicas=b["min_replicas"], max_replicas=b["max_replicas"],  # None: unset, the registry's default
             scale_previous_to_zero=b["scale_previous_to_zero"], confirm=b["confirm"], reason=b["reason"] or "",
         )
         if b["expected_sequence"] is not None:

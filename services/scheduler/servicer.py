@@ -96,7 +96,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self._require_loaded()
         if principal.admin or principal.service:
             if not requested_project:
-                raise errors.InvalidArgument("project: required when deployment_id is empty for this credential")
+                raise errors.InvalidArgument("project: required with latest for this credential", field="project")
             mine = [b for b in self._table.bindings() if _names_project(requested_project, b)]
         else:
             mine = [b for b in self._table.bindings() if b.project_id == principal.project_id]
@@ -108,11 +108,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         latest = max(mine, key=lambda b: (b.deployment.created_at.seconds, b.deployment.created_at.nanos))
         return latest.deployment.id
 
-    def _deployment_id(self, principal: Principal, request_project: str, deployment_id: str) -> str:
+    def _deployment_id(self, principal: Principal, request_project: str, deployment_id: str, latest: bool) -> str:
+        """The deployment a request names: ``deployment_id``, or with
+        ``latest`` (and no id) the project's newest one. An empty id never
+        means anything by itself."""
         self._check_project(principal, request_project)
-        if deployment_id:
-            return validate_deployment_id(deployment_id)
-        return self._latest_deployment_id(principal, request_project)
+        if latest:
+            if deployment_id:
+                raise errors.InvalidArgument("latest: set either deployment_id or latest, not both", field="latest")
+            return self._latest_deployment_id(principal, request_project)
+        if not deployment_id:
+            raise errors.InvalidArgument(
+                "deployment_id is required (or set latest for the project's newest deployment)",
+                field="deployment_id",
+            )
+        return validate_deployment_id(deployment_id)
 
     def _require_loaded(self) -> None:
         require_loaded(self._table)
@@ -125,7 +135,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GetDeploymentStatusRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.DeploymentStatus:
         principal = caller()
-        deployment_id = self._deployment_id(principal, request.project, request.deployment_id)
+        deployment_id = self._deployment_id(principal, request.project, request.deployment_id, request.latest)
         self._require_loaded()
         bindings = self._bindings_of(deployment_id)
         if not bindings:
@@ -173,7 +183,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.ListDeploymentErrorsRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_pb2.ListDeploymentErrorsResponse:
         principal = caller()
-        deployment_id = self._deployment_id(principal, request.project, request.deployment_id)
+        deployment_id = self._deployment_id(principal, request.project, request.deployment_id, request.latest)
         bindings = self._bindings_of(deployment_id)
         if bindings:
             project_id, project_name = bindings[0].project_id, bindings[0].project_name

@@ -98,7 +98,7 @@ class RegistryMachine(RuleBasedStateMachine):
             error = errors.FailedPrecondition
         result = self.expect(error, lambda: self.service.deploy(
             self.principals[project], project_ref="", image="app:1", image_id="", config=domain.WorkerConfig(),
-            environment_ref=env, min_replicas=0, max_replicas=0,
+            environment_ref=env, min_replicas=None, max_replicas=None,
             expected_sequence=len(envs.get(env, [])) if check else None, confirm=confirm, reason="",
         ))
         if result is None:
@@ -129,7 +129,7 @@ class RegistryMachine(RuleBasedStateMachine):
             error = errors.Aborted
         result = self.expect(error, lambda: self.service.promote(
             self.principals[project], project_ref="", deployment_id=dep, target_environment_ref=env,
-            min_replicas=0, max_replicas=0, scale_previous_to_zero=False, expected_sequence=expected,
+            min_replicas=None, max_replicas=None, scale_previous_to_zero=False, expected_sequence=expected,
             confirm=confirm, reason="",
         ))
         if result is not None:

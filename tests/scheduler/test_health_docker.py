@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from berth import shapes
 from berth.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common.remote import credentials
 from services.common.server import start_server
@@ -109,7 +110,7 @@ def test_crash_loop_and_oom_are_events_that_survive_restart_and_scale_to_zero(
                     scheduler_pb2.ListDeploymentErrorsRequest(deployment_id=crash.deployment.id),
                     metadata=credentials("key-owner"), timeout=5,
                 )
-                by_kind = {e.kind: e for e in answer.errors}
+                by_kind = {shapes.error_kind(e): e for e in answer.errors}
                 assert by_kind["crash_loop"].count >= 1 and by_kind["crash_loop"].replica == "0"
                 assert by_kind["crash_loop"].first_seen.seconds <= by_kind["crash_loop"].last_seen.seconds
                 with pytest.raises(grpc.aio.AioRpcError) as other:

@@ -108,9 +108,25 @@ def test_watch_endpoints_and_status_over_grpc(adapter, instance, worker_image):
                 assert all(a.endswith(":8080") for a in ready)
 
                 status = await stub.GetDeploymentStatus(
-                    scheduler_pb2.GetDeploymentStatusRequest(project="shop"), metadata=credentials("key-owner"), timeout=5
+                    scheduler_pb2.GetDeploymentStatusRequest(project="shop", latest=True),
+                    metadata=credentials("key-owner"), timeout=5,
                 )
-                assert status.deployment.id == dep  # empty id: the latest deployment
+                assert status.deployment.id == dep  # latest: the newest deployment
+                # An empty id means nothing by itself; latest with an id is ambiguous.
+                for method, request_type in (
+                    (stub.GetDeploymentStatus, scheduler_pb2.GetDeploymentStatusRequest),
+                    (stub.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest),
+                ):
+                    for request, field in ((request_type(project="shop"), "deployment_id"),
+                                           (request_type(deployment_id=dep, latest=True), "latest")):
+                        with pytest.raises(grpc.aio.AioRpcError) as unnamed:
+                            await method(request, metadata=credentials("key-owner"), timeout=5)
+                        assert unnamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                        assert _details(unnamed.value)[1] == field
+                latest_errors = await stub.ListDeploymentErrors(
+                    scheduler_pb2.ListDeploymentErrorsRequest(latest=True), metadata=credentials("key-owner"), timeout=5
+                )
+                assert list(latest_errors.errors) == []
                 [b] = status.bindings
                 assert shapes.binding_status(b) == "running" and b.environment == "staging"
                 assert sorted(r.address for r in b.replicas) == sorted(ready)
