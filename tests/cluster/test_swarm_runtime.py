@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import json
+import pathlib
+import threading
 import time
 import urllib.request
 import uuid
@@ -20,8 +24,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import docker
 import pytest
+import requests
 from google.protobuf import timestamp_pb2
 
+from berth import local
 from berth.v1 import common_pb2
 from services.scheduler.desired import DesiredTable
 from services.scheduler.events import EventKind, EventStore
@@ -29,7 +35,9 @@ from services.scheduler.runtime import BindingState, ReplicaState, SchedulerConf
 from services.scheduler.spec import SecretValue
 from services.scheduler.swarm_adapter import SwarmAdapter
 from services.scheduler.swarm_runtime import SwarmConfig, SwarmRuntime
-from tests.support.docker_engine import build_worker_image, engine
+from tests.support.docker_engine import build_worker_image, engine, write_worker_context
+from tests.support.platform import RunningPlatform, eventually
+from tests.support.prober import Prober
 from tests.support.swarm import SwarmCluster
 
 pytestmark = [pytest.mark.docker]
@@ -299,3 +307,165 @@ def test_a_killed_node_leaves_the_endpoints_its_replicas_are_replaced_and_it_rej
             assert (await rt.reconcile_once()).empty
 
     asyncio.run(scenario())
+
+
+# -- the whole platform on the cluster, through the CLI and the router -----------------------------------------------
+@pytest.fixture
+def cluster_platform(swarm_cluster: SwarmCluster, tmp_path: pathlib.Path) -> Iterator[RunningPlatform]:
+    """``berth up --runtime swarm`` (by environment, as a user would set it)
+    against the cluster's manager, with its registry; its services are
+    removed after."""
+    p = RunningPlatform(tmp_path / "data")
+    p.data_dir.mkdir()
+    p.env.update({"DOCKER_HOST": swarm_cluster.manager_host, "BERTH_RUNTIME": "swarm",
+                  "BERTH_IMAGE_REGISTRY": swarm_cluster.registry, "DOCKER_BUILDKIT": "0"})
+    try:
+        p.start()
+        yield p
+    finally:
+        p.stop()
+        local.stop_processes(local.recorded_processes(p.data_dir / local.RUN_DIR), timeout=5)
+        if (p.data_dir / "instance").exists():
+            api = swarm_cluster.client(0).api
+            for s in api.services(filters={"label": f"berth.instance={p.instance}"}):
+                with contextlib.suppress(docker.errors.NotFound):
+                    api.remove_service(s["ID"])
+
+
+class Sampler:
+    """GETs through the router, one connection per request, recording
+    (time, status, the answering container's hostname): shows which task,
+    hence which node, took each request."""
+
+    def __init__(self, port: int, headers: dict[str, str]) -> None:
+        self.port, self.headers = port, headers
+        self.samples: list[tuple[float, int, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + 180
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                r = requests.get(f"http://127.0.0.1:{self.port}/cgi-bin/index.cgi", headers=self.headers, timeout=10)
+                host = next((line.split("=", 1)[1] for line in r.text.splitlines() if line.startswith("secret=")), "")
+                self.samples.append((time.monotonic(), r.status_code, host))
+            except requests.RequestException:
+                self.samples.append((time.monotonic(), 0, ""))
+            time.sleep(0.01)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
+def test_platform_on_the_cluster_deploy_promote_rollback_scale_and_node_kill_under_load(
+        swarm_cluster: SwarmCluster, worker_ref: str, cluster_platform: RunningPlatform, tmp_path: pathlib.Path) -> None:
+    p = cluster_platform
+    key = p.cli_json("projects", "create", "fleet")["api_key"]
+    run = functools.partial(p.cli_json, api_key=key)
+    # v1 by digest (pushed by the harness); SHOW_SECRET=HOSTNAME makes each answer name its container.
+    v1 = run("deploy", "--image", worker_ref, "--project", "fleet", "--min-replicas", "3", "--max-replicas", "3",
+             "--health-path", "/cgi-bin/index.cgi", "--var", "SHOW_SECRET=HOSTNAME")
+    v1_id = v1["deployment"]["id"]
+    assert v1["deployment"]["image"] == worker_ref and v1["status"] == "running"
+    status = run("deployment", "status", v1_id, "--project", "fleet")
+    replicas = status["bindings"][0]["replicas"]
+    assert len(replicas) == 3 and {r["node"] for r in replicas} == {n.name for n in swarm_cluster.nodes}
+    assert all(r["state"] == "ready" for r in replicas)
+    human = p.cli("deployment", "status", v1_id, "--project", "fleet", api_key=key).stdout
+    assert "NODE" in human and swarm_cluster.nodes[0].name in human
+
+    # v2 built from a directory: built against DOCKER_HOST (the manager), pushed, registered by digest.
+    write_worker_context(str(tmp_path / "worker"), version="v2")
+    v2 = run("deploy", str(tmp_path / "worker"), "--project", "fleet", "-e", "staging", "--min-replicas", "2",
+             "--max-replicas", "2", "--health-path", "/cgi-bin/index.cgi", "--var", "SHOW_SECRET=HOSTNAME")
+    v2_id = v2["deployment"]["id"]
+    assert v2["deployment"]["image"].startswith(f"{swarm_cluster.registry}/berth-fleet@sha256:")
+    assert v2["status"] == "running"
+
+    port = int(p.router.rsplit(":", 1)[1])
+    headers = {"X-Berth-Project": "fleet", "X-Berth-Environment": "preview"}
+    eventually(lambda: p.get("fleet", "preview", "/cgi-bin/index.cgi").status_code == 200, what="preview answers")
+    prober = Prober("127.0.0.1", port, path="/cgi-bin/index.cgi", headers=headers, concurrency=6, max_seconds=240)
+    figures: dict[str, object] = {}
+    with prober:
+        time.sleep(2)
+        t0 = time.monotonic()
+        run("promote", v2_id, "--to", "preview", "--project", "fleet")
+        eventually(lambda: f"deployment={v2_id}" in p.get("fleet", "preview", "/cgi-bin/index.cgi").text,
+                   what="v2 serves")
+        back = run("rollback", "--environment", "preview", "--project", "fleet")
+        assert back["entry"]["deployment_id"] == v1_id, back
+
+        def serves_v1() -> bool:
+            text = p.get("fleet", "preview", "/cgi-bin/index.cgi").text
+            assert f"deployment={v1_id}" in text, text
+            return True
+
+        eventually(serves_v1, what="v1 again")
+        run("deployment", "scale", v1_id, "--min-replicas", "6", "--max-replicas", "6", "-e", "preview",
+            "--project", "fleet")
+
+        def ready(n: int) -> bool:
+            b = run("deployment", "status", v1_id, "--project", "fleet", "-e", "preview")["bindings"][0]
+            return sum(r["state"] == "ready" for r in b["replicas"]) == n and len(b["replicas"]) == n
+
+        eventually(lambda: ready(6), timeout=60, what="6 ready")
+        run("deployment", "scale", v1_id, "--min-replicas", "3", "--max-replicas", "3", "-e", "preview",
+            "--project", "fleet")
+        eventually(lambda: ready(3), timeout=60, what="3 ready")
+        time.sleep(2)
+        figures["promote_rollback_scale"] = prober.summary(t0, time.monotonic())
+    print("SWARM", json.dumps(figures))
+    assert figures["promote_rollback_scale"]["failed"] == 0, figures  # type: ignore[index]
+
+    # One node's dockerd killed under load.
+    victim = 1
+    [service] = [s for s in swarm_cluster.client(0).api.services(filters={"label": f"berth.deployment={v1_id}"})
+                 if s["Spec"]["Labels"].get("berth.environment") == v1["environment"]["id"]]
+    tasks = swarm_cluster.client(0).api.tasks(filters={"service": service["ID"], "desired-state": "running"})
+    node_ids = {n.attrs["Description"]["Hostname"]: n.id for n in swarm_cluster.client(0).nodes.list()}
+    on_victim = {t["Status"]["ContainerStatus"]["ContainerID"][:12] for t in tasks
+                 if t["NodeID"] == node_ids[swarm_cluster.nodes[victim].name]}
+    assert on_victim, "a replica runs on the node to kill"
+    prober = Prober("127.0.0.1", port, path="/cgi-bin/index.cgi", headers=headers, concurrency=6, max_seconds=120)
+    with prober, Sampler(port, headers) as sampler:
+        time.sleep(2)
+        assert any(h in on_victim for _, _, h in sampler.samples), "the victim's replica took requests before"
+        killed = time.monotonic()
+        swarm_cluster.kill_node(victim)
+        eventually(lambda: ready(3) and not any(
+            r["node"] == swarm_cluster.nodes[victim].name and r["state"] == "ready"
+            for r in run("deployment", "status", v1_id, "--project", "fleet", "-e", "preview")["bindings"][0]["replicas"]
+        ), timeout=30, what="3 ready on the other nodes")
+        replaced = time.monotonic() - killed
+        time.sleep(3)
+        last_on_victim = max((t for t, _, h in sampler.samples if h in on_victim and t >= killed), default=killed)
+        figures["node_kill"] = {**prober.summary(killed, time.monotonic()),
+                                "last_request_on_dead_node_s": round(last_on_victim - killed, 2),
+                                "replaced_s": round(replaced, 2)}
+    errors_ = run("deployment", "errors", v1_id, "--project", "fleet")["errors"]
+    print("SWARM", json.dumps(figures))
+    assert last_on_victim - killed < 5.0, figures
+    assert any(e["kind"] == "node_down" and swarm_cluster.nodes[victim].name in e["message"] for e in errors_), errors_
+
+    # The node rejoins: no duplicate replicas.
+    swarm_cluster.restart_node(victim)
+    swarm_cluster.wait_node_state(victim, "ready", timeout=60)
+    time.sleep(5)
+    running_now = [t for t in swarm_cluster.client(0).api.tasks(filters={"service": service["ID"]})
+                   if t["Status"]["State"] == "running"]
+    assert len(running_now) == 3, running_now
+    assert ready(3)
+
+    # An unpullable digest: in deployment errors within 10 s, in the registry's words.
+    missing = f"{worker_ref.split('@')[0]}@sha256:{'0' * 64}"
+    bad = run("deploy", "--image", missing, "--project", "fleet", "-e", "staging", "--no-wait")
+    seen = eventually(lambda: [e for e in run("deployment", "errors", bad["deployment"]["id"], "--project", "fleet")
+                               ["errors"] if e["kind"] == "image_pull_error"], timeout=10, what="image_pull_error")
+    assert "manifest unknown" in seen[0]["message"]
