@@ -894,6 +894,9 @@ def deployment_status(ctx: Ctx, deployment_id: str | None, environment: str) -> 
 
     def human() -> None:
         out.print(f"Deployment [bold]{s.deployment.id}[/]  {s.deployment.image}  ({deployment_state(s.deployment)})")
+        if "scheduler_leader" in data:
+            leader = data["scheduler_leader"]
+            out.print(f"Scheduler leader: {leader['instance']} (epoch {leader['epoch']})")
         for b in data["bindings"]:
             mark = " (serving)" if b["serving"] else ""
             out.print(f"\n[bold]{b['environment']}[/]{mark}: {b['status']}, replicas {b['min_replicas']}..{b['max_replicas']}")

@@ -96,12 +96,14 @@ class BindingStatus(_message.Message):
     def __init__(self, environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., status: _Optional[_Union[BindingStatus.Status, str]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., serving: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., desired_replicas: _Optional[int] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
-    __slots__ = ("deployment", "bindings")
+    __slots__ = ("deployment", "bindings", "scheduler_leader")
     DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
     BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_LEADER_FIELD_NUMBER: _ClassVar[int]
     deployment: _common_pb2.Deployment
     bindings: _containers.RepeatedCompositeFieldContainer[BindingStatus]
-    def __init__(self, deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., bindings: _Optional[_Iterable[_Union[BindingStatus, _Mapping]]] = ...) -> None: ...
+    scheduler_leader: SchedulerLeader
+    def __init__(self, deployment: _Optional[_Union[_common_pb2.Deployment, _Mapping]] = ..., bindings: _Optional[_Iterable[_Union[BindingStatus, _Mapping]]] = ..., scheduler_leader: _Optional[_Union[SchedulerLeader, _Mapping]] = ...) -> None: ...
 
 class ListDeploymentErrorsRequest(_message.Message):
     __slots__ = ("project", "deployment_id", "page_size", "page_token", "latest")
@@ -162,3 +164,11 @@ class ListDeploymentErrorsResponse(_message.Message):
     errors: _containers.RepeatedCompositeFieldContainer[DeploymentError]
     next_page_token: str
     def __init__(self, errors: _Optional[_Iterable[_Union[DeploymentError, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SchedulerLeader(_message.Message):
+    __slots__ = ("instance", "epoch")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    instance: str
+    epoch: int
+    def __init__(self, instance: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...

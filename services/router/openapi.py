@@ -135,7 +135,16 @@ SCHEMAS: dict[str, Any] = {
     "DeploymentResult": obj({"deployment": ref("Deployment")}),
     "DeploymentList": obj({"deployments": array(ref("Deployment")), "next_page_token": PAGE_TOKEN}),
     "DeploymentStatus": {
-        "allOf": [ref("Deployment"), obj({"bindings": array(ref("BindingStatus"))})],
+        "allOf": [ref("Deployment"), {
+            "type": "object", "required": ["bindings"],
+            "properties": {
+                "bindings": array(ref("BindingStatus")),
+                "scheduler_leader": obj({
+                    "instance": STRING,
+                    "epoch": {"type": "integer", "description": "the leader's fencing epoch: higher is later"},
+                }, "the scheduler instance that leads (holds the lease) and answered"),
+            },
+        }],
     },
     "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError")),
                              "next_page_token": PAGE_TOKEN}),

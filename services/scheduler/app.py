@@ -1,5 +1,11 @@
 """Wiring: flags, the Docker adapter, the desired-state watcher, the
-reconciler, the event store and the gRPC server."""
+reconciler, the event store, the lease and the gRPC server.
+
+Several schedulers may run on one engine and one database: the one holding
+the lease (``lease.py``) reconciles and reports SERVING for the scheduler's
+services; the others keep their desired table warm, serve gRPC (RPCs that
+need the leader answer UNAVAILABLE naming it) and take over when the lease
+expires."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +16,7 @@ import os
 from collections.abc import Sequence
 
 import docker
+from grpc_health.v1 import health_pb2
 
 from services.common import logs
 from services.common.config import add_common_flags, env
@@ -20,6 +27,7 @@ from . import swarm_runtime
 from .desired import DesiredTable, RegistryWatcher
 from .docker_adapter import DockerAdapter
 from .events import EventStore
+from .lease import LeaderDuties, LeaderElector, default_instance_name, lease_store
 from .reconciler import Reconciler, SchedulerConfig
 from .remote_deps import GrpcImageRecorder, GrpcSecretsResolver
 from .runtime import RUNTIMES, Runtime
@@ -100,6 +108,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-file", default=env("BERTH_LOG_FILE"),
                         help="write JSON log lines here, rotated by size (env BERTH_LOG_FILE; "
                              "BERTH_LOG_MAX_BYTES, BERTH_LOG_BACKUPS); default stderr")
+    # -- leader election (lease.py) -----------------------------------------
+    parser.add_argument(
+        "--database-url",
+        default=env("BERTH_SCHEDULER_DATABASE_URL") or _postgres_url(env("BERTH_DATABASE_URL")) or None,
+        help="PostgreSQL URL of the event store and the lease, shared by a leader and its standbys (env "
+             "BERTH_SCHEDULER_DATABASE_URL, else a postgresql:// BERTH_DATABASE_URL); default SQLite under --data-dir",
+    )
+    parser.add_argument(
+        "--lease-duration",
+        type=float,
+        default=float(env("BERTH_LEASE_DURATION", "5")),
+        help="seconds a leader's lease lasts without renewal (renewed every third of it); a standby takes over "
+             "within this of a leader's death (env BERTH_LEASE_DURATION)",
+    )
+    parser.add_argument(
+        "--instance-name",
+        default=env("BERTH_SCHEDULER_INSTANCE_NAME") or default_instance_name(),
+        help="this scheduler's name in the lease and in status (env BERTH_SCHEDULER_INSTANCE_NAME; "
+             "default hostname-pid)",
+    )
     parser.add_argument(
         "--runtime",
         default=env("BERTH_RUNTIME", "local"),
@@ -115,6 +143,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runtime not in RUNTIMES:
         parser.error(f"--runtime must be one of {', '.join(RUNTIMES)}, not {args.runtime!r}")
+    if args.lease_duration < 0.3:
+        parser.error("--lease-duration must be at least 0.3 seconds")
+    if not args.instance_name.strip():
+        parser.error("--instance-name cannot be empty")
     for name in ("target_concurrency", "reconcile_interval", "pull_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
@@ -126,6 +158,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.unhealthy_after < 1:
         parser.error("--unhealthy-after must be at least 1")
     return args
+
+
+def _postgres_url(url: str) -> str:
+    """The platform's database URL, if PostgreSQL: a SQLite file of the
+    registry is not shared with the scheduler."""
+    return url if url.startswith(("postgresql", "postgres://")) else ""
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -147,9 +185,11 @@ async def serve(args: argparse.Namespace) -> None:
         scale_down_window=args.scale_down_window,
         idle_window=args.idle_window,
     )
+    events = EventStore(args.data_dir, url=args.database_url)
+    elector = LeaderElector(lease_store(events.engine, args.instance), identity=args.instance_name,
+                            duration=args.lease_duration)
     adapter = DockerAdapter(docker.from_env(timeout=60, max_pool_size=args.engine_workers + 2),
-                            network=args.network, workers=args.engine_workers)
-    events = EventStore(args.data_dir)
+                            network=args.network, workers=args.engine_workers, fence=elector)
     table = DesiredTable()
     secrets = GrpcSecretsResolver(args.secrets, args.service_token)
     recorder = GrpcImageRecorder(args.registry, args.service_token)
@@ -157,12 +197,12 @@ async def serve(args: argparse.Namespace) -> None:
     if args.runtime == "swarm":
         try:
             reconciler = swarm_runtime.build(table, secrets, events, config, image_registry=args.image_registry,
-                                             fence=None)
+                                             fence=elector)
         except swarm_runtime.SwarmSetupError as exc:
             log.error("swarm_unavailable", extra={"error": exc.message})
             raise SystemExit(f"error: {exc.message}") from None
     else:
-        reconciler = Reconciler(adapter, table, secrets, events, config, record_image=recorder)
+        reconciler = Reconciler(adapter, table, secrets, events, config, record_image=recorder, fence=elector)
     watcher = RegistryWatcher(table, args.registry, args.service_token)
     authenticator = RegistryAuthenticator(args.registry, args.service_token, admin_key=os.environ.get("BERTH_ADMIN_KEY", ""))
 
@@ -170,26 +210,46 @@ async def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         service_names=SERVICE_NAMES,
-        register=lambda server: add_to_server(server, table, reconciler, events),
+        register=lambda server: add_to_server(server, table, reconciler, events, leadership=elector),
         authenticate=authenticator,
         # Not SERVING until the bindings are loaded from the registry: until
         # then it cannot tell a deployment's status (nor `berth up` be ready).
         serving=False,
     )
+    elector.address = f"{args.host}:{running.port}"
     loaded = asyncio.Event()
     table.on_change(lambda: loaded.set() if table.snapshot_complete else None)
+    serving: list[bool] = []  # what the health service reports for the scheduler's services
+
+    async def set_serving(leading: bool) -> None:
+        # "" is the process (up, bindings loaded); the services' names say
+        # whether this one leads, so health-checked clients pick the leader.
+        if serving == [leading]:
+            return
+        serving[:] = [leading]
+        state = health_pb2.HealthCheckResponse.SERVING if leading else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in SERVICE_NAMES:
+            await running.health.set(name, state)
+        log.info("health", extra={"leading": leading, "epoch": elector.epoch})
+
+    duties = LeaderDuties(elector, work=reconciler.run, stand_down=reconciler.close, set_serving=set_serving)
+    elector.on_change = duties.changed
 
     async def serve_once_loaded() -> None:
         await loaded.wait()
-        await running.set_serving()
+        await running.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        duties.ready = True
+        duties.changed()
         log.info("bindings_loaded", extra={"bindings": len(table.bindings())})
 
     tasks = [
         asyncio.create_task(watcher.run(), name="registry-watch"),
-        asyncio.create_task(reconciler.run(), name="reconcile"),
+        asyncio.create_task(elector.run(), name="lease"),
+        asyncio.create_task(duties.run(), name="leader-duties"),
         asyncio.create_task(serve_once_loaded(), name="serve-once-loaded"),
     ]
-    log.info("scheduler_started", extra={"instance": config.instance, "network": args.network, "port": running.port})
+    log.info("scheduler_started", extra={"instance": config.instance, "network": args.network, "port": running.port,
+                                         "instance_name": args.instance_name})
 
     async def on_stop() -> None:
         # Stop the loops; replicas keep running and are adopted on restart.
@@ -199,6 +259,7 @@ async def serve(args: argparse.Namespace) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await reconciler.close()
+        await elector.release()  # a successor leads at once
 
     try:
         await serve_until_signalled(running, name="scheduler", on_stop=on_stop)

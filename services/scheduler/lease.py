@@ -41,9 +41,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import BigInteger, Column, Double, Engine, MetaData, String, Table, create_engine, text
 from sqlalchemy.pool import StaticPool
@@ -457,7 +457,7 @@ class LeaderDuties:
         self,
         elector: LeaderElector,
         *,
-        work: Callable[[], Awaitable[None]],
+        work: Callable[[], Coroutine[Any, Any, None]],
         stand_down: Callable[[], Awaitable[None]],
         set_serving: Callable[[bool], Awaitable[None]],
     ) -> None:

@@ -2,7 +2,13 @@
 ``berth.internal.v1.SchedulerInternal``: proto in, domain calls, proto out.
 Errors are raised as ``berth.errors`` exceptions; the shared interceptor maps
 them to status codes and lets only the service token call the internal
-service."""
+service.
+
+A standby scheduler (``lease.py``) answers what needs the leader — status
+(readiness is the leader's), the routers' endpoints, load reports and
+activations — with UNAVAILABLE naming the leader (retryable: the leader, or
+this one once it takes over, answers); deployment errors come from the
+shared event store and are served by any instance."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -20,6 +26,7 @@ from services.common.ids import deployment_not_found_message, validate_deploymen
 
 from .desired import DesiredTable, is_terminated
 from .events import EventStore
+from .lease import LeaderElector, LeaseLost
 from .routers import RouterRevisions
 from .runtime import Runtime
 
@@ -44,15 +51,39 @@ def require_loaded(table: DesiredTable) -> None:
                                  "starting or cannot reach the registry); retry in a moment")
 
 
+def require_leader(leadership: LeaderElector | None) -> None:
+    """UNAVAILABLE (reason NOT_LEADER, the leader in the metadata) unless
+    this scheduler holds the lease; None: the only scheduler."""
+    if leadership is None:
+        return
+    try:
+        leadership.ensure_leading()
+    except LeaseLost as exc:
+        leader = exc.leader if exc.leader is not None and not exc.leader.expired else None
+        metadata = {"instance": leadership.identity}
+        if leader is not None and leader.holder != leadership.identity:
+            metadata.update(leader=leader.holder, leader_address=leader.address, leader_epoch=str(leader.epoch))
+        raise errors.Unavailable(
+            f"this scheduler ({leadership.identity}) is a standby, not the leader: {leadership.describe_leader()}",
+            hint="retry: health-checked clients send to the leader, and a standby takes over within the lease "
+                 "duration when the leader dies",
+            reason="NOT_LEADER", metadata=metadata,
+        ) from None
+
+
 def _names_project(given: str, binding: common_pb2.Binding) -> bool:
     return given in (binding.project_id, binding.project_name)
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, table: DesiredTable, reconciler: Runtime, events: EventStore) -> None:
+    def __init__(
+        self, table: DesiredTable, reconciler: Runtime, events: EventStore,
+        leadership: LeaderElector | None = None,
+    ) -> None:
         self._table = table
         self._reconciler = reconciler
         self._events = events
+        self._leadership = leadership
 
     # -- helpers ------------------------------------------------------------
     @staticmethod
@@ -142,6 +173,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise self._not_found(principal, request.project, deployment_id)
         first = bindings[0]
         self._authorize(principal, request.project, deployment_id, first.project_id, first.project_name)
+        require_leader(self._leadership)
         views = await self._reconciler.status(deployment_id)
         if request.environment:
             views = [
@@ -153,6 +185,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     resource_type="binding", resource_name=f"{request.environment}/{deployment_id}",
                 )
         response = scheduler_pb2.DeploymentStatus(deployment=first.deployment)
+        if self._leadership is not None:
+            response.scheduler_leader.instance = self._leadership.identity
+            response.scheduler_leader.epoch = self._leadership.epoch
         for view in sorted(views, key=lambda v: v.binding.environment_name):
             b = view.binding
             status = response.bindings.add(
@@ -229,14 +264,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalServicer):
     """What the router asks of the scheduler."""
 
-    def __init__(self, table: DesiredTable, reconciler: Runtime) -> None:
+    def __init__(self, table: DesiredTable, reconciler: Runtime, leadership: LeaderElector | None = None) -> None:
         self._table = table
         self._reconciler = reconciler
+        self._leadership = leadership
         self.routers = RouterRevisions()  # routers' revisions, for ListRouters
 
     async def WatchEndpoints(
         self, request: scheduler_internal_pb2.WatchEndpointsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[scheduler_internal_pb2.EndpointSnapshot]:
+        require_leader(self._leadership)  # the stream ends when this one stops leading
         async for sets in self._reconciler.endpoints.subscribe():
             yield scheduler_internal_pb2.EndpointSnapshot(
                 sets=[
@@ -254,6 +291,7 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
     async def ReportLoad(
         self, request: scheduler_internal_pb2.ReportLoadRequest, context: grpc.aio.ServicerContext
     ) -> scheduler_internal_pb2.ReportLoadResponse:
+        require_leader(self._leadership)
         loads: dict[tuple[str, str], tuple[int, int]] = {}
         for i, load in enumerate(request.bindings):
             if not load.environment_id or not load.deployment_id:
@@ -289,6 +327,7 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
                 field="environment_id" if not request.environment_id else "deployment_id",
             )
         require_loaded(self._table)
+        require_leader(self._leadership)
         key = (request.environment_id, request.deployment_id)
         binding = self._table.get(key)
         if binding is None:
@@ -305,7 +344,13 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
         return scheduler_internal_pb2.ActivateResponse(status=state.value)
 
 
-def add_to_server(server: grpc.aio.Server, table: DesiredTable, reconciler: Runtime, events: EventStore) -> None:
-    """The public and the internal service, on one server."""
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(table, reconciler, events), server)
-    scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(SchedulerInternalServicer(table, reconciler), server)
+def add_to_server(
+    server: grpc.aio.Server, table: DesiredTable, reconciler: Runtime, events: EventStore,
+    *, leadership: LeaderElector | None = None,
+) -> None:
+    """The public and the internal service, on one server. ``leadership``:
+    the lease, when standbys may run (``lease.py``)."""
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(table, reconciler, events, leadership), server)
+    scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(
+        SchedulerInternalServicer(table, reconciler, leadership), server
+    )
