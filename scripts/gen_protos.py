@@ -1,7 +1,8 @@
 """Regenerate the Python stubs for protos/ (checked in): the public API
 ``berth.v1`` into berth/v1/ and the service-to-service API
 ``berth.internal.v1`` into berth/internal/v1/, with the ``__init__.py`` files
-that make them packages.
+that make them packages and, in each, ``descriptors.binpb``: the package's
+descriptors with the protos' comments, for server reflection.
 
 Usage: python scripts/gen_protos.py [--out DIR]
 The stale-stub test runs this into a temporary directory and compares.
@@ -20,6 +21,8 @@ PROTO_ROOT = ROOT / "protos"
 # The hand-written package the generated ones live in (the Python SDK): its
 # own __init__.py is not generated.
 TOP_PACKAGE = "berth"
+# Written next to each package's stubs: its FileDescriptorSet with comments.
+DESCRIPTORS = "descriptors.binpb"
 
 
 def proto_files() -> list[str]:
@@ -55,6 +58,14 @@ def generate(out_dir: pathlib.Path) -> None:
         init = out_dir / directory / "__init__.py"
         init.parent.mkdir(parents=True, exist_ok=True)
         init.write_text("")
+    # Each package's descriptors with their comments (source info), which
+    # server reflection serves (services/common/reflection.py).
+    for directory in sorted({pathlib.PurePosixPath(p).parent for p in proto_files()}):
+        files = [p for p in proto_files() if pathlib.PurePosixPath(p).parent == directory]
+        target = out_dir / directory / DESCRIPTORS
+        if protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", "--include_source_info",
+                        f"--descriptor_set_out={target}", *files]) != 0:
+            raise SystemExit("protoc failed")
 
 
 def main() -> None:

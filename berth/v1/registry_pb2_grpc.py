@@ -28,8 +28,14 @@ if _version_not_supported:
 
 class RegistryStub:
     """Projects, API keys, environments, deployments and promotion history.
-    Every call carries the caller's key in the `x-api-key` metadata. `project`
-    fields accept a project name or id; empty means the key's own project.
+
+    Every call carries the caller's key in the `x-api-key` metadata: no key or
+    an unknown or revoked one is UNAUTHENTICATED. `project` fields accept a
+    project name or id; empty means the key's own project, and a project key
+    naming another project is PERMISSION_DENIED (WRONG_PROJECT). The admin key
+    may only call CreateProject (PERMISSION_DENIED, ADMIN_KEY_NOT_ALLOWED,
+    elsewhere). Ids of other projects' resources are NOT_FOUND, as if they did
+    not exist.
     """
 
     def __init__(self, channel):
@@ -142,106 +148,187 @@ class RegistryStub:
 
 class RegistryServicer:
     """Projects, API keys, environments, deployments and promotion history.
-    Every call carries the caller's key in the `x-api-key` metadata. `project`
-    fields accept a project name or id; empty means the key's own project.
+
+    Every call carries the caller's key in the `x-api-key` metadata: no key or
+    an unknown or revoked one is UNAUTHENTICATED. `project` fields accept a
+    project name or id; empty means the key's own project, and a project key
+    naming another project is PERMISSION_DENIED (WRONG_PROJECT). The admin key
+    may only call CreateProject (PERMISSION_DENIED, ADMIN_KEY_NOT_ALLOWED,
+    elsewhere). Ids of other projects' resources are NOT_FOUND, as if they did
+    not exist.
     """
 
     def CreateProject(self, request, context):
-        """admin key
+        """Creates a project with the default environments (`preview`, `staging`,
+        `production`, the last protected) and its first API key, shown once.
+        Credentials: the admin key (a project key is PERMISSION_DENIED,
+        ADMIN_KEY_REQUIRED).
+        Errors: INVALID_ARGUMENT (field name) for a name that is not a DNS
+        label; ALREADY_EXISTS when the name is taken.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetProject(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The project itself.
+        Credentials: project key.
+        Errors: NOT_FOUND for an unknown project name or id.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListEnvironments(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The project's environments, oldest first, paged.
+        Credentials: project key (the service token too, for Berth's services).
+        Errors: INVALID_ARGUMENT (page_size, page_token).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateEnvironment(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates an environment pointing at nothing yet.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (field name); ALREADY_EXISTS when the project has
+        an environment of that name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteEnvironment(self, request, context):
-        """Only when nothing points to it (no deployment) and it is not protected.
+        """Deletes an environment. Without `force` only when it points to no
+        deployment; with `force` also its bindings (their replicas stop) and its
+        history, in one transaction.
+        Credentials: project key.
+        Errors: NOT_FOUND; FAILED_PRECONDITION ENVIRONMENT_IN_USE without
+        `force`, PROTECTED_ENVIRONMENT for a protected environment without
+        `confirm` (and `force`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateApiKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Creates another API key for the project; the key is shown once.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (field name); ALREADY_EXISTS when an active key
+        has that name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListApiKeys(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The project's keys (active and revoked), oldest first, paged; never a
+        key itself.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (page_size, page_token).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Revokes a key on every service before it returns; revoking a revoked
+        key changes nothing.
+        Credentials: project key (it may revoke itself, not the last active key).
+        Errors: NOT_FOUND; FAILED_PRECONDITION LAST_ACTIVE_KEY.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Deploy(self, request, context):
-        """Registers an immutable deployment and points an environment at it.
+        """Registers an immutable deployment of an image and points an environment
+        (default `preview`) at it, appending a `deploy` history entry. The
+        scheduler pulls a reference it does not have (a failed pull is an
+        `image_pull_error` deployment error, not an error of this call).
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT naming the field (image, image_id, config.*,
+        min_replicas, max_replicas, reason); NOT_FOUND for the environment;
+        FAILED_PRECONDITION PROTECTED_ENVIRONMENT without `confirm`; ABORTED
+        SEQUENCE_CONFLICT when `expected_sequence` does not match.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetDeployment(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One deployment.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (deployment_id malformed); NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDeployments(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The project's deployments, newest first, paged; optionally only those
+        bound to one environment.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (page_size, page_token); NOT_FOUND for the
+        environment.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Promote(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Points an environment at an existing deployment (nothing is rebuilt),
+        appending a `promote` history entry; its binding there gets the bounds
+        asked (or keeps its own).
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (min_replicas, max_replicas, reason); NOT_FOUND;
+        FAILED_PRECONDITION DEPLOYMENT_TERMINATED, ALREADY_SERVING,
+        PROTECTED_ENVIRONMENT; ABORTED SEQUENCE_CONFLICT.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Rollback(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Points an environment back at the deployment it served before (or at
+        `to_deployment_id`, which must be in its history), appending a
+        `rollback` entry; a terminated or scaled-to-zero deployment is started
+        again at the bounds it last served with.
+        Credentials: project key.
+        Errors: NOT_FOUND; FAILED_PRECONDITION NO_EARLIER_DEPLOYMENT,
+        NOT_IN_HISTORY, ALREADY_SERVING, PROTECTED_ENVIRONMENT; ABORTED
+        SEQUENCE_CONFLICT.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListHistory(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """An environment's history, oldest first (by sequence), paged.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (page_size, page_token); NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListBindings(self, request, context):
-        """Replica bounds and lifecycle of bindings (the scheduler converges on them).
+        """The project's bindings (replica bounds and lifecycle the scheduler
+        converges on), optionally of one deployment or environment, paged.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (page_size, page_token); NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ScaleBinding(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Sets a binding's bounds: either or both; the other stays.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (min_replicas, max_replicas, environment when
+        the deployment has several bindings); NOT_FOUND; FAILED_PRECONDITION
+        DEPLOYMENT_TERMINATED.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -249,20 +336,29 @@ class RegistryServicer:
     def AdjustReplicas(self, request, context):
         """scale-up / scale-down: min moves by delta; max widens when min would pass
         it; min may reach 0.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (delta 0 or beyond 100, environment);
+        NOT_FOUND; FAILED_PRECONDITION DEPLOYMENT_TERMINATED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def TerminateDeployment(self, request, context):
-        """Stops every replica of every binding; record and image stay.
+        """Stops every replica of every binding of a deployment; the record and the
+        image stay. Terminating a terminated deployment changes nothing.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (deployment_id malformed); NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartDeployment(self, request, context):
-        """Brings a terminated deployment's bindings back to their bounds.
+        """Brings a terminated deployment's bindings back to their bounds (the
+        serving one to at least one replica).
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (deployment_id malformed); NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -273,9 +369,10 @@ class RegistryServicer:
         pointer moves, environments created and deleted, binding changes. First
         the current state (or, with since_revision, the changes after it), then
         a snapshot_complete marker, then each change once, in commit order.
-        Project key (the admin key must name a project). A revoked key ends the
-        stream with UNAUTHENTICATED; a negative since_revision, or one newer than
-        the registry has issued, is INVALID_ARGUMENT (field since_revision).
+        Credentials: project key (the admin key must name a project).
+        Errors: a revoked key ends the stream with UNAUTHENTICATED; a negative
+        since_revision, or one newer than the registry has issued, is
+        INVALID_ARGUMENT (field since_revision).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -394,8 +491,14 @@ def add_RegistryServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Registry:
     """Projects, API keys, environments, deployments and promotion history.
-    Every call carries the caller's key in the `x-api-key` metadata. `project`
-    fields accept a project name or id; empty means the key's own project.
+
+    Every call carries the caller's key in the `x-api-key` metadata: no key or
+    an unknown or revoked one is UNAUTHENTICATED. `project` fields accept a
+    project name or id; empty means the key's own project, and a project key
+    naming another project is PERMISSION_DENIED (WRONG_PROJECT). The admin key
+    may only call CreateProject (PERMISSION_DENIED, ADMIN_KEY_NOT_ALLOWED,
+    elsewhere). Ids of other projects' resources are NOT_FOUND, as if they did
+    not exist.
     """
 
     @staticmethod

@@ -27,6 +27,13 @@ if _version_not_supported:
 
 class SchedulerStub:
     """Runs replicas of bindings on Docker and reports what runs.
+
+    Every call carries the caller's key in the `x-api-key` metadata (checked
+    with the registry on every call); no key or an invalid one is
+    UNAUTHENTICATED. A deployment of another project is NOT_FOUND in the
+    registry's words; a malformed `deployment_id` is INVALID_ARGUMENT
+    (INVALID_ID). Until the scheduler has loaded the bindings from the
+    registry it answers UNAVAILABLE (retry).
     """
 
     def __init__(self, channel):
@@ -49,16 +56,36 @@ class SchedulerStub:
 
 class SchedulerServicer:
     """Runs replicas of bindings on Docker and reports what runs.
+
+    Every call carries the caller's key in the `x-api-key` metadata (checked
+    with the registry on every call); no key or an invalid one is
+    UNAUTHENTICATED. A deployment of another project is NOT_FOUND in the
+    registry's words; a malformed `deployment_id` is INVALID_ARGUMENT
+    (INVALID_ID). Until the scheduler has loaded the bindings from the
+    registry it answers UNAVAILABLE (retry).
     """
 
     def GetDeploymentStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """What runs for a deployment: each binding's status, bounds, desired
+        replica count and replicas (state, start time, restarts, address).
+        Credentials: project key (the admin key or service token must name a
+        project with `latest`).
+        Errors: INVALID_ARGUMENT (deployment_id, latest, project); NOT_FOUND for
+        the deployment, or the binding when `environment` is given;
+        PERMISSION_DENIED WRONG_PROJECT; UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListDeploymentErrors(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The failures recorded for a deployment (image pulls, scheduling, crash
+        loops, OOM kills, health checks, nodes down), most recently seen first,
+        paged. They outlive bindings and scale-to-zero.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (deployment_id, latest, page_size, page_token);
+        NOT_FOUND; PERMISSION_DENIED WRONG_PROJECT; UNAVAILABLE.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -86,6 +113,13 @@ def add_SchedulerServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Scheduler:
     """Runs replicas of bindings on Docker and reports what runs.
+
+    Every call carries the caller's key in the `x-api-key` metadata (checked
+    with the registry on every call); no key or an invalid one is
+    UNAUTHENTICATED. A deployment of another project is NOT_FOUND in the
+    registry's words; a malformed `deployment_id` is INVALID_ARGUMENT
+    (INVALID_ID). Until the scheduler has loaded the bindings from the
+    registry it answers UNAVAILABLE (retry).
     """
 
     @staticmethod

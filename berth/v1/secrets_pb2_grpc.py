@@ -28,7 +28,16 @@ if _version_not_supported:
 class SecretsStub:
     """Encrypted, scoped secrets. Values are write-only: no method of this
     service returns one (the scheduler resolves them through
-    berth.internal.v1.SecretsInternal).
+    berth.internal.v1.SecretsInternal). A change reaches running replicas by
+    replacing them: the scheduler starts replicas with the new values and
+    stops the old ones.
+
+    Every call carries the caller's key in the `x-api-key` metadata (checked
+    with the registry on every call: a revoked key is refused at once); no key
+    or an invalid one is UNAUTHENTICATED; the registry unreachable is
+    UNAVAILABLE. `project` fields accept a project name or id (empty: the
+    key's own project); `environment` fields an environment name or id, empty
+    meaning the project scope.
     """
 
     def __init__(self, channel):
@@ -72,42 +81,76 @@ class SecretsStub:
 class SecretsServicer:
     """Encrypted, scoped secrets. Values are write-only: no method of this
     service returns one (the scheduler resolves them through
-    berth.internal.v1.SecretsInternal).
+    berth.internal.v1.SecretsInternal). A change reaches running replicas by
+    replacing them: the scheduler starts replicas with the new values and
+    stops the old ones.
+
+    Every call carries the caller's key in the `x-api-key` metadata (checked
+    with the registry on every call: a revoked key is refused at once); no key
+    or an invalid one is UNAUTHENTICATED; the registry unreachable is
+    UNAVAILABLE. `project` fields accept a project name or id (empty: the
+    key's own project); `environment` fields an environment name or id, empty
+    meaning the project scope.
     """
 
     def SetSecret(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Writes a new version of a secret (encrypted with AES-256-GCM, bound to
+        project, environment and name).
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT naming name, type or value (empty, too large,
+        reserved names `PORT` and `BERTH_*`); NOT_FOUND for the environment.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSecrets(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The secrets of the project scope, or what an environment resolves
+        (project secrets overridden by name by the environment's), by name,
+        paged; never a value.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (page_size, page_token); NOT_FOUND for the
+        environment.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSecret(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Deletes a secret by appending a deletion version (a tombstone): it no
+        longer resolves; earlier versions stay listed.
+        Credentials: project key.
+        Errors: NOT_FOUND for the secret or the environment.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSecretVersions(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every version of one secret in one scope, oldest first, paged (no
+        values).
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (page_size, page_token); NOT_FOUND.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RollbackSecret(self, request, context):
         """Restores an earlier version's value as a new version.
+        Credentials: project key.
+        Errors: NOT_FOUND (secret_version); FAILED_PRECONDITION
+        VERSION_IS_DELETION, ALREADY_CURRENT_VERSION, VERSION_NOT_RESTORABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RotateMasterKey(self, request, context):
-        """Admin key: re-wraps every project's data key under a new master key.
+        """Re-wraps every project's data key under a new master key.
+        Credentials: the admin key (a project key is PERMISSION_DENIED).
+        Errors: FAILED_PRECONDITION when the master key comes from
+        BERTH_MASTER_KEY, which the service cannot change (use a key file).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,7 +200,16 @@ def add_SecretsServicer_to_server(servicer, server):
 class Secrets:
     """Encrypted, scoped secrets. Values are write-only: no method of this
     service returns one (the scheduler resolves them through
-    berth.internal.v1.SecretsInternal).
+    berth.internal.v1.SecretsInternal). A change reaches running replicas by
+    replacing them: the scheduler starts replicas with the new values and
+    stops the old ones.
+
+    Every call carries the caller's key in the `x-api-key` metadata (checked
+    with the registry on every call: a revoked key is refused at once); no key
+    or an invalid one is UNAUTHENTICATED; the registry unreachable is
+    UNAVAILABLE. `project` fields accept a project name or id (empty: the
+    key's own project); `environment` fields an environment name or id, empty
+    meaning the project scope.
     """
 
     @staticmethod
