@@ -76,6 +76,15 @@ def main() -> None:
     generate(out)
     for directory in package_dirs():
         print(f"generated {out / directory}", file=sys.stderr)
+    if out.resolve() == ROOT:
+        # docs/grpc.md's reference follows the protos' comments: refresh it too
+        # (tests/test_grpc_docs.py fails when it is stale).
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import gen_grpc_docs
+
+        target = gen_grpc_docs.TARGET
+        target.write_text(gen_grpc_docs.updated(target.read_text(), gen_grpc_docs.render()))
+        print(f"regenerated the reference in {target}", file=sys.stderr)
 
 
 if __name__ == "__main__":
