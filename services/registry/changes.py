@@ -60,6 +60,7 @@ TAIL_BATCHES_PER_WAKE = 50  # then yield to the loop and continue on the next wa
 LISTEN_BACKOFF_INITIAL = 0.1
 LISTEN_BACKOFF_MAX = 5.0
 LISTEN_HEALTH_SECONDS = 30.0  # a silent listening connection is checked this often
+LISTENER_APPLICATION_NAME = "berth-registry-listener"  # how the LISTEN connection shows in pg_stat_activity
 
 # Change.kind
 ENVIRONMENT = "environment"
@@ -361,7 +362,7 @@ class ChangeFeed:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._dsn, autocommit=True, connect_timeout=5,
+                    self._dsn, autocommit=True, connect_timeout=5, application_name=LISTENER_APPLICATION_NAME,
                     keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
                 ) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -28,7 +29,7 @@ from berth.errors import Aborted
 from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 from berth.v1 import registry_pb2, registry_pb2_grpc
 from services.common.registry_watch import RegistryFollower, follow_instances
-from services.registry.changes import ChangeLog
+from services.registry.changes import LISTENER_APPLICATION_NAME, ChangeLog
 from tests.registry.conftest import ADMIN_KEY, SERVICE_TOKEN, Registry, collect_until
 from tests.support.platform import ROOT, free_port
 
@@ -251,8 +252,11 @@ def test_concurrent_moves_through_both_reach_every_watcher_once_in_one_order(two
     seen = orders[0]
     assert len(seen) == expected and len(set(seen)) == expected  # each once
     assert sorted((name, seq, dep) for _, name, seq, dep in seen) == sorted(committed)
+    # One transaction per successful move, revisions handed out in commit
+    # order: contiguous (a lost compare-and-swap rolls back, releasing its
+    # revision to the next writer).
     revisions = [rev for rev, *_ in seen]
-    assert revisions == sorted(revisions) and len(set(revisions)) == len(revisions)
+    assert revisions == list(range(watchers[0].marker.revision + 1, watchers[0].marker.revision + 1 + expected))
     # Per environment the sequences run 1, 2, 3, ... with no gap.
     for env_name in {name for _, name, _, _ in seen}:
         assert [seq for _, name, seq, _ in seen if name == env_name] == list(
@@ -387,3 +391,31 @@ def test_a_revision_older_than_the_table_keeps_gets_a_snapshot(pg_url):
             "preview", "staging", "production"}
     finally:
         reg.close()
+
+
+def test_a_registry_whose_listening_connection_is_cut_listens_again(two_registries, pg_url):
+    a, b = two_registries
+    key = a.call("CreateProject", registry_pb2.CreateProjectRequest(name="shop"), ADMIN_KEY).api_key
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        def listeners() -> list[int]:
+            return [row[0] for row in admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+                (LISTENER_APPLICATION_NAME,),
+            )]
+
+        wait_until(lambda: len(listeners()) == 2, timeout=30, what="both registries listen")
+        cut = listeners()
+        for pid in cut:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        wait_until(lambda: len(listeners()) == 2 and not set(listeners()) & set(cut), timeout=30,
+                   what="both registries listen again on new connections")
+    finally:
+        admin.close()
+    # ...and moves through A still reach a watcher on B, in order.
+    watcher = Collector(b.watch())
+    assert watcher.ready.wait(30)
+    made = [a.call("Deploy", registry_pb2.DeployRequest(image=f"app:{n}"), key).deployment.id for n in range(3)]
+    wait_until(lambda: len(watcher.moves()) >= 3, timeout=30, what="B's watcher saw the moves")
+    watcher.stop()
+    assert [dep for *_, dep in watcher.moves()] == made
