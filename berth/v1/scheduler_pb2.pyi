@@ -34,6 +34,7 @@ class Replica(_message.Message):
         STATE_UNHEALTHY: _ClassVar[Replica.State]
         STATE_EXITED: _ClassVar[Replica.State]
         STATE_FAILED: _ClassVar[Replica.State]
+        STATE_STOPPING: _ClassVar[Replica.State]
     STATE_UNSPECIFIED: Replica.State
     STATE_PENDING: Replica.State
     STATE_STARTING: Replica.State
@@ -41,6 +42,7 @@ class Replica(_message.Message):
     STATE_UNHEALTHY: Replica.State
     STATE_EXITED: Replica.State
     STATE_FAILED: Replica.State
+    STATE_STOPPING: Replica.State
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]

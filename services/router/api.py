@@ -25,6 +25,7 @@ Decisions (also in the OpenAPI document, ``openapi.py``):
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import logging
 import urllib.parse
@@ -56,7 +57,7 @@ from berth.v1 import (
 from services.common.remote import channel
 from services.registry.domain import MAX_REPLICA_DELTA, MAX_REPLICAS_LIMIT
 from services.router.platform import PlatformRequest, PlatformResponse, error_response, json_response
-from services.router.table import RoutingState
+from services.router.table import RouteError, RoutingState
 from services.router.workers import SharedState
 from services.secrets import limits as secret_limits
 
@@ -321,6 +322,11 @@ PUT_SECRET = Body((
     Field("value", str, True, "the value; write-only, never returned. UTF-8 text without NUL, at most "
           f"{secret_limits.MAX_VALUE_BYTES} bytes ({secret_limits.MAX_VALUE_BYTES // 1024} KiB) of UTF-8 "
           "(413 beyond)", plain_text=False),
+    Field("environment_id", str, description=ENV_FIELD_DOC + "; absent = project scope"),
+))
+ROLLBACK_SECRET = Body((
+    Field("to_version", int, True, "the version whose value (and type) becomes a new version; not a deletion, "
+          "not the current one", minimum=1, maximum=2**63 - 1),
     Field("environment_id", str, description=ENV_FIELD_DOC + "; absent = project scope"),
 ))
 
@@ -714,8 +720,27 @@ class RestApi:
     async def list_environments(self, call: Call) -> PlatformResponse:
         found = await self.rpc("registry", self.services.registry.ListEnvironments,
                                registry_pb2.ListEnvironmentsRequest(**page(call)), call.api_key, retry=True)
-        return json_response(200, {"environments": [environment_json(e) for e in found.environments],
+        return json_response(200, {"environments": [environment_json(e) | {"fallback": self.fallback(e.id)}
+                                                    for e in found.environments],
                                    "next_page_token": found.next_page_token})
+
+    def fallback(self, environment_id: str) -> dict[str, str] | None:
+        """Whether this router serves the environment by its previous
+        deployment because the current one failed (the proxy's own rule,
+        ``RoutingTable.resolve``): which deployment, and since when."""
+        env = self.state.table.environments.get(environment_id)
+        if env is None or not env.deployment_id:
+            return None
+        try:
+            route = self.state.table.resolve(env.project_id, env.id, "", self.state.endpoints)
+        except RouteError:
+            return None
+        if not route.fallback:
+            return None
+        since = self.state.endpoints.failed_since((env.id, env.deployment_id))
+        stamp = "" if since is None else datetime.datetime.fromtimestamp(since, datetime.UTC).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+        return {"deployment_id": route.deployment_id, "since": stamp}
 
     async def promotions(self, call: Call) -> PlatformResponse:
         request = registry_pb2.ListHistoryRequest(environment=call.params["id"], **page(call))
@@ -743,6 +768,22 @@ class RestApi:
             name=b["name"], type=b["type"], value=b["value"], environment=b["environment_id"] or ""
         )
         info = await self.rpc("secrets", self.services.secrets.SetSecret, request, call.api_key)
+        return json_response(200, {"secret": secret_json(info)})
+
+    async def secret_versions(self, call: Call) -> PlatformResponse:
+        request = secrets_pb2.ListSecretVersionsRequest(
+            name=call.params["name"], environment=call.query.get("environment_id", ""), **page(call)
+        )
+        found = await self.rpc("secrets", self.services.secrets.ListSecretVersions, request, call.api_key, retry=True)
+        return json_response(200, {"name": call.params["name"], "versions": [secret_json(v) for v in found.versions],
+                                   "next_page_token": found.next_page_token})
+
+    async def rollback_secret(self, call: Call) -> PlatformResponse:
+        b = ROLLBACK_SECRET.parse(call.body)
+        request = secrets_pb2.RollbackSecretRequest(
+            name=call.params["name"], environment=b["environment_id"] or "", to_version=b["to_version"]
+        )
+        info = await self.rpc("secrets", self.services.secrets.RollbackSecret, request, call.api_key)
         return json_response(200, {"secret": secret_json(info)})
 
 
@@ -808,4 +849,10 @@ OPERATIONS: tuple[Operation, ...] = (
               query=ENVIRONMENT_QUERY + PAGE_QUERY, response="SecretList"),
     Operation("PUT", "/secrets", RestApi.put_secret, "putSecret", "Set a secret (a new version)", PUT_SECRET,
               response="SecretResult"),
+    Operation("GET", "/secrets/{name}/versions", RestApi.secret_versions, "listSecretVersions",
+              "Every version of a secret in one scope (never the values), oldest first, one page at a time",
+              query=(("environment_id", "the environment's own secret (" + ENV_FIELD_DOC + "); absent = project "
+                      "scope"),) + PAGE_QUERY, response="SecretVersions"),
+    Operation("POST", "/secrets/{name}/rollback", RestApi.rollback_secret, "rollbackSecret",
+              "Restore an earlier version's value as a new version", ROLLBACK_SECRET, response="SecretResult"),
 )

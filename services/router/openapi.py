@@ -61,6 +61,17 @@ SCHEMAS: dict[str, Any] = {
         "protected": BOOLEAN,
         "created_at": TIME,
     }),
+    "ServingEnvironment": {
+        "allOf": [ref("Environment"), obj({
+            "fallback": {
+                "type": "object", "nullable": True, "required": ["deployment_id", "since"],
+                "properties": {"deployment_id": STRING, "since": TIME},
+                "description": "null unless this router serves the environment by its previous deployment "
+                               "(responses carry X-Berth-Fallback: 1) because the current one failed: that "
+                               "deployment, and since when the router has seen the current one failed",
+            },
+        })],
+    },
     "HistoryEntry": obj({
         "sequence": INTEGER,
         "kind": {"type": "string", "description": "deploy | promote | rollback"},
@@ -84,7 +95,7 @@ SCHEMAS: dict[str, Any] = {
     }),
     "Replica": obj({
         "id": STRING, "name": STRING, "index": INTEGER,
-        "state": {"type": "string", "description": "pending | starting | ready | unhealthy | exited | failed"},
+        "state": {"type": "string", "description": "pending | starting | ready | unhealthy | stopping | exited | failed"},
         "started_at": TIME, "restarts": INTEGER, "address": STRING,
     }),
     "BindingStatus": obj({
@@ -148,11 +159,12 @@ SCHEMAS: dict[str, Any] = {
     },
     "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError")),
                              "next_page_token": PAGE_TOKEN}),
-    "EnvironmentList": obj({"environments": array(ref("Environment")), "next_page_token": PAGE_TOKEN}),
+    "EnvironmentList": obj({"environments": array(ref("ServingEnvironment")), "next_page_token": PAGE_TOKEN}),
     "EnvironmentResult": obj({"environment": ref("Environment")}),
     "History": obj({"environment": STRING, "entries": array(ref("HistoryEntry")), "next_page_token": PAGE_TOKEN}),
     "SecretList": obj({"secrets": array(ref("Secret")), "next_page_token": PAGE_TOKEN}),
     "SecretResult": obj({"secret": ref("Secret")}),
+    "SecretVersions": obj({"name": STRING, "versions": array(ref("Secret")), "next_page_token": PAGE_TOKEN}),
 }
 
 ERRORS = {
@@ -184,7 +196,8 @@ def _operation(op: api.Operation) -> dict[str, Any]:
     out: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary}
     parameters: list[dict[str, Any]] = [
         {"name": s[1:-1], "in": "path", "required": True, "schema": {"type": "string", "minLength": 1},
-         "description": "environment name or id" if "environments" in op.path else "deployment id"}
+         "description": "secret name" if s == "{name}" else
+         "environment name or id" if "environments" in op.path else "deployment id"}
         for s in op.segments if s.startswith("{")
     ]
     parameters += [

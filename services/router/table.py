@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -274,6 +275,7 @@ class EndpointSet:
     def __init__(self) -> None:
         self._addresses: dict[tuple[str, str], tuple[str, ...]] = {}
         self._status: dict[tuple[str, str], str] = {}
+        self._failed_since: dict[tuple[str, str], float] = {}  # wall-clock time this process first saw "failed"
         self._changed: asyncio.Future[None] | None = None
         self.waiting = 0  # requests currently held for a ready replica
 
@@ -290,6 +292,10 @@ class EndpointSet:
         after = {a for addresses in fresh.values() for a in addresses}
         self._addresses = fresh
         self._status = dict(statuses or {})
+        now = time.time()
+        self._failed_since = {
+            key: self._failed_since.get(key, now) for key, status in self._status.items() if status == "failed"
+        }
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(None)
         self._changed = None
@@ -301,6 +307,11 @@ class EndpointSet:
     def status(self, key: tuple[str, str]) -> str:
         """The binding's status as the scheduler last reported it ("" if unknown)."""
         return self._status.get(key, "")
+
+    def failed_since(self, key: tuple[str, str]) -> float | None:
+        """Since when (Unix time, as this router first saw it) the binding
+        has been reported ``failed`` without a break; None if it is not."""
+        return self._failed_since.get(key)
 
     def snapshot(self) -> dict[tuple[str, str], tuple[str, ...]]:
         return dict(self._addresses)

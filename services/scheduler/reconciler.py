@@ -741,7 +741,9 @@ class Reconciler(ScalingRuntime):
         if status is ContainerStatus.CREATED:
             return ReplicaState.PENDING
         if status is ContainerStatus.RUNNING:
-            if readiness.ready and c.id not in self._draining:
+            if c.id in self._draining:
+                return ReplicaState.STOPPING
+            if readiness.ready:
                 return ReplicaState.READY
             return ReplicaState.UNHEALTHY if readiness.ever_ready else ReplicaState.STARTING
         if status in (ContainerStatus.RESTARTING,):

@@ -75,6 +75,7 @@ class ReplicaState(str, Enum):
     UNHEALTHY = "unhealthy"
     EXITED = "exited"
     FAILED = "failed"
+    STOPPING = "stopping"  # out of the pool, being stopped
 
 
 class BindingState(str, Enum):

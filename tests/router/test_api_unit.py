@@ -81,7 +81,8 @@ def test_openapi_matches_the_operation_table() -> None:
         ("GET", "/api/v1/secrets"), ("PUT", "/api/v1/secrets"), ("GET", "/api/v1/openapi.json"),
     }
     # The design's endpoints, plus what Studio needs beyond them.
-    studio_extras = {("POST", "/api/v1/deployments/{id}/scale"), ("POST", "/api/v1/environments")}
+    studio_extras = {("POST", "/api/v1/deployments/{id}/scale"), ("POST", "/api/v1/environments"),
+                     ("GET", "/api/v1/secrets/{name}/versions"), ("POST", "/api/v1/secrets/{name}/rollback")}
     # Deleting an environment (force: one that pointed somewhere).
     extras = {("DELETE", "/api/v1/environments/{id}")}
     assert implemented == design | studio_extras | extras

@@ -1,11 +1,14 @@
-// Berth Studio: the Deployments page. Talks only to /api/v1 on this origin;
-// the API key lives in this tab's sessionStorage and travels only in the
-// X-API-KEY header of those calls.
+// Berth Studio: the Deployments and Secrets pages. Talks only to /api/v1 on
+// this origin; the API key lives in this tab's sessionStorage and travels
+// only in the X-API-KEY header of those calls. Secret values are write-only:
+// the page sends them once and never reads one back (the API has no way to).
 "use strict";
 
 const KEY_SLOT = "berth.apiKey";
 const POLL_MS = 2000;
-const state = { environments: [], selected: null, deployments: [], timer: null, busy: false };
+const TOAST_MS = 8000;
+const VIEWS = ["deployments", "secrets"];
+const state = { environments: [], selected: null, deployments: [], timer: null, busy: false, view: "deployments", toastTimer: null };
 const $ = (id) => document.getElementById(id);
 
 class ApiError extends Error {
@@ -57,16 +60,56 @@ function el(tag, attrs = {}, ...children) {
 
 const badge = (text) => el("span", { class: `badge ${text}` }, text.replaceAll("_", " "));
 const short = (id) => (id || "").slice(0, 16);
-function when(ts) { return ts ? ts.replace("T", " ").slice(0, 19) : "–"; }
-function uptime(ts) {
+function when(ts) { return ts ? `${ts.replace("T", " ").slice(0, 19)} UTC` : "–"; }
+function age(ts) {
   if (!ts) return "–";
   const s = Math.max(0, Math.round((Date.now() - Date.parse(ts)) / 1000));
-  return s < 120 ? `${s}s` : s < 7200 ? `${Math.floor(s / 60)}m` : `${Math.floor(s / 3600)}h`;
+  return s < 120 ? `${s}s` : s < 7200 ? `${Math.floor(s / 60)}m` : s < 172800 ? `${Math.floor(s / 3600)}h` : `${Math.floor(s / 86400)}d`;
 }
-function flash(message, isError = false) {
-  const f = $("flash");
-  f.textContent = message;
-  f.style.color = isError ? "var(--bad)" : "var(--ok)";
+// A table in its own horizontally scrolling box (the page itself never
+// scrolls sideways); on a narrow screen each row reflows into a block of
+// labelled cells (studio.css). ``rows``: arrays of <td>, or {attrs, cells}.
+function dataTable(attrs, headers, rows) {
+  const row = (r) => {
+    const { attrs: rowAttrs = {}, cells } = Array.isArray(r) ? { cells: r } : r;
+    cells.forEach((cell, i) => cell.setAttribute("data-label", headers[i]));
+    return el("tr", rowAttrs, cells);
+  };
+  return el("div", { class: "scroll" }, el("table", { ...attrs, class: `reflow ${attrs.class || ""}`.trim() },
+    el("thead", {}, el("tr", {}, headers.map((h) => el("th", { scope: "col" }, h)))),
+    el("tbody", {}, rows.map(row))));
+}
+const deploymentById = (id) => state.deployments.find((d) => d.id === id);
+const imageOf = (id) => (deploymentById(id) || {}).image || "";
+
+// A confirmation or an error, shown near the control that caused it (just
+// below it when it is on screen, else at the top of the viewport): always
+// visible without scrolling, whatever the length of the page.
+function toast(message, { anchor = "", isError = false } = {}) {
+  const t = $("toast");
+  t.textContent = message;
+  t.className = isError ? "bad" : "";
+  t.setAttribute("role", isError ? "alert" : "status");
+  t.hidden = false;
+  placeToast(anchor);
+  clearTimeout(state.toastTimer);
+  state.toastTimer = setTimeout(() => { t.hidden = true; }, TOAST_MS);
+}
+
+function placeToast(anchorId) {
+  const t = $("toast");
+  const margin = 8;
+  const a = anchorId ? document.getElementById(anchorId) : null;
+  const r = a ? a.getBoundingClientRect() : null;
+  const onScreen = r && r.height > 0 && r.bottom > 0 && r.top < window.innerHeight;
+  const width = t.offsetWidth;
+  const height = t.offsetHeight;
+  let top = onScreen ? r.bottom + margin : margin;
+  top = Math.max(margin, Math.min(top, window.innerHeight - height - margin));
+  let left = onScreen ? r.left : (window.innerWidth - width) / 2;
+  left = Math.max(margin, Math.min(left, window.innerWidth - width - margin));
+  t.style.top = `${Math.round(top)}px`;
+  t.style.left = `${Math.round(left)}px`;
 }
 
 // ---------------------------------------------------------------- session
@@ -102,15 +145,32 @@ function showApp() {
   $("deployments").hidden = false;
   $("session").hidden = false;
   if (!state.selected && state.environments.length) state.selected = state.environments[0].id;
+  renderViews();
   renderTabs();
   refresh();
   clearInterval(state.timer);
   state.timer = setInterval(refresh, POLL_MS);
 }
 
+function viewFromHash() {
+  const view = location.hash.replace(/^#/, "");
+  return VIEWS.includes(view) ? view : "deployments";
+}
+
+function renderViews() {
+  state.view = viewFromHash();
+  for (const link of $("views").querySelectorAll("a")) {
+    if (link.dataset.view === state.view) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  $("view-title").textContent = state.view === "secrets" ? "Secrets" : "Deployments";
+  document.title = `${$("view-title").textContent} · Berth Studio`;
+}
+
 // ---------------------------------------------------------------- data
 
-// The usual path of a build first, then the project's own environments.
+// The usual path of a build first, then the project's own environments. An
+// environment is "lower" than another when its tab comes first.
 const ENV_ORDER = ["preview", "staging", "production"];
 const envRank = (e) => (ENV_ORDER.includes(e.name) ? ENV_ORDER.indexOf(e.name) : ENV_ORDER.length);
 
@@ -128,6 +188,12 @@ async function refresh() {
     renderTabs();
     const env = current();
     if (!env) return;
+    const view = state.view;
+    if (view === "secrets") {
+      const secrets = await listAll(`/secrets?environment_id=${encodeURIComponent(env.id)}`, "secrets");
+      if (current() && current().id === env.id && state.view === view) renderSecrets(env, secrets);
+      return;
+    }
     const [deployments, history, status, errors] = await Promise.all([
       listAll("/deployments", "deployments"),
       listAll(`/environments/${env.id}/promotions`, "entries"),
@@ -135,10 +201,10 @@ async function refresh() {
       env.deployment_id ? listAll(`/deployments/${env.deployment_id}/errors`, "errors") : null,
     ]);
     state.deployments = deployments;
-    if (current() && current().id === env.id) renderPanel(env, history, status, errors || []);
+    if (current() && current().id === env.id && state.view === view) renderPanel(env, history, status, errors || []);
   } catch (e) {
     if (e.status === 401) { signOut(); $("sign-in-error").textContent = "Your key stopped working; sign in again."; }
-    else flash(e.message, true);
+    else toast(e.message, { isError: true });
   } finally {
     state.busy = false;
   }
@@ -176,11 +242,26 @@ function onTabKey(event) {
   $("tabs").querySelector("[aria-selected=true]").focus();
 }
 
+// The router serves this environment by its previous deployment because the
+// current one failed (its responses carry X-Berth-Fallback: 1).
+function fallbackBanner(env) {
+  const f = env.fallback;
+  const image = imageOf(f.deployment_id);
+  return el("div", { class: "banner", id: "fallback-banner" },
+    el("strong", {}, "Traffic is served by the fallback"),
+    el("span", {}, `Deployment `, el("span", { class: "mono", id: "fallback-deployment" }, f.deployment_id),
+      image ? ` (${image})` : "",
+      ` has answered ${env.name}'s requests since `, el("span", { id: "fallback-since" }, when(f.since)),
+      f.since ? ` (${age(f.since)} ago)` : "",
+      `, because the current deployment ${env.deployment_id} failed. Roll back, or fix and deploy again.`));
+}
+
 function renderPanel(env, entries, status, errors) {
   const panel = $("panel");
   panel.setAttribute("aria-labelledby", `tab-${env.name}`);
   const binding = status ? status.bindings.find((b) => b.environment_id === env.id) : null;
   const nodes = [];
+  if (env.fallback) nodes.push(fallbackBanner(env));
   if (!env.deployment_id) {
     nodes.push(el("p", { class: "empty" }, `Nothing deployed to ${env.name} yet.`));
   } else {
@@ -202,35 +283,53 @@ function renderPanel(env, entries, status, errors) {
   ));
   if (binding) {
     nodes.push(el("h3", {}, "Replicas"));
-    nodes.push(binding.replicas.length ? el("table", { id: "replicas" },
-      el("thead", {}, el("tr", {}, ["Replica", "State", "Uptime", "Restarts", "Address"].map((h) => el("th", { scope: "col" }, h)))),
-      el("tbody", {}, binding.replicas.map((r) => el("tr", {},
+    nodes.push(binding.replicas.length ? dataTable({ id: "replicas" }, ["Replica", "State", "Uptime", "Restarts", "Address"],
+      binding.replicas.map((r) => [
         el("td", { class: "mono" }, r.name || short(r.id)), el("td", {}, badge(r.state)),
-        el("td", {}, r.state === "ready" ? uptime(r.started_at) : "–"), el("td", {}, r.restarts), el("td", { class: "mono" }, r.address))))
+        el("td", {}, r.state === "ready" ? age(r.started_at) : "–"), el("td", {}, r.restarts), el("td", { class: "mono" }, r.address || "–")]),
     ) : el("p", { class: "empty", id: "replicas" }, "No replicas running."));
   }
   nodes.push(el("h3", {}, "Errors"));
-  nodes.push(errors.length ? el("table", { class: "errors", id: "errors" },
-    el("thead", {}, el("tr", {}, ["Kind", "Environment", "Replica", "Count", "First seen", "Last seen", "Message"].map((h) => el("th", { scope: "col" }, h)))),
-    el("tbody", {}, errors.map((e) => el("tr", {},
+  nodes.push(errors.length ? dataTable({ class: "errors", id: "errors" }, ["Kind", "Environment", "Replica", "Count", "First seen", "Last seen", "Message"],
+    errors.map((e) => [
       el("td", {}, badge(e.kind)), el("td", {}, e.environment), el("td", { class: "mono" }, e.replica || "–"), el("td", {}, e.count),
-      el("td", {}, when(e.first_seen)), el("td", {}, when(e.last_seen)), el("td", {}, e.message))))
+      el("td", { class: "nowrap" }, when(e.first_seen)), el("td", { class: "nowrap" }, when(e.last_seen)), el("td", { class: "message" }, e.message)]),
   ) : el("p", { class: "empty", id: "errors" }, "No errors."));
   nodes.push(el("h3", {}, "Promotion history"));
-  nodes.push(entries.length ? el("table", { id: "history" },
-    el("thead", {}, el("tr", {}, ["#", "Kind", "Deployment", "Previous", "Replicas", "By", "When"].map((h) => el("th", { scope: "col" }, h)))),
-    el("tbody", {}, [...entries].reverse().map((h) => el("tr", {},
+  nodes.push(entries.length ? dataTable({ id: "history" }, ["#", "Kind", "Deployment", "Previous", "Replicas", "Reason", "By", "When"],
+    [...entries].reverse().map((h) => [
       el("td", {}, h.sequence), el("td", {}, h.kind), el("td", { class: "mono" }, h.deployment_id), el("td", { class: "mono" }, h.previous_deployment_id || "–"),
-      el("td", {}, `${h.min_replicas}..${h.max_replicas}`), el("td", {}, h.actor), el("td", {}, when(h.created_at)))))
+      el("td", { class: "nowrap" }, `${h.min_replicas}..${h.max_replicas}`), el("td", { class: "reason" }, h.reason || "–"),
+      el("td", {}, h.actor), el("td", { class: "nowrap" }, when(h.created_at))]),
   ) : el("p", { class: "empty", id: "history" }, "No history yet."));
+  panel.replaceChildren(...nodes);
+}
+
+function renderSecrets(env, secrets) {
+  const panel = $("panel");
+  panel.setAttribute("aria-labelledby", `tab-${env.name}`);
+  const nodes = [
+    el("p", { class: "hint" }, `What ${env.name} resolves: its own secrets and the project's (an environment's secret overrides the project's of the same name). Values are write-only: they are never shown.`),
+    el("div", { class: "toolbar" },
+      el("button", { type: "button", id: "set-secret-btn", onclick: () => setSecretDialog(env) }, "Set secret…")),
+  ];
+  nodes.push(secrets.length ? dataTable({ id: "secrets" }, ["Name", "Type", "Scope", "Version", "Updated", "By", "Actions"],
+    secrets.map((s) => ({ attrs: { "data-secret": s.name }, cells: [
+      el("td", { class: "mono" }, s.name), el("td", {}, s.type), el("td", { class: "nowrap" }, s.scope),
+      el("td", { class: "version" }, s.version), el("td", { class: "nowrap" }, when(s.updated_at)), el("td", {}, s.updated_by || "–"),
+      el("td", {}, s.version > 1
+        ? el("button", { type: "button", class: "quiet small", id: `secret-rollback-${s.name}`, onclick: () => rollbackSecretDialog(env, s) }, "Roll back…")
+        : "–")] })),
+  ) : el("p", { class: "empty", id: "secrets" }, `No secrets resolve in ${env.name}.`));
   panel.replaceChildren(...nodes);
 }
 
 // ---------------------------------------------------------------- dialogs
 
-function openDialog({ title, body, confirmLabel = "Confirm", danger = false, requireTyping = () => null, onConfirm }) {
+function openDialog({ title, body, confirmLabel = "Confirm", danger = false, anchor = "", requireTyping = () => null, blocked = () => null, onConfirm }) {
   // requireTyping() names what must be typed to confirm (a protected
-  // environment), or null; it is re-read whenever a control changes.
+  // environment), or null; blocked() says why nothing can be confirmed, or
+  // null. Both are re-read whenever a control changes.
   const dialog = $("dialog");
   $("dialog-title").textContent = title;
   $("dialog-error").textContent = "";
@@ -245,7 +344,7 @@ function openDialog({ title, body, confirmLabel = "Confirm", danger = false, req
     const needed = requireTyping();
     typing.hidden = !needed;
     hint.textContent = needed ? `Type ${needed} to confirm` : "";
-    confirm.disabled = Boolean(needed) && typed.value !== needed;
+    confirm.disabled = Boolean(blocked()) || (Boolean(needed) && typed.value !== needed);
   };
   $("dialog-form").oninput = sync;
   $("dialog-form").onchange = sync;
@@ -256,67 +355,163 @@ function openDialog({ title, body, confirmLabel = "Confirm", danger = false, req
     try {
       const message = await onConfirm();
       dialog.close();
-      flash(message);
       await refresh();
+      toast(message, { anchor });
     } catch (e) {
       $("dialog-error").textContent = e.message;
       sync();
     }
   };
   dialog.showModal();
-  const first = dialog.querySelector("select, input:not([hidden] input), button[type=submit]");
+  const first = dialog.querySelector("input[type=radio]:checked, select, input:not([type=hidden]):not(#confirm-typing), textarea, button[type=submit]");
   if (first) first.focus();
 }
 
-const field = (label, control) => el("div", {}, el("label", { for: control.id }, label), control);
+const field = (label, control, hintText = "") => el("div", {}, el("label", { for: control.id }, label), control,
+  hintText ? el("p", { class: "hint", id: `${control.id}-hint` }, hintText) : "");
 const numberInput = (id, value, min = 0) => el("input", { id, type: "number", min: String(min), max: "100", value: String(value), required: true });
+const reasonInput = (id) => el("input", { id, autocomplete: "off", maxlength: "500", placeholder: "optional, kept in the history" });
 
-function promoteDialog(env) {
-  const source = el("select", { id: "promote-source" }, state.deployments.filter((d) => d.state === "active").map((d) =>
-    el("option", { value: d.id, selected: d.id === env.deployment_id }, `${d.id}  ${d.image}`)));
+// Bindings of the deployments environments point at (current and previous),
+// by deployment id: where each runs and how it is doing.
+async function bindingsOf(ids) {
+  const out = new Map();
+  await Promise.all([...new Set(ids.filter(Boolean))].map(async (id) => {
+    try {
+      out.set(id, (await api("GET", `/deployments/${id}/status`)).bindings);
+    } catch (e) {
+      if (e.status !== 404) throw e;
+    }
+  }));
+  return out;
+}
+
+async function promoteDialog(env) {
+  let bindings;
+  try {
+    bindings = await bindingsOf(state.environments.flatMap((e) => [e.deployment_id, e.previous_deployment_id]));
+  } catch (e) {
+    toast(e.message, { anchor: "promote-btn", isError: true });
+    return;
+  }
+  const rank = new Map(state.environments.map((e, i) => [e.id, i]));
+  const servingIn = (id) => state.environments.filter((e) => (e.fallback ? e.fallback.deployment_id : e.deployment_id) === id).map((e) => e.name);
+  const describe = (d) => {
+    const runs = (bindings.get(d.id) || []).map((b) => `${b.status.replaceAll("_", " ")} in ${b.environment}`);
+    const serving = servingIn(d.id);
+    return [runs.length ? runs.join(", ") : "not bound anywhere", serving.length ? `serving ${serving.join(", ")}` : "serving nowhere"].join("; ");
+  };
   // Default target: the environment after this one (preview -> staging -> production).
   const here = state.environments.findIndex((e) => e.id === env.id);
   const next = state.environments[Math.min(here + 1, state.environments.length - 1)];
   const target = el("select", { id: "promote-target" }, state.environments.map((e) =>
     el("option", { value: e.id, selected: e.id === next.id }, e.name)));
+  const source = el("select", { id: "promote-source", required: true });
+  const where = el("p", { class: "hint", id: "promote-where" });
   const min = numberInput("promote-min", 1);
   const max = numberInput("promote-max", 3, 1);
+  const boundsHint = el("p", { class: "hint", id: "promote-bounds-hint" });
   const previous = el("input", { id: "promote-scale-previous", type: "checkbox" });
+  const reason = reasonInput("promote-reason");
+
+  // Proved itself: running (every minimum replica ready) in an environment
+  // before the target. Only those are offered first and pre-selected; a
+  // failed or unproven build is listed apart and never pre-selected.
+  const fillSources = () => {
+    const t = state.environments.find((e) => e.id === target.value);
+    const active = state.deployments.filter((d) => d.state === "active" && d.id !== t.deployment_id);
+    const proven = active.filter((d) => (bindings.get(d.id) || []).some((b) => b.status === "running" && rank.get(b.environment_id) < rank.get(t.id)));
+    const others = active.filter((d) => !proven.includes(d));
+    const option = (d) => el("option", { value: d.id }, `${d.id} · ${d.image} — ${describe(d)}`);
+    const groups = [];
+    if (proven.length) groups.push(el("optgroup", { label: `Ready in an environment before ${t.name}` }, proven.map(option)));
+    else groups.push(el("option", { value: "", disabled: true }, `No deployment is ready in an environment before ${t.name}`));
+    if (others.length) groups.push(el("optgroup", { label: "Not proven before it (failed, not ready, or not bound)" }, others.map(option)));
+    source.replaceChildren(...groups);
+    source.value = proven.length ? proven[0].id : "";
+    if (!proven.length) source.selectedIndex = 0;
+    // Default bounds: the target's current ones (its serving binding).
+    const current = (bindings.get(t.deployment_id) || []).find((b) => b.environment_id === t.id);
+    min.value = String(current ? current.min_replicas : 1);
+    max.value = String(current ? current.max_replicas : 3);
+    boundsHint.textContent = current ? `${t.name}'s current bounds (${current.min_replicas}..${current.max_replicas})` : `${t.name} serves nothing yet: the platform's defaults`;
+    showWhere();
+  };
+  const showWhere = () => {
+    const d = deploymentById(source.value);
+    where.textContent = d ? `${d.image}: ${describe(d)}` : "Choose a deployment.";
+  };
+  target.addEventListener("change", fillSources);
+  source.addEventListener("change", showWhere);
+  fillSources();
   openDialog({
     title: "Promote a deployment",
-    body: [field("Deployment", source), field("To environment", target),
-      el("div", { class: "row" }, field("Min replicas", min), field("Max replicas", max)),
-      el("label", { class: "check" }, previous, "Scale the previously serving deployment to zero")],
+    anchor: "promote-btn",
+    body: [field("To environment", target), field("Deployment", source), where,
+      el("div", { class: "row" }, field("Min replicas", min), field("Max replicas", max)), boundsHint,
+      el("label", { class: "check" }, previous, "Scale the previously serving deployment to zero"),
+      field("Reason", reason)],
     confirmLabel: "Promote",
+    blocked: () => (source.value ? null : "no deployment chosen"),
     requireTyping: () => { const t = state.environments.find((e) => e.id === target.value); return t && t.protected ? t.name : null; },
     onConfirm: async () => {
       const targetEnv = state.environments.find((e) => e.id === target.value);
       const r = await api("POST", "/deployments/promote", {
         source_deployment_id: source.value, target_environment_id: target.value,
         min_replicas: Number(min.value), max_replicas: Number(max.value),
-        scale_previous_to_zero: previous.checked, confirm: Boolean(targetEnv.protected),
+        scale_previous_to_zero: previous.checked, confirm: Boolean(targetEnv.protected), reason: reason.value.trim(),
       });
       return `Promoted ${source.value} to ${r.environment.name}.`;
     },
   });
 }
 
+// Where the environment pointed before, from its history: each deployment
+// with its image, the last time it served (from, until) and who moved the
+// pointer to it.
+function servedPeriods(entries) {
+  const periods = new Map();
+  entries.forEach((h, i) => {
+    const until = i + 1 < entries.length ? entries[i + 1].created_at : "";
+    periods.set(h.deployment_id, { from: h.created_at, until, actor: h.actor, kind: h.kind, reason: h.reason });
+  });
+  return periods;
+}
+
 function rollbackDialog(env, entries) {
-  const candidates = [...new Set(entries.map((h) => h.deployment_id))].filter((id) => id !== env.deployment_id);
+  const periods = servedPeriods(entries);
+  const candidates = [...periods.keys()].filter((id) => id !== env.deployment_id)
+    .sort((a, b) => (periods.get(b).from || "").localeCompare(periods.get(a).from || ""));
   const last = entries[entries.length - 1];
-  const preferred = last ? last.previous_deployment_id : "";
-  const choice = el("select", { id: "rollback-target" }, candidates.map((id) =>
-    el("option", { value: id, selected: id === preferred }, id === preferred ? `${id} (previous)` : id)));
+  const preferred = candidates.includes(last ? last.previous_deployment_id : "") ? last.previous_deployment_id : candidates[0];
+  const radios = candidates.map((id) => {
+    const p = periods.get(id);
+    const d = deploymentById(id);
+    return el("label", { class: "candidate", "data-deployment": id },
+      el("input", { type: "radio", name: "rollback-target", value: id, checked: id === preferred }),
+      el("span", { class: "mono" }, id, id === preferred ? " (previous)" : ""),
+      el("span", { class: "image" }, d ? d.image : "(image unknown)"),
+      el("span", { class: "meta served" }, `served ${when(p.from)} – ${when(p.until)}`),
+      el("span", { class: "meta by" }, `by ${p.actor || "unknown"} (${p.kind}${p.reason ? `: ${p.reason}` : ""})`,
+        d && d.state === "terminated" ? " · terminated: rolling back starts it again" : ""));
+  });
+  const reason = reasonInput("rollback-reason");
+  const chosen = () => { const r = document.querySelector("input[name=rollback-target]:checked"); return r ? r.value : ""; };
   openDialog({
     title: `Roll back ${env.name}`,
-    body: [field("Restore deployment", choice), el("p", {}, "Secrets are not rolled back.")],
+    anchor: "rollback-btn",
+    body: [candidates.length
+      ? el("fieldset", { class: "candidates", id: "rollback-candidates" }, el("legend", {}, "Restore deployment"), radios)
+      : el("p", { class: "empty" }, "This environment has no earlier deployment."),
+    field("Reason", reason), el("p", { class: "hint" }, "Secrets are not rolled back.")],
     confirmLabel: "Roll back",
     danger: true,
+    blocked: () => (chosen() ? null : "no deployment chosen"),
     requireTyping: () => (env.protected ? env.name : null),
     onConfirm: async () => {
-      if (!choice.value) throw new Error("This environment has no earlier deployment.");
-      await api("POST", "/deployments/rollback", { environment_id: env.id, deployment_id: choice.value, confirm: Boolean(env.protected) });
-      return `Rolled ${env.name} back to ${choice.value}.`;
+      const id = chosen();
+      await api("POST", "/deployments/rollback", { environment_id: env.id, deployment_id: id, confirm: Boolean(env.protected), reason: reason.value.trim() });
+      return `Rolled ${env.name} back to ${id}.`;
     },
   });
 }
@@ -326,6 +521,7 @@ function scaleDialog(env, binding) {
   const max = numberInput("scale-max", binding.max_replicas, 1);
   openDialog({
     title: `Scale ${short(env.deployment_id)} in ${env.name}`,
+    anchor: "scale-btn",
     body: [el("div", { class: "row" }, field("Min replicas", min), field("Max replicas", max))],
     confirmLabel: "Scale",
     onConfirm: async () => {
@@ -340,6 +536,7 @@ function lifecycle(env, action) {
   const id = env.deployment_id;
   openDialog({
     title: action === "terminate" ? `Terminate ${id}` : `Start ${id}`,
+    anchor: action === "terminate" ? "start-btn" : "terminate-btn",  // the button the page shows afterwards
     body: [el("p", {}, action === "terminate"
       ? "Every replica of this deployment stops, in every environment. The record and image stay; Start brings it back."
       : "Its replicas come back to their bounds.")],
@@ -353,16 +550,83 @@ function lifecycle(env, action) {
   });
 }
 
+// The registry's rule (services/registry/domain.py NAME_PATTERN), written
+// so it also compiles with the `v` flag browsers use for `pattern`.
+const ENV_NAME_PATTERN = "[a-z]([a-z0-9\\-]{0,38}[a-z0-9])?";
+const SECRET_NAME_PATTERN = "[A-Za-z_][A-Za-z0-9_]{0,127}";
+const SECRET_TYPES = ["generic", "api_key", "password", "token", "certificate"];
+
 function newEnvironmentDialog() {
-  const name = el("input", { id: "new-env-name", required: true, pattern: "[a-z][a-z0-9-]*", autocomplete: "off" });
+  const name = el("input", { id: "new-env-name", required: true, pattern: ENV_NAME_PATTERN, maxlength: "40", autocomplete: "off",
+    spellcheck: "false", title: "lowercase letters, digits and dashes; starts with a letter, does not end with a dash", "aria-describedby": "new-env-name-hint" });
   openDialog({
     title: "Create an environment",
-    body: [field("Name", name)],
+    anchor: "new-env",
+    body: [field("Name", name, "Lowercase letters, digits and dashes; starts with a letter, at most 40 characters.")],
     confirmLabel: "Create",
     onConfirm: async () => {
       const r = await api("POST", "/environments", { name: name.value.trim() });
       state.selected = r.environment.id;
       return `Created ${r.environment.name}.`;
+    },
+  });
+}
+
+function setSecretDialog(env) {
+  const name = el("input", { id: "secret-name", required: true, pattern: SECRET_NAME_PATTERN, maxlength: "128", autocomplete: "off",
+    spellcheck: "false", title: "letters, digits and underscores, not starting with a digit" });
+  const type = el("select", { id: "secret-type" }, SECRET_TYPES.map((t) => el("option", { value: t }, t.replaceAll("_", " "))));
+  const scope = el("select", { id: "secret-scope" },
+    el("option", { value: env.id }, `${env.name} only`), el("option", { value: "" }, "the project (every environment that does not override it)"));
+  // Write-only: masked, never autocompleted, cleared when the dialog closes.
+  const value = el("textarea", { id: "secret-value", class: "secret-value", required: true, autocomplete: "off", spellcheck: "false", rows: "3" });
+  $("dialog").addEventListener("close", () => { value.value = ""; }, { once: true });
+  openDialog({
+    title: `Set a secret for ${env.name}`,
+    anchor: "set-secret-btn",
+    body: [field("Name", name, "An environment variable name, e.g. DATABASE_URL."), field("Type", type), field("Scope", scope),
+      field("Value", value, "Write-only: stored encrypted as a new version, never shown again. Replicas that resolve it are replaced.")],
+    confirmLabel: "Set secret",
+    requireTyping: () => (scope.value && env.protected ? env.name : null),
+    onConfirm: async () => {
+      const body = { name: name.value.trim(), type: type.value, value: value.value };
+      if (scope.value) body.environment_id = scope.value;
+      const r = await api("PUT", "/secrets", body);
+      value.value = "";
+      return `Set ${r.secret.name} (${r.secret.type}, ${r.secret.scope}) version ${r.secret.version}.`;
+    },
+  });
+}
+
+async function rollbackSecretDialog(env, secret) {
+  const anchor = `secret-rollback-${secret.name}`;
+  const scopeQuery = secret.environment_id ? `?environment_id=${encodeURIComponent(secret.environment_id)}` : "";
+  let versions;
+  try {
+    versions = await listAll(`/secrets/${encodeURIComponent(secret.name)}/versions${scopeQuery}`, "versions");
+  } catch (e) {
+    toast(e.message, { anchor, isError: true });
+    return;
+  }
+  const currentVersion = versions.length ? versions[versions.length - 1].version : secret.version;
+  // The previous version that holds a value (a deletion holds none).
+  const target = [...versions].reverse().find((v) => v.version < currentVersion && !v.deleted);
+  const scopeText = secret.environment_id ? secret.scope : "project scope: every environment that does not override it";
+  openDialog({
+    title: `Roll back ${secret.name}`,
+    anchor,
+    body: [target
+      ? el("p", { id: "secret-rollback-summary" }, `Restore the value of version ${target.version} (set ${when(target.updated_at)} by ${target.updated_by || "unknown"}) as version ${currentVersion + 1} of ${secret.name} (${scopeText}). Replicas that resolve it are replaced.`)
+      : el("p", { id: "secret-rollback-summary" }, `No version before ${currentVersion} holds a value.`)],
+    confirmLabel: "Roll back",
+    danger: true,
+    blocked: () => (target ? null : "nothing to restore"),
+    requireTyping: () => (secret.environment_id && env.protected ? env.name : null),
+    onConfirm: async () => {
+      const body = { to_version: target.version };
+      if (secret.environment_id) body.environment_id = secret.environment_id;
+      const r = await api("POST", `/secrets/${encodeURIComponent(secret.name)}/rollback`, body);
+      return `Restored ${r.secret.name} to the value of version ${target.version} as version ${r.secret.version}.`;
     },
   });
 }
@@ -375,6 +639,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("new-env").addEventListener("click", newEnvironmentDialog);
   $("dialog-cancel").addEventListener("click", () => $("dialog").close());
   $("tabs").addEventListener("keydown", onTabKey);
+  window.addEventListener("hashchange", () => {
+    renderViews();
+    $("panel").replaceChildren(el("p", { class: "empty" }, "Loading…"));
+    refresh();
+  });
+  renderViews();
   if (sessionStorage.getItem(KEY_SLOT)) {
     loadEnvironments().then(showApp).catch(signOut);
   } else {
