@@ -8,7 +8,8 @@ new runtime (a restarted scheduler, also mid-scale), services it does not
 own left alone, a tag refused, an unpullable digest in the errors with the
 registry's reason, a killed node: its replicas leave the endpoints, a
 node_down event names them, Swarm replaces them on the other nodes, and the
-node rejoining duplicates nothing."""
+node rejoining duplicates nothing; a cut-off node (link down) leaves the
+endpoints on the scheduler's own health checks, before Swarm calls it down."""
 from __future__ import annotations
 
 import asyncio
@@ -308,6 +309,45 @@ def test_a_killed_node_leaves_the_endpoints_its_replicas_are_replaced_and_it_rej
 
     asyncio.run(scenario())
 
+
+
+def test_a_cut_off_node_leaves_the_endpoints_by_health_checks_and_comes_back_without_duplicates(
+        swarm_cluster: SwarmCluster, worker_ref: str, instance: str) -> None:
+    """A cut cable: the node's tasks stop answering (no RST, the probes time
+    out) and leave the endpoint set on the scheduler's own health checks."""
+    b = binding(worker_ref, min_replicas=3)
+    dep = b.deployment.id
+    victim = 1
+    victim_node = swarm_cluster.nodes[victim]
+
+    def on_victim(rt: SwarmRuntime) -> bool:
+        return any(a.startswith(victim_node.address + ":") for a in addresses(rt, dep))
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [b])
+        rt = runtime(swarm_cluster, table, instance)
+        async with running(rt):
+            await wait_for(lambda: len(addresses(rt, dep)) == 3, timeout=60, what="3 ready tasks")
+            assert on_victim(rt)
+            cut = time.monotonic()
+            swarm_cluster.link_down(victim)
+            try:
+                await wait_for(lambda: not on_victim(rt), timeout=5, what="the cut-off node's task out of the endpoints")
+                left = time.monotonic() - cut
+                await wait_for(lambda: len(addresses(rt, dep)) == 3, timeout=30, what="a replacement ready")
+                print(f"SWARM link down: out of the endpoints after {left:.2f} s, "
+                      f"3 ready again after {time.monotonic() - cut:.2f} s")
+            finally:
+                swarm_cluster.link_up(victim)
+            swarm_cluster.wait_node_state(victim, "ready", timeout=60)
+            [service] = services_of(swarm_cluster, instance, dep)
+            await wait_for(lambda: len(running_tasks(swarm_cluster, service["ID"])) == 3 and len(addresses(rt, dep)) == 3,
+                           timeout=30, what="3 running tasks after the link is back")
+            assert len(services_of(swarm_cluster, instance, dep)) == 1
+            assert (await rt.reconcile_once()).empty
+
+    asyncio.run(scenario())
 
 # -- the whole platform on the cluster, through the CLI and the router -----------------------------------------------
 @pytest.fixture
