@@ -118,7 +118,10 @@ def service_body(d: ServiceDefinition, *, epoch: int | None) -> dict[str, Any]:
     )
     resources = None
     if d.mem_limit or d.nano_cpus:
-        resources = docker.types.Resources(cpu_limit=d.nano_cpus or None, mem_limit=d.mem_limit or None)
+        # The memory limit is also reserved: Swarm places a replica only on a
+        # node that has it (else the task waits on "no suitable node").
+        resources = docker.types.Resources(cpu_limit=d.nano_cpus or None, mem_limit=d.mem_limit or None,
+                                           mem_reservation=d.mem_limit or None)
     template = docker.types.TaskTemplate(
         container_spec=container,
         resources=resources,

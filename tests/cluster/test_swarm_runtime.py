@@ -349,6 +349,49 @@ def test_a_cut_off_node_leaves_the_endpoints_by_health_checks_and_comes_back_wit
 
     asyncio.run(scenario())
 
+
+def test_no_suitable_node_is_a_scheduling_failure_with_swarms_message(
+        swarm_cluster: SwarmCluster, worker_ref: str, instance: str) -> None:
+    """More memory than any node has (the limit is reserved), and every node
+    drained: the tasks wait on "no suitable node"; both are
+    scheduling_failure events carrying Swarm's words."""
+    huge = binding(worker_ref, min_replicas=1)
+    huge.deployment.config.resources.memory_bytes = 1 << 50  # 1 PiB
+    small = binding(worker_ref, min_replicas=1)
+    events = EventStore()
+    api = swarm_cluster.client(0).api
+
+    def set_availability(availability: str) -> None:
+        for n in api.nodes():
+            spec = dict(n["Spec"], Availability=availability)
+            api.update_node(n["ID"], n["Version"]["Index"], spec)
+
+    def failures(dep: str) -> list[str]:
+        return [e.message for e in events.list(dep) if e.kind == EventKind.SCHEDULING_FAILURE.value]
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [huge])
+        rt = runtime(swarm_cluster, table, instance, events)
+        async with running(rt):
+            [message] = await wait_for(lambda: failures(huge.deployment.id), timeout=10, what="scheduling_failure")
+            assert "no suitable node" in message and "insufficient resources" in message, message
+            [view] = await rt.status(huge.deployment.id)
+            assert view.status is BindingState.FAILED
+            assert [r.state for r in view.replicas] == [ReplicaState.PENDING]
+            set_availability("drain")
+            try:
+                table.upsert_binding(small)
+                [drained] = await wait_for(lambda: failures(small.deployment.id), timeout=10,
+                                           what="scheduling_failure while drained")
+                assert "no suitable node" in drained, drained
+            finally:
+                set_availability("active")
+            await wait_for(lambda: len(addresses(rt, small.deployment.id)) == 1, timeout=30,
+                           what="placed once the nodes are active")
+
+    asyncio.run(scenario())
+
 # -- the whole platform on the cluster, through the CLI and the router -----------------------------------------------
 @pytest.fixture
 def cluster_platform(swarm_cluster: SwarmCluster, tmp_path: pathlib.Path) -> Iterator[RunningPlatform]:

@@ -175,6 +175,7 @@ def test_service_body_is_dnsrr_host_ports_start_first_and_carries_the_epoch() ->
     assert template["ContainerSpec"]["Args"] == ["serve", "--fast"]
     assert template["ContainerSpec"]["Env"] == ["PORT=9000", "TOKEN=s3cret"]
     assert template["Resources"]["Limits"] == {"NanoCPUs": 500_000_000, "MemoryBytes": 64 << 20}
+    assert template["Resources"]["Reservations"] == {"MemoryBytes": 64 << 20}
     assert "s3cret" not in repr(d)
     assert EPOCH_LABEL not in service_body(d, epoch=None)["labels"]
 
