@@ -16,7 +16,9 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import pathlib
+import subprocess
 import threading
 import time
 import urllib.request
@@ -37,7 +39,7 @@ from services.scheduler.spec import SecretValue
 from services.scheduler.swarm_adapter import SwarmAdapter
 from services.scheduler.swarm_runtime import SwarmConfig, SwarmRuntime
 from tests.support.docker_engine import build_worker_image, engine, write_worker_context
-from tests.support.platform import RunningPlatform, eventually
+from tests.support.platform import ROOT, RunningPlatform, eventually, free_port
 from tests.support.prober import Prober
 from tests.support.swarm import SwarmCluster
 
@@ -552,3 +554,59 @@ def test_platform_on_the_cluster_deploy_promote_rollback_scale_and_node_kill_und
     seen = eventually(lambda: [e for e in run("deployment", "errors", bad["deployment"]["id"], "--project", "fleet")
                                ["errors"] if e["kind"] == "image_pull_error"], timeout=10, what="image_pull_error")
     assert "manifest unknown" in seen[0]["message"]
+
+
+# -- README "Run on a cluster", as written ----------------------------------------------------------------------------
+README_DOCKER_HOST = "tcp://swarm-manager.internal:2375"
+README_REGISTRY = "registry.internal:5000"
+
+
+def cluster_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- cluster:start -->", 1)[1].split("<!-- cluster:end -->", 1)[0]
+    body = block.split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in body.strip().splitlines() if line.strip()]
+
+
+def test_readme_run_on_a_cluster_as_written(swarm_cluster: SwarmCluster, tmp_path: pathlib.Path) -> None:
+    """The block runs line by line in one bash (set -e) with three rewrites
+    only: the example manager and registry become the harness's, the
+    router's default address the test's free port. The manager's engine gets
+    the example's base image first (the README says it needs it)."""
+    commands = cluster_commands()
+    assert f"export DOCKER_HOST={README_DOCKER_HOST}" in commands
+    assert f"export BERTH_IMAGE_REGISTRY={README_REGISTRY}" in commands
+    ports = {name: free_port() for name in ("ROUTER", "REGISTRY", "SECRETS", "SCHEDULER")}
+    script = "\n".join(
+        c.replace(README_DOCKER_HOST, swarm_cluster.manager_host)
+         .replace(README_REGISTRY, swarm_cluster.registry)
+         .replace("http://127.0.0.1:8080", f"http://127.0.0.1:{ports['ROUTER']}")
+        for c in commands
+    )
+    seed = subprocess.run(["bash", str(ROOT / "scripts" / "seed-base-images.sh"), "busybox"],
+                          capture_output=True, text=True, timeout=300)
+    assert seed.returncode == 0, seed.stderr
+    swarm_cluster.client(0).images.load(b"".join(engine().images.get("busybox:1.36").save(named=True)))
+    data_dir = tmp_path / "berth-data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BERTH_", "DOCKER_"))}
+    env.update({"BERTH_DATA_DIR": str(data_dir), "DOCKER_BUILDKIT": "0"})
+    env.update({f"BERTH_{name}_PORT": str(port) for name, port in ports.items()})
+    try:
+        result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env, capture_output=True,
+                                text=True, timeout=600)
+    finally:
+        subprocess.run([str(ROOT / ".venv" / "bin" / "berth"), "down"], env=env, capture_output=True, timeout=60)
+        instance = (data_dir / "instance").read_text().strip() if (data_dir / "instance").exists() else ""
+        api = swarm_cluster.client(0).api
+        services = api.services(filters={"label": f"berth.instance={instance}"}) if instance else []
+        for s in services:
+            with contextlib.suppress(docker.errors.NotFound):
+                api.remove_service(s["ID"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "NODE" in out and all(n.name in out for n in swarm_cluster.nodes), out  # 3 replicas, one per node
+    assert "Hello" in out or "hello" in out, out  # the worker answered through the router
+    assert "No errors" in out, out
+    assert len(services) == 1 and services[0]["Spec"]["Mode"]["Replicated"]["Replicas"] == 5
+    assert services[0]["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"].startswith(
+        f"{swarm_cluster.registry}/berth-hello@sha256:")
