@@ -14,6 +14,7 @@ command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)         # Studio's b
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)                     # the router's differential HTTP tests
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)                 # the swarm test harness
 command -v nsenter >/dev/null 2>&1 || need_apt+=(util-linux)          # (nsenter, unshare)
+{ command -v protoc-gen-go-grpc && [ -d /usr/share/gocode/src/google.golang.org/genproto ]; } >/dev/null 2>&1 || need_apt+=(golang-go golang-google-grpc-dev golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev golang-google-genproto-dev protoc-gen-go protoc-gen-go-grpc protobuf-compiler libprotobuf-dev)  # the Go client example, built offline
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
