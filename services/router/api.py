@@ -47,6 +47,7 @@ from berth.shapes import (
     status_json,
 )
 from berth.v1 import (
+    common_pb2,
     registry_pb2,
     registry_pb2_grpc,
     scheduler_pb2,
@@ -273,6 +274,23 @@ def check_text(name: str, value: str, *, required: bool, plain: bool = True) -> 
 
 
 ENV_FIELD_DOC = "environment name or id"
+DEPLOY = Body((
+    Field("image", str, True, "the image reference to register (pulled by the scheduler when absent; a failed "
+          "pull is an image_pull_error), or a content-addressed sha256: image id"),
+    Field("environment_id", str, description="the environment to point at the new deployment (" + ENV_FIELD_DOC
+          + "); absent: preview"),
+    Field("min_replicas", int, description="replicas kept running; 0 is a real minimum (scale to zero); absent: 1",
+          minimum=0, maximum=MAX_REPLICAS),
+    Field("max_replicas", int, description="replicas autoscaling may reach; absent: the larger of min_replicas "
+          "and 3", minimum=0, maximum=MAX_REPLICAS),
+    Field("port", int, description="the port the worker listens on ($PORT); absent: 8080", minimum=0,
+          maximum=65535),
+    Field("health_path", str, description="path of the readiness check; absent: /"),
+    Field("confirm", bool, description="required to move a protected environment (production)", default=False),
+    Field("reason", str, description="recorded in the history"),
+    Field("expected_sequence", int, description="compare-and-swap: the environment's current sequence",
+          minimum=0),
+))
 PROMOTE = Body((
     Field("source_deployment_id", str, True, "the deployment to promote"),
     Field("target_environment_id", str, True, "the environment to point at it (" + ENV_FIELD_DOC + ")"),
@@ -544,7 +562,7 @@ class RestApi:
                     raise ApiError.from_rpc(exc, "registry") from None
                 if env.sequence > base:
                     entry = await self._entry(env.id, base + 1, key)
-                    if entry is not None and entry.kind == kind and deployment_id in ("", entry.deployment_id):
+                    if entry is not None and entry_json(entry)["kind"] == kind and deployment_id in ("", entry.deployment_id):
                         log.info("move_settled_after_retry", extra={"environment": env.id, "sequence": base + 1})
                         return await self.moved(registry_pb2.PointerMoveResponse(environment=env, entry=entry))
                     if fixed:
@@ -619,6 +637,25 @@ class RestApi:
         from services.router.openapi import document
 
         return json_response(200, document())
+
+    async def deploy(self, call: Call) -> PlatformResponse:
+        """Registers a deployment of an image reference and points an
+        environment at it: Registry.Deploy, with its validation and errors.
+        Sent once (a lost answer is not retried: a second call would register
+        a second deployment)."""
+        b = DEPLOY.parse(call.body)
+        request = registry_pb2.DeployRequest(
+            image=b["image"], environment=b["environment_id"] or "", confirm=b["confirm"], reason=b["reason"] or "",
+            min_replicas=b["min_replicas"], max_replicas=b["max_replicas"],  # None: unset, the registry's default
+            config=common_pb2.WorkerConfig(port=b["port"] or 0, health_path=b["health_path"] or ""),
+        )
+        if b["expected_sequence"] is not None:
+            request.expected_sequence = b["expected_sequence"]
+        deployed = await self.rpc("registry", self.services.registry.Deploy, request, call.api_key)
+        moved = await self.moved(registry_pb2.PointerMoveResponse(environment=deployed.environment,
+                                                                  entry=deployed.entry))
+        body = json.loads(moved.body)
+        return json_response(moved.status, {"deployment": deployment_json(deployed.deployment), **body})
 
     async def promote(self, call: Call) -> PlatformResponse:
         b = PROMOTE.parse(call.body)
@@ -806,6 +843,9 @@ PAGE_QUERY = (
 )
 OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/openapi.json", RestApi.openapi, "getOpenApi", "This document", auth=False),
+    Operation("POST", "/deployments", RestApi.deploy, "deploy",
+              "Register a deployment of an image reference and point an environment at it", DEPLOY,
+              response="Deployed"),
     Operation("POST", "/deployments/promote", RestApi.promote, "promote",
               "Point an environment at a deployment", PROMOTE, response="PointerMove"),
     Operation("POST", "/deployments/rollback", RestApi.rollback, "rollback",

@@ -112,7 +112,7 @@ SCHEMAS: dict[str, Any] = {
     }),
     "DeploymentError": obj({
         "kind": {"type": "string", "description": "image_pull_error | scheduling_failure | crash_loop | "
-                 "oom_killed | health_check_failed"},
+                 "oom_killed | health_check_failed | node_down"},
         "message": STRING, "environment": STRING, "environment_id": STRING, "replica": STRING,
         "count": INTEGER, "first_seen": TIME, "last_seen": TIME,
     }),
@@ -142,6 +142,10 @@ SCHEMAS: dict[str, Any] = {
         })), "description": "only when routed is false because of other routers: those that did not route by "
                             "the move in time"},
     }),
+    "Deployed": {
+        "allOf": [obj({"deployment": ref("Deployment")}), ref("PointerMove")],
+        "description": "the new deployment and the move of the environment's pointer to it (a deploy entry)",
+    },
     "BindingResult": obj({"binding": ref("Binding")}),
     "DeploymentResult": obj({"deployment": ref("Deployment")}),
     "DeploymentList": obj({"deployments": array(ref("Deployment")), "next_page_token": PAGE_TOKEN}),
