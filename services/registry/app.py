@@ -80,7 +80,7 @@ async def start(*, host: str, port: int, database_url: str, admin_key: str, serv
         # The feed publishes what commits after this revision; a watcher
         # resuming from an older one is served from the changes table.
         latest = await asyncio.to_thread(changes.latest)
-        hub = ChangeHub(start_revision=latest)
+        hub = ChangeHub()
         feed = ChangeFeed(changes, hub, listen_dsn=listen_dsn(engine))
         await feed.start(latest)
         service = RegistryService(sessions, hub, admin_key=admin_key, service_token=service_token)

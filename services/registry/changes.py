@@ -30,13 +30,13 @@ one newer than the database has issued) gets a full snapshot instead.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import logging
 import os
 import pathlib
 import threading
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO, Any
@@ -50,7 +50,6 @@ from services.registry.storage import ChangeRow, MetaRow, utcnow
 
 log = logging.getLogger("berth.registry")
 
-RECENT_CHANGES_KEPT = 10_000  # in memory, per process: the fast path of a resume
 RETAINED_REVISIONS = 50_000  # in the table: how far back a watcher can resume
 NOTIFY_CHANNEL = "berth_registry_changes"
 SAFETY_POLL_SECONDS = 5.0  # the tailer reads the table at least this often
@@ -93,27 +92,17 @@ class Change:
 
 class ChangeHub:
     """In-process fan-out of the changes this process's tailer read, in
-    revision order, with the most recent ones kept in memory so that a
-    watcher resuming from a recent revision needs no database read."""
+    revision order, to the watch streams of this process. It keeps no log:
+    the ``changes`` table is the log."""
 
-    def __init__(self, start_revision: int = 0, *, keep: int = RECENT_CHANGES_KEPT) -> None:
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: set[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Change]]] = set()
-        self._recent: deque[Change] = deque()
-        self._keep = keep
-        # Every change after ``_floor`` is held in ``_recent``; ``_latest`` is
-        # the newest revision published here.
-        self._floor = start_revision
-        self._latest = start_revision
         self._commit_listeners: list[Callable[[int], None]] = []
 
     def publish(self, changes: list[Change]) -> None:
         """Called in revision order (by the one tailer of this process)."""
         with self._lock:
-            self._recent.extend(changes)
-            while len(self._recent) > self._keep:
-                self._floor = max(self._floor, self._recent.popleft().revision)
-            self._latest = max([self._latest, *(c.revision for c in changes)])
             subscribers = list(self._subscribers)
         for loop, queue in subscribers:
             for change in changes:
@@ -131,21 +120,6 @@ class ChangeHub:
     def unsubscribe(self, entry: tuple[asyncio.AbstractEventLoop, asyncio.Queue[Change]]) -> None:
         with self._lock:
             self._subscribers.discard(entry)
-
-    @property
-    def latest_revision(self) -> int:
-        with self._lock:
-            return self._latest
-
-    def since(self, revision: int) -> list[Change] | None:
-        """The changes after ``revision`` if every one of them is held here,
-        else None (the caller then reads the table, or takes a snapshot). A
-        revision newer than what this process has published also gets None:
-        another process may have committed it, and the table knows."""
-        with self._lock:
-            if revision < self._floor or revision > self._latest:
-                return None
-            return [c for c in self._recent if c.revision > revision]
 
     # -- commit notices (the writer -> this process's tailer) ------------
 
@@ -286,6 +260,10 @@ class ChangeFeed:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        # The tailer's reads get a thread of their own: behind request
+        # handlers in the default pool (writers waiting on the revision row's
+        # lock, say), they would hold every watcher back.
+        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-feed")
         self.listening = asyncio.Event()  # set while a LISTEN connection is up
         hub.on_commit(lambda _revision: self.wake())
 
@@ -308,6 +286,7 @@ class ChangeFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        self._reader.shutdown(wait=False)
 
     def wake(self) -> None:
         """Read the table now (callable from any thread)."""
@@ -323,7 +302,7 @@ class ChangeFeed:
         """Publishes every change committed after the last one published, up
         to a bound; returns the newest revision published."""
         for _ in range(TAIL_BATCHES_PER_WAKE):
-            changes = await asyncio.to_thread(self._log.after, self._revision)
+            changes = await asyncio.get_running_loop().run_in_executor(self._reader, self._log.after, self._revision)
             if not changes:
                 return self._revision
             self._hub.publish(changes)
@@ -344,7 +323,7 @@ class ChangeFeed:
                 await self.catch_up()
                 if loop.time() - last_prune >= PRUNE_EVERY_SECONDS:
                     last_prune = loop.time()
-                    pruned = await asyncio.to_thread(self._log.prune, self._retained)
+                    pruned = await loop.run_in_executor(self._reader, self._log.prune, self._retained)
                     if pruned:
                         log.info("changes_pruned", extra={"rows": pruned})
                 failures = 0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from berth.v1 import registry_pb2
-from services.registry.changes import Change, ChangeHub
+from services.registry.changes import ChangeLog
 from tests.registry.conftest import collect_until
 
 
@@ -86,13 +86,29 @@ def test_restarted_registry_resumes_from_the_table(database_url):
         second.close()
 
 
-def test_hub_keeps_a_bounded_log():
-    hub = ChangeHub(start_revision=5, keep=3)
-    assert hub.since(5) == [] and hub.since(4) is None and hub.since(6) is None
-    hub.publish([Change(6, "environment", "a"), Change(6, "binding", "b")])
-    hub.publish([Change(7, "environment", "c")])
-    assert [c.payload for c in hub.since(5)] == ["a", "b", "c"]
-    hub.publish([Change(8, "environment", "d")])  # drops "a": revision 6 is no longer whole
-    assert hub.since(5) is None
-    assert [c.payload for c in hub.since(6)] == ["c", "d"]
-    assert hub.since(8) == [] and hub.latest_revision == 8
+def test_the_changes_table_replays_what_it_keeps(registry):
+    shop, key = registry.create_project("shop")
+    for n in range(4):
+        registry.call("Deploy", registry_pb2.DeployRequest(image=f"app:{n}"), key)
+    other, other_key = registry.create_project("other")
+    registry.call("Deploy", registry_pb2.DeployRequest(image="other:1"), other_key)
+    current = registry.service.current_revision()
+    log = ChangeLog(registry.service._sessions)
+
+    assert log.replay(current) == []
+    assert log.replay(current + 1) is None  # newer than any revision issued: another database's
+    tail = log.replay(current - 3)
+    assert tail is not None and sorted({c.revision for c in tail}) == [current - 2, current - 1, current]
+    assert [(c.revision, c.kind, c.action) for c in tail if c.kind == "environment"] == [
+        (current - 2, "environment", "moved"), (current - 1, "environment", "created"),
+        (current - 1, "environment", "created"), (current - 1, "environment", "created"),
+        (current, "environment", "moved"),
+    ]
+    mine = log.replay(current - 3, project_id=shop)
+    assert mine is not None and {c.project_id for c in mine} == {shop} and {c.revision for c in mine} == {current - 2}
+    moved = next(c for c in mine if c.kind == "environment")
+    assert (moved.payload.name, moved.detail.sequence, moved.detail.deployment_id) == (
+        "preview", 4, moved.payload.deployment_id)
+
+    assert log.prune(keep=2) > 0  # the newest 2 revisions stay
+    assert log.replay(current - 2) is not None and log.replay(current - 3) is None
