@@ -396,9 +396,12 @@ async function promoteDialog(env) {
   }
   const rank = new Map(state.environments.map((e, i) => [e.id, i]));
   const servingIn = (id) => state.environments.filter((e) => (e.fallback ? e.fallback.deployment_id : e.deployment_id) === id).map((e) => e.name);
+  // (Statuses are read for the deployments environments point at, current
+  // or previous: the only ones that can be serving or proven.)
   const describe = (d) => {
-    const runs = (bindings.get(d.id) || []).map((b) => `${b.status.replaceAll("_", " ")} in ${b.environment}`);
     const serving = servingIn(d.id);
+    if (!bindings.has(d.id)) return "no environment points at it";
+    const runs = bindings.get(d.id).map((b) => `${b.status.replaceAll("_", " ")} in ${b.environment}`);
     return [runs.length ? runs.join(", ") : "not bound anywhere", serving.length ? `serving ${serving.join(", ")}` : "serving nowhere"].join("; ");
   };
   // Default target: the environment after this one (preview -> staging -> production).
