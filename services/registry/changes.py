@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from berth.v1 import common_pb2
@@ -161,6 +161,12 @@ def to_rows(changes: Iterable[Change]) -> list[ChangeRow]:
     return rows
 
 
+def from_rows(rows: Iterable[ChangeRow]) -> list[Change]:
+    """Rows of kinds this version does not know (written by a newer
+    registry sharing the database) are left out."""
+    return [from_row(row) for row in rows if row.kind == KEY_REVOKED or row.kind in _PAYLOAD_TYPES]
+
+
 def from_row(row: ChangeRow) -> Change:
     if row.kind == KEY_REVOKED:
         return Change(row.revision, row.kind, row.payload.decode(), row.project_id, row.action)
@@ -191,10 +197,10 @@ class ChangeLog:
                 session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             yield session
 
-    def after(self, revision: int) -> list[Change]:
+    def after(self, revision: int) -> tuple[list[Change], int]:
         """The next committed changes after ``revision``, whole revisions
         only, at most about ``TAIL_BATCH_ROWS`` rows (more when one revision
-        alone has more)."""
+        alone has more), and the newest revision read."""
         with self._session() as session:
             rows = session.execute(
                 _ordered(select(ChangeRow).where(ChangeRow.revision > revision)).limit(TAIL_BATCH_ROWS)
@@ -205,7 +211,7 @@ class ChangeLog:
                     rows = session.execute(_ordered(select(ChangeRow).where(ChangeRow.revision == top))).scalars().all()
                 else:
                     rows = [row for row in rows if row.revision < top]
-            return [from_row(row) for row in rows]
+            return from_rows(rows), (rows[-1].revision if rows else revision)
 
     def replay(self, since: int, *, project_id: str | None = None) -> list[Change] | None:
         """Every change after ``since`` (of one project, if given), or None
@@ -224,7 +230,7 @@ class ChangeLog:
         floor = oldest - 1 if oldest is not None else current
         if since < floor or since > current:
             return None
-        return [from_row(row) for row in rows]
+        return from_rows(rows)
 
     def latest(self) -> int:
         with self._sessions() as session:
@@ -302,11 +308,14 @@ class ChangeFeed:
         """Publishes every change committed after the last one published, up
         to a bound; returns the newest revision published."""
         for _ in range(TAIL_BATCHES_PER_WAKE):
-            changes = await asyncio.get_running_loop().run_in_executor(self._reader, self._log.after, self._revision)
-            if not changes:
+            changes, newest = await asyncio.get_running_loop().run_in_executor(
+                self._reader, self._log.after, self._revision
+            )
+            if newest == self._revision:
                 return self._revision
-            self._hub.publish(changes)
-            self._revision = changes[-1].revision
+            if changes:
+                self._hub.publish(changes)
+            self._revision = newest
         self._wake.set()  # more to read: continue on the next turn
         return self._revision
 
@@ -327,9 +336,12 @@ class ChangeFeed:
                     if pruned:
                         log.info("changes_pruned", extra={"rows": pruned})
                 failures = 0
-            except OperationalError as exc:
+            except SQLAlchemyError as exc:
+                # The database is away (or refused this read): retry with
+                # backoff; a feed that stopped would leave every watcher of
+                # this process behind for good.
                 failures += 1
-                log.warning("change_tail_failed", extra={"error": str(exc.orig), "failures": failures})
+                log.warning("change_tail_failed", extra={"error": type(exc).__name__, "failures": failures})
                 await asyncio.sleep(min(LISTEN_BACKOFF_INITIAL * 2 ** failures, LISTEN_BACKOFF_MAX))
                 self._wake.set()
 

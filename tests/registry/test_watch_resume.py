@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from berth.v1 import registry_pb2
 from services.registry.changes import ChangeLog
+from services.registry.storage import ChangeRow, utcnow
 from tests.registry.conftest import collect_until
 
 
@@ -112,3 +113,17 @@ def test_the_changes_table_replays_what_it_keeps(registry):
 
     assert log.prune(keep=2) > 0  # the newest 2 revisions stay
     assert log.replay(current - 2) is not None and log.replay(current - 3) is None
+
+
+def test_a_row_of_a_kind_this_version_does_not_know_is_passed_over(registry):
+    """A newer registry sharing the database may write kinds this one does
+    not know: they are left out, and the tailer moves past them."""
+    _, key = registry.create_project("shop")
+    current = registry.service.current_revision()
+    with registry.service._sessions() as session, session.begin():
+        session.add(ChangeRow(revision=current + 1, position=0, project_id="prj_000000000000", kind="from_the_future",
+                              action="", payload=b"\x00", created_at=utcnow()))
+    log = ChangeLog(registry.service._sessions)
+    assert log.after(current) == ([], current + 1)
+    before = log.after(current - 1)
+    assert {c.revision for c in before[0]} == {current} and before[1] == current + 1
