@@ -12,7 +12,19 @@ DEFAULT_ROUTER_PORT = 8080
 
 
 def env(name: str, default: str = "") -> str:
-    return os.environ.get(name, default)
+    """``$NAME``, else the content of the file named by ``$NAME_FILE`` (a
+    Docker secret under /run/secrets: credentials stay out of the
+    environment), else ``default``."""
+    if name in os.environ:
+        return os.environ[name]
+    path = os.environ.get(f"{name}_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().rstrip("\r\n")
+        except OSError as exc:
+            raise SystemExit(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return default
 
 
 def add_common_flags(parser: argparse.ArgumentParser, *, default_port: int) -> None:

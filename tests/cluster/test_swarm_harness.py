@@ -97,6 +97,12 @@ def test_three_nodes_ready_with_distinct_identities_and_a_registry(swarm_cluster
     assert all(cluster.client(i).info()["Name"] == cluster.nodes[i].name for i in range(3))
     answer = requests.get(f"http://{cluster.registry}/v2/", timeout=5)
     assert answer.status_code == 200 and answer.headers["Docker-Distribution-Api-Version"] == "registry/2.0"
+    # Inside each node, the standard socket path is that node's own engine (a
+    # container mounting /var/run/docker.sock drives its node, not the machine's).
+    for node in cluster.nodes:
+        inside = subprocess.run(["nsenter", f"--target={node.pid}", "--mount", "stat", "-L", "-c", "%i",
+                                 "/var/run/docker.sock"], capture_output=True, text=True, timeout=10)
+        assert inside.stdout.strip() == str(os.stat(node.docker_host.removeprefix("unix://")).st_ino)
     # The machine's own engine never joins.
     assert engine().info()["Swarm"]["LocalNodeState"] == "inactive"
 

@@ -59,6 +59,7 @@ REGISTRY_BIN_CANDIDATES = (
     "/usr/bin/docker-registry",
 )
 API_VERSION = "1.41"
+MAIN_SOCKET = "/run/docker.sock"  # the machine's engine; inside a node, its own engine instead
 SWITCH_NET = ipaddress.ip_network("10.201.0.0/16")  # one /24 of it per cluster: host .1, node i .(10+i)
 SWARM_POOL = "10.216.0.0/16"  # overlay networks; exists only inside the node namespaces
 HEARTBEAT_NS = 1_000_000_000  # 1 s dispatcher heartbeat: a dead node is Down in ~2.5 s
@@ -137,6 +138,7 @@ class SwarmCluster:
         self._procs: dict[int, subprocess.Popen[bytes]] = {}  # node index -> dockerd
         self._registry_proc: subprocess.Popen[bytes] | None = None
         self._clients: dict[int, docker.DockerClient] = {}
+        self.teardown_phases: dict[str, float] = {}  # seconds per step of the last stop()
 
     # -- names -------------------------------------------------------------
     def node_ns(self, i: int) -> str:
@@ -311,12 +313,23 @@ class SwarmCluster:
                 )
             try:
                 self.client(i).ping()
-                return
             except Exception:  # noqa: BLE001 - not listening yet
                 self._drop_client(i)
+                continue
+            self._bind_engine_socket(i)
+            return
         raise ClusterError(
             f"dockerd of {self.nodes[i].name} did not answer within {timeout:.0f} s:\n{_tail(self.run_dir / f'n{i + 1}.log')}"
         )
+
+    def _bind_engine_socket(self, i: int) -> None:
+        """Inside node i's mount namespace, /var/run/docker.sock is node i's
+        own engine: a container that mounts the standard socket (a stack's
+        scheduler) drives its node, never the machine's main engine."""
+        if not os.path.exists(MAIN_SOCKET):
+            return
+        sock = self.nodes[i].docker_host.removeprefix("unix://")
+        _run("nsenter", f"--target={self._procs[i].pid}", "--mount", "mount", "--bind", sock, MAIN_SOCKET)
 
     def _init_swarm(self) -> None:
         manager = self.client(0)
@@ -434,7 +447,7 @@ class SwarmCluster:
         """Tears everything down; idempotent and safe after a partial start."""
         for i in list(self._clients):
             self._drop_client(i)
-        _destroy(self.id, own={i: p for i, p in self._procs.items()}, registry=self._registry_proc)
+        self.teardown_phases = _destroy(self.id, own=dict(self._procs), registry=self._registry_proc)
         self._procs.clear()
         self._registry_proc = None
 
@@ -555,35 +568,50 @@ def _destroy(
     cluster_id: str,
     own: dict[int, subprocess.Popen[bytes]] | None = None,
     registry: subprocess.Popen[bytes] | None = None,
-) -> None:
-    """Removes every trace of one cluster, in order: containers (SIGKILL via
-    cgroup.procs, no stop timeouts), dockerds (SIGTERM, then SIGKILL), what
-    else runs in its namespaces or names its directories (containerd, shims,
-    the registry), then cgroups, namespaces, the host veth, directories."""
+) -> dict[str, float]:
+    """Removes every trace of one cluster; returns the seconds each step took.
+
+    Nothing is kept, so nothing is stopped gracefully: the dockerds are
+    SIGKILLed first (their containerds follow; no manager is left to restart
+    a task), then the containers through their nodes' cgroup.procs, then
+    whatever else runs in the cluster's namespaces or names its directories
+    (shims, the registry); then cgroups, namespaces, the host veth and the
+    directories go."""
     own = own or {}
-    for _ in _deadline_loop(10, 0.05):
+    phases: dict[str, float] = {}
+    t = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        phases[name] = now - t
+        t = now
+
+    dockerds = {p.pid for p in own.values() if p.poll() is None}
+    for ns in _netns_of(cluster_id):
+        dockerds.update(_pids_in_netns(ns, only=("dockerd",)))
+    _kill(dockerds)
+    for proc in own.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+    lap("dockerds")
+    for _ in _deadline_loop(15, 0.05):
         pids = _cgroup_pids(cluster_id)
         if not pids:
             break
         _kill(pids)
-    dockerds = [p for p in own.values() if p.poll() is None]
-    dockerds_pids = {p.pid for p in dockerds}
-    for ns in _netns_of(cluster_id):
-        dockerds_pids.update(_pids_in_netns(ns, only=("dockerd",)))
-    _kill(dockerds_pids, signal.SIGTERM)
-    for _ in _deadline_loop(15, 0.1):
-        if not any(_process_start(p) is not None for p in dockerds_pids):
-            break
-    for _ in _deadline_loop(15, 0.1):
+    lap("containers")
+    if registry is not None and registry.poll() is None:
+        registry.kill()
+    for _ in _deadline_loop(15, 0.05):
         left = cluster_processes(cluster_id)
         if not left:
             break
         _kill(left)
-    for proc in [*own.values(), *([registry] if registry is not None else [])]:
-        if proc.poll() is None:
-            proc.kill()
+    if registry is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
+            registry.wait(timeout=10)
+    lap("processes")
     for _ in _deadline_loop(10, 0.1):
         remaining = []
         for d in _cgroup_dirs(cluster_id):
@@ -596,11 +624,15 @@ def _destroy(
         if not remaining:
             break
         _kill(_cgroup_pids(cluster_id))
+    lap("cgroups")
     for ns in _netns_of(cluster_id):
         _run("ip", "netns", "delete", ns.name, check=False)
     _run("ip", "link", "delete", f"bsw{cluster_id}h", check=False)
+    lap("network")
     for d in (DATA_BASE / f"{PREFIX}{cluster_id}", RUN_BASE / f"{PREFIX}{cluster_id}"):
         shutil.rmtree(d, ignore_errors=True)
+    lap("directories")
+    return phases
 
 
 def _owner_alive(cluster_id: str) -> bool:

@@ -1,0 +1,273 @@
+"""deploy/stack.yml: its shape (parsed with PyYAML: `docker stack config`
+does not exist in docker 20.10), the *_FILE variant of the services'
+settings, and the stack deployed with `docker stack deploy` on the harness's
+3-node swarm with the platform image built from the repository's Dockerfile."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import pytest
+import requests
+import yaml
+
+from services.common import config
+from tests.support.docker_engine import RUN_ID, engine
+from tests.support.platform import ROOT, eventually, free_port
+from tests.support.swarm import SwarmCluster
+
+STACK = ROOT / "deploy" / "stack.yml"
+BERTH_SERVICES = {"registry", "secrets", "scheduler", "router"}
+CREDENTIALS = {"BERTH_ADMIN_KEY", "BERTH_MASTER_KEY", "BERTH_SERVICE_TOKEN", "BERTH_DATABASE_URL",
+               "BERTH_SECRETS_DATABASE_URL", "POSTGRES_PASSWORD"}
+VAR = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, variables: dict[str, str]) -> Any:
+    """${VAR:-default} as `docker stack deploy` substitutes it."""
+    if isinstance(value, str):
+        return VAR.sub(lambda m: variables.get(m.group(1), m.group(2) or ""), value)
+    if isinstance(value, list):
+        return [_interpolate(v, variables) for v in value]
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables) for k, v in value.items()}
+    return value
+
+
+def _stack(variables: dict[str, str] | None = None) -> dict[str, Any]:
+    return _interpolate(yaml.safe_load(STACK.read_text()), variables or {})
+
+
+def _port_of(addr: str) -> int:
+    return int(addr.rsplit(":", 1)[1])
+
+
+def test_stack_file_runs_the_platform_with_credentials_as_secrets():
+    stack = _stack()
+    assert stack["version"] >= "3.8"
+    services = stack["services"]
+    assert set(services) == BERTH_SERVICES | {"postgres"}
+    declared_secrets = stack["secrets"]
+    assert all(spec == {"external": True} for spec in declared_secrets.values())
+    assert stack["networks"]["berth"] == {"driver": "overlay", "attachable": True}
+
+    for name, service in services.items():
+        env = service.get("environment", {})
+        assert not CREDENTIALS & set(env), f"{name} takes a credential from its environment"
+        plain = {k: v for k, v in env.items() if not k.endswith("_FILE")}
+        assert not any(re.search(r"berth_(admin|svc)_|postgresql://|password", str(v)) for v in plain.values()), env
+        mounted = set(service.get("secrets", []))
+        assert mounted <= set(declared_secrets)
+        for key, value in env.items():
+            if key.endswith("_FILE"):
+                assert value.startswith("/run/secrets/") and value.removeprefix("/run/secrets/") in mounted, (name, key)
+        assert service["networks"] == ["berth"]
+        assert service["deploy"]["endpoint_mode"] == "dnsrr"  # no VIP, no ingress mesh needed
+        assert service["deploy"]["restart_policy"]["condition"] == "any"
+        for port in service.get("ports", []):
+            assert port["mode"] == "host" and port["published"] == port["target"]
+
+    def file_var(service: str, var: str) -> str:
+        return services[service]["environment"][var].removeprefix("/run/secrets/")
+
+    # The master key reaches only the secrets service; the admin key the services that authenticate it.
+    assert [n for n, s in services.items() if "berth_master_key" in s.get("secrets", [])] == ["secrets"]
+    assert file_var("secrets", "BERTH_MASTER_KEY_FILE") == "berth_master_key"
+    for name in ("registry", "secrets", "scheduler"):
+        assert file_var(name, "BERTH_ADMIN_KEY_FILE") == "berth_admin_key"
+    for name in BERTH_SERVICES:
+        assert file_var(name, "BERTH_SERVICE_TOKEN_FILE") == "berth_service_token"
+    assert file_var("registry", "BERTH_DATABASE_URL_FILE") == file_var("secrets", "BERTH_SECRETS_DATABASE_URL_FILE")
+    assert "berth_pg_password" in services["postgres"]["secrets"]
+    assert "/run/secrets/berth_pg_password" in " ".join(services["postgres"]["entrypoint"])
+
+    # Each service listens where the others (and its health check) look for it.
+    shared = services["router"]["environment"]
+    for name in ("registry", "secrets", "scheduler"):
+        command = services[name]["command"]
+        port = int(command[command.index("--port") + 1])
+        assert command[command.index("--host") + 1] == "0.0.0.0"
+        assert shared[f"BERTH_{name.upper()}_ADDR"] == f"{name}:{port}"
+        assert services[name]["environment"][f"BERTH_{name.upper()}_ADDR"] == f"{name}:{port}"
+        assert services[name]["healthcheck"]["test"][-1] == f"127.0.0.1:{port}"
+        assert services[name]["ports"][0]["target"] == str(port)
+        assert services[name]["deploy"]["placement"]["constraints"] == ["node.role == manager"]
+        assert services[name]["deploy"]["replicas"] == 1
+
+    scheduler = services["scheduler"]
+    assert scheduler["environment"]["BERTH_RUNTIME"] == "swarm"
+    assert scheduler["environment"]["DOCKER_HOST"] == "unix:///var/run/docker.sock"
+    assert "/var/run/docker.sock:/var/run/docker.sock" in scheduler["volumes"]
+
+    router = services["router"]
+    assert router["deploy"]["mode"] == "global" and "replicas" not in router["deploy"]
+    assert router["ports"] == [{"target": "8080", "published": "8080", "protocol": "tcp", "mode": "host"}]
+    assert router["command"][router["command"].index("--port") + 1] == "8080"
+
+    assert services["postgres"]["deploy"]["placement"]["constraints"] == ["node.labels.berth.postgres == true"]
+    assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
+
+    # Ports follow BERTH_*_PORT everywhere at once.
+    moved = _stack({"BERTH_ROUTER_PORT": "18080", "BERTH_REGISTRY_PORT": "15051"})["services"]
+    assert moved["router"]["ports"][0]["published"] == "18080" and moved["router"]["command"][-1] == "18080"
+    assert moved["router"]["environment"]["BERTH_REGISTRY_ADDR"] == "registry:15051"
+    assert moved["registry"]["healthcheck"]["test"][-1] == "127.0.0.1:15051"
+
+
+def test_settings_read_a_file_named_by_the_file_variant(tmp_path, monkeypatch):
+    key = tmp_path / "admin_key"
+    key.write_text("berth_admin_from_file\n")
+    monkeypatch.delenv("BERTH_TEST_SETTING", raising=False)
+    monkeypatch.setenv("BERTH_TEST_SETTING_FILE", str(key))
+    assert config.env("BERTH_TEST_SETTING") == "berth_admin_from_file"  # the trailing newline is not part of it
+    monkeypatch.setenv("BERTH_TEST_SETTING", "from_env")
+    assert config.env("BERTH_TEST_SETTING") == "from_env"  # the variable itself wins
+    monkeypatch.delenv("BERTH_TEST_SETTING")
+    monkeypatch.setenv("BERTH_TEST_SETTING_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SystemExit, match="BERTH_TEST_SETTING_FILE: cannot read .*missing: No such file"):
+        config.env("BERTH_TEST_SETTING")
+    monkeypatch.delenv("BERTH_TEST_SETTING_FILE")
+    assert config.env("BERTH_TEST_SETTING", "default") == "default"
+
+
+# ------------------------------------------------------- on a real swarm
+
+
+@pytest.fixture(scope="module")
+def platform_image(tmp_path_factory) -> Iterator[str]:
+    """The platform image built from the repository's Dockerfile (wheelhouse
+    from this checkout; the python base is seeded locally when no registry
+    is reachable), removed after."""
+    subprocess.run(["bash", str(ROOT / "scripts" / "seed-base-images.sh"), "python", "postgres"], check=True,
+                   capture_output=True, timeout=900)
+    context = tmp_path_factory.mktemp("platform")
+    wheels = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--wheel-dir",
+         str(context / "build" / "wheels"), str(ROOT)], capture_output=True, text=True, timeout=600)
+    assert wheels.returncode == 0, wheels.stderr[-3000:]
+    shutil.copy(ROOT / "Dockerfile", context / "Dockerfile")
+    main = engine()
+    tag = f"berth-stacktest:{RUN_ID}"
+    main.images.build(path=str(context), tag=tag, labels={"berth.test": RUN_ID}, rm=True)
+    try:
+        yield tag
+    finally:
+        try:
+            main.images.remove(tag, force=True)
+        except docker.errors.NotFound:
+            pass
+
+
+def _grpc_serving(addr: str) -> bool:
+    return subprocess.run([sys.executable, "-m", "berth.healthcheck", "grpc", addr], capture_output=True,
+                          timeout=30).returncode == 0
+
+
+def _tasks_of(client: docker.DockerClient, name: str) -> list[dict[str, Any]]:
+    return client.api.tasks(filters={"service": name, "desired-state": "running"})
+
+
+def _history(client: docker.DockerClient, stack_name: str) -> list[tuple[str, str, str, str]]:
+    return [(t["ServiceID"][:6], t["NodeID"][:6], t["Status"]["State"], t["Status"].get("Err", ""))
+            for t in client.api.tasks(filters={"label": f"com.docker.stack.namespace={stack_name}"})]
+
+
+@pytest.mark.docker
+@pytest.mark.timeout(900)  # builds the platform image, pushes ~1.1 GB to the registry, three nodes pull
+def test_stack_deploys_on_a_three_node_swarm(swarm_cluster: SwarmCluster, platform_image: str, tmp_path):
+    cluster = swarm_cluster
+    manager = cluster.client(0)
+    image = cluster.import_image(platform_image)
+    postgres_image = cluster.import_image("postgres:15")
+
+    admin_key = "berth_admin_" + secrets.token_hex(16)
+    service_token = "berth_svc_" + secrets.token_hex(16)
+    pg_password = secrets.token_hex(12)
+    values = {
+        "berth_master_key": base64.b64encode(secrets.token_bytes(32)).decode(),
+        "berth_admin_key": admin_key,
+        "berth_service_token": service_token,
+        "berth_pg_password": pg_password,
+        "berth_database_url": f"postgresql://berth:{pg_password}@postgres:5432/berth",
+    }
+    for name, value in values.items():
+        manager.secrets.create(name=name, data=value.encode(), labels={"berth.test": RUN_ID})
+    node1 = manager.nodes.get(manager.info()["Swarm"]["NodeID"])
+    spec = node1.attrs["Spec"]
+    spec["Labels"] = {**spec.get("Labels", {}), "berth.postgres": "true"}
+    node1.update(spec)
+
+    ports = {name: free_port() for name in ("ROUTER", "REGISTRY", "SECRETS", "SCHEDULER")}
+    stack_name = "bst" + uuid.uuid4().hex[:6]
+    env = {
+        **os.environ, "DOCKER_HOST": cluster.manager_host, "BERTH_IMAGE": image, "BERTH_POSTGRES_IMAGE": postgres_image,
+        "BERTH_IMAGE_REGISTRY": cluster.registry, "BERTH_INSTANCE": stack_name,
+        **{f"BERTH_{name}_PORT": str(port) for name, port in ports.items()},
+    }
+    deploy = subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c", str(STACK), stack_name],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert deploy.returncode == 0, deploy.stderr
+    try:
+        n1 = cluster.nodes[0].address
+        eventually(lambda: _grpc_serving(f"{n1}:{ports['REGISTRY']}"), timeout=300, interval=1,
+                   what="the registry serving (it reached PostgreSQL with the URL from its secret)")
+        eventually(lambda: _grpc_serving(f"{n1}:{ports['SECRETS']}"), timeout=120, interval=1, what="secrets serving")
+        eventually(lambda: _grpc_serving(f"{n1}:{ports['SCHEDULER']}"), timeout=120, interval=1, what="scheduler serving")
+        for node in cluster.nodes:
+            eventually(lambda: requests.get(f"http://{node.address}:{ports['ROUTER']}/healthz", timeout=5).status_code == 200,
+                       timeout=240, interval=1, what=f"the router on {node.name}")
+
+        # Placement: the router once per node, the control plane on the manager.
+        all_nodes = sorted(n.id for n in manager.nodes.list())
+
+        def router_per_node() -> bool:
+            running = [t["NodeID"] for t in _tasks_of(manager, f"{stack_name}_router") if t["Status"]["State"] == "running"]
+            return sorted(running) == all_nodes
+
+        eventually(router_per_node, timeout=60, what=f"one running router per node: {_history(manager, stack_name)}")
+        for name in ("registry", "secrets", "scheduler", "postgres"):
+            running = [t for t in _tasks_of(manager, f"{stack_name}_{name}") if t["Status"]["State"] == "running"]
+            assert [t["NodeID"] for t in running] == [node1.id], name
+
+        # No credential appears in any service's spec; each service got its files.
+        for service in manager.services.list(filters={"label": f"com.docker.stack.namespace={stack_name}"}):
+            spec_text = json.dumps(service.attrs["Spec"])
+            assert not any(v in spec_text for v in values.values()), service.name
+
+        # The scheduler drives the swarm through the manager's socket.
+        scheduler_task = _tasks_of(manager, f"{stack_name}_scheduler")[0]
+        container = manager.containers.get(scheduler_task["Status"]["ContainerStatus"]["ContainerID"])
+        seen = container.exec_run(["python", "-c", "import docker; i = docker.from_env().info(); "
+                                   "print(i['Swarm']['NodeID'], i['Swarm']['ControlAvailable'])"])
+        assert seen.exit_code == 0, seen.output
+        assert seen.output.decode().split() == [node1.id, "True"]
+
+        # Through the CLI, as an operator: the admin key from the secret creates
+        # a project; a secret is stored (master key from its Docker secret) and listed.
+        cli_env = {
+            **os.environ, "BERTH_ADMIN_KEY": admin_key, "BERTH_DATA_DIR": str(tmp_path / "cli"), "BERTH_PROJECT": "stk",
+            **{f"BERTH_{name}_ADDR": f"{n1}:{ports[name]}" for name in ("REGISTRY", "SECRETS", "SCHEDULER")},
+        }
+
+        def berth(*args: str, key: str = "", stdin: str | None = None) -> dict[str, Any]:
+            result = subprocess.run([sys.executable, "-m", "berth.cli", *args, "--output", "json"], input=stdin,
+                                    env={**cli_env, "BERTH_API_KEY": key}, capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr
+            return json.loads(result.stdout)["data"]
+
+        key = berth("projects", "create", "stk")["api_key"]
+        berth("secrets", "set", "--name", "STACK_CANARY", "--type", "generic", "--stdin", key=key, stdin="canary-value")
+        listed = berth("secrets", "list", key=key)
+        assert "STACK_CANARY" in json.dumps(listed) and "canary-value" not in json.dumps(listed)
+    finally:
+        subprocess.run(["docker", "stack", "rm", stack_name], env=env, capture_output=True, timeout=120)
