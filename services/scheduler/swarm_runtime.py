@@ -32,7 +32,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -127,7 +127,9 @@ def task_state(t: TaskInfo, *, ready: bool, ever_ready: bool, node_up: bool) -> 
     if t.state == "starting":
         return ReplicaState.STARTING
     if t.state == "running":
-        if ready and node_up and t.desired_state == "running":
+        if t.desired_state not in ("running", "ready", "accepted"):
+            return ReplicaState.STOPPING  # Swarm is stopping it (replaced, scaled away)
+        if ready and node_up:
             return ReplicaState.READY
         return ReplicaState.UNHEALTHY if ever_ready or not node_up else ReplicaState.STARTING
     if t.state in FAILED_STATES:
@@ -135,18 +137,15 @@ def task_state(t: TaskInfo, *, ready: bool, ever_ready: bool, node_up: bool) -> 
     return ReplicaState.EXITED
 
 
-def current_tasks(tasks: Sequence[TaskInfo]) -> list[TaskInfo]:
-    """The task Swarm wants running in each slot (desired ``running``), or,
-    for a slot with none, its latest task: what ``status`` shows."""
-    by_slot: dict[tuple[str, int], list[TaskInfo]] = defaultdict(list)
-    for t in tasks:
-        by_slot[(t.service_id, t.slot)].append(t)
-    chosen = []
-    for slot_tasks in by_slot.values():
-        wanted = [t for t in slot_tasks if t.desired_state in ("running", "ready", "accepted")]
-        if wanted:
-            chosen.extend(wanted)
-    return chosen
+def current_tasks(tasks: Sequence[TaskInfo], node_up: Callable[[str], bool] = lambda _: True) -> list[TaskInfo]:
+    """What ``status`` shows: the tasks Swarm wants running, and those it is
+    stopping that still run (replaced or scaled away) on a node that is up;
+    not the history, nor what a down node last reported."""
+    return [
+        t for t in tasks
+        if t.desired_state in ("running", "ready", "accepted")
+        or (t.state in ("running", "starting") and node_up(t.node_id))
+    ]
 
 
 def restarts_in_slot(tasks: Sequence[TaskInfo], t: TaskInfo) -> int:
@@ -661,7 +660,7 @@ class SwarmRuntime(ScalingRuntime):
     def _views(self, tasks: Sequence[TaskInfo], s: ServiceInfo) -> tuple[ReplicaView, ...]:
         mine = [t for t in tasks if t.service_id == s.id]
         views = []
-        for t in sorted(current_tasks(mine), key=lambda t: (t.slot, t.id)):
+        for t in sorted(current_tasks(mine, self._node_up), key=lambda t: (t.slot, t.id)):
             readiness = self._readiness.get(t.id, _Readiness())
             node = self._nodes.get(t.node_id)
             views.append(ReplicaView(

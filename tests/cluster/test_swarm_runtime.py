@@ -18,6 +18,7 @@ import functools
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import threading
 import time
@@ -547,6 +548,19 @@ def test_platform_on_the_cluster_deploy_promote_rollback_scale_and_node_kill_und
                    if t["Status"]["State"] == "running"]
     assert len(running_now) == 3, running_now
     assert ready(3)
+
+    # The scheduler killed right after a scale: the one berth up restarts adopts the service mid-scale.
+    run("deployment", "scale", v1_id, "--min-replicas", "5", "--max-replicas", "5", "-e", "preview",
+        "--project", "fleet")
+    [scheduler] = [r for r in local.recorded_processes(p.data_dir / local.RUN_DIR)
+                   if r.name.startswith("scheduler") and r.running()]
+    os.kill(scheduler.pid, signal.SIGKILL)
+    eventually(lambda: ready(5), timeout=90, what="5 ready after the scheduler's restart")
+    [after] = [s for s in swarm_cluster.client(0).api.services(filters={"label": f"berth.deployment={v1_id}"})
+               if s["Spec"]["Labels"].get("berth.environment") == v1["environment"]["id"]]
+    assert after["ID"] == service["ID"] and after["Spec"]["Mode"]["Replicated"]["Replicas"] == 5
+    assert len([t for t in swarm_cluster.client(0).api.tasks(filters={"service": service["ID"]})
+                if t["Status"]["State"] == "running"]) == 5
 
     # An unpullable digest: in deployment errors within 10 s, in the registry's words.
     missing = f"{worker_ref.split('@')[0]}@sha256:{'0' * 64}"

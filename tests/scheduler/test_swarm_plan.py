@@ -111,7 +111,7 @@ def task(tid: str, slot: int, state: str, desired: str = "running", *, service: 
         ("running", "running", True, True, True, ReplicaState.READY),
         ("running", "running", False, True, True, ReplicaState.UNHEALTHY),
         ("running", "running", True, True, False, ReplicaState.UNHEALTHY),  # its node is down
-        ("running", "shutdown", True, True, True, ReplicaState.UNHEALTHY),  # being replaced
+        ("running", "shutdown", True, True, True, ReplicaState.STOPPING),  # being replaced
         ("rejected", "shutdown", False, False, True, ReplicaState.FAILED),
         ("failed", "shutdown", False, True, True, ReplicaState.FAILED),
         ("shutdown", "shutdown", False, True, True, ReplicaState.EXITED),
@@ -122,16 +122,19 @@ def test_task_state(state: str, desired: str, ready: bool, ever: bool, node_up: 
     assert task_state(task("t", 1, state, desired), ready=ready, ever_ready=ever, node_up=node_up) is expected
 
 
-def test_status_shows_the_wanted_task_of_each_slot_and_counts_earlier_ones() -> None:
+def test_status_shows_wanted_and_stopping_tasks_and_counts_earlier_ones() -> None:
     tasks = [
         task("old1", 1, "failed", "shutdown", age=0),
         task("old2", 1, "shutdown", "shutdown", age=1),
         task("cur1", 1, "running", age=2),
         task("cur2", 2, "running", age=0),
         task("gone3", 3, "shutdown", "shutdown", age=0),  # scaled away: not shown
+        task("stop4", 4, "running", "shutdown", age=0),  # being stopped: shown (stopping)
     ]
     shown = current_tasks(tasks)
-    assert sorted(t.id for t in shown) == ["cur1", "cur2"]
+    assert sorted(t.id for t in shown) == ["cur1", "cur2", "stop4"]
+    on_a_down_node = current_tasks(tasks, node_up=lambda node: node != "n1")
+    assert sorted(t.id for t in on_a_down_node) == ["cur1", "cur2"]
     assert restarts_in_slot(tasks, tasks[2]) == 2
     assert restarts_in_slot(tasks, tasks[3]) == 0
 
