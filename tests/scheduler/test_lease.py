@@ -342,3 +342,78 @@ def test_the_adapter_refuses_every_engine_write_without_the_lease() -> None:
         asyncio.run(scenario())
     finally:
         adapter.close()
+
+
+# -- what a standby answers, and the leader's duties ---------------------------
+def test_a_standby_refuses_leader_work_naming_the_leader(events: EventStore) -> None:
+    from berth import errors
+    from services.scheduler.servicer import require_leader
+
+    store = lease_store(events.engine, "p")
+    leader = LeaderElector(store, identity="sched-a", address="10.0.0.1:50053", duration=60)
+    standby = LeaderElector(store, identity="sched-b", duration=60)
+
+    async def scenario() -> None:
+        await leader._step(leader._clock())
+        await standby._step(standby._clock())
+
+    asyncio.run(scenario())
+    require_leader(leader)  # the leader passes
+    require_leader(None)  # a scheduler without a lease (tests, in-process) passes
+    with pytest.raises(errors.Unavailable) as refused:
+        require_leader(standby)
+    assert refused.value.reason == "NOT_LEADER"
+    assert "sched-b" in refused.value.message and "the leader is sched-a at 10.0.0.1:50053 (epoch 1)" in \
+        refused.value.message
+    assert refused.value.metadata == {"instance": "sched-b", "leader": "sched-a", "leader_address": "10.0.0.1:50053",
+                                      "leader_epoch": "1"}
+
+
+@dataclass
+class FlippingElector:
+    leading: bool = False
+    renew_every: float = 0.05
+
+
+def test_leader_duties_run_the_work_only_while_leading_and_say_so_on_health() -> None:
+    from services.scheduler.lease import LeaderDuties
+
+    elector = FlippingElector()
+    serving: list[bool] = []
+    runs: list[str] = []
+    stood_down: list[int] = []
+
+    async def work() -> None:
+        runs.append("started")
+        try:
+            await asyncio.Event().wait()
+        finally:
+            runs.append("cancelled")
+
+    async def stand_down() -> None:
+        stood_down.append(1)
+
+    async def set_serving(value: bool) -> None:
+        if not serving or serving[-1] != value:
+            serving.append(value)
+
+    async def scenario() -> None:
+        duties = LeaderDuties(elector, work=work, stand_down=stand_down, set_serving=set_serving)  # type: ignore[arg-type]
+        task = asyncio.create_task(duties.run())
+        await asyncio.sleep(0.1)
+        assert runs == [] and serving == [False]  # a standby: no work, NOT_SERVING
+        elector.leading = True
+        duties.changed(True)
+        await asyncio.sleep(0.1)
+        assert runs == ["started"] and serving == [False]  # leading, but not loaded yet: still NOT_SERVING
+        duties.ready = True
+        duties.changed()
+        await asyncio.sleep(0.1)
+        assert serving == [False, True]
+        elector.leading = False  # e.g. its own clock says the lease may have expired: no call needed
+        await asyncio.sleep(0.2)
+        assert runs == ["started", "cancelled"] and stood_down == [1] and serving[-1] is False
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
