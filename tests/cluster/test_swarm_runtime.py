@@ -395,6 +395,31 @@ def test_no_suitable_node_is_a_scheduling_failure_with_swarms_message(
 
     asyncio.run(scenario())
 
+
+def test_the_autoscaler_sets_the_count_from_zero_on_activation_and_load_and_two_schedulers_never_duplicate(
+        swarm_cluster: SwarmCluster, worker_ref: str, instance: str) -> None:
+    b = binding(worker_ref, min_replicas=0, max_replicas=3)
+    dep = b.deployment.id
+    key = (b.environment_id, dep)
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [b])
+        # Two schedulers' passes at once (a second one by mistake): one service, never two.
+        first, second = runtime(swarm_cluster, table, instance), runtime(swarm_cluster, table, instance)
+        first.activate(key)
+        second.activate(key)
+        await asyncio.gather(first.reconcile_once(), second.reconcile_once())
+        assert len(services_of(swarm_cluster, instance, dep)) == 1
+        async with running(first):
+            await wait_for(lambda: len(addresses(first, dep)) == 1, timeout=60, what="1 ready after the activation")
+            first.report_load({key: (25, 50)}, reporter="router-a")  # 25 in flight at 10 per replica: 3
+            await wait_for(lambda: len(addresses(first, dep)) == 3, timeout=60, what="3 ready under load")
+        [service] = services_of(swarm_cluster, instance, dep)
+        assert service["Spec"]["Mode"]["Replicated"]["Replicas"] == 3
+
+    asyncio.run(scenario())
+
 # -- the whole platform on the cluster, through the CLI and the router -----------------------------------------------
 @pytest.fixture
 def cluster_platform(swarm_cluster: SwarmCluster, tmp_path: pathlib.Path) -> Iterator[RunningPlatform]:
