@@ -270,12 +270,7 @@ class ChangeFeed:
         # handlers in the default pool (writers waiting on the revision row's
         # lock, say), they would hold every watcher back.
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="registry-feed")
-        self.listening = asyncio.Event()  # set while a LISTEN connection is up
         hub.on_commit(lambda _revision: self.wake())
-
-    @property
-    def revision(self) -> int:
-        return self._revision
 
     async def start(self, from_revision: int) -> None:
         """Publishes what commits after ``from_revision``."""
@@ -357,7 +352,6 @@ class ChangeFeed:
                     keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
                 ) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    self.listening.set()
                     backoff = LISTEN_BACKOFF_INITIAL
                     self._wake.set()  # whatever committed while nobody listened
                     while True:
@@ -365,7 +359,6 @@ class ChangeFeed:
                             self._wake.set()
                         await conn.execute("SELECT 1")  # quiet for a while: is the connection alive?
             except (psycopg.Error, OSError) as exc:
-                self.listening.clear()
                 log.warning("change_listener_lost", extra={"error": str(exc), "retry_in": backoff})
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, LISTEN_BACKOFF_MAX)
