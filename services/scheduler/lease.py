@@ -20,8 +20,15 @@ old holder has stopped acting, even if it was paused (SIGSTOP) or cut off
 from the database: ``ensure_leading`` checks that deadline on a clock that
 keeps counting while the process is stopped or the machine sleeps
 (``CLOCK_BOOTTIME``), so a resumed holder refuses every write at once.
-The epoch is stamped on what the leader creates (``berth.epoch``), so a
-reconciler seeing a container of a higher epoch knows it has been replaced.
+Writes stop a further margin before the deadline, so one sent at the last
+allowed moment has two margins (2/5 of the duration) to reach the engine
+before a successor can exist. What remains is the engine's own latency: a
+write the engine takes longer than that to carry out, or a process stopped
+between the check and the request leaving it (a few microseconds), can land
+after a successor acquired the lease. The epoch stamped on what the leader
+creates (``berth.epoch``) bounds the damage: a reconciler seeing a container
+of a higher epoch stands down, so the old holder never touches the new
+holder's work.
 
 A standby reads the row, sleeps until the moment it expires (at most a third
 of the duration between reads, which keeps its view of the leader fresh) and
@@ -333,10 +340,14 @@ class LeaderElector:
         return term is not None and self._clock() < term.deadline
 
     def ensure_leading(self) -> None:
+        """Raises ``LeaseLost`` unless the lease is held with at least
+        ``margin`` of the term left: a write sent now has that long, plus the
+        margin between the deadline and the store's expiry, to land on the
+        engine before anyone else can hold the lease."""
         term = self._term
         if term is None:
             raise LeaseLost(f"scheduler {self.identity} is not the leader; {self.describe_leader()}", self.leader)
-        if self._clock() >= term.deadline:
+        if self._clock() >= term.deadline - self.margin:
             raise LeaseLost(
                 f"scheduler {self.identity} may have lost the lease (epoch {term.epoch}): not renewed in time",
                 self.leader,

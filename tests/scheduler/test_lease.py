@@ -157,9 +157,13 @@ def test_holder_deposes_itself_on_its_own_clock_before_the_store_expiry(events: 
         await elector._step(clock())
         assert elector.leading and elector.epoch == 1 and changes == [True]
         elector.ensure_leading()
-        clock.now += 2.0 - elector.margin - 0.01
-        elector.ensure_leading()  # still inside its term
+        clock.now += 2.0 - 2 * elector.margin - 0.01
+        elector.ensure_leading()  # writes still allowed
         clock.now += 0.02
+        assert elector.leading  # still its term, but no new write may start this close to the deadline
+        with pytest.raises(LeaseLost, match="not renewed in time"):
+            elector.ensure_leading()
+        clock.now += elector.margin
         assert not elector.leading
         with pytest.raises(LeaseLost, match="not renewed in time"):
             elector.ensure_leading()
@@ -182,7 +186,7 @@ def test_a_renewal_moves_the_deadline_and_a_failed_one_deposes(events: EventStor
         await elector._step(clock())
         clock.now += 1.0
         await elector._step(clock())  # renewal
-        clock.now += 2.0 - elector.margin - 0.01  # past the first term's deadline, inside the renewed one
+        clock.now += 2.0 - 2 * elector.margin - 0.01  # past the first term's write window, inside the renewed one
         elector.ensure_leading()
         # Someone else's epoch in the row (e.g. the store's clock said expired): the renewal fails.
         store.release(holder="a", epoch=1)
