@@ -1,7 +1,12 @@
 """Watch: snapshot, ordered changes, and resuming with since_revision."""
 from __future__ import annotations
 
+from collections import Counter
+
+import pytest
+
 from berth.v1 import registry_pb2
+from services.registry import changes as changes_module
 from services.registry.changes import ChangeLog
 from services.registry.storage import ChangeRow, utcnow
 from tests.registry.conftest import collect_until
@@ -127,3 +132,31 @@ def test_a_row_of_a_kind_this_version_does_not_know_is_passed_over(registry):
     assert log.after(current) == ([], current + 1)
     before = log.after(current - 1)
     assert {c.revision for c in before[0]} == {current} and before[1] == current + 1
+
+
+@pytest.mark.parametrize("batch_rows", [2, 4])
+def test_the_tailer_reads_whole_revisions_in_order(registry, monkeypatch, batch_rows):
+    """Batches end on a revision boundary (one revision larger than a batch
+    comes whole), so the hub never publishes half a transaction."""
+    monkeypatch.setattr(changes_module, "TAIL_BATCH_ROWS", batch_rows)
+    _, key = registry.create_project("shop")  # three environments: one revision of 3 rows
+    for n in range(4):
+        registry.call("Deploy", registry_pb2.DeployRequest(image=f"app:{n}"), key)  # 2 or 3 rows each
+    log = ChangeLog(registry.service._sessions)
+    everything = log.replay(0)
+    assert everything is not None
+    rows_per_revision = Counter(c.revision for c in everything)
+    read: list = []  # type: ignore[type-arg]
+    revision = 0
+    for _ in range(100):
+        batch, newest = log.after(revision)
+        if newest == revision:
+            break
+        assert batch and newest == batch[-1].revision > revision
+        assert all(rows_per_revision[r] == n for r, n in Counter(c.revision for c in batch).items())
+        read.extend(batch)
+        revision = newest
+    assert [(c.revision, c.kind, c.project_id) for c in read] == [(c.revision, c.kind, c.project_id) for c in everything]
+    # Both paths were taken: a revision larger than a batch of 2, and a
+    # batch of 4 cut back to the last whole revision.
+    assert max(rows_per_revision.values()) > 2 and len(everything) > batch_rows
