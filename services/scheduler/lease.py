@@ -101,7 +101,7 @@ class Leadership(Fence, Protocol):
     """The fence, as the reconciler also uses it: told to stand down when it
     sees the work of a higher epoch."""
 
-    def depose(self, reason: str) -> None: ...
+    def depose(self, reason: str, *, seen_epoch: int = 0) -> None: ...
 
 
 def epoch_of(labels: Mapping[str, str]) -> int:
@@ -228,26 +228,31 @@ class LeaseStore:
             renewed_at=float(row.renewed_at), expires_at=float(row.expires_at), now=float(row.now),
         )
 
-    def try_acquire(self, seen: LeaseRecord, *, holder: str, address: str, process: str, duration: float) -> int | None:
+    def try_acquire(
+        self, seen: LeaseRecord, *, holder: str, address: str, process: str, duration: float, above: int = 0
+    ) -> int | None:
         """Takes the lease if it still carries ``seen.epoch`` and has expired
-        or been released (or, on SQLite, its holder's process is gone).
-        Returns the new epoch, or None when someone else holds it."""
+        or been released (or, on SQLite, its holder's process is gone), with
+        the next epoch — or ``above + 1`` if that is higher (epochs seen on
+        the engine that this row never issued: it was reset). Returns the new
+        epoch, or None when someone else holds it."""
         steal = self.local and bool(seen.holder) and _process_gone(seen.process)
+        new_epoch = max(seen.epoch, above) + 1
         with self._engine.begin() as conn:
             result = conn.execute(
                 text(
-                    "UPDATE scheduler_leases SET holder = :holder, epoch = epoch + 1, address = :address, "
+                    "UPDATE scheduler_leases SET holder = :holder, epoch = :new_epoch, address = :address, "
                     f"process = :process, renewed_at = {self._now}, expires_at = {self._now} + :duration "
                     f"WHERE name = :name AND epoch = :epoch AND (expires_at <= {self._now} OR holder = '' "
                     "OR :steal)"
                 ),
                 self._params(holder=holder, address=address, process=process, duration=duration,
-                             epoch=seen.epoch, steal=steal),
+                             epoch=seen.epoch, new_epoch=new_epoch, steal=steal),
             )
             won = result.rowcount == 1
         if won and steal:
             log.info("lease_taken_from_dead_process", extra={"previous": seen.holder, "epoch": seen.epoch})
-        return seen.epoch + 1 if won else None
+        return new_epoch if won else None
 
     def renew(self, *, holder: str, epoch: int, duration: float) -> bool:
         """Extends the lease if this holder still has it with this epoch and
@@ -322,6 +327,7 @@ class LeaderElector:
         self._clock = clock
         self._term: _Term | None = None
         self._last_epoch = 0
+        self._epoch_floor = 0  # the highest epoch seen on the engine
         self._process = this_process()
         self.leader: LeaseRecord | None = None  # the row as last read or written
         self._stopped = False
@@ -353,8 +359,13 @@ class LeaderElector:
                 self.leader,
             )
 
-    def depose(self, reason: str) -> None:
-        """Stop leading now (e.g. a container of a higher epoch was seen)."""
+    def depose(self, reason: str, *, seen_epoch: int = 0) -> None:
+        """Stop leading now: a container of a higher epoch (``seen_epoch``)
+        was seen. Normally another scheduler holds the lease with it; if the
+        lease row was reset instead (a new database, a wiped data
+        directory), the next acquisition takes an epoch above it, so this
+        scheduler is not locked out by its own old containers."""
+        self._epoch_floor = max(self._epoch_floor, seen_epoch)
         if self._term is not None:
             log.warning("deposed", extra={"epoch": self._term.epoch, "reason": reason})
             self._lose()
@@ -418,7 +429,7 @@ class LeaderElector:
             return min(self.renew_every, seen.remaining + 0.02)
         epoch = await asyncio.to_thread(
             self._store.try_acquire, seen, holder=self.identity, address=self.address,
-            process=self._process, duration=self.duration,
+            process=self._process, duration=self.duration, above=self._epoch_floor,
         )
         if epoch is None:
             return min(self.renew_every, max(seen.remaining, 0.0) + 0.02) if seen.holder else 0.05

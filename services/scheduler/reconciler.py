@@ -154,7 +154,7 @@ def _check_epochs(observed: Sequence[da.ContainerInfo], fence: Leadership) -> No
     newer = max((epoch_of(c.labels) for c in observed), default=0)
     if newer > fence.epoch:
         reason = f"a container of epoch {newer} exists; this scheduler's epoch is {fence.epoch}"
-        fence.depose(reason)
+        fence.depose(reason, seen_epoch=newer)
         raise LeaseLost(f"another scheduler leads: {reason}")
     fence.ensure_leading()  # still, after the listing
 

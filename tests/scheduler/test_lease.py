@@ -302,7 +302,7 @@ class StubFence:
         if not self.leading:
             raise LeaseLost("not leading")
 
-    def depose(self, reason: str) -> None:
+    def depose(self, reason: str, *, seen_epoch: int = 0) -> None:
         self.deposed.append(reason)
         self.leading = False
 
@@ -323,6 +323,30 @@ def test_a_container_of_a_higher_epoch_deposes_the_reconciler() -> None:
         _check_epochs([_container(3), _container(4)], fence)
     assert fence.deposed and not fence.leading
     assert epoch_of({EPOCH_LABEL: "junk"}) == 0 and epoch_of({}) == 0
+
+
+def test_a_reset_lease_row_does_not_lock_the_scheduler_out_of_its_own_containers(events: EventStore) -> None:
+    """Containers stamped with epoch 5 by a lease table that is gone (a new
+    database, a wiped data directory): the fresh row issues epoch 1, the
+    reconciler sees 5 and stands down, and the next acquisition jumps to 6,
+    after which the containers no longer depose it."""
+    store = lease_store(events.engine, "p")
+    elector = LeaderElector(store, identity="a", duration=0.3)
+    old = [_container(5), _container(5)]
+
+    async def scenario() -> None:
+        await elector._step(elector._clock())
+        assert elector.epoch == 1
+        with pytest.raises(LeaseLost, match="epoch 5"):
+            _check_epochs(old, elector)
+        assert not elector.leading
+        await asyncio.sleep(0.35)  # its own row expires
+        await elector._step(elector._clock())
+        assert elector.leading and elector.epoch == 6
+        _check_epochs(old, elector)  # now older than its epoch: no deposition
+
+    asyncio.run(scenario())
+    assert store.read().epoch == 6
 
 
 class NoEngine:
