@@ -295,7 +295,7 @@ class EventStore:
                     )
                 )
             else:
-                row.count += 1
+                row.count = _EventRow.count + 1  # in the database: no increment lost to another scheduler
                 row.last_seen = now
                 row.message = message
 

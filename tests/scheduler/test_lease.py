@@ -445,3 +445,33 @@ def test_leader_duties_run_the_work_only_while_leading_and_say_so_on_health() ->
         await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
+
+
+# -- the event store shared by a leader and its standbys ------------------------
+def test_events_recorded_by_one_scheduler_are_read_by_another_and_folded_without_loss(store_url: str) -> None:
+    """Two schedulers' stores on one database (a leader and the standby that
+    takes over): what one records the other lists, and the same failure
+    recorded concurrently by both is folded into one row whose count loses
+    no occurrence."""
+    from services.scheduler.events import EventKind
+
+    stores = [EventStore(url=store_url), EventStore(url=store_url)]
+    try:
+        def record(store: EventStore, n: int) -> None:
+            for _ in range(n):
+                store.record(EventKind.CRASH_LOOP, message="replica 0 exited 3 times", project_id="p",
+                             deployment_id="dep_0123456789ab", environment_id="env", environment="staging",
+                             replica="0")
+
+        threads = [threading.Thread(target=record, args=(store, 25)) for store in stores for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for store in stores:
+            [event] = store.list("dep_0123456789ab")
+            assert event.count == 100 and event.kind == "crash_loop"
+            assert store.project_of("dep_0123456789ab") == "p"
+    finally:
+        for store in stores:
+            store.close()
