@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Sequence
 
 import docker
@@ -204,7 +203,7 @@ async def serve(args: argparse.Namespace) -> None:
     else:
         reconciler = Reconciler(adapter, table, secrets, events, config, record_image=recorder, fence=elector)
     watcher = RegistryWatcher(table, args.registry, args.service_token)
-    authenticator = RegistryAuthenticator(args.registry, args.service_token, admin_key=os.environ.get("BERTH_ADMIN_KEY", ""))
+    authenticator = RegistryAuthenticator(args.registry, args.service_token, admin_key=env("BERTH_ADMIN_KEY"))
 
     running = await start_server(
         host=args.host,
