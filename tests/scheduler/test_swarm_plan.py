@@ -1,17 +1,24 @@
 """The Swarm runtime's pure parts, on plain data: the service plan (table
 driven, like test_plan.py), the task-state mapping, which tasks status
-shows, the service spec sent to Swarm, and image references."""
+shows, the service spec sent to Swarm, image references, and the watch
+folding a manager's reports (a fake one) into events."""
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from berth import images
-from services.scheduler.runtime import ReplicaState
+from services.scheduler.desired import DesiredTable
+from services.scheduler.events import EventStore
+from services.scheduler.runtime import ReplicaState, SchedulerConfig
 from services.scheduler.swarm_adapter import (
     EPOCH_LABEL,
+    NodeInfo,
     ServiceDefinition,
+    ServiceInfo,
     TaskInfo,
     _node_info,
     _task_info,
@@ -28,7 +35,7 @@ from services.scheduler.swarm_plan import (
     UpdateService,
     plan,
 )
-from services.scheduler.swarm_runtime import current_tasks, restarts_in_slot, service_name, task_state
+from services.scheduler.swarm_runtime import SwarmRuntime, current_tasks, restarts_in_slot, service_name, task_state
 
 A = ("env_a", "dep_1")
 B = ("env_b", "dep_1")
@@ -218,3 +225,82 @@ def test_with_digest_keeps_the_registry() -> None:
 def test_bad_references_are_refused(ref: str) -> None:
     with pytest.raises(ValueError):
         images.parse(ref)
+
+
+# -- the watch's folding of Swarm's reports into events (a fake manager) -------------------------------------------
+class FakeManager:
+    """Stands in for SwarmAdapter's reads: what a manager would list."""
+
+    def __init__(self) -> None:
+        self.services: list[ServiceInfo] = []
+        self.tasks: list[TaskInfo] = []
+        self.nodes: list[NodeInfo] = []
+
+    async def list_services(self, instance: str, extra: object = None) -> list[ServiceInfo]:
+        return list(self.services)
+
+    async def list_tasks(self, service_ids: object) -> list[TaskInfo]:
+        return list(self.tasks)
+
+    async def list_nodes(self) -> list[NodeInfo]:
+        return list(self.nodes)
+
+
+def watched() -> tuple[SwarmRuntime, FakeManager, EventStore]:
+    manager = FakeManager()
+    labels = {"berth.managed": "true", "berth.instance": "i", "berth.project": "p", "berth.environment": "env_a",
+              "berth.deployment": "dep_1", "berth.port": "8080", "berth.health-path": "/"}
+    manager.services = [ServiceInfo(id="s1", name="berth-i-env-a-dep-1", labels=labels, replicas=3, version=1,
+                                    created_at=T0)]
+    manager.nodes = [NodeInfo(id=f"n{i}", hostname=f"node-{i}", address="127.0.0.1", state="ready",
+                              availability="active") for i in (1, 2, 3)]
+    events = EventStore()
+    runtime = SwarmRuntime(manager, DesiredTable(), None, events, SchedulerConfig(instance="i"))  # type: ignore[arg-type]
+    return runtime, manager, events
+
+
+def kinds(events: EventStore) -> list[tuple[str, str, int]]:
+    return sorted((e.kind, e.replica, e.count) for e in events.list("dep_1"))
+
+
+def test_a_node_going_down_is_one_node_down_event_listing_the_replicas_it_took() -> None:
+    runtime, manager, events = watched()
+    manager.tasks = [task("t1", 1, "running", node="n1"), task("t2", 2, "running", node="n2"),
+                     task("t3", 3, "running", node="n2")]
+
+    async def scenario() -> None:
+        await runtime.observe()
+        assert kinds(events) == []
+        manager.nodes[1] = dataclasses.replace(manager.nodes[1], state="down")
+        await runtime.observe()
+        await runtime.observe()  # still down: not recorded again
+        [event] = events.list("dep_1")
+        assert event.kind == "node_down" and event.replica == "node-2" and event.count == 1
+        assert "replica 2 (task t2)" in event.message and "replica 3 (task t3)" in event.message
+        assert "replica 1" not in event.message
+        manager.nodes[1] = dataclasses.replace(manager.nodes[1], state="ready")
+        await runtime.observe()
+        manager.nodes[1] = dataclasses.replace(manager.nodes[1], state="down")
+        await runtime.observe()  # a second outage: counted
+        assert kinds(events) == [("node_down", "node-2", 2)]
+
+    asyncio.run(scenario())
+
+
+def test_pending_on_no_suitable_node_and_a_slot_that_keeps_failing_are_folded_events() -> None:
+    runtime, manager, events = watched()
+    pending = dataclasses.replace(task("t9", 1, "pending"), error="no suitable node (insufficient resources on 3 nodes)")
+    failed = [dataclasses.replace(task(f"f{i}", 2, "failed", "shutdown", age=i), error="task: non-zero exit (1)",
+                                  exit_code=1) for i in range(3)]
+    manager.tasks = [pending, *failed]
+
+    async def scenario() -> None:
+        await runtime.observe()
+        await runtime.observe()  # the same reports again: nothing new
+        found = {e.kind: e for e in events.list("dep_1")}
+        assert set(found) == {"scheduling_failure", "crash_loop"}
+        assert found["scheduling_failure"].count == 1
+        assert "no suitable node (insufficient resources on 3 nodes)" in found["scheduling_failure"].message
+        assert found["crash_loop"].replica == "2" and "exit code 1" in found["crash_loop"].message
+
+    asyncio.run(scenario())
