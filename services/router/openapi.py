@@ -97,6 +97,8 @@ SCHEMAS: dict[str, Any] = {
         "id": STRING, "name": STRING, "index": INTEGER,
         "state": {"type": "string", "description": "pending | starting | ready | unhealthy | stopping | exited | failed"},
         "started_at": TIME, "restarts": INTEGER, "address": STRING,
+        "node": {"type": "string", "description": "the cluster node it runs on (swarm runtime); "
+                 "empty on one engine"},
     }),
     "BindingStatus": obj({
         "environment": STRING,
