@@ -29,8 +29,8 @@ import datetime
 import json
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -93,6 +93,11 @@ HTTP_BY_GRPC: dict[grpc.StatusCode, tuple[int, str]] = {
 }
 RETRYABLE_STATUSES = frozenset({503})
 MOVE_ATTEMPTS = 4  # sends of one pointer move (each under compare-and-swap)
+# GET /watch (server-sent events): a comment line this often when nothing happens (a proxy keeps the
+# connection, the router notices a client gone), and the stream ends after WATCH_MAX_SECONDS (the client
+# reconnects with Last-Event-ID, as EventSource does by itself).
+WATCH_HEARTBEAT_SECONDS = 15.0
+WATCH_MAX_SECONDS = 3600.0
 ROUTERS_POLL = 0.05  # seconds between asks while another router lags
 
 
@@ -126,6 +131,31 @@ class ApiError(Exception):
 
 def bad(field: str, why: str) -> ApiError:
     return ApiError(400, "invalid_argument", f"{field}: {why}")
+
+
+def sse_event(event: registry_pb2.EnvironmentEvent, *, with_id: bool) -> bytes:
+    """One WatchEnvironments event as a server-sent event: ``event:`` names
+    the change (environment, moved, created, deleted, binding,
+    snapshot_complete), ``data:`` its JSON in the REST shapes."""
+    which = event.WhichOneof("change")
+    data: dict[str, Any]
+    if event.snapshot_complete:
+        name, data = "snapshot_complete", {"resumed": event.resumed}
+    elif which == "moved":
+        name = "moved"
+        data = {"environment": environment_json(event.moved.environment), "entry": entry_json(event.moved.entry)}
+    elif which == "binding":
+        name, data = "binding", {"binding": binding_json(event.binding)}
+    elif which in ("environment", "created", "deleted"):
+        name, data = which, {"environment": environment_json(getattr(event, which))}
+    else:
+        name, data = "unknown", {}  # a change a newer registry sends that this router does not know
+    data["revision"] = event.revision
+    lines = [f"event: {name}"]
+    if with_id:
+        lines.append(f"id: {event.revision}")
+    lines.append("data: " + json.dumps(data, separators=(",", ":")))
+    return ("\n".join(lines) + "\n\n").encode()
 
 
 def page(call: Call) -> dict[str, Any]:
@@ -362,6 +392,7 @@ class Call:
     params: dict[str, str]
     query: dict[str, str]
     body: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
 
 
 ApiHandler = Callable[["RestApi", Call], Awaitable[PlatformResponse]]
@@ -378,6 +409,7 @@ class Operation:
     query: tuple[tuple[str, str], ...] = ()  # (name, description)
     response: str = ""  # schema name in openapi.py
     auth: bool = True
+    stream: bool = False  # text/event-stream instead of JSON
 
     @property
     def segments(self) -> list[str]:
@@ -469,7 +501,7 @@ class RestApi:
             if len(request.body) > MAX_API_BODY_BYTES:
                 raise ApiError(413, "body_too_large", f"the request body is {len(request.body)} bytes; this API "
                                f"accepts at most {MAX_API_BODY_BYTES} bytes")
-            return await op.handler(self, Call(api_key, params, query, request.body))
+            return await op.handler(self, Call(api_key, params, query, request.body, request.headers))
         if allowed:
             allowed = sorted(set(allowed))
             return error_response(405, "method_not_allowed", f"{request.path} accepts {', '.join(allowed)}",
@@ -657,6 +689,77 @@ class RestApi:
         body = json.loads(moved.body)
         return json_response(moved.status, {"deployment": deployment_json(deployed.deployment), **body})
 
+    async def watch(self, call: Call) -> PlatformResponse:
+        """The project's changes as server-sent events, from
+        Registry.WatchEnvironments: first the current state (or, resuming,
+        the changes after the revision given), a ``snapshot_complete`` event,
+        then each change as it commits. ``id:`` (the registry revision) is set
+        on the marker and every later event, so a client reconnecting with
+        ``Last-Event-ID`` (which wins over ``?since_revision=``) misses
+        nothing and gets nothing twice."""
+        since = 0
+        for name, raw in (("since_revision", call.query.get("since_revision", "")),
+                          ("Last-Event-ID", call.headers.get("last-event-id", ""))):
+            raw = raw.strip()
+            if not raw:
+                continue
+            if not raw.isdigit() or len(raw) > 18:
+                raise bad(name, f"must be a registry revision (a non-negative integer), not {raw[:40]!r}")
+            since = int(raw)  # Last-Event-ID, read second, wins
+        stream = self.services.registry.WatchEnvironments(
+            registry_pb2.WatchEnvironmentsRequest(since_revision=since), metadata=(("x-api-key", call.api_key),),
+        )
+        try:
+            first = await asyncio.wait_for(stream.read(), self.deadline)
+        except grpc.aio.AioRpcError as exc:
+            raise ApiError.from_rpc(exc, "registry") from None
+        except TimeoutError:
+            stream.cancel()
+            raise ApiError(503, "unavailable", "the registry did not start the watch in time; retry") from None
+        if first is grpc.aio.EOF:
+            raise ApiError(503, "unavailable", "the registry ended the watch at once; retry")
+        headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-store"),
+                   ("X-Accel-Buffering", "no")]
+        return PlatformResponse(200, headers, stream=self._events(stream, first))
+
+    async def _events(self, stream: Any, first: registry_pb2.EnvironmentEvent) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + WATCH_MAX_SECONDS
+        queue: asyncio.Queue[registry_pb2.EnvironmentEvent | None] = asyncio.Queue(maxsize=1000)
+
+        async def pump() -> None:
+            try:
+                while True:  # read(), as for the first event (async-for cannot follow read())
+                    event = await stream.read()
+                    if event is grpc.aio.EOF:
+                        break
+                    await queue.put(event)
+            except grpc.aio.AioRpcError as exc:
+                log.info("watch_stream_ended", extra={"code": exc.code().name})
+            finally:
+                await queue.put(None)
+
+        reader = asyncio.create_task(pump())
+        live = False  # ids only from the snapshot_complete marker on (see watch)
+        try:
+            event: registry_pb2.EnvironmentEvent | None = first
+            while event is not None:
+                live = live or event.snapshot_complete
+                yield sse_event(event, with_id=live)
+                while True:
+                    remaining = ends - loop.time()
+                    if remaining <= 0:
+                        return
+                    try:
+                        async with asyncio.timeout(min(WATCH_HEARTBEAT_SECONDS, remaining)):
+                            event = await queue.get()
+                        break
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+        finally:
+            reader.cancel()
+            stream.cancel()
+
     async def promote(self, call: Call) -> PlatformResponse:
         b = PROMOTE.parse(call.body)
         request = registry_pb2.PromoteRequest(
@@ -843,6 +946,11 @@ PAGE_QUERY = (
 )
 OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/openapi.json", RestApi.openapi, "getOpenApi", "This document", auth=False),
+    Operation("GET", "/watch", RestApi.watch, "watch",
+              "The project's changes as server-sent events (pointer moves, environments, bindings), resumable",
+              query=(("since_revision", "resume after this registry revision (the id of the last event applied); "
+                      "absent or 0: the current state first. A Last-Event-ID header wins over it"),),
+              response="EventStream", stream=True),
     Operation("POST", "/deployments", RestApi.deploy, "deploy",
               "Register a deployment of an image reference and point an environment at it", DEPLOY,
               response="Deployed"),

@@ -173,6 +173,17 @@ SCHEMAS: dict[str, Any] = {
     "SecretVersions": obj({"name": STRING, "versions": array(ref("Secret")), "next_page_token": PAGE_TOKEN}),
 }
 
+EVENT_STREAM = (
+    "Server-sent events, one per change of the project: `event:` names it — `environment` and `binding` (the "
+    "current state, before the marker, when not resuming), `snapshot_complete` (the marker; `resumed`: true when "
+    "the events before it were the changes after since_revision, false when they were the current state: replace "
+    "what you hold), `moved` (a deploy, promote or rollback: `environment` and `entry`), `created`, `deleted` "
+    "(`environment`), `binding` (a binding as it now is). `data:` is the JSON of the change in the shapes of "
+    "this API, with `revision`. `id:` (the registry revision) is set on the marker and on every event after it: "
+    "reconnect with it as Last-Event-ID. Lines starting with `:` are heartbeats. The stream ends after an hour; "
+    "reconnect."
+)
+
 ERRORS = {
     "400": "Malformed input; the message names the field",
     "401": "No API key, or not a valid one",
@@ -208,9 +219,15 @@ def _operation(op: api.Operation) -> dict[str, Any]:
     ]
     parameters += [
         {"name": name, "in": "query", "required": False,
-         "schema": INTEGER if name == "page_size" else STRING, "description": description}
+         "schema": INTEGER if name == "page_size" else {"type": "integer", "minimum": 0}
+         if name == "since_revision" else STRING, "description": description}
         for name, description in op.query
     ]
+    if op.stream:
+        parameters.append({"name": "Last-Event-ID", "in": "header", "required": False,
+                           "schema": {"type": "integer", "minimum": 0},
+                           "description": "the id of the last event received (EventSource sends it when it "
+                                          "reconnects): resume after it; wins over since_revision"})
     if parameters:
         out["parameters"] = parameters
     if op.body is not None:
@@ -226,6 +243,8 @@ def _operation(op: api.Operation) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "200": {"description": "OK", "content": {"application/json": {"schema": ref(op.response)}}},
     }
+    if op.stream:
+        responses["200"] = {"description": EVENT_STREAM, "content": {"text/event-stream": {"schema": STRING}}}
     for code, description in ERRORS.items():
         if code == "413" and op.body is None:
             continue

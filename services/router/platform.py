@@ -9,13 +9,15 @@ A handler has the shape::
 and is registered with ``Platform.route(method, path, handler)`` for one exact
 path, or ``Platform.mount(prefix, handler)`` for everything under a prefix
 (e.g. the REST API: ``platform.mount("/api/v1", api.handle)``). The proxy
-calls ``Platform.handle(method, path, query, headers, body)`` with the whole
-request body already read (bounded by ``--max-body-bytes``).
+calls ``Platform.respond(method, path, query, headers, body)`` with the whole
+request body already read (bounded by ``--max-body-bytes``). A response with a
+``stream`` (server-sent events) has a body of unknown length: the proxy sends
+its chunks as they come and closes the connection after the last.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,9 @@ class PlatformResponse:
     status: int
     headers: Headers = field(default_factory=list)
     body: bytes = b""
+    # Instead of ``body``: chunks sent as they come, the end of the stream
+    # delimited by closing the connection (text/event-stream).
+    stream: AsyncIterator[bytes] | None = None
 
 
 Handler = Callable[[PlatformRequest], Awaitable[PlatformResponse]]
@@ -70,6 +75,12 @@ class Platform:
     async def handle(
         self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
     ) -> tuple[int, Headers, bytes]:
+        response = await self.respond(method, path, query, headers, body)
+        return response.status, response.headers, response.body
+
+    async def respond(
+        self, method: str, path: str, query: str, headers: Mapping[str, str], body: bytes
+    ) -> PlatformResponse:
         request = PlatformRequest(method.upper(), path, query, headers, body)
         handler = self._routes.get((request.method, path))
         if handler is None and request.method == "HEAD":
@@ -94,7 +105,7 @@ class Platform:
                 )
         else:
             response = await handler(request)
-        return response.status, response.headers, response.body
+        return response
 
 
 class Readiness:

@@ -34,7 +34,7 @@ import re
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -89,6 +89,7 @@ CLOSING_LINGER = 1.0  # seconds an idle connection stays open once the server is
 
 BODY_BUFFER_HIGH = 256 * 1024  # pause reading the client beyond this many unforwarded bytes
 MAX_PENDING_REQUESTS = 4  # requests parsed ahead (pipelining) before the client's socket is paused
+STREAM_WRITE_WAITS = 600  # 50 ms waits (30 s) a streamed response waits for a slow reader's buffer
 MAX_IDLE_PER_ADDRESS = 64
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 MAX_REPLICA_RETRIES = 3
@@ -1906,15 +1907,48 @@ class ProxyServer:
             key = name.decode("latin-1").lower()
             text = value.decode("latin-1")
             headers[key] = headers[key] + ", " + text if key in headers else text
-        status, out_headers, out_body = await self.platform.handle(
+        response = await self.platform.respond(
             request.method.decode("latin-1"),
             url.path.decode("latin-1"),
             (url.query or b"").decode("latin-1"),
             headers,
             body,
         )
-        encoded = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in out_headers if n.lower() != "content-length"]
-        return status, client.write_response(request, status, encoded, out_body)
+        status = response.status
+        encoded = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in response.headers
+                   if n.lower() != "content-length"]
+        if response.stream is not None:
+            return status, await self._stream(client, request, status, encoded, response.stream)
+        return status, client.write_response(request, status, encoded, response.body)
+
+    async def _stream(self, client: ClientConnection, request: Request, status: int,
+                      headers: list[tuple[bytes, bytes]], chunks: AsyncIterator[bytes]) -> bool:
+        """A response of unknown length (server-sent events): the head without
+        Content-Length, then each chunk as the handler yields it, the end
+        delimited by closing the connection (never kept alive). Stops when
+        the client goes away; the handler bounds the stream's duration and
+        sends heartbeats, so a vanished client is noticed."""
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, _reason(status))]
+        head += [name + b": " + value + b"\r\n" for name, value in headers]
+        head.append(b"Connection: close\r\n\r\n")
+        client.write(b"".join(head))
+        try:
+            async for chunk in chunks:
+                if client.closed:
+                    break
+                client.write(chunk)
+                for _ in range(STREAM_WRITE_WAITS):  # a slow reader: wait (bounded) for the buffer to drain
+                    if not client._write_paused or client.closed:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    break  # stuck for STREAM_WRITE_WAITS x 50 ms: give up on this client
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            client.close()
+        return False
 
 
     async def _proxy(

@@ -84,7 +84,7 @@ def test_openapi_matches_the_operation_table() -> None:
     studio_extras = {("POST", "/api/v1/deployments/{id}/scale"), ("POST", "/api/v1/environments"),
                      ("GET", "/api/v1/secrets/{name}/versions"), ("POST", "/api/v1/secrets/{name}/rollback")}
     # Deleting an environment (force: one that pointed somewhere); registering a deployment by image (gRPC parity).
-    extras = {("DELETE", "/api/v1/environments/{id}"), ("POST", "/api/v1/deployments")}
+    extras = {("DELETE", "/api/v1/environments/{id}"), ("POST", "/api/v1/deployments"), ("GET", "/api/v1/watch")}
     assert implemented == design | studio_extras | extras
     delete_env = doc["paths"]["/api/v1/environments/{id}"]["delete"]
     body = delete_env["requestBody"]["content"]["application/json"]["schema"]

@@ -1,9 +1,12 @@
 """REST parity with the gRPC API (issue 13): ``POST /api/v1/deployments``
 registers a deployment by image reference as ``Registry.Deploy`` does, with
 the same validation and errors — checked side by side against the same
-platform over both APIs."""
+platform over both APIs — and ``GET /api/v1/watch`` streams the project's
+changes (Registry.WatchEnvironments) as server-sent events, resumable with
+``Last-Event-ID``."""
 from __future__ import annotations
 
+import json
 import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -130,3 +133,90 @@ def test_rest_only_refusals_name_the_field(apis):
     assert apis.rest("POST", "/deployments", {"image": IMAGE}, key="").status_code == 401
     listed = apis.rest("GET", "/deployments").json()["deployments"]
     assert all(d["image"] == IMAGE for d in listed) and len(listed) == 3  # only the test above registered any
+
+
+# ---------------------------------------------------------------- GET /watch (server-sent events)
+
+MAX_EVENTS = 500  # every read below is bounded in count; the socket read timeout bounds it in time
+
+
+def _events(response: requests.Response) -> Iterator[dict[str, Any]]:
+    """Server-sent events of a streamed response: {"event", "id", "data"};
+    heartbeat comments skipped."""
+    fields: dict[str, Any] = {}
+    for line in response.iter_lines(chunk_size=1, decode_unicode=True):  # as bytes arrive, not per 512
+        if line is None:
+            continue
+        if line == "":
+            if fields:
+                yield {"event": fields.get("event", "message"), "id": fields.get("id"),
+                       "data": json.loads(fields.get("data", "null"))}
+            fields = {}
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
+
+
+def _watch(apis: Apis, *, since: str | None = None, last_event_id: str | None = None) -> requests.Response:
+    headers = {"X-API-KEY": apis.key}
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
+    params = {} if since is None else {"since_revision": since}
+    return requests.get(f"{apis.platform.router}/api/v1/watch", params=params, headers=headers, stream=True,
+                        timeout=(10, 40))  # reads: longer than the 15 s heartbeat
+
+
+def _until(events: Iterator[dict[str, Any]], stop: Any) -> list[dict[str, Any]]:
+    seen = []
+    for _, event in zip(range(MAX_EVENTS), events, strict=False):
+        seen.append(event)
+        if stop(event):
+            return seen
+    raise AssertionError(f"stream ended or {MAX_EVENTS} events without the one awaited: {seen[-5:]}")
+
+
+def test_watch_as_server_sent_events_resumes_with_last_event_id(apis):
+    with _watch(apis) as stream:
+        assert stream.status_code == 200, stream.text
+        assert stream.headers["Content-Type"].startswith("text/event-stream")
+        events = _events(stream)
+        snapshot = _until(events, lambda e: e["event"] == "snapshot_complete")
+        marker = snapshot[-1]
+        assert marker["data"]["resumed"] is False and marker["id"] == str(marker["data"]["revision"])
+        assert all(e["id"] is None for e in snapshot[:-1])  # the current state carries no resumable id
+        current = {e["data"]["environment"]["name"] for e in snapshot if e["event"] == "environment"}
+        assert {"preview", "staging", "production"} <= current
+        # A deploy over REST shows up as a move, with the revision as its id.
+        deployed = apis.rest("POST", "/deployments", {"image": IMAGE, "environment_id": "staging"}).json()
+        seen = _until(events, lambda e: e["event"] == "moved"
+                      and e["data"]["entry"]["deployment_id"] == deployed["deployment"]["id"])
+        move = seen[-1]
+        assert move["data"]["entry"]["kind"] == "deploy" and move["data"]["environment"]["name"] == "staging"
+        assert int(move["id"]) == move["data"]["revision"] > int(marker["id"])
+        assert all(e["id"] is not None for e in seen)
+
+    # Reconnecting from the marker's id (Last-Event-ID wins over since_revision): the changes after it
+    # (the same move, same revision; ids again only from the marker on, so a reconnect mid-replay replays
+    # it whole), then the marker with resumed true.
+    with _watch(apis, since="0", last_event_id=marker["id"]) as again:
+        assert again.status_code == 200, again.text
+        replay = _until(_events(again), lambda e: e["event"] == "snapshot_complete")
+        assert replay[-1]["data"]["resumed"] is True
+        moves = [e for e in replay if e["event"] == "moved"]
+        assert [(m["data"]["revision"], m["data"]["entry"]["deployment_id"]) for m in moves] == [
+            (int(move["id"]), deployed["deployment"]["id"])]
+        assert all(e["id"] is None for e in replay[:-1]) and replay[-1]["id"] is not None
+        assert not [e for e in replay if e["event"] == "environment"]  # no full state when resuming
+
+
+def test_watch_refusals(apis):
+    for since, header, field in (("abc", None, "since_revision"), ("-1", None, "since_revision"),
+                                 (None, "x1", "Last-Event-ID")):
+        with _watch(apis, since=since, last_event_id=header) as refused:
+            assert refused.status_code == 400 and refused.json()["error"]["message"].startswith(field), refused.text
+    with _watch(apis, since=str(10**15)) as future:  # newer than the registry has issued: the registry refuses
+        assert future.status_code == 400 and "since_revision" in future.json()["error"]["message"], future.text
+    no_key = requests.get(f"{apis.platform.router}/api/v1/watch", timeout=10)
+    assert no_key.status_code == 401
