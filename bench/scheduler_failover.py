@@ -38,7 +38,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.test_scheduler_failover import ControlPlane, Proc, lease_row  # noqa: E402
+from berth.platform import PDEATHSIG_WRAPPER  # noqa: E402
+from tests.e2e.test_scheduler_failover import ControlPlane, Proc, lease_row, sweep_stale  # noqa: E402
 from tests.support.docker_engine import build_worker_image, engine  # noqa: E402
 from tests.support.platform import eventually, free_port  # noqa: E402
 from tests.support.postgres import running_cluster  # noqa: E402
@@ -109,7 +110,8 @@ def startup(args: argparse.Namespace, root: pathlib.Path) -> None:
                 started = time.monotonic()
                 with open(log, "ab") as out:
                     process = subprocess.Popen(
-                        [sys.executable, "-m", "services.scheduler", "--port", str(port := free_port()),
+                        [sys.executable, "-S", "-c", PDEATHSIG_WRAPPER, str(os.getpid()),
+                         sys.executable, "-m", "services.scheduler", "--port", str(port := free_port()),
                          "--registry", f"127.0.0.1:{plane.registry_port}", "--secrets",
                          f"127.0.0.1:{plane.secrets_port}", "--instance", plane.instance,
                          "--data-dir", str(root / "startup" / f"data-{tree.name}"), *flags],
@@ -163,6 +165,7 @@ def main() -> None:
                              "to compare its startup")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    sweep_stale()
     with tempfile.TemporaryDirectory(prefix="berth-failover-bench-") as tmp:
         root = pathlib.Path(tmp)
         startup(args, root)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import selectors
 import signal
 import socket
@@ -36,6 +37,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from berth.platform import PDEATHSIG_WRAPPER
 from berth.v1 import scheduler_pb2, scheduler_pb2_grpc
 from services.common.remote import credentials
 from tests.support.docker_engine import build_worker_image, engine
@@ -142,7 +144,8 @@ class ControlPlane:
     root: pathlib.Path
     database_url: str
     lease: float = LEASE
-    instance: str = field(default_factory=lambda: f"failover{uuid.uuid4().hex[:8]}")
+    # The test process's pid in the name: ``sweep_stale`` knows whose replicas these are.
+    instance: str = field(default_factory=lambda: f"failover{os.getpid()}x{uuid.uuid4().hex[:8]}")
     token: str = field(default_factory=lambda: f"berth_svc_{uuid.uuid4().hex}")
     admin_key: str = field(default_factory=lambda: f"berth_admin_{uuid.uuid4().hex}")
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -164,8 +167,11 @@ class ControlPlane:
     def _spawn(self, name: str, args: list[str], port: int) -> Proc:
         log = self.root / f"{name}.log"
         with open(log, "ab") as out:
-            process = subprocess.Popen([sys.executable, "-m", *args, "--port", str(port)], cwd=ROOT, env=self.env,
-                                       stdout=out, stderr=subprocess.STDOUT)
+            # Dies with this process (PR_SET_PDEATHSIG), even when it is killed.
+            process = subprocess.Popen(
+                [sys.executable, "-S", "-c", PDEATHSIG_WRAPPER, str(os.getpid()), sys.executable, "-m", *args,
+                 "--port", str(port)],
+                cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         proc = Proc(name, process, port, log)
         self.procs[name] = proc
         return proc
@@ -303,6 +309,30 @@ class ControlPlane:
                 pass
 
 
+_OWNED = re.compile(r"^failover(\d+)x[0-9a-f]+$")
+
+
+def sweep_stale() -> None:
+    """Removes the replicas of planes whose test process is gone (a run
+    killed before its cleanup); never another live run's."""
+    client = engine()
+    for c in client.containers.list(all=True, filters={"label": "berth.managed=true"}, ignore_removed=True):
+        match = _OWNED.match(c.labels.get("berth.instance", ""))
+        if match is None:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+            continue  # its run is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            c.remove(force=True)
+        except docker.errors.APIError:
+            pass
+
+
 def lease_row(database_url: str, instance: str) -> tuple[str, int]:
     import psycopg
 
@@ -325,6 +355,7 @@ def worker_tag() -> Iterator[str]:
 
 @pytest.fixture
 def plane(tmp_path: pathlib.Path, postgres_url: str) -> Iterator[ControlPlane]:  # noqa: F811
+    sweep_stale()
     p = ControlPlane(tmp_path, postgres_url)
     try:
         p.start_services()
