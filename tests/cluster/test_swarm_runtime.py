@@ -491,10 +491,12 @@ def test_platform_on_the_cluster_deploy_promote_rollback_scale_and_node_kill_und
     human = p.cli("deployment", "status", v1_id, "--project", "fleet", api_key=key).stdout
     assert "NODE" in human and swarm_cluster.nodes[0].name in human
 
-    # v2 built from a directory: built against DOCKER_HOST (the manager), pushed, registered by digest.
+    # v2 built from a directory: built against DOCKER_HOST (the manager), pushed, registered by digest;
+    # the CLI finds the registry in the platform file berth up wrote (BERTH_IMAGE_REGISTRY unset here).
     write_worker_context(str(tmp_path / "worker"), version="v2")
     v2 = run("deploy", str(tmp_path / "worker"), "--project", "fleet", "-e", "staging", "--min-replicas", "2",
-             "--max-replicas", "2", "--health-path", "/cgi-bin/index.cgi", "--var", "SHOW_SECRET=HOSTNAME")
+             "--max-replicas", "2", "--health-path", "/cgi-bin/index.cgi", "--var", "SHOW_SECRET=HOSTNAME",
+             env_extra={"BERTH_IMAGE_REGISTRY": ""})
     v2_id = v2["deployment"]["id"]
     assert v2["deployment"]["image"].startswith(f"{swarm_cluster.registry}/berth-fleet@sha256:")
     assert v2["status"] == "running"
