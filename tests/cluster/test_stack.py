@@ -22,7 +22,7 @@ import requests
 import yaml
 
 from services.common import config
-from tests.support.docker_engine import RUN_ID, engine
+from tests.support.docker_engine import RUN_ID, build_worker_image, engine
 from tests.support.platform import ROOT, eventually, free_port
 from tests.support.swarm import SwarmCluster
 
@@ -168,6 +168,19 @@ def platform_image(tmp_path_factory) -> Iterator[str]:
             pass
 
 
+@pytest.fixture(scope="module")
+def worker_tag() -> Iterator[str]:
+    main = engine()
+    tag, _ = build_worker_image(main, version="stack")
+    try:
+        yield tag
+    finally:
+        try:
+            main.images.remove(tag, force=True)
+        except docker.errors.NotFound:
+            pass
+
+
 def _grpc_serving(addr: str) -> bool:
     return subprocess.run([sys.executable, "-m", "berth.healthcheck", "grpc", addr], capture_output=True,
                           timeout=30).returncode == 0
@@ -184,10 +197,12 @@ def _history(client: docker.DockerClient, stack_name: str) -> list[tuple[str, st
 
 @pytest.mark.docker
 @pytest.mark.timeout(900)  # builds the platform image, pushes ~1.1 GB to the registry, three nodes pull
-def test_stack_deploys_on_a_three_node_swarm(swarm_cluster: SwarmCluster, platform_image: str, tmp_path):
+def test_stack_deploys_on_a_three_node_swarm(swarm_cluster: SwarmCluster, platform_image: str, worker_tag: str,
+                                             tmp_path):
     cluster = swarm_cluster
     manager = cluster.client(0)
     image = cluster.import_image(platform_image)
+    worker_ref = cluster.import_image(worker_tag)
     postgres_image = cluster.import_image("postgres:15")
 
     admin_key = "berth_admin_" + secrets.token_hex(16)
@@ -256,6 +271,7 @@ def test_stack_deploys_on_a_three_node_swarm(swarm_cluster: SwarmCluster, platfo
         # a project; a secret is stored (master key from its Docker secret) and listed.
         cli_env = {
             **os.environ, "BERTH_ADMIN_KEY": admin_key, "BERTH_DATA_DIR": str(tmp_path / "cli"), "BERTH_PROJECT": "stk",
+            "BERTH_IMAGE_REGISTRY": cluster.registry,
             **{f"BERTH_{name}_ADDR": f"{n1}:{ports[name]}" for name in ("REGISTRY", "SECRETS", "SCHEDULER")},
         }
 
@@ -269,5 +285,22 @@ def test_stack_deploys_on_a_three_node_swarm(swarm_cluster: SwarmCluster, platfo
         berth("secrets", "set", "--name", "STACK_CANARY", "--type", "generic", "--stdin", key=key, stdin="canary-value")
         listed = berth("secrets", "list", key=key)
         assert "STACK_CANARY" in json.dumps(listed) and "canary-value" not in json.dumps(listed)
+
+        # A deployment by digest: the scheduler runs it as a Swarm service
+        # spread over the nodes, and the router on every node serves it.
+        deployed = berth("deploy", "--image", worker_ref, "--min-replicas", "3", "--max-replicas", "3",
+                         "--health-path", "/cgi-bin/index.cgi", "--var", "SHOW_SECRET=STACK_CANARY", key=key)
+        assert deployed["status"] == "running", deployed
+        dep_id = deployed["deployment"]["id"]
+        status = berth("deployment", "status", dep_id, key=key)
+        assert {r["node"] for r in status["bindings"][0]["replicas"]} == {n.name for n in cluster.nodes}, status
+        headers = {"X-Berth-Project": "stk", "X-Berth-Environment": "preview"}
+        for node in cluster.nodes:
+            answer = eventually(
+                lambda: (lambda r: r if r.status_code == 200 else None)(requests.get(
+                    f"http://{node.address}:{ports['ROUTER']}/cgi-bin/index.cgi", headers=headers, timeout=10)),
+                timeout=60, what=f"the router on {node.name} serves the deployment")
+            assert answer.headers["X-Berth-Deployment"] == dep_id
+            assert f"deployment={dep_id}" in answer.text and "secret=canary-value" in answer.text
     finally:
         subprocess.run(["docker", "stack", "rm", stack_name], env=env, capture_output=True, timeout=120)
