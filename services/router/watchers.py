@@ -28,6 +28,8 @@ from services.router.table import BindingEntry, EnvironmentEntry, RoutingState, 
 
 log = logging.getLogger("berth.router.watch")
 
+HANDOVER_GRACE = 3.0  # seconds a new endpoint stream cannot empty a binding (see EndpointWatcher._consume)
+
 
 class Backoff:
     """Exponential backoff with full jitter, reset after progress."""
@@ -173,13 +175,29 @@ class EndpointWatcher(_StreamWatcher):
         super().__init__(address, service_token, backoff=backoff)
         self.state = state
         self._on_removed = on_removed  # addresses that left the pool (idle connections to them are closed)
+        self.handover_grace = HANDOVER_GRACE
 
     async def _consume(self, ch: grpc.aio.Channel) -> None:
+        """One stream. For ``handover_grace`` seconds after it opens, an
+        empty snapshot changes nothing and a binding shown with no address
+        keeps the addresses the router had:
+        a scheduler that has just taken over the lease may send snapshots
+        before it has looked at the engine, and those replicas were serving
+        a moment ago. One that really went away refuses the connection and
+        the proxy tries the next; the first snapshot after the grace is
+        taken as it is."""
         stub = scheduler_internal_pb2_grpc.SchedulerInternalStub(ch)
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
         async for snapshot in stub.WatchEndpoints(scheduler_internal_pb2.WatchEndpointsRequest(), metadata=self._metadata):
+            sets = [(s.environment_id, s.deployment_id, list(s.addresses)) for s in snapshot.sets]
+            if loop.time() - opened < self.handover_grace:
+                if not sets and self.state.endpoints.snapshot():
+                    self._progress()
+                    continue  # nothing at all: a scheduler that has not looked yet
+                sets = [(e, d, addresses or list(self.state.endpoints.get((e, d)))) for e, d, addresses in sets]
             removed = self.state.endpoints.replace(
-                ((s.environment_id, s.deployment_id, list(s.addresses)) for s in snapshot.sets),
-                {(s.environment_id, s.deployment_id): s.status for s in snapshot.sets if s.status},
+                sets, {(s.environment_id, s.deployment_id): s.status for s in snapshot.sets if s.status},
             )
             if removed:
                 log.info("replicas_left_pool", extra={"addresses": sorted(removed)})

@@ -64,6 +64,7 @@ class HaPlatform(RunningPlatform):
         self.router = f"http://127.0.0.1:{self.ports['router']}"
         # Short leases so that a standby takes over within the chaos test's bound.
         self.env["BERTH_LEASE_DURATION"] = os.environ.get("BERTH_TEST_LEASE_DURATION", "3")
+        self.env["PYTHONFAULTHANDLER"] = "1"  # a crashing process leaves its stack in <service>.stderr.log
 
     def port(self, service: str, i: int) -> int:
         return self.ports[service] + STEP * i

@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from berth import errors, local
 from berth.client import Client, Endpoints, channel_arguments, channel_target, split_addresses
-from berth.internal.v1 import scheduler_internal_pb2
+from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
 from berth.v1 import registry_pb2
 from services.router.api import RestApi
 from services.router.table import RoutingState
@@ -178,6 +178,47 @@ def test_a_move_waits_for_every_live_router_and_names_those_that_lag() -> None:
     # A scheduler that took over a moment ago may not have heard from every router.
     young = _lagging(_FakeRouters(("127.0.0.1:8080", 7, True), ("127.0.0.1:8180", 7, True), listening=0.5), 7, 0.3)
     assert [r["router"] for r in young] == ["*"]
+
+
+def test_a_new_leaders_first_snapshots_cannot_empty_the_routers_pool() -> None:
+    """A scheduler that just took the lease may stream bindings with no
+    address before it has looked at the engine: for a grace after the stream
+    opens, the router keeps the addresses it had for them."""
+    from services.router.watchers import Backoff, EndpointWatcher
+    from tests.router.test_watchers import BREAK, TOKEN, FakeScheduler, endpoint_snapshot, start_grpc
+    from tests.router.test_watchers import eventually as eventually_async
+
+    key = ("env-prod", "dep-1")
+
+    async def go() -> None:
+        fake = FakeScheduler()
+        fake.current = endpoint_snapshot({key: ["10.0.0.1:8080", "10.0.0.2:8080"]})
+        server, port, _ = await start_grpc(
+            lambda s: scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(fake, s))
+        state = RoutingState()
+        watcher = EndpointWatcher(f"127.0.0.1:{port}", TOKEN, state, backoff=Backoff(initial=0.01, maximum=0.05))
+        task = asyncio.create_task(watcher.run())
+        try:
+            await asyncio.wait_for(watcher.synced.wait(), 5)
+            for nothing_yet in (endpoint_snapshot({}), endpoint_snapshot({key: []})):  # the new leader has not looked
+                fake.current = nothing_yet
+                await fake.push(BREAK)
+                streams = len(fake.queues)
+                await eventually_async(lambda streams=streams: len(fake.queues) > streams, what="reconnected")
+                await asyncio.sleep(0.2)
+                assert state.endpoints.get(key) == ("10.0.0.1:8080", "10.0.0.2:8080")
+            await fake.push(endpoint_snapshot({key: ["10.0.0.3:8080"]}))  # it looked: taken as it is
+            await eventually_async(lambda: state.endpoints.get(key) == ("10.0.0.3:8080",), what="real addresses")
+            watcher.handover_grace = 0.0  # past the grace, an empty set empties the pool
+            fake.current = endpoint_snapshot({key: []})
+            await fake.push(BREAK)
+            await eventually_async(lambda: state.endpoints.get(key) == (), what="emptied after the grace")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop(None)
+
+    asyncio.run(go())
 
 
 # ---------------------------------------------------------------- berth up --instances
