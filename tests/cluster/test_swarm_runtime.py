@@ -58,16 +58,22 @@ class FixedSecrets:
 
 
 @pytest.fixture(scope="module")
-def worker_ref(swarm_cluster: SwarmCluster) -> Iterator[str]:
-    """A busybox worker built on the main engine, pushed to the cluster's
-    registry: its ``REGISTRY/repo@sha256:...``."""
+def worker_tag(swarm_cluster: SwarmCluster) -> Iterator[str]:
+    """A busybox worker built on the main engine (removed after)."""
     main = engine()
     tag, _ = build_worker_image(main, version="swarm-rt")
     try:
-        yield swarm_cluster.import_image(tag)
+        yield tag
     finally:
         with contextlib.suppress(docker.errors.NotFound):
             main.images.remove(tag, force=True)
+
+
+@pytest.fixture(scope="module")
+def worker_ref(swarm_cluster: SwarmCluster, worker_tag: str) -> str:
+    """The worker pushed to the cluster's registry: ``REGISTRY/repo@sha256:...``
+    (also there by its tag, ``REGISTRY/repo:TAG``)."""
+    return swarm_cluster.import_image(worker_tag)
 
 
 @pytest.fixture
@@ -475,7 +481,8 @@ class Sampler:
 
 
 def test_platform_on_the_cluster_deploy_promote_rollback_scale_and_node_kill_under_load(
-        swarm_cluster: SwarmCluster, worker_ref: str, cluster_platform: RunningPlatform, tmp_path: pathlib.Path) -> None:
+        swarm_cluster: SwarmCluster, worker_tag: str, worker_ref: str, cluster_platform: RunningPlatform,
+        tmp_path: pathlib.Path) -> None:
     p = cluster_platform
     key = p.cli_json("projects", "create", "fleet")["api_key"]
     run = functools.partial(p.cli_json, api_key=key)
@@ -588,6 +595,14 @@ def test_platform_on_the_cluster_deploy_promote_rollback_scale_and_node_kill_und
     assert after["ID"] == service["ID"] and after["Spec"]["Mode"]["Replicated"]["Replicas"] == 5
     assert len([t for t in swarm_cluster.client(0).api.tasks(filters={"service": service["ID"]})
                 if t["Status"]["State"] == "running"]) == 5
+
+    # --image by tag: pinned once to the digest the registry names for it; an unknown tag is refused.
+    tagged = f"{worker_ref.split('@')[0]}:{worker_tag.rsplit(':', 1)[1]}"
+    pinned = run("deploy", "--image", tagged, "--project", "fleet", "-e", "staging", "--no-wait")
+    assert pinned["deployment"]["image"] == worker_ref
+    refused = p.cli("deploy", "--image", f"{worker_ref.split('@')[0]}:no-such-tag", "--project", "fleet",
+                    "--output", "json", api_key=key, check=False)
+    assert refused.returncode != 0 and "manifest unknown" in refused.stderr, refused.stderr
 
     # An unpullable digest: in deployment errors within 10 s, in the registry's words.
     missing = f"{worker_ref.split('@')[0]}@sha256:{'0' * 64}"
