@@ -18,7 +18,7 @@ held), a cold start, a restart after SIGTERM (lease released), and a restart
 after SIGKILL (the dead holder's lease is taken over at once on one
 machine).
 
-    python bench/scheduler_failover.py [--kills 5] [--lease 5] [--baseline-tree DIR]
+    python bench/scheduler_failover.py [--kills 5] [--lease 4] [--baseline-tree DIR]
 
 Figures only: nothing is asserted. Everything created carries its own
 ``berth.instance`` and is removed at the end."""
@@ -157,7 +157,7 @@ def startup(args: argparse.Namespace, root: pathlib.Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--lease", type=float, default=5.0, help="--lease-duration of the schedulers")
+    parser.add_argument("--lease", type=float, default=4.0, help="--lease-duration of the schedulers (its default)")
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--starts", type=int, default=3, help="rounds of single-scheduler starts")
     parser.add_argument("--baseline-tree", default="",

@@ -309,7 +309,7 @@ class LeaderElector:
         *,
         identity: str,
         address: str = "",
-        duration: float = 5.0,
+        duration: float = 4.0,
         on_change: Callable[[bool], None] | None = None,
         clock: Callable[[], float] = boottime,
     ) -> None:
