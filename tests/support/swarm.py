@@ -394,9 +394,8 @@ class SwarmCluster:
         into the registry through node 1 (load, tag, push); returns
         ``REGISTRY/repo@sha256:…``, which every node can pull."""
         main = engine()
-        data = b"".join(main.images.get(ref).save(named=True))
         node = self.client(0)
-        loaded = node.images.load(data)
+        loaded = node.images.load(main.images.get(ref).save(named=True))  # streamed, never held whole
         if not loaded:
             raise ClusterError(f"node 1 loaded nothing from {ref}")
         repo = ref.rsplit("@", 1)[0]
