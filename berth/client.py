@@ -231,14 +231,20 @@ class Client:
     timeout: float = 15.0
 
     def __post_init__(self) -> None:
-        self._channels = {
-            name: sync_channel(addr, name)
-            for name, addr in (
-                ("registry", self.endpoints.registry),
-                ("secrets", self.endpoints.secrets),
-                ("scheduler", self.endpoints.scheduler),
-            )
-        }
+        self._channels: dict[str, grpc.Channel] = {}
+        for name, addr in (
+            ("registry", self.endpoints.registry),
+            ("secrets", self.endpoints.secrets),
+            ("scheduler", self.endpoints.scheduler),
+        ):
+            try:
+                self._channels[name] = sync_channel(addr, name)
+            except (ValueError, OSError) as exc:  # not host:port, or a host name that does not resolve
+                self.close()
+                raise errors.InvalidArgument(
+                    f"the {name} address: {exc}", hint=f"set BERTH_{name.upper()}_ADDR to host:port (or several, "
+                    "separated by commas), or run 'berth up' here"
+                ) from None
         self.registry = registry_pb2_grpc.RegistryStub(self._channels["registry"])
         self.secrets = secrets_pb2_grpc.SecretsStub(self._channels["secrets"])
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channels["scheduler"])

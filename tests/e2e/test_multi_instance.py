@@ -13,8 +13,10 @@
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -51,6 +53,27 @@ def test_an_address_setting_is_one_address_or_a_list() -> None:
     for bad in ("", " , ", "no-port", "127.0.0.1:0", "127.0.0.1:x", ":80"):
         with pytest.raises(ValueError):
             split_addresses(bad)
+
+
+def test_a_bad_address_is_refused_by_name_by_services_and_cli(tmp_path: Path) -> None:
+
+
+    from services.common.config import add_common_flags
+
+    parser = argparse.ArgumentParser(prog="berth-test", exit_on_error=False)
+    add_common_flags(parser, default_port=1)
+    args = parser.parse_args(["--registry", "127.0.0.1:1,127.0.0.1:2", "--scheduler", "10.0.0.1:5"])
+    assert args.registry == "127.0.0.1:1,127.0.0.1:2" and args.scheduler == "10.0.0.1:5"
+    with pytest.raises(argparse.ArgumentError, match="'registry-2' is not host:port"):
+        parser.parse_args(["--registry", "127.0.0.1:1,registry-2"])
+    result = subprocess.run(
+        [sys.executable, "-m", "berth.cli", "env", "list", "--project", "p"], capture_output=True, text=True,
+        timeout=60, cwd=ROOT, env={**os.environ, "BERTH_SECRETS_ADDR": "127.0.0.1:1,secrets",
+                                   "BERTH_API_KEY": "berth_pk_x", "BERTH_DATA_DIR": str(tmp_path)},
+    )
+    assert result.returncode != 0
+    assert "secrets address" in result.stderr and "BERTH_SECRETS_ADDR" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_a_list_retries_only_idempotent_methods() -> None:
