@@ -32,14 +32,15 @@ CLIENT_TIMEOUT = 240  # seconds; the run itself takes a few
 BROKEN_IMAGE = "berth-ci-missing.invalid/none:1"  # .invalid never resolves: a fast, certain pull failure
 
 EXPECTED_CHECKS = [
-    "create_project", "list_environments", "set_secret", "deploy_v1", "deploy_v2",
+    "create_project", "watch_open", "list_environments", "set_secret", "deploy_v1", "deploy_v2",
     "promote_v1_staging", "promote_v1_production", "promote_v2_staging", "promote_v2_production",
-    "rollback_production", "history_preview", "history_staging", "history_production",
+    "rollback_production", "watch_moves", "watch_resume", "history_preview", "history_staging", "history_production",
     "image_resolved", "status_v1_running_in_production", "errors_v1_none", "errors_broken_image_pull",
     "router_serves_v1_in_production",
     "unknown_deployment_registry", "unknown_deployment_scheduler", "promote_production_unconfirmed",
     "production_unchanged_after_refusal", "deploy_empty_image",
     "wrong_key_registry", "wrong_key_secrets", "wrong_key_scheduler", "no_key_registry",
+    "watch_bad_revision", "watch_wrong_key",
 ]
 
 
@@ -155,7 +156,7 @@ def test_node_client_runs_a_ci_pipeline(node_client, platform_with_image):
     # Every check ran and passed; nothing silently left out.
     assert [c["name"] for c in summary["checks"]] == EXPECTED_CHECKS, context
     assert all(c["ok"] for c in summary["checks"]), context
-    assert [s["name"] for s in summary["skipped"]] == ["watch"], context  # no project-scoped watch yet (issue 13)
+    assert summary["skipped"] == [], context
     # Only the public package was loaded (plus the google.* types it imports).
     packages = summary["loaded_packages"]
     assert "berth.v1" in packages and [p for p in packages if p.startswith("berth.")] == ["berth.v1"], context
@@ -171,6 +172,22 @@ def test_node_client_runs_a_ci_pipeline(node_client, platform_with_image):
         "production": [("promote", v1), ("promote", v2), ("rollback", v1)],
     }, context
     assert [e["sequence"] for e in summary["history"]["production"]] == [1, 2, 3]
+
+    # The moves, as the project's own watch (WatchEnvironments, project key) saw them: every one, in commit order.
+    moves = [tuple(m) for m in summary["watch"]["moves"]]
+    assert moves == [
+        ("preview", "deploy", 1, v1), ("preview", "deploy", 2, v2),
+        ("staging", "promote", 1, v1), ("production", "promote", 1, v1),
+        ("staging", "promote", 2, v2), ("production", "promote", 2, v2),
+        ("production", "rollback", 3, v1),
+    ], context
+    for env_name, entries in summary["history"].items():  # the same moves the history holds
+        assert [(kind, seq, dep) for name, kind, seq, dep in moves if name == env_name] == [
+            (e["kind"], e["sequence"], e["deployment_id"]) for e in entries], context
+    revisions = [int(r) for r in summary["watch"]["revisions"]]
+    assert revisions == sorted(set(revisions))
+    # Resumed from the fourth move's revision: exactly the three after it.
+    assert [tuple(m) for m in summary["watch"]["resumed"]] == moves[4:], context
 
     bindings = {b["environment"]: b for b in summary["status"]["bindings"]}
     assert summary["status"]["deployment_id"] == v1 and set(bindings) == {"preview", "staging", "production"}
@@ -193,6 +210,8 @@ def test_node_client_runs_a_ci_pipeline(node_client, platform_with_image):
         "wrong_key_secrets": "UNAUTHENTICATED",
         "wrong_key_scheduler": "UNAUTHENTICATED",
         "no_key_registry": "UNAUTHENTICATED",
+        "watch_bad_revision": "INVALID_ARGUMENT",
+        "watch_wrong_key": "UNAUTHENTICATED",
     }, context
     messages = {name: answer["message"] for name, answer in summary["bad_input"].items()}
     assert "dep_000000000000" in messages["unknown_deployment_registry"]
@@ -204,6 +223,7 @@ def test_node_client_runs_a_ci_pipeline(node_client, platform_with_image):
     assert reasons["promote_production_unconfirmed"] == "PROTECTED_ENVIRONMENT"
     assert "--yes" in summary["bad_input"]["promote_production_unconfirmed"]["metadata"]["hint"]
     assert summary["bad_input"]["deploy_empty_image"]["fields"] == ["image"]
+    assert summary["bad_input"]["watch_bad_revision"]["fields"] == ["since_revision"]
     assert summary["bad_input"]["unknown_deployment_registry"]["details"] == [
         "type.googleapis.com/google.rpc.ErrorInfo", "type.googleapis.com/google.rpc.ResourceInfo"]
 

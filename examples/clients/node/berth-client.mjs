@@ -125,6 +125,48 @@ function call(client, method, request, apiKey, timeoutMs = 15000) {
   });
 }
 
+const openWatches = [];
+
+/** A `Registry.WatchEnvironments` stream (no deadline: it lives as long as
+ *  the pipeline watches). `opened` resolves at the `snapshot_complete`
+ *  marker (with `opening`, the events before it) or rejects with the call's
+ *  error; `live` collects every event after the marker. */
+function watchEnvironments(request, apiKey) {
+  const metadata = new grpc.Metadata();
+  if (apiKey) metadata.set("x-api-key", apiKey);
+  const stream = registry.WatchEnvironments(request, metadata);
+  openWatches.push(stream);
+  const watch = { stream, opening: [], marker: null, live: [], error: null };
+  watch.opened = new Promise((resolveOpened, rejectOpened) => {
+    stream.on("data", (event) => {
+      if (watch.marker) {
+        watch.live.push(event);
+      } else if (event.snapshot_complete) {
+        watch.marker = event;
+        resolveOpened(watch);
+      } else {
+        watch.opening.push(event);
+      }
+    });
+    stream.on("error", (err) => {
+      err.codeName = CODE_NAMES[err.code] ?? String(err.code);
+      err.message = `WatchEnvironments: ${err.codeName}: ${err.details}`;
+      watch.error = err;
+      rejectOpened(err);
+    });
+    stream.on("end", () => rejectOpened(new Error("WatchEnvironments ended before its snapshot_complete marker")));
+  });
+  const timer = setTimeout(() => stream.cancel(), config.waitMs);
+  watch.opened.then(() => clearTimeout(timer), () => clearTimeout(timer));
+  return watch;
+}
+
+/** The pointer moves a watch saw: [environment, kind, sequence, deployment, revision]. */
+const movesOf = (events) =>
+  events
+    .filter((e) => e.change === "moved")
+    .map((e) => [e.moved.environment.name, short(e.moved.entry.kind), Number(e.moved.entry.sequence), e.moved.entry.deployment_id, e.revision]);
+
 // google.rpc.Status from the `grpc-status-details-bin` trailer, decoded by
 // hand (Status {int32 code = 1; string message = 2; repeated Any details = 3},
 // Any {string type_url = 1; bytes value = 2}) so no extra package is needed.
@@ -225,6 +267,7 @@ const summary = {
   status: null,
   errors: {},
   router: null,
+  watch: null,
   bad_input: {},
   checks: [],
   failures: [],
@@ -344,6 +387,15 @@ async function pipeline() {
   const project = created.project.id;
   summary.project = { id: created.project.id, name: created.project.name };
 
+  // Wait for moves by watching the project, with its own key (issue 13).
+  const watch = await step("watch_open", async () => {
+    const w = await watchEnvironments({ project }, key).opened;
+    assert(w.marker.resumed === false, "a watch from revision 0 must open with the current state");
+    const names = w.opening.filter((e) => e.change === "environment").map((e) => e.environment.name).sort();
+    assert(JSON.stringify(names) === JSON.stringify(["preview", "production", "staging"]), `opening environments ${names}`);
+    return w;
+  });
+
   await step("list_environments", async () => {
     const r = await call(registry, "ListEnvironments", { project }, key);
     const byName = Object.fromEntries(r.environments.map((e) => [e.name, e]));
@@ -407,6 +459,40 @@ async function pipeline() {
     assert(r.environment?.deployment_id === d1, `pointer ${r.environment?.deployment_id}, expected ${d1}`);
     assert(isKind(r.entry?.kind, "rollback"), `entry kind ${r.entry?.kind}`);
     assert(r.entry.previous_deployment_id === d2, `previous ${r.entry.previous_deployment_id}`);
+  });
+
+  const expectedMoves = [
+    ["preview", "deploy", 1, d1], ["preview", "deploy", 2, d2],
+    ["staging", "promote", 1, d1], ["production", "promote", 1, d1],
+    ["staging", "promote", 2, d2], ["production", "promote", 2, d2],
+    ["production", "rollback", 3, d1],
+  ];
+  const sameMoves = (got, expected) =>
+    got.length === expected.length && expected.every((m, i) => m.every((v, j) => got[i][j] === v));
+  const watched = await step("watch_moves", async () => {
+    const got = await eventually("every move on the watch", async () => {
+      const moves = movesOf(watch.live);
+      return moves.length >= expectedMoves.length ? moves : { done: false, seen: moves };
+    });
+    assert(sameMoves(got, expectedMoves), `moves ${JSON.stringify(got)}, expected ${JSON.stringify(expectedMoves)}`);
+    const revisions = got.map((m) => Number(m[4]));
+    assert(revisions.every((r, i) => i === 0 || r > revisions[i - 1]), `revisions ${revisions} do not increase`);
+    assert(revisions[0] > Number(watch.marker.revision), "a move at or before the opening's revision");
+    const projects = new Set(watch.live.map((e) => (e.moved?.environment ?? e.binding ?? e.created ?? e.deleted)?.project_id));
+    assert(projects.size === 1 && projects.has(project), `events of projects ${[...projects]}`);
+    watch.stream.cancel();
+    summary.watch = { moves: got.map((m) => m.slice(0, 4)), revisions };
+    return got;
+  });
+  await step("watch_resume", async () => {
+    // Reconnect from the revision of the fourth move: only what came after.
+    const since = watched[3][4];
+    const w = await watchEnvironments({ project, since_revision: since }, key).opened;
+    w.stream.cancel();
+    assert(w.marker.resumed === true, "the watch did not resume from since_revision");
+    const replay = movesOf(w.opening);
+    assert(sameMoves(replay, expectedMoves.slice(4)), `replay ${JSON.stringify(replay)}`);
+    summary.watch.resumed = replay.map((m) => m.slice(0, 4));
   });
 
   const expectedHistory = {
@@ -563,11 +649,14 @@ async function pipeline() {
     /./,
   );
   await expectError("no_key_registry", call(registry, "ListEnvironments", { project }, ""), "UNAUTHENTICATED", /./);
-
-  summary.skipped.push({
-    name: "watch",
-    reason: "berth.v1 has no project-scoped watch yet (issue 13); Registry.Watch takes the service token",
-  });
+  await expectError(
+    "watch_bad_revision",
+    watchEnvironments({ project, since_revision: "-1" }, key).opened,
+    "INVALID_ARGUMENT",
+    /since_revision/,
+    { field: "since_revision" },
+  );
+  await expectError("watch_wrong_key", watchEnvironments({ project }, wrongKey).opened, "UNAUTHENTICATED", /./);
 }
 
 try {
@@ -575,6 +664,7 @@ try {
 } catch (err) {
   if (!(err instanceof Failed)) summary.failures.push(`unexpected: ${err.stack ?? err}`);
 } finally {
+  for (const stream of openWatches) stream.cancel();
   for (const client of [registry, secrets, scheduler]) client.close();
 }
 summary.ok = summary.failures.length === 0;
