@@ -192,7 +192,10 @@ def migrate(engine: Engine) -> None:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
-            # Schedulers starting together on one database migrate one at a time.
+            # Schedulers starting together on one database migrate one at a
+            # time (without the short deadlines of the lease's statements).
+            connection.execute(text("SET LOCAL lock_timeout = 0"))
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
@@ -217,7 +220,16 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, connect_args={"timeout": 5})
     return create_engine(
         url, pool_pre_ping=True, pool_size=5, max_overflow=5, pool_timeout=5,
-        connect_args={"connect_timeout": 3, "options": "-c statement_timeout=3000"},
+        # A cut connection fails within seconds instead of hanging on TCP's
+        # own timeouts (keepalives; unacknowledged data for 5 s); and the
+        # server ends the session of a scheduler cut off inside a
+        # transaction after 3 s, so the row locks it held (the lease row,
+        # mid-renewal) do not keep a standby from taking over.
+        connect_args={"connect_timeout": 3, "keepalives": 1,
+                      "options": "-c statement_timeout=3000 -c lock_timeout=1000 "
+                                 "-c idle_in_transaction_session_timeout=3000",
+                      "keepalives_idle": 2, "keepalives_interval": 1, "keepalives_count": 3,
+                      "tcp_user_timeout": 5000},
     )
 
 

@@ -44,13 +44,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import BigInteger, Column, Double, Engine, MetaData, String, Table, create_engine, text
 from sqlalchemy.pool import StaticPool
@@ -58,6 +60,7 @@ from sqlalchemy.pool import StaticPool
 log = logging.getLogger("berth.scheduler.lease")
 
 EPOCH_LABEL = "berth.epoch"
+T = TypeVar("T")
 
 # The table as the migration (e0003) creates it; Core only, no ORM.
 _metadata = MetaData()
@@ -332,6 +335,13 @@ class LeaderElector:
         self.leader: LeaseRecord | None = None  # the row as last read or written
         self._stopped = False
         self._wake = asyncio.Event()
+        # Its own threads: a store call hung on a cut connection (abandoned at
+        # the deadline) never starves anything else, nor the next renewal.
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="lease")
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 
     # -- the fence ----------------------------------------------------------
     @property
@@ -411,23 +421,23 @@ class LeaderElector:
     async def _step(self, started: float) -> float:
         term = self._term
         if term is not None:
-            renewed = await asyncio.to_thread(
+            renewed = await self._call(
                 self._store.renew, holder=self.identity, epoch=term.epoch, duration=self.duration
             )
             if not renewed:
                 log.warning("lease_lost", extra={"epoch": term.epoch})
                 self._lose()
-                self.leader = await asyncio.to_thread(self._store.read)
+                self.leader = await self._call(self._store.read)
                 return 0.0
             if self._term is term:  # not deposed meanwhile
                 self._term = _Term(term.epoch, started + self.duration - self.margin)
             return self.renew_every
-        seen = await asyncio.to_thread(self._store.read)
+        seen = await self._call(self._store.read)
         self.leader = seen
         if not seen.expired and not (self._store.local and _process_gone(seen.process)):
             # Held: read again when it expires (or a third of the duration, to keep the view fresh).
             return min(self.renew_every, seen.remaining + 0.02)
-        epoch = await asyncio.to_thread(
+        epoch = await self._call(
             self._store.try_acquire, seen, holder=self.identity, address=self.address,
             process=self._process, duration=self.duration, above=self._epoch_floor,
         )
@@ -462,10 +472,12 @@ class LeaderElector:
         self._lose()
         if term is not None:
             try:
-                await asyncio.to_thread(self._store.release, holder=self.identity, epoch=term.epoch)
+                async with asyncio.timeout(self.renew_every):  # a stop is never held up by the store
+                    await self._call(self._store.release, holder=self.identity, epoch=term.epoch)
                 log.info("lease_released", extra={"epoch": term.epoch})
             except Exception as exc:  # the successor waits for the expiry instead
                 log.warning("lease_release_failed", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class LeaderDuties:
