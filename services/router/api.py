@@ -532,11 +532,14 @@ class RestApi:
     # A move is sent under compare-and-swap on the environment's sequence
     # (the caller's expected_sequence, else the one read just before), so it
     # can be sent again when a registry instance dies with the call in flight
-    # (UNAVAILABLE: did it commit?): the history then says whether the entry
-    # after that sequence is this move (answered as its success) or not (sent
-    # again, or 409 when the caller fixed the sequence). A move without
-    # expected_sequence that loses the swap to a concurrent move is re-read
-    # and sent again, as a plain move would have won after it.
+    # or answers past the deadline (did it commit?): the history then says
+    # whether the entry after that sequence is this move (answered as its
+    # success) or not. Until the environment has moved past that sequence
+    # the move is sent again only under it (a late commit of the first send
+    # and the second cannot both win); 409 when the caller fixed the
+    # sequence and another move took it. A move without expected_sequence
+    # that loses the swap to a concurrent move is re-read and sent again, as
+    # a plain move would have won after it.
 
     async def _environment(self, ref: str, key: str) -> Any:
         token = ""
@@ -571,8 +574,10 @@ class RestApi:
         fixed = request.HasField("expected_sequence")
         started = asyncio.get_running_loop().time()
         give_up = started + self.deadline + self.read_retry_within
+        sent_unanswered: list[int] = []  # sequences a send went out under and no answer came back
+        pinned = False  # such a send may still commit: send again only under its sequence
         for attempt in range(MOVE_ATTEMPTS):
-            if not fixed:
+            if not fixed and not pinned:
                 current = await self._environment(ref, key)
                 if current is None:  # no such environment: the registry says so
                     return await self.moved(await self.rpc("registry", method, request, key))
@@ -584,19 +589,29 @@ class RestApi:
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 last = attempt == MOVE_ATTEMPTS - 1 or asyncio.get_running_loop().time() > give_up
-                if code == grpc.StatusCode.ABORTED and not fixed and not last:
-                    continue  # a concurrent move won the swap: read the new sequence, move again
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                ambiguous = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                if not ambiguous and not (code == grpc.StatusCode.ABORTED and sent_unanswered):
+                    if code == grpc.StatusCode.ABORTED and not fixed and not last:
+                        continue  # a concurrent move won the swap: read the new sequence, move again
                     raise ApiError.from_rpc(exc, "registry") from None
-                # In flight when an instance went away: committed or not?
+                if ambiguous:
+                    sent_unanswered.append(base)
+                    pinned = True
+                # A send went out and its answer did not come back (an instance died, or was slow past the
+                # deadline and may still commit it): is the entry after one of those sequences this move?
                 env = await self._environment(ref, key)
                 if env is None:
                     raise ApiError.from_rpc(exc, "registry") from None
-                if env.sequence > base:
-                    entry = await self._entry(env.id, base + 1, key)
+                for sent in sorted(set(sent_unanswered)):
+                    entry = await self._entry(env.id, sent + 1, key) if env.sequence > sent else None
                     if entry is not None and entry_json(entry)["kind"] == kind and deployment_id in ("", entry.deployment_id):
-                        log.info("move_settled_after_retry", extra={"environment": env.id, "sequence": base + 1})
+                        log.info("move_settled_after_retry", extra={"environment": env.id, "sequence": sent + 1})
                         return await self.moved(registry_pb2.PointerMoveResponse(environment=env, entry=entry))
+                if env.sequence > max(sent_unanswered):
+                    pinned = False  # past every unanswered send's sequence: none of them can commit any more
+                if code == grpc.StatusCode.ABORTED and not fixed and not last:
+                    continue  # not this move: another won the swap; read the new sequence, move again
+                if env.sequence > base:
                     if fixed:
                         raise ApiError(409, "aborted", f"environment {ref!r} moved on to sequence {env.sequence} "
                                        f"(another move), not from {base}") from None

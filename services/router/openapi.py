@@ -23,6 +23,11 @@ def obj(properties: dict[str, Any], description: str = "") -> dict[str, Any]:
     return out
 
 
+def optional(schema: dict[str, Any], *names: str) -> dict[str, Any]:
+    """``schema`` (an ``obj``) with ``names`` present only sometimes."""
+    return {**schema, "required": [n for n in schema["required"] if n not in names]}
+
+
 def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -130,7 +135,7 @@ SCHEMAS: dict[str, Any] = {
         "updated_by": STRING,
     }, "a secret's metadata; values are write-only and never returned"),
     # Results
-    "PointerMove": obj({
+    "PointerMove": optional(obj({
         "environment": ref("Environment"),
         "entry": ref("HistoryEntry"),
         "routed": {"type": "boolean", "description": "true when this router, and every other live router "
@@ -143,7 +148,7 @@ SCHEMAS: dict[str, Any] = {
             "reason": STRING,
         })), "description": "only when routed is false because of other routers: those that did not route by "
                             "the move in time"},
-    }),
+    }), "lagging"),
     "Deployed": {
         "allOf": [obj({"deployment": ref("Deployment")}), ref("PointerMove")],
         "description": "the new deployment and the move of the environment's pointer to it (a deploy entry)",

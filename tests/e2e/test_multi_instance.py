@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,8 +33,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from berth import errors, local
 from berth.client import Client, Endpoints, channel_arguments, channel_target, split_addresses
 from berth.internal.v1 import scheduler_internal_pb2, scheduler_internal_pb2_grpc
-from berth.v1 import registry_pb2
-from services.router.api import RestApi
+from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from services.router.api import ApiError, RestApi, Services
 from services.router.table import RoutingState
 from tests.e2e.ha_platform import HaPlatform
 from tests.support.docker_engine import TEST_LABEL, engine, remove_labelled, write_worker_context
@@ -242,6 +243,111 @@ def test_a_new_leaders_first_snapshots_cannot_empty_the_routers_pool() -> None:
             await server.stop(None)
 
     asyncio.run(go())
+
+
+# ---------------------------------------------------------------- moves sent again safely
+
+
+class _FlakyRegistry(registry_pb2_grpc.RegistryServicer):
+    """One environment and its history, with compare-and-swap like the real
+    registry. ``faults`` says what each Promote does: "commit-then-fail" (the
+    entry is written, the caller gets UNAVAILABLE, as when an instance dies
+    after its commit), "fail" (UNAVAILABLE, nothing written), "ok"."""
+
+    def __init__(self, faults: list[str]) -> None:
+        self.faults = faults
+        self.entries: list[common_pb2.HistoryEntry] = []
+        self.promotes = 0
+
+    def _append(self, deployment_id: str) -> common_pb2.HistoryEntry:
+        entry = common_pb2.HistoryEntry(environment_id="env_1", sequence=len(self.entries) + 1,
+                                        kind=common_pb2.HistoryEntry.KIND_PROMOTE, deployment_id=deployment_id)
+        self.entries.append(entry)
+        return entry
+
+    def env(self) -> common_pb2.Environment:
+        return common_pb2.Environment(id="env_1", name="staging", sequence=len(self.entries),
+                                      deployment_id=self.entries[-1].deployment_id if self.entries else "")
+
+    async def ListEnvironments(self, request, context):  # type: ignore[no-untyped-def,override]
+        return registry_pb2.ListEnvironmentsResponse(environments=[self.env()])
+
+    async def ListHistory(self, request, context):  # type: ignore[no-untyped-def,override]
+        return registry_pb2.ListHistoryResponse(entries=self.entries)
+
+    async def Promote(self, request, context):  # type: ignore[no-untyped-def,override]
+        self.promotes += 1
+        fault = self.faults.pop(0) if self.faults else "ok"
+        if fault == "fail":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "instance went away")
+        if fault == "late-commit":  # slow past the caller's deadline: commits a moment after failing the call
+            expected = request.expected_sequence
+
+            async def later() -> None:
+                await asyncio.sleep(0.03)
+                if len(self.entries) == expected:
+                    self._append(request.deployment_id)
+
+            self._late = asyncio.get_running_loop().create_task(later())
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "deadline passed")
+        if request.HasField("expected_sequence") and request.expected_sequence != len(self.entries):
+            await context.abort(grpc.StatusCode.ABORTED, "sequence moved")
+        entry = self._append(request.deployment_id)
+        if fault == "commit-then-fail":
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "instance went away after its commit")
+        return registry_pb2.PointerMoveResponse(environment=self.env(), entry=entry)
+
+
+def _promote_through_flaky(faults: list[str], expected: int | None = None) -> tuple[int, dict[str, Any], _FlakyRegistry]:
+    async def go() -> tuple[int, dict[str, Any], _FlakyRegistry]:
+        fake = _FlakyRegistry(faults)
+        server = grpc.aio.server()
+        registry_pb2_grpc.add_RegistryServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            services = Services(f"127.0.0.1:{port}", f"127.0.0.1:{port}", f"127.0.0.1:{port}")
+            api = RestApi(services, RoutingState(), routing_wait=0.05)
+            request = registry_pb2.PromoteRequest(deployment_id="dep_b", target_environment="staging")
+            if expected is not None:
+                request.expected_sequence = expected
+            try:
+                response = await api.move(services.registry.Promote, request, "staging", "key", kind="promote",
+                                          deployment_id="dep_b")
+                status, body = response.status, json.loads(response.body)
+            except ApiError as exc:
+                status, body = exc.status, {"error": exc.message}
+            await asyncio.sleep(0.3)  # a late commit lands (or is refused by the swap) before counting
+            await services.close()
+            return status, body, fake
+        finally:
+            await server.stop(None)
+
+    return asyncio.run(go())
+
+
+def test_a_move_whose_answer_was_lost_is_settled_never_applied_twice() -> None:
+    # The instance committed, then died before answering: the history has it; not sent again.
+    status, body, fake = _promote_through_flaky(["commit-then-fail"])
+    assert status == 200 and body["entry"]["sequence"] == 1 and body["entry"]["deployment_id"] == "dep_b"
+    assert len(fake.entries) == 1 and fake.promotes == 1
+    # It died before committing: sent again under the same sequence, applied once.
+    status, body, fake = _promote_through_flaky(["fail"])
+    assert status == 200 and len(fake.entries) == 1 and fake.promotes == 2
+    # Committed, no answer, and the second send lost the swap to it: settled as this move, not a third send.
+    status, body, fake = _promote_through_flaky(["fail", "commit-then-fail", "ok"], expected=0)
+    assert status == 200 and len(fake.entries) == 1 and body["entry"]["sequence"] == 1
+    # It commits late, after the call failed: sent again only under the same sequence, so once, whichever
+    # of the two sends wins.
+    for delay_faults in (["late-commit"], ["late-commit", "fail", "fail"]):
+        status, body, fake = _promote_through_flaky(list(delay_faults))
+        assert status == 200 and len(fake.entries) == 1, (delay_faults, status, body, fake.entries)
+    # The caller's own expected_sequence that another move overtook: 409, nothing applied.
+    status, body, fake = _promote_through_flaky([], expected=5)
+    assert status == 409 and fake.entries == []
+    # Every send fails: 503, nothing applied (the caller may send it again).
+    status, body, fake = _promote_through_flaky(["fail"] * 10)
+    assert status == 503 and fake.entries == [] and fake.promotes == 4
 
 
 # ---------------------------------------------------------------- berth up --instances
