@@ -1,18 +1,17 @@
 """deploy/stack.yml: its shape (parsed with PyYAML: `docker stack config`
 does not exist in docker 20.10), the *_FILE variant of the services'
-settings, and the stack deployed with `docker stack deploy` on the harness's
-3-node swarm with the platform image built from the repository's Dockerfile."""
+settings, and the README's stack block run as written on the harness's
+3-node swarm with the platform image built from the repository's Dockerfile,
+then used through the CLI and the routers."""
 from __future__ import annotations
 
 import base64
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -190,6 +189,23 @@ def _tasks_of(client: docker.DockerClient, name: str) -> list[dict[str, Any]]:
     return client.api.tasks(filters={"service": name, "desired-state": "running"})
 
 
+def readme_stack_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- stack:start -->", 1)[1].split("<!-- stack:end -->", 1)[0]
+    body = block.split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in body.strip().splitlines() if line.strip()]
+
+
+def _secret_in(client: docker.DockerClient, service: str, name: str) -> str:
+    """The content of /run/secrets/NAME in the running task of ``service``
+    (a container on the manager's node, as every stack service reads)."""
+    containers = client.containers.list(filters={"label": f"com.docker.swarm.service.name={service}"})
+    assert containers, f"no container of {service} on the manager"
+    result = containers[0].exec_run(["cat", f"/run/secrets/{name}"])
+    assert result.exit_code == 0, result.output
+    return result.output.decode().rstrip("\n")
+
+
 def _history(client: docker.DockerClient, stack_name: str) -> list[tuple[str, str, str, str]]:
     return [(t["ServiceID"][:6], t["NodeID"][:6], t["Status"]["State"], t["Status"].get("Err", ""))
             for t in client.api.tasks(filters={"label": f"com.docker.stack.namespace={stack_name}"})]
@@ -205,35 +221,27 @@ def test_stack_deploys_on_a_three_node_swarm(swarm_cluster: SwarmCluster, platfo
     worker_ref = cluster.import_image(worker_tag)
     postgres_image = cluster.import_image("postgres:15")
 
-    admin_key = "berth_admin_" + secrets.token_hex(16)
-    service_token = "berth_svc_" + secrets.token_hex(16)
-    pg_password = secrets.token_hex(12)
-    values = {
-        "berth_master_key": base64.b64encode(secrets.token_bytes(32)).decode(),
-        "berth_admin_key": admin_key,
-        "berth_service_token": service_token,
-        "berth_pg_password": pg_password,
-        "berth_database_url": f"postgresql://berth:{pg_password}@postgres:5432/berth",
-    }
-    for name, value in values.items():
-        manager.secrets.create(name=name, data=value.encode(), labels={"berth.test": RUN_ID})
-    node1 = manager.nodes.get(manager.info()["Swarm"]["NodeID"])
-    spec = node1.attrs["Spec"]
-    spec["Labels"] = {**spec.get("Labels", {}), "berth.postgres": "true"}
-    node1.update(spec)
-
     ports = {name: free_port() for name in ("ROUTER", "REGISTRY", "SECRETS", "SCHEDULER")}
-    stack_name = "bst" + uuid.uuid4().hex[:6]
+    stack_name = "berth"  # as the README has it: the harness's swarm is this test module's alone
     env = {
-        **os.environ, "DOCKER_HOST": cluster.manager_host, "BERTH_IMAGE": image, "BERTH_POSTGRES_IMAGE": postgres_image,
-        "BERTH_IMAGE_REGISTRY": cluster.registry, "BERTH_INSTANCE": stack_name,
-        **{f"BERTH_{name}_PORT": str(port) for name, port in ports.items()},
+        **os.environ, "DOCKER_HOST": cluster.manager_host, "BERTH_POSTGRES_IMAGE": postgres_image,
+        "BERTH_INSTANCE": "stack" + RUN_ID[:6], **{f"BERTH_{name}_PORT": str(port) for name, port in ports.items()},
     }
-    deploy = subprocess.run(["docker", "stack", "deploy", "--resolve-image", "never", "-c", str(STACK), stack_name],
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert deploy.returncode == 0, deploy.stderr
+    # The README's block, as written, with the harness's node, registry and image put in.
+    block = readme_stack_commands()
+    rewritten = [
+        line.replace("NODE", cluster.nodes[0].name).replace("REGISTRY/berth@sha256:...", image)
+        .replace("=REGISTRY", "=" + cluster.registry)
+        for line in block
+    ]
+    assert sum(a != b for a, b in zip(block, rewritten, strict=True)) == 2, rewritten
+    script = "set -euo pipefail\n" + "\n".join(rewritten) + "\n"
+    deploy = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
     try:
         n1 = cluster.nodes[0].address
+        node1 = manager.nodes.get(manager.info()["Swarm"]["NodeID"])
+        assert node1.attrs["Spec"]["Labels"] == {"berth.postgres": "true"}
         eventually(lambda: _grpc_serving(f"{n1}:{ports['REGISTRY']}"), timeout=300, interval=1,
                    what="the registry serving (it reached PostgreSQL with the URL from its secret)")
         eventually(lambda: _grpc_serving(f"{n1}:{ports['SECRETS']}"), timeout=120, interval=1, what="secrets serving")
@@ -241,6 +249,13 @@ def test_stack_deploys_on_a_three_node_swarm(swarm_cluster: SwarmCluster, platfo
         for node in cluster.nodes:
             eventually(lambda: requests.get(f"http://{node.address}:{ports['ROUTER']}/healthz", timeout=5).status_code == 200,
                        timeout=240, interval=1, what=f"the router on {node.name}")
+        # What each service reads from /run/secrets (an operator on the node could read it the same way).
+        values = {name: _secret_in(manager, f"{stack_name}_{service}", name) for service, name in (
+            ("registry", "berth_admin_key"), ("registry", "berth_service_token"), ("registry", "berth_database_url"),
+            ("secrets", "berth_master_key"), ("postgres", "berth_pg_password"))}
+        admin_key = values["berth_admin_key"]
+        assert admin_key.startswith("berth_admin_") and len(base64.b64decode(values["berth_master_key"])) == 32
+        assert values["berth_database_url"] == f"postgresql://berth:{values['berth_pg_password']}@postgres:5432/berth"
 
         # Placement: the router once per node, the control plane on the manager.
         all_nodes = sorted(n.id for n in manager.nodes.list())
@@ -249,7 +264,10 @@ def test_stack_deploys_on_a_three_node_swarm(swarm_cluster: SwarmCluster, platfo
             running = [t["NodeID"] for t in _tasks_of(manager, f"{stack_name}_router") if t["Status"]["State"] == "running"]
             return sorted(running) == all_nodes
 
-        eventually(router_per_node, timeout=60, what=f"one running router per node: {_history(manager, stack_name)}")
+        try:
+            eventually(router_per_node, timeout=60, what="one running router per node")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the stack's tasks: {_history(manager, stack_name)}") from None
         for name in ("registry", "secrets", "scheduler", "postgres"):
             running = [t for t in _tasks_of(manager, f"{stack_name}_{name}") if t["Status"]["State"] == "running"]
             assert [t["NodeID"] for t in running] == [node1.id], name
