@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -177,14 +178,18 @@ def test_killed_node_goes_down_its_task_is_replaced_and_it_comes_back(swarm_clus
 
 def test_cut_link_makes_a_node_down_and_restoring_it_ready(swarm_cluster: SwarmCluster):
     cluster = swarm_cluster
+    node = cluster.nodes[2]
+    socket.create_connection((node.address, 7946), timeout=5).close()  # the gossip port (every node) answers from the host
     cluster.link_down(2)
     try:
         cluster.wait_node_state(2, "down", timeout=30)
-        with pytest.raises(requests.RequestException):
-            requests.get(f"http://{cluster.nodes[2].address}:2377/", timeout=1)
+        with pytest.raises(OSError):
+            socket.create_connection((node.address, 7946), timeout=1).close()
+        assert cluster.client(2).info()["Swarm"]["LocalNodeState"] == "active"  # its dockerd runs on, cut off
     finally:
         cluster.link_up(2)
     cluster.wait_node_state(2, "ready", timeout=60)
+    socket.create_connection((node.address, 7946), timeout=5).close()
 
 
 def _processes_alive(pids: list[int]) -> list[int]:
