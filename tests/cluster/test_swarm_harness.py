@@ -215,7 +215,7 @@ def test_stop_leaves_nothing_behind(worker_tag: str):
         # Before: the dockerds, their containerds, a shim, the container, the registry.
         assert {"dockerd", "containerd", "containerd-shim", "docker-registry"} <= names, names  # comm: 15 chars
         leftovers = cluster_leftovers(cluster.id)
-        assert leftovers["namespaces"] and leftovers["directories"] and leftovers["cgroups"] and leftovers["links"]
+        assert all(leftovers[k] for k in ("namespaces", "processes", "mounts", "directories", "cgroups", "links")), leftovers
         container_pid = container.attrs["State"]["Pid"]
         assert container_pid in pids  # found through its node's cgroup
     after = cluster_leftovers(cluster.id)
@@ -253,7 +253,7 @@ def test_sweep_removes_an_abandoned_cluster_and_nothing_else(swarm_cluster: Swar
             proc.stderr.close()
     before = cluster_leftovers(abandoned)
     # The owner died; its cluster lives on: dockerds, the registry, a container.
-    assert before["processes"] and before["namespaces"] and before["directories"] and before["cgroups"], before
+    assert all(before[k] for k in ("namespaces", "processes", "mounts", "directories", "cgroups", "links")), before
     container_pids = []
     for d in before["cgroups"]:
         try:
