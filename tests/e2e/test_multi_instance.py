@@ -182,6 +182,25 @@ class _FakeRouters:
         )
 
 
+def test_the_scheduler_lists_routers_heard_within_the_live_window() -> None:
+    from services.scheduler.routers import RouterRevisions
+
+    now = [100.0]
+    revisions = RouterRevisions(live_window=3.0, clock=lambda: now[0])
+    report = scheduler_internal_pb2.ReportLoadRequest
+    revisions.record(report(reporter="h:1", router="127.0.0.1:8080", revision=7, loaded=True))
+    revisions.record(report(reporter="h:2", router="127.0.0.1:8180", revision=6, loaded=True))
+    revisions.record(report(reporter="h:3"))  # an older router tells no revision: not listed
+    now[0] += 2.0
+    revisions.record(report(reporter="h:1", router="127.0.0.1:8080", revision=9, loaded=True))
+    listed = revisions.live()
+    assert [(r.reporter, r.router, r.revision) for r in listed.routers] == [
+        ("h:1", "127.0.0.1:8080", 9), ("h:2", "127.0.0.1:8180", 6)]
+    assert listed.listening_seconds == 2.0 and listed.live_window_seconds == 3.0
+    now[0] += 1.5  # h:2 silent for 3.5 s: gone
+    assert [r.reporter for r in revisions.live().routers] == ["h:1"]
+
+
 def _lagging(routers: _FakeRouters, revision: int, wait: float) -> list[dict[str, object]]:
     async def go() -> list[dict[str, object]]:
         api = RestApi(None, RoutingState(), routers=routers, router_name="127.0.0.1:8080")  # type: ignore[arg-type]
