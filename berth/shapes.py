@@ -103,6 +103,33 @@ def binding_json(b: common_pb2.Binding) -> dict[str, Any]:
     }
 
 
+def request_window_json(w: scheduler_pb2.RequestWindowStats) -> dict[str, Any]:
+    return {
+        "window_seconds": w.window_seconds,
+        "requests": w.requests,
+        "requests_per_second": w.requests_per_second,
+        "responses": {"2xx": w.responses_2xx, "3xx": w.responses_3xx, "4xx": w.responses_4xx,
+                      "5xx": w.responses_5xx},
+        "error_rate": w.error_rate,
+        "p50_seconds": w.p50_seconds,
+        "p99_seconds": w.p99_seconds,
+    }
+
+
+def request_metrics_json(m: scheduler_pb2.RequestMetrics) -> dict[str, Any]:
+    """A binding's request figures (the routers' sliding windows, merged by
+    the scheduler) and its per-minute history over 15 minutes."""
+    return {
+        "last_minute": request_window_json(m.last_minute),
+        "last_five_minutes": request_window_json(m.last_five_minutes),
+        "history": [
+            {"time": timestamp(p, "time"), "requests": p.requests, "requests_per_second": p.requests_per_second,
+             "error_rate": p.error_rate, "p99_seconds": p.p99_seconds}
+            for p in m.history
+        ],
+    }
+
+
 def status_json(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
     data = deployment_json(s.deployment)
     data["bindings"] = [
@@ -114,6 +141,7 @@ def status_json(s: scheduler_pb2.DeploymentStatus) -> dict[str, Any]:
             "min_replicas": b.min_replicas,
             "max_replicas": b.max_replicas,
             "desired_replicas": b.desired_replicas,
+            "requests": request_metrics_json(b.requests) if b.HasField("requests") else None,
             "replicas": [
                 {"id": r.id, "name": r.name, "index": r.index, "state": replica_state(r),
                  "started_at": timestamp(r, "started_at"), "restarts": r.restarts, "address": r.address,

@@ -62,7 +62,7 @@ class Replica(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., index: _Optional[int] = ..., state: _Optional[_Union[Replica.State, str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts: _Optional[int] = ..., address: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class BindingStatus(_message.Message):
-    __slots__ = ("environment_id", "environment", "status", "min_replicas", "max_replicas", "serving", "replicas", "desired_replicas")
+    __slots__ = ("environment_id", "environment", "status", "min_replicas", "max_replicas", "serving", "replicas", "desired_replicas", "requests")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[BindingStatus.Status]
@@ -87,6 +87,7 @@ class BindingStatus(_message.Message):
     SERVING_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     environment_id: str
     environment: str
     status: BindingStatus.Status
@@ -95,7 +96,8 @@ class BindingStatus(_message.Message):
     serving: bool
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     desired_replicas: int
-    def __init__(self, environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., status: _Optional[_Union[BindingStatus.Status, str]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., serving: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., desired_replicas: _Optional[int] = ...) -> None: ...
+    requests: RequestMetrics
+    def __init__(self, environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., status: _Optional[_Union[BindingStatus.Status, str]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., serving: _Optional[bool] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ..., desired_replicas: _Optional[int] = ..., requests: _Optional[_Union[RequestMetrics, _Mapping]] = ...) -> None: ...
 
 class DeploymentStatus(_message.Message):
     __slots__ = ("deployment", "bindings", "scheduler_leader")
@@ -174,3 +176,51 @@ class SchedulerLeader(_message.Message):
     instance: str
     epoch: int
     def __init__(self, instance: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class RequestMetrics(_message.Message):
+    __slots__ = ("last_minute", "last_five_minutes", "history")
+    LAST_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIVE_MINUTES_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    last_minute: RequestWindowStats
+    last_five_minutes: RequestWindowStats
+    history: _containers.RepeatedCompositeFieldContainer[RequestMetricsPoint]
+    def __init__(self, last_minute: _Optional[_Union[RequestWindowStats, _Mapping]] = ..., last_five_minutes: _Optional[_Union[RequestWindowStats, _Mapping]] = ..., history: _Optional[_Iterable[_Union[RequestMetricsPoint, _Mapping]]] = ...) -> None: ...
+
+class RequestWindowStats(_message.Message):
+    __slots__ = ("window_seconds", "requests", "requests_per_second", "responses_2xx", "responses_3xx", "responses_4xx", "responses_5xx", "error_rate", "p50_seconds", "p99_seconds")
+    WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_2XX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_3XX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_4XX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_5XX_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    window_seconds: float
+    requests: int
+    requests_per_second: float
+    responses_2xx: int
+    responses_3xx: int
+    responses_4xx: int
+    responses_5xx: int
+    error_rate: float
+    p50_seconds: float
+    p99_seconds: float
+    def __init__(self, window_seconds: _Optional[float] = ..., requests: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., responses_2xx: _Optional[int] = ..., responses_3xx: _Optional[int] = ..., responses_4xx: _Optional[int] = ..., responses_5xx: _Optional[int] = ..., error_rate: _Optional[float] = ..., p50_seconds: _Optional[float] = ..., p99_seconds: _Optional[float] = ...) -> None: ...
+
+class RequestMetricsPoint(_message.Message):
+    __slots__ = ("time", "requests", "requests_per_second", "error_rate", "p99_seconds")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    requests: int
+    requests_per_second: float
+    error_rate: float
+    p99_seconds: float
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., requests: _Optional[int] = ..., requests_per_second: _Optional[float] = ..., error_rate: _Optional[float] = ..., p99_seconds: _Optional[float] = ...) -> None: ...

@@ -44,6 +44,11 @@ class LoadTracker:
     def __init__(self) -> None:
         self.bindings: dict[BindingKey, BindingLoad] = {}
         self.in_flight = 0
+        # Per binding: its project id and its request windows (the last
+        # minute, the last five minutes); set by RouterMetrics.
+        self.request_windows: Callable[
+            [], dict[BindingKey, tuple[str, tuple[scheduler_internal_pb2.RequestWindow, ...]]]
+        ] | None = None
 
     def begin(self, route: Route) -> BindingLoad:
         load = self.bindings.get(route.binding_key)
@@ -62,8 +67,11 @@ class LoadTracker:
 
     def drain_report(self) -> list[scheduler_internal_pb2.BindingLoad]:
         """The report to send now; completed counters restart at zero. A
-        binding that went quiet is reported (as zero) once more, then dropped."""
+        binding that went quiet is reported (as zero) once more, then dropped.
+        Every binding with requests in the last five minutes carries its
+        request windows."""
         report = []
+        windows = self.request_windows() if self.request_windows is not None else {}
         for (environment_id, deployment_id), load in list(self.bindings.items()):
             report.append(
                 scheduler_internal_pb2.BindingLoad(
@@ -77,6 +85,16 @@ class LoadTracker:
             if load.in_flight == 0 and load.completed == 0:
                 del self.bindings[(environment_id, deployment_id)]
             load.completed = 0
+        by_key = {(b.environment_id, b.deployment_id): b for b in report}
+        for (environment_id, deployment_id), (project_id, (last_minute, last_five)) in windows.items():
+            message = by_key.get((environment_id, deployment_id))
+            if message is None:
+                message = scheduler_internal_pb2.BindingLoad(
+                    project_id=project_id, environment_id=environment_id, deployment_id=deployment_id
+                )
+                report.append(message)
+            message.last_minute.CopyFrom(last_minute)
+            message.last_five_minutes.CopyFrom(last_five)
         return report
 
 

@@ -8,11 +8,24 @@ more than a tenth of a proxied request. Everything is turned into metric
 families at scrape time by collectors, as are the gauges that mirror state
 (in-flight requests per binding, the pointer table's revision, ready
 replicas).
+
+Sliding windows per binding (the last minute and the last five minutes,
+reported to the scheduler with every load report) cost the request path
+nothing either: once a second ``RequestWindows.sample`` takes the
+difference of those cumulative counters since the previous sample and puts
+it into a per-second bucket (``BindingWindows``); a window's figures are the
+sum of its buckets. Each router process reports its own windows; the
+scheduler adds up the reporters' histograms (``services/scheduler/
+request_metrics.py``), so figures are merged across worker processes and
+routers, and percentiles come from the merged histogram.
 """
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -20,7 +33,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from services.router.control import LoadTracker
+from berth.internal.v1 import scheduler_internal_pb2
+from services.router.control import BindingKey, LoadTracker
 from services.router.platform import PlatformRequest, PlatformResponse
 from services.router.table import RoutingState
 
@@ -50,6 +64,143 @@ class RequestStats:
         self.total_seconds += seconds
         # bisect_left: a value equal to a bound belongs to that bucket (le)
         self.buckets[bisect_left(BUCKETS, seconds)] += 1
+
+
+WINDOWS = (60, 300)  # seconds: the last minute and the last five minutes
+HORIZON = max(WINDOWS)
+# One bucket's (or window's) figures as a flat vector, summed element-wise:
+# requests, responses 2xx, 3xx, 4xx, 5xx, latency sum (seconds), then the
+# requests per latency bucket (BUCKETS, then +Inf; not cumulative). Other
+# statuses (1xx, a failure before any status) count as requests only.
+REQUESTS, SUM = 0, 5
+HISTOGRAM = 6
+VECTOR_LENGTH = HISTOGRAM + len(BUCKETS) + 1
+Vector = list[float]
+WindowKey = tuple[str, str, str]  # (project name, environment name, deployment id) as the proxy observes them
+
+
+def empty_vector() -> Vector:
+    return [0] * VECTOR_LENGTH
+
+
+def add_into(total: Vector, other: Vector) -> None:
+    for i, value in enumerate(other):
+        total[i] += value
+
+
+class BindingWindows:
+    """One binding's requests in per-second buckets, kept for ``horizon``
+    seconds; only seconds that had requests take memory."""
+
+    __slots__ = ("horizon", "_seconds")
+
+    def __init__(self, horizon: int = HORIZON) -> None:
+        self.horizon = horizon
+        self._seconds: deque[tuple[int, Vector]] = deque()
+
+    def add(self, second: int, vector: Vector) -> None:
+        """Adds requests finished in ``second`` (a clock read going backwards
+        counts in the latest bucket)."""
+        if self._seconds and self._seconds[-1][0] >= second:
+            add_into(self._seconds[-1][1], vector)
+        else:
+            self._seconds.append((second, list(vector)))
+        self.expire(second)
+
+    def expire(self, now: int) -> None:
+        while self._seconds and self._seconds[0][0] <= now - self.horizon:
+            self._seconds.popleft()
+
+    @property
+    def empty(self) -> bool:
+        return not self._seconds
+
+    def window(self, now: int, length: int) -> Vector:
+        """The sum of the buckets of the last ``length`` seconds: seconds
+        ``now - length + 1`` to ``now`` (the current, partial one included)."""
+        total = empty_vector()
+        oldest = now - length
+        for second, vector in reversed(self._seconds):
+            if second <= oldest:
+                break
+            add_into(total, vector)
+        return total
+
+
+def window_proto(vector: Vector) -> scheduler_internal_pb2.RequestWindow:
+    return scheduler_internal_pb2.RequestWindow(
+        requests=int(vector[REQUESTS]),
+        responses_2xx=int(vector[1]), responses_3xx=int(vector[2]),
+        responses_4xx=int(vector[3]), responses_5xx=int(vector[4]),
+        latency_sum_seconds=float(vector[SUM]),
+        latency_buckets=[int(n) for n in vector[HISTOGRAM:]],
+        latency_bounds=BUCKETS,
+    )
+
+
+@dataclass
+class _Seen:
+    """A cumulative counter's values at the previous sample."""
+
+    stats: RequestStats
+    count: int
+    total_seconds: float
+    buckets: list[int] = field(default_factory=list)
+
+
+class RequestWindows:
+    """Sliding windows per binding, filled once a second from the cumulative
+    per-status counters (``RouterMetrics._stats``) by difference, so the
+    request path does no extra work. A counter that was replaced (the
+    bounded table was cleared) or went down counts from zero again."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[tuple[str, str, str, int], _Seen] = {}
+        self.bindings: dict[WindowKey, BindingWindows] = {}
+
+    def sample(self, stats: dict[tuple[str, str, str, int], RequestStats]) -> int:
+        """Moves what the counters gained since the last sample into the
+        current second's bucket; returns that second."""
+        second = int(self._clock())
+        gained: dict[WindowKey, Vector] = {}
+        for key, current in list(stats.items()):
+            project, environment, deployment, status = key
+            if not deployment:
+                continue  # unrouted requests belong to no binding
+            seen = self._seen.get(key)
+            if seen is None or seen.stats is not current or current.count < seen.count:
+                seen = _Seen(current, 0, 0.0, [0] * len(current.buckets))
+            if current.count == seen.count:
+                continue
+            vector = gained.get((project, environment, deployment))
+            if vector is None:
+                vector = gained[(project, environment, deployment)] = empty_vector()
+            requests = current.count - seen.count
+            vector[REQUESTS] += requests
+            status_class_index = status // 100
+            if 2 <= status_class_index <= 5:
+                vector[status_class_index - 1] += requests
+            vector[SUM] += current.total_seconds - seen.total_seconds
+            for i, (now_n, then_n) in enumerate(zip(current.buckets, seen.buckets, strict=True)):
+                vector[HISTOGRAM + i] += now_n - then_n
+            self._seen[key] = _Seen(current, current.count, current.total_seconds, list(current.buckets))
+        if len(self._seen) > len(stats):  # counters cleared: forget the ones gone
+            self._seen = {k: v for k, v in self._seen.items() if stats.get(k) is v.stats}
+        for binding, vector in gained.items():
+            windows = self.bindings.get(binding)
+            if windows is None:
+                windows = self.bindings[binding] = BindingWindows()
+            windows.add(second, vector)
+        for binding, windows in list(self.bindings.items()):
+            windows.expire(second)
+            if windows.empty:
+                del self.bindings[binding]
+        return second
+
+    def windows(self, second: int) -> dict[WindowKey, tuple[Vector, ...]]:
+        """Each binding's windows at ``second``, in ``WINDOWS`` order."""
+        return {key: tuple(w.window(second, length) for length in WINDOWS) for key, w in self.bindings.items()}
 
 
 Snapshot = dict[str, Any]  # one process's figures as JSON (see RouterMetrics.snapshot)
@@ -145,6 +296,9 @@ class RouterMetrics:
         self.peers = peers
         self._stats: dict[tuple[str, str, str, int], RequestStats] = {}
         self._fallbacks: dict[tuple[str, str], int] = {}
+        self.windows = RequestWindows()
+        # The load reports carry the windows (LoadTracker.drain_report).
+        load.request_windows = self.request_windows
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_Collector(self))
 
@@ -156,6 +310,22 @@ class RouterMetrics:
                 self._stats.clear()
             stats = self._stats[key] = RequestStats((project, environment, deployment, status_class(status)))
         stats.observe(seconds)
+
+    def request_windows(self) -> dict[BindingKey, tuple[str, tuple[scheduler_internal_pb2.RequestWindow, ...]]]:
+        """Samples the counters, then per binding (environment id,
+        deployment id) its project id and its windows as sent with a load
+        report. Names the routing table no longer knows (an environment
+        deleted) are left out."""
+        second = self.windows.sample(self._stats)
+        table = self.state.table
+        found: dict[BindingKey, tuple[str, tuple[scheduler_internal_pb2.RequestWindow, ...]]] = {}
+        for (project, environment, deployment), vectors in self.windows.windows(second).items():
+            project_id = table.project_id(project)
+            env = table.environment(project_id, environment) if project_id else None
+            if env is None or project_id is None:
+                continue
+            found[(env.id, deployment)] = (project_id, tuple(window_proto(v) for v in vectors))
+        return found
 
     def fallback(self, project: str, environment: str) -> None:
         """A request served by the previous deployment (the current one failed)."""

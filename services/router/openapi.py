@@ -115,8 +115,27 @@ SCHEMAS: dict[str, Any] = {
         "max_replicas": INTEGER,
         "desired_replicas": {"type": "integer", "description": "the replica count the scheduler is driving the "
                              "binding to now (within the bounds, by load; 0 when terminated)"},
+        "requests": {"allOf": [ref("RequestMetrics")], "nullable": True,
+                     "description": "requests the routers answered lately; null when none in the last 5 minutes"},
         "replicas": array(ref("Replica")),
     }),
+    "RequestWindow": obj({
+        "window_seconds": {"type": "number", "description": "60 or 300"},
+        "requests": INTEGER,
+        "requests_per_second": {"type": "number"},
+        "responses": obj({"2xx": INTEGER, "3xx": INTEGER, "4xx": INTEGER, "5xx": INTEGER}),
+        "error_rate": {"type": "number", "description": "5xx responses / requests (0 to 1); 0 with no request"},
+        "p50_seconds": {"type": "number", "description": "from the routers' merged latency histogram"},
+        "p99_seconds": {"type": "number", "description": "from the routers' merged latency histogram"},
+    }, "requests answered in a trailing window, summed over every router"),
+    "RequestMetrics": obj({
+        "last_minute": ref("RequestWindow"),
+        "last_five_minutes": ref("RequestWindow"),
+        "history": array(obj({
+            "time": TIME, "requests": INTEGER, "requests_per_second": {"type": "number"},
+            "error_rate": {"type": "number"}, "p99_seconds": {"type": "number"},
+        }, "the last minute's figures at the end of one minute (time: the minute's end)")),
+    }, "a binding's request figures; history: one point per minute over the last 15 minutes, oldest first"),
     "DeploymentError": obj({
         "kind": {"type": "string", "description": "image_pull_error | scheduling_failure | crash_loop | "
                  "oom_killed | health_check_failed | node_down"},

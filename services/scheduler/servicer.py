@@ -27,6 +27,7 @@ from services.common.ids import deployment_not_found_message, validate_deploymen
 from .desired import DesiredTable, is_terminated
 from .events import EventStore
 from .lease import LeaderElector, LeaseLost
+from .request_metrics import WINDOW_SECONDS, BindingFigures, InvalidWindow, RequestMetricsStore, Window
 from .routers import RouterRevisions
 from .runtime import Runtime
 
@@ -71,6 +72,31 @@ def require_leader(leadership: LeaderElector | None) -> None:
         ) from None
 
 
+def _window_stats(window: Window, seconds: float) -> scheduler_pb2.RequestWindowStats:
+    return scheduler_pb2.RequestWindowStats(
+        window_seconds=seconds,
+        requests=window.requests,
+        requests_per_second=window.requests / seconds,
+        responses_2xx=window.by_class[0], responses_3xx=window.by_class[1],
+        responses_4xx=window.by_class[2], responses_5xx=window.by_class[3],
+        error_rate=window.error_rate,
+        p50_seconds=window.quantile(0.5),
+        p99_seconds=window.quantile(0.99),
+    )
+
+
+def _request_metrics(figures: BindingFigures) -> scheduler_pb2.RequestMetrics:
+    message = scheduler_pb2.RequestMetrics(
+        last_minute=_window_stats(figures.last_minute, WINDOW_SECONDS[0]),
+        last_five_minutes=_window_stats(figures.last_five_minutes, WINDOW_SECONDS[1]),
+    )
+    for point in figures.history:
+        added = message.history.add(requests=point.requests, requests_per_second=point.requests_per_second,
+                                    error_rate=point.error_rate, p99_seconds=point.p99_seconds)
+        added.time.FromSeconds(int(point.minute_end))
+    return message
+
+
 def _names_project(given: str, binding: common_pb2.Binding) -> bool:
     return given in (binding.project_id, binding.project_name)
 
@@ -78,12 +104,13 @@ def _names_project(given: str, binding: common_pb2.Binding) -> bool:
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(
         self, table: DesiredTable, reconciler: Runtime, events: EventStore,
-        leadership: LeaderElector | None = None,
+        leadership: LeaderElector | None = None, request_metrics: RequestMetricsStore | None = None,
     ) -> None:
         self._table = table
         self._reconciler = reconciler
         self._events = events
         self._leadership = leadership
+        self._request_metrics = request_metrics if request_metrics is not None else RequestMetricsStore()
 
     # -- helpers ------------------------------------------------------------
     @staticmethod
@@ -212,6 +239,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 started = _timestamp(r.started_at)
                 if started is not None:
                     replica.started_at.CopyFrom(started)
+            figures = self._request_metrics.figures((b.environment_id, b.deployment.id))
+            if figures is not None:
+                status.requests.CopyFrom(_request_metrics(figures))
         return response
 
     async def ListDeploymentErrors(
@@ -264,10 +294,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalServicer):
     """What the router asks of the scheduler."""
 
-    def __init__(self, table: DesiredTable, reconciler: Runtime, leadership: LeaderElector | None = None) -> None:
+    def __init__(self, table: DesiredTable, reconciler: Runtime, leadership: LeaderElector | None = None,
+                 request_metrics: RequestMetricsStore | None = None) -> None:
         self._table = table
         self._reconciler = reconciler
         self._leadership = leadership
+        # The routers' request windows (request_metrics.py), read by GetDeploymentStatus.
+        self.request_metrics = request_metrics if request_metrics is not None else RequestMetricsStore()
         self.routers = RouterRevisions()  # routers' revisions, for ListRouters
 
     async def WatchEndpoints(
@@ -307,8 +340,13 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
             key = (load.environment_id, load.deployment_id)
             in_flight, requests = loads.get(key, (0, 0))
             loads[key] = (in_flight + load.in_flight, requests + int(load.requests))
+        try:
+            windows = self.request_metrics.parse(request.bindings)
+        except InvalidWindow as exc:
+            raise errors.InvalidArgument(str(exc), field=exc.field) from None
         self._reconciler.report_load(loads, reporter=request.reporter)
         self.routers.record(request)
+        self.request_metrics.record(request.reporter, windows)
         return scheduler_internal_pb2.ReportLoadResponse()
 
     # -- router revisions (ListRouters; services/scheduler/routers.py) ---------
@@ -350,7 +388,10 @@ def add_to_server(
 ) -> None:
     """The public and the internal service, on one server. ``leadership``:
     the lease, when standbys may run (``lease.py``)."""
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerServicer(table, reconciler, events, leadership), server)
+    request_metrics = RequestMetricsStore()  # reported through the internal service, read through the public one
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
+        SchedulerServicer(table, reconciler, events, leadership, request_metrics), server
+    )
     scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(
-        SchedulerInternalServicer(table, reconciler, leadership), server
+        SchedulerInternalServicer(table, reconciler, leadership, request_metrics), server
     )

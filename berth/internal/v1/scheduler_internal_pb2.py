@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*berth/internal/v1/scheduler_internal.proto\x12\x11\x62\x65rth.internal.v1\"\x17\n\x15WatchEndpointsRequest\"s\n\x0b\x45ndpointSet\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\x12\x15\n\rdeployment_id\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\"@\n\x10\x45ndpointSnapshot\x12,\n\x04sets\x18\x01 \x03(\x0b\x32\x1e.berth.internal.v1.EndpointSet\"u\n\x0b\x42indingLoad\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\x12\x15\n\rdeployment_id\x18\x03 \x01(\t\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x10\n\x08requests\x18\x05 \x01(\x03\"\x89\x01\n\x11ReportLoadRequest\x12\x30\n\x08\x62indings\x18\x01 \x03(\x0b\x32\x1e.berth.internal.v1.BindingLoad\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\x0e\n\x06router\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\"\x14\n\x12ReportLoadResponse\"T\n\x0f\x41\x63tivateRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\x12\x15\n\rdeployment_id\x18\x03 \x01(\t\"\"\n\x10\x41\x63tivateResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\"\x14\n\x12ListRoutersRequest\"q\n\rRouterProcess\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x12\x1c\n\x14seconds_since_report\x18\x05 \x01(\x01\"\x80\x01\n\x13ListRoutersResponse\x12\x31\n\x07routers\x18\x01 \x03(\x0b\x32 .berth.internal.v1.RouterProcess\x12\x1b\n\x13live_window_seconds\x18\x02 \x01(\x01\x12\x19\n\x11listening_seconds\x18\x03 \x01(\x01\x32\x84\x03\n\x11SchedulerInternal\x12\x61\n\x0eWatchEndpoints\x12(.berth.internal.v1.WatchEndpointsRequest\x1a#.berth.internal.v1.EndpointSnapshot0\x01\x12Y\n\nReportLoad\x12$.berth.internal.v1.ReportLoadRequest\x1a%.berth.internal.v1.ReportLoadResponse\x12S\n\x08\x41\x63tivate\x12\".berth.internal.v1.ActivateRequest\x1a#.berth.internal.v1.ActivateResponse\x12\\\n\x0bListRouters\x12%.berth.internal.v1.ListRoutersRequest\x1a&.berth.internal.v1.ListRoutersResponseB\x81\x01\n\x15\x64\x65v.berth.internal.v1P\x01Z>github.com/berth-dev/berth/gen/go/berth/internal/v1;internalv1\xaa\x02\x11\x42\x65rth.Internal.V1\xca\x02\x11\x42\x65rth\\Internal\\V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*berth/internal/v1/scheduler_internal.proto\x12\x11\x62\x65rth.internal.v1\"\x17\n\x15WatchEndpointsRequest\"s\n\x0b\x45ndpointSet\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\x12\x15\n\rdeployment_id\x18\x03 \x01(\t\x12\x11\n\taddresses\x18\x04 \x03(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\"@\n\x10\x45ndpointSnapshot\x12,\n\x04sets\x18\x01 \x03(\x0b\x32\x1e.berth.internal.v1.EndpointSet\"\xe9\x01\n\x0b\x42indingLoad\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\x12\x15\n\rdeployment_id\x18\x03 \x01(\t\x12\x11\n\tin_flight\x18\x04 \x01(\x05\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x35\n\x0blast_minute\x18\x06 \x01(\x0b\x32 .berth.internal.v1.RequestWindow\x12;\n\x11last_five_minutes\x18\x07 \x01(\x0b\x32 .berth.internal.v1.RequestWindow\"\xcb\x01\n\rRequestWindow\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x15\n\rresponses_2xx\x18\x02 \x01(\x03\x12\x15\n\rresponses_3xx\x18\x03 \x01(\x03\x12\x15\n\rresponses_4xx\x18\x04 \x01(\x03\x12\x15\n\rresponses_5xx\x18\x05 \x01(\x03\x12\x1b\n\x13latency_sum_seconds\x18\x06 \x01(\x01\x12\x17\n\x0flatency_buckets\x18\x07 \x03(\x03\x12\x16\n\x0elatency_bounds\x18\x08 \x03(\x01\"\x89\x01\n\x11ReportLoadRequest\x12\x30\n\x08\x62indings\x18\x01 \x03(\x0b\x32\x1e.berth.internal.v1.BindingLoad\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\x0e\n\x06router\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x0e\n\x06loaded\x18\x05 \x01(\x08\"\x14\n\x12ReportLoadResponse\"T\n\x0f\x41\x63tivateRequest\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x02 \x01(\t\x12\x15\n\rdeployment_id\x18\x03 \x01(\t\"\"\n\x10\x41\x63tivateResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\"\x14\n\x12ListRoutersRequest\"q\n\rRouterProcess\x12\x0e\n\x06router\x18\x01 \x01(\t\x12\x10\n\x08reporter\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x0e\n\x06loaded\x18\x04 \x01(\x08\x12\x1c\n\x14seconds_since_report\x18\x05 \x01(\x01\"\x80\x01\n\x13ListRoutersResponse\x12\x31\n\x07routers\x18\x01 \x03(\x0b\x32 .berth.internal.v1.RouterProcess\x12\x1b\n\x13live_window_seconds\x18\x02 \x01(\x01\x12\x19\n\x11listening_seconds\x18\x03 \x01(\x01\x32\x84\x03\n\x11SchedulerInternal\x12\x61\n\x0eWatchEndpoints\x12(.berth.internal.v1.WatchEndpointsRequest\x1a#.berth.internal.v1.EndpointSnapshot0\x01\x12Y\n\nReportLoad\x12$.berth.internal.v1.ReportLoadRequest\x1a%.berth.internal.v1.ReportLoadResponse\x12S\n\x08\x41\x63tivate\x12\".berth.internal.v1.ActivateRequest\x1a#.berth.internal.v1.ActivateResponse\x12\\\n\x0bListRouters\x12%.berth.internal.v1.ListRoutersRequest\x1a&.berth.internal.v1.ListRoutersResponseB\x81\x01\n\x15\x64\x65v.berth.internal.v1P\x01Z>github.com/berth-dev/berth/gen/go/berth/internal/v1;internalv1\xaa\x02\x11\x42\x65rth.Internal.V1\xca\x02\x11\x42\x65rth\\Internal\\V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,22 +38,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENDPOINTSET']._serialized_end=205
   _globals['_ENDPOINTSNAPSHOT']._serialized_start=207
   _globals['_ENDPOINTSNAPSHOT']._serialized_end=271
-  _globals['_BINDINGLOAD']._serialized_start=273
-  _globals['_BINDINGLOAD']._serialized_end=390
-  _globals['_REPORTLOADREQUEST']._serialized_start=393
-  _globals['_REPORTLOADREQUEST']._serialized_end=530
-  _globals['_REPORTLOADRESPONSE']._serialized_start=532
-  _globals['_REPORTLOADRESPONSE']._serialized_end=552
-  _globals['_ACTIVATEREQUEST']._serialized_start=554
-  _globals['_ACTIVATEREQUEST']._serialized_end=638
-  _globals['_ACTIVATERESPONSE']._serialized_start=640
-  _globals['_ACTIVATERESPONSE']._serialized_end=674
-  _globals['_LISTROUTERSREQUEST']._serialized_start=676
-  _globals['_LISTROUTERSREQUEST']._serialized_end=696
-  _globals['_ROUTERPROCESS']._serialized_start=698
-  _globals['_ROUTERPROCESS']._serialized_end=811
-  _globals['_LISTROUTERSRESPONSE']._serialized_start=814
-  _globals['_LISTROUTERSRESPONSE']._serialized_end=942
-  _globals['_SCHEDULERINTERNAL']._serialized_start=945
-  _globals['_SCHEDULERINTERNAL']._serialized_end=1333
+  _globals['_BINDINGLOAD']._serialized_start=274
+  _globals['_BINDINGLOAD']._serialized_end=507
+  _globals['_REQUESTWINDOW']._serialized_start=510
+  _globals['_REQUESTWINDOW']._serialized_end=713
+  _globals['_REPORTLOADREQUEST']._serialized_start=716
+  _globals['_REPORTLOADREQUEST']._serialized_end=853
+  _globals['_REPORTLOADRESPONSE']._serialized_start=855
+  _globals['_REPORTLOADRESPONSE']._serialized_end=875
+  _globals['_ACTIVATEREQUEST']._serialized_start=877
+  _globals['_ACTIVATEREQUEST']._serialized_end=961
+  _globals['_ACTIVATERESPONSE']._serialized_start=963
+  _globals['_ACTIVATERESPONSE']._serialized_end=997
+  _globals['_LISTROUTERSREQUEST']._serialized_start=999
+  _globals['_LISTROUTERSREQUEST']._serialized_end=1019
+  _globals['_ROUTERPROCESS']._serialized_start=1021
+  _globals['_ROUTERPROCESS']._serialized_end=1134
+  _globals['_LISTROUTERSRESPONSE']._serialized_start=1137
+  _globals['_LISTROUTERSRESPONSE']._serialized_end=1265
+  _globals['_SCHEDULERINTERNAL']._serialized_start=1268
+  _globals['_SCHEDULERINTERNAL']._serialized_end=1656
 # @@protoc_insertion_point(module_scope)

@@ -31,18 +31,42 @@ class EndpointSnapshot(_message.Message):
     def __init__(self, sets: _Optional[_Iterable[_Union[EndpointSet, _Mapping]]] = ...) -> None: ...
 
 class BindingLoad(_message.Message):
-    __slots__ = ("project_id", "environment_id", "deployment_id", "in_flight", "requests")
+    __slots__ = ("project_id", "environment_id", "deployment_id", "in_flight", "requests", "last_minute", "last_five_minutes")
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_MINUTE_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIVE_MINUTES_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     environment_id: str
     deployment_id: str
     in_flight: int
     requests: int
-    def __init__(self, project_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ...) -> None: ...
+    last_minute: RequestWindow
+    last_five_minutes: RequestWindow
+    def __init__(self, project_id: _Optional[str] = ..., environment_id: _Optional[str] = ..., deployment_id: _Optional[str] = ..., in_flight: _Optional[int] = ..., requests: _Optional[int] = ..., last_minute: _Optional[_Union[RequestWindow, _Mapping]] = ..., last_five_minutes: _Optional[_Union[RequestWindow, _Mapping]] = ...) -> None: ...
+
+class RequestWindow(_message.Message):
+    __slots__ = ("requests", "responses_2xx", "responses_3xx", "responses_4xx", "responses_5xx", "latency_sum_seconds", "latency_buckets", "latency_bounds")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_2XX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_3XX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_4XX_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_5XX_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SUM_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    responses_2xx: int
+    responses_3xx: int
+    responses_4xx: int
+    responses_5xx: int
+    latency_sum_seconds: float
+    latency_buckets: _containers.RepeatedScalarFieldContainer[int]
+    latency_bounds: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, requests: _Optional[int] = ..., responses_2xx: _Optional[int] = ..., responses_3xx: _Optional[int] = ..., responses_4xx: _Optional[int] = ..., responses_5xx: _Optional[int] = ..., latency_sum_seconds: _Optional[float] = ..., latency_buckets: _Optional[_Iterable[int]] = ..., latency_bounds: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ReportLoadRequest(_message.Message):
     __slots__ = ("bindings", "reporter", "router", "revision", "loaded")
