@@ -667,7 +667,9 @@ class RestApi:
                     self._peers_seen = True
                 if process.loaded and process.revision < revision:
                     behind[process.router] = min(behind.get(process.router, revision), process.revision)
-            complete = answer.listening_seconds >= answer.live_window_seconds
+            # A scheduler listening for less than the live window may not have heard from every router
+            # yet; that matters only where another router instance has ever been seen.
+            complete = answer.listening_seconds >= answer.live_window_seconds or not self._peers_seen
             if not behind and complete:
                 return []
             if remaining <= 0:

@@ -218,9 +218,12 @@ def test_a_move_waits_for_every_live_router_and_names_those_that_lag() -> None:
     assert behind.calls > 1  # it waited, asking again
     # A router that has not loaded its table routes nothing: not waited for.
     assert _lagging(_FakeRouters(("127.0.0.1:8180", 0, False)), 7, 0.3) == []
-    # A scheduler that took over a moment ago may not have heard from every router.
+    # A scheduler that took over a moment ago may not have heard from every router...
     young = _lagging(_FakeRouters(("127.0.0.1:8080", 7, True), ("127.0.0.1:8180", 7, True), listening=0.5), 7, 0.3)
     assert [r["router"] for r in young] == ["*"]
+    # ... which a router that has never seen another one does not wait for.
+    alone = _FakeRouters(("127.0.0.1:8080", 7, True), listening=0.5)
+    assert _lagging(alone, 7, 2.0) == [] and alone.calls == 1
 
 
 def test_a_new_leaders_first_snapshots_cannot_empty_the_routers_pool() -> None:
