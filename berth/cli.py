@@ -1053,17 +1053,23 @@ def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wai
               help="Bounds there (default: the deployment's bounds there, else min 1, max the larger of min and 3).")
 @click.option("--max-replicas", type=int, default=None)
 @click.option("--scale-previous-to-zero", is_flag=True)
-@click.option("--reason", default="")
+@click.option("--reason", default="", help="Recorded in the history (required with --skip-gate).")
+@click.option("--skip-gate", is_flag=True,
+              help="Promote into a gated environment without a passing experiment run (needs --reason).")
 @click.option("--yes", is_flag=True, help="Confirm moving a protected environment (asked on a terminal).")
 @click.option("--wait/--no-wait", default=True)
 @click.option("--timeout", default=180.0, show_default=True)
 @command
 def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int | None, max_replicas: int | None,
-            scale_previous_to_zero: bool, reason: str, yes: bool, wait: bool, timeout: float) -> None:
+            scale_previous_to_zero: bool, reason: str, skip_gate: bool, yes: bool, wait: bool, timeout: float) -> None:
     """Point TARGET at a deployment that proved itself elsewhere (nothing is rebuilt).
 
     A terminated deployment is refused: start it first with 'berth deployment start ID'.
+    Into a gated environment ('berth env gate') only a deployment with a passing
+    experiment run, unless --skip-gate --reason TEXT.
     """
+    if skip_gate and not reason.strip():
+        raise errors.InvalidArgument("--skip-gate needs --reason TEXT: say why the gate is skipped", field="reason")
     env = find_environment(ctx, target)
     refuse_terminated(ctx, deployment_id)
     confirm = confirm_protected(ctx, env, yes)
@@ -1073,7 +1079,7 @@ def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int | None,
         registry_pb2.PromoteRequest(
             project=ctx.project, deployment_id=deployment_id, target_environment=env.id, min_replicas=min_replicas,
             max_replicas=max_replicas, scale_previous_to_zero=scale_previous_to_zero, confirm=confirm,
-            reason=reason,
+            reason=reason, skip_gate=skip_gate,
         ),
     )
     report_move(ctx, "Promoted", resp, wait, timeout)
@@ -1301,6 +1307,205 @@ def completion(shell: str) -> None:
     cls = get_completion_class(shell)
     assert cls is not None
     click.echo(cls(main, {}, "berth", "_BERTH_COMPLETE").source())
+
+
+# ---------------------------------------------------------------- experiments and gates
+
+
+def run_json(r: registry_pb2.ExperimentRun) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": r.id, "name": r.name, "deployment_id": r.deployment_id, "dataset_digest": r.dataset_digest,
+        "total": r.total, "passed": r.passed, "pass_rate": r.pass_rate,
+        "latency_p50_ms": r.latency_p50_ms, "latency_p99_ms": r.latency_p99_ms,
+        "actor": r.actor, "created_at": timestamp(r, "created_at"),
+    }
+    if r.cases:
+        data["cases"] = [{"name": c.name, "passed": c.passed, "status": c.status, "latency_ms": c.latency_ms,
+                          "reason": c.reason} for c in r.cases]
+    return data
+
+
+def gate_json(g: registry_pb2.EnvironmentGate) -> dict[str, Any]:
+    return {"environment": g.environment_name, "environment_id": g.environment_id, "experiment": g.experiment,
+            "threshold": g.threshold, "dataset_digest": g.dataset_digest, "actor": g.actor,
+            "updated_at": timestamp(g, "updated_at")}
+
+
+@main.group()
+def experiments() -> None:
+    """Run a dataset of cases against a deployment and record the result (gates promotions)."""
+
+
+@experiments.command("run")
+@click.option("--deployment", "deployment_id", required=True, help="The deployment under test (dep_...).")
+@click.option("--dataset", required=True, type=click.Path(path_type=pathlib.Path),
+              help="JSON Lines file: one case per line (request and expectations).")
+@click.option("--name", default="", help="The experiment's name (default: the dataset file's stem).")
+@click.option("--concurrency", default=4, show_default=True, type=int, help="Cases in flight at once.")
+@click.option("--threshold", default=1.0, show_default=True, type=float,
+              help="Exit non-zero when the pass rate is below this.")
+@click.option("--timeout", "case_timeout", default=30.0, show_default=True, type=float, help="Seconds per case.")
+@command
+def experiments_run(ctx: Ctx, deployment_id: str, dataset: pathlib.Path, name: str, concurrency: int,
+                    threshold: float, case_timeout: float) -> None:
+    """Send every case of DATASET to one deployment and record the run.
+
+    The whole file is checked first (an error names the file, the line and
+    the field; nothing is sent or recorded). Each case goes through the
+    router pinned to the deployment (X-Berth-Deployment); one scaled to zero
+    is woken.
+    """
+    import re
+
+    from berth import experiments as ex
+
+    if not 0.0 < threshold <= 1.0:
+        raise errors.InvalidArgument(f"--threshold {threshold} must be above 0 and at most 1", field="threshold")
+    data = ex.load_dataset(dataset)
+    name = name or re.sub(r"[^a-z0-9-]+", "-", dataset.stem.lower()).strip("-") or "experiment"
+    c = ctx.client()
+    project = c.call(c.registry.GetProject, registry_pb2.GetProjectRequest(project=ctx.project))
+    dep = c.call(c.registry.GetDeployment,
+                 registry_pb2.GetDeploymentRequest(project=project.id, deployment_id=deployment_id))
+    bindings = c.list_all(c.registry.ListBindings,
+                          registry_pb2.ListBindingsRequest(project=project.id, deployment_id=dep.id), "bindings")
+    if not bindings:
+        raise errors.FailedPrecondition(f"deployment {dep.id} is bound to no environment: the router cannot reach it",
+                                        hint=f"berth promote {dep.id} --to preview")
+    binding = next((b for b in bindings if b.serving), bindings[0])
+    show = sys.stderr.isatty() and not ctx.json
+
+    def progress(p: ex.Progress, outcome: ex.Outcome) -> None:
+        if show:
+            err.print(f"\r{p.done}/{p.total} done, {p.failed} failed", end="", markup=False)
+
+    outcomes = ex.run_dataset(data, router=local.router_url(), project=project.name,
+                              environment=binding.environment_name, deployment_id=dep.id,
+                              concurrency=concurrency, timeout=case_timeout, on_progress=progress)
+    if show:
+        err.print("")
+    run = c.call(c.registry.RecordExperimentRun, registry_pb2.RecordExperimentRunRequest(
+        project=project.id, name=name, deployment_id=dep.id, dataset_digest=data.digest,
+        cases=[registry_pb2.ExperimentCaseResult(name=o.name, passed=o.passed, status=o.status,
+                                                 latency_ms=o.latency_ms, reason=o.reason) for o in outcomes],
+    ))
+
+    def human() -> None:
+        for case in run.cases:
+            if not case.passed:
+                out.print(f"  [red]FAIL[/] {escape(case.name)}: {escape(case.reason)}")
+        out.print(f"Run [bold]{run.id}[/] of {run.name} on {run.deployment_id}: {run.passed}/{run.total} passed "
+                  f"({run.pass_rate:.1%}), p50 {run.latency_p50_ms:.0f} ms, p99 {run.latency_p99_ms:.0f} ms")
+
+    ctx.emit({"run": run_json(run), "threshold": threshold, "passed": run.pass_rate >= threshold}, human)
+    if run.pass_rate < threshold:
+        if not ctx.json:
+            err.print(f"[bold red]error:[/] pass rate {run.pass_rate:.1%} is below the threshold {threshold:.1%}",
+                      markup=True)
+        sys.exit(1)
+
+
+@experiments.command("list")
+@click.option("--deployment", "deployment_id", default="", help="Only runs of this deployment.")
+@click.option("--name", default="", help="Only runs of this experiment.")
+@command
+def experiments_list(ctx: Ctx, deployment_id: str, name: str) -> None:
+    """The project's experiment runs, newest first."""
+    c = ctx.client()
+    runs = c.list_all(c.registry.ListExperimentRuns, registry_pb2.ListExperimentRunsRequest(
+        project=ctx.project, deployment_id=deployment_id, name=name), "runs")
+
+    def human() -> None:
+        t = table("RUN", "EXPERIMENT", "DEPLOYMENT", "PASSED", "RATE", "P50", "P99", "DATASET", "BY", "WHEN")
+        for r in runs:
+            t.add_row(r.id, r.name, r.deployment_id, f"{r.passed}/{r.total}", f"{r.pass_rate:.1%}",
+                      f"{r.latency_p50_ms:.0f} ms", f"{r.latency_p99_ms:.0f} ms", r.dataset_digest[7:19], r.actor,
+                      short_time(timestamp(r, "created_at")))
+        out.print(t)
+
+    ctx.emit({"runs": [run_json(r) for r in runs]}, human)
+
+
+@experiments.command("show")
+@click.argument("run_id")
+@command
+def experiments_show(ctx: Ctx, run_id: str) -> None:
+    """One run with its per-case results."""
+    c = ctx.client()
+    r = c.call(c.registry.GetExperimentRun, registry_pb2.GetExperimentRunRequest(project=ctx.project, run_id=run_id))
+
+    def human() -> None:
+        out.print(f"Run [bold]{r.id}[/] of {r.name} on {r.deployment_id} by {r.actor} at "
+                  f"{short_time(timestamp(r, 'created_at'))}")
+        out.print(f"  {r.passed}/{r.total} passed ({r.pass_rate:.1%}), p50 {r.latency_p50_ms:.0f} ms, "
+                  f"p99 {r.latency_p99_ms:.0f} ms, dataset {r.dataset_digest}")
+        t = table("CASE", "RESULT", "STATUS", "LATENCY", "REASON")
+        for case in r.cases:
+            t.add_row(case.name, "pass" if case.passed else "FAIL", str(case.status or "-"),
+                      f"{case.latency_ms:.0f} ms", case.reason)
+        out.print(t)
+
+    ctx.emit({"run": run_json(r)}, human)
+
+
+@env_group.command("gate")
+@click.argument("environment")
+@click.option("--experiment", default="", help="The experiment whose run must pass.")
+@click.option("--threshold", type=float, default=None, help="The lowest passing rate (0 < R <= 1).")
+@click.option("--dataset", type=click.Path(path_type=pathlib.Path), default=None,
+              help="The dataset the run must have used (default: that of the project's newest run of it).")
+@click.option("--clear", is_flag=True, help="Remove the environment's gate.")
+@command
+def env_gate(ctx: Ctx, environment: str, experiment: str, threshold: float | None, dataset: pathlib.Path | None,
+             clear: bool) -> None:
+    """Make promotions into ENVIRONMENT need a passing experiment run (--clear removes the gate).
+
+    Rollback is not gated; a deploy straight into a gated environment is refused.
+    """
+    c = ctx.client()
+    if clear:
+        if experiment or threshold is not None or dataset is not None:
+            raise errors.InvalidArgument("--clear takes no --experiment, --threshold or --dataset")
+        resp = c.call(c.registry.ClearEnvironmentGate,
+                      registry_pb2.ClearEnvironmentGateRequest(project=ctx.project, environment=environment))
+        ctx.emit({"environment": environment, "cleared": resp.cleared},
+                 lambda: out.print(f"Gate of {environment} removed" if resp.cleared else f"{environment} had no gate"))
+        return
+    if not experiment or threshold is None:
+        raise errors.InvalidArgument("give --experiment NAME and --threshold R (or --clear)", field="experiment")
+    digest = ""
+    if dataset is not None:
+        from berth import experiments as ex
+
+        digest = ex.load_dataset(dataset).digest
+    g = c.call(c.registry.SetEnvironmentGate, registry_pb2.SetEnvironmentGateRequest(
+        project=ctx.project, environment=environment, experiment=experiment, threshold=threshold,
+        dataset_digest=digest))
+    ctx.emit({"gate": gate_json(g)}, lambda: out.print(
+        f"Promotions into [bold]{g.environment_name}[/] now need a run of {g.experiment} passing "
+        f">= {g.threshold:.1%} on dataset {g.dataset_digest[:19]}…"))
+
+
+# ---------------------------------------------------------------- berth dev
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=pathlib.Path), default=".")
+@environment_option(default="dev", help="The dev environment (created on first use; not a managed one).")
+@click.option("--poll", default=0.5, show_default=True, type=float, help="Seconds between looks at the files.")
+@click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait for each build's replica.")
+@command
+def dev(ctx: Ctx, path: pathlib.Path, environment: str, poll: float, timeout: float) -> None:
+    """Run PATH as a live replica with the platform's wiring; rebuild on change, remove on exit.
+
+    The build runs as a deployment of its own dev environment (secrets of the
+    project and of that environment are injected by the scheduler, as for any
+    replica), its output streams here, and Ctrl-C terminates it (its container
+    is removed). A session that crashed is swept on the next start.
+    """
+    from berth import dev as devmod
+
+    devmod.run(ctx, path, environment, poll=poll, timeout=timeout)
 
 
 if __name__ == "__main__":

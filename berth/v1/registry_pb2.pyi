@@ -1,4 +1,7 @@
+import datetime
+
 from berth.v1 import common_pb2 as _common_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -176,7 +179,7 @@ class ListDeploymentsResponse(_message.Message):
     def __init__(self, deployments: _Optional[_Iterable[_Union[_common_pb2.Deployment, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("project", "deployment_id", "target_environment", "min_replicas", "max_replicas", "scale_previous_to_zero", "expected_sequence", "confirm", "reason")
+    __slots__ = ("project", "deployment_id", "target_environment", "min_replicas", "max_replicas", "scale_previous_to_zero", "expected_sequence", "confirm", "reason", "skip_gate")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +189,7 @@ class PromoteRequest(_message.Message):
     EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CONFIRM_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SKIP_GATE_FIELD_NUMBER: _ClassVar[int]
     project: str
     deployment_id: str
     target_environment: str
@@ -195,7 +199,8 @@ class PromoteRequest(_message.Message):
     expected_sequence: int
     confirm: bool
     reason: str
-    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., target_environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., scale_previous_to_zero: _Optional[bool] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    skip_gate: bool
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., target_environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., scale_previous_to_zero: _Optional[bool] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ..., skip_gate: _Optional[bool] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("project", "environment", "to_deployment_id", "expected_sequence", "confirm", "reason")
@@ -340,3 +345,149 @@ class PointerMove(_message.Message):
     environment: _common_pb2.Environment
     entry: _common_pb2.HistoryEntry
     def __init__(self, environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., entry: _Optional[_Union[_common_pb2.HistoryEntry, _Mapping]] = ...) -> None: ...
+
+class ExperimentCaseResult(_message.Message):
+    __slots__ = ("name", "passed", "status", "latency_ms", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    passed: bool
+    status: int
+    latency_ms: float
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., passed: _Optional[bool] = ..., status: _Optional[int] = ..., latency_ms: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ExperimentRun(_message.Message):
+    __slots__ = ("id", "project_id", "name", "deployment_id", "dataset_digest", "total", "passed", "pass_rate", "latency_p50_ms", "latency_p99_ms", "cases", "actor", "created_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    PASS_RATE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_P99_MS_FIELD_NUMBER: _ClassVar[int]
+    CASES_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    project_id: str
+    name: str
+    deployment_id: str
+    dataset_digest: str
+    total: int
+    passed: int
+    pass_rate: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    cases: _containers.RepeatedCompositeFieldContainer[ExperimentCaseResult]
+    actor: str
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., dataset_digest: _Optional[str] = ..., total: _Optional[int] = ..., passed: _Optional[int] = ..., pass_rate: _Optional[float] = ..., latency_p50_ms: _Optional[float] = ..., latency_p99_ms: _Optional[float] = ..., cases: _Optional[_Iterable[_Union[ExperimentCaseResult, _Mapping]]] = ..., actor: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RecordExperimentRunRequest(_message.Message):
+    __slots__ = ("project", "name", "deployment_id", "dataset_digest", "cases")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CASES_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    name: str
+    deployment_id: str
+    dataset_digest: str
+    cases: _containers.RepeatedCompositeFieldContainer[ExperimentCaseResult]
+    def __init__(self, project: _Optional[str] = ..., name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., dataset_digest: _Optional[str] = ..., cases: _Optional[_Iterable[_Union[ExperimentCaseResult, _Mapping]]] = ...) -> None: ...
+
+class ListExperimentRunsRequest(_message.Message):
+    __slots__ = ("project", "deployment_id", "name", "page_size", "page_token")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    name: str
+    page_size: int
+    page_token: str
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., name: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListExperimentRunsResponse(_message.Message):
+    __slots__ = ("runs", "next_page_token")
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[ExperimentRun]
+    next_page_token: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[ExperimentRun, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetExperimentRunRequest(_message.Message):
+    __slots__ = ("project", "run_id")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    run_id: str
+    def __init__(self, project: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class EnvironmentGate(_message.Message):
+    __slots__ = ("environment_id", "environment_name", "experiment", "threshold", "dataset_digest", "actor", "updated_at")
+    ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    environment_id: str
+    environment_name: str
+    experiment: str
+    threshold: float
+    dataset_digest: str
+    actor: str
+    updated_at: _timestamp_pb2.Timestamp
+    def __init__(self, environment_id: _Optional[str] = ..., environment_name: _Optional[str] = ..., experiment: _Optional[str] = ..., threshold: _Optional[float] = ..., dataset_digest: _Optional[str] = ..., actor: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SetEnvironmentGateRequest(_message.Message):
+    __slots__ = ("project", "environment", "experiment", "threshold", "dataset_digest")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    DATASET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    experiment: str
+    threshold: float
+    dataset_digest: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., experiment: _Optional[str] = ..., threshold: _Optional[float] = ..., dataset_digest: _Optional[str] = ...) -> None: ...
+
+class ClearEnvironmentGateRequest(_message.Message):
+    __slots__ = ("project", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class ClearEnvironmentGateResponse(_message.Message):
+    __slots__ = ("cleared",)
+    CLEARED_FIELD_NUMBER: _ClassVar[int]
+    cleared: bool
+    def __init__(self, cleared: _Optional[bool] = ...) -> None: ...
+
+class ListEnvironmentGatesRequest(_message.Message):
+    __slots__ = ("project",)
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    def __init__(self, project: _Optional[str] = ...) -> None: ...
+
+class ListEnvironmentGatesResponse(_message.Message):
+    __slots__ = ("gates",)
+    GATES_FIELD_NUMBER: _ClassVar[int]
+    gates: _containers.RepeatedCompositeFieldContainer[EnvironmentGate]
+    def __init__(self, gates: _Optional[_Iterable[_Union[EnvironmentGate, _Mapping]]] = ...) -> None: ...

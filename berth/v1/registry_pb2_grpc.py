@@ -144,6 +144,36 @@ class RegistryStub:
                 request_serializer=berth_dot_v1_dot_registry__pb2.WatchEnvironmentsRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_registry__pb2.EnvironmentEvent.FromString,
                 _registered_method=True)
+        self.RecordExperimentRun = channel.unary_unary(
+                '/berth.v1.Registry/RecordExperimentRun',
+                request_serializer=berth_dot_v1_dot_registry__pb2.RecordExperimentRunRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.ExperimentRun.FromString,
+                _registered_method=True)
+        self.ListExperimentRuns = channel.unary_unary(
+                '/berth.v1.Registry/ListExperimentRuns',
+                request_serializer=berth_dot_v1_dot_registry__pb2.ListExperimentRunsRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.ListExperimentRunsResponse.FromString,
+                _registered_method=True)
+        self.GetExperimentRun = channel.unary_unary(
+                '/berth.v1.Registry/GetExperimentRun',
+                request_serializer=berth_dot_v1_dot_registry__pb2.GetExperimentRunRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.ExperimentRun.FromString,
+                _registered_method=True)
+        self.SetEnvironmentGate = channel.unary_unary(
+                '/berth.v1.Registry/SetEnvironmentGate',
+                request_serializer=berth_dot_v1_dot_registry__pb2.SetEnvironmentGateRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.EnvironmentGate.FromString,
+                _registered_method=True)
+        self.ClearEnvironmentGate = channel.unary_unary(
+                '/berth.v1.Registry/ClearEnvironmentGate',
+                request_serializer=berth_dot_v1_dot_registry__pb2.ClearEnvironmentGateRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.ClearEnvironmentGateResponse.FromString,
+                _registered_method=True)
+        self.ListEnvironmentGates = channel.unary_unary(
+                '/berth.v1.Registry/ListEnvironmentGates',
+                request_serializer=berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -281,9 +311,17 @@ class RegistryServicer:
         appending a `promote` history entry; its binding there gets the bounds
         asked (or keeps its own).
         Credentials: project key.
-        Errors: INVALID_ARGUMENT (min_replicas, max_replicas, reason); NOT_FOUND;
+        Into a gated environment (SetEnvironmentGate) only a deployment whose
+        latest run of the gate's experiment on the gate's dataset digest passes
+        the threshold, unless `skip_gate` with a `reason` (recorded in the
+        history entry).
+        Errors: INVALID_ARGUMENT (min_replicas, max_replicas, reason; reason
+        when skip_gate is set without one); NOT_FOUND;
         FAILED_PRECONDITION DEPLOYMENT_TERMINATED, ALREADY_SERVING,
-        PROTECTED_ENVIRONMENT; ABORTED SEQUENCE_CONFLICT.
+        PROTECTED_ENVIRONMENT, GATE_NOT_PASSED (a PreconditionFailure naming
+        the missing or failing run; ErrorInfo.metadata has experiment,
+        threshold, dataset_digest and, when there is one, run_id and
+        pass_rate); ABORTED SEQUENCE_CONFLICT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -373,6 +411,75 @@ class RegistryServicer:
         Errors: a revoked key ends the stream with UNAUTHENTICATED; a negative
         since_revision, or one newer than the registry has issued, is
         INVALID_ARGUMENT (field since_revision).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordExperimentRun(self, request, context):
+        """Records a run of an experiment (a dataset of request/expectation cases
+        sent to one deployment, `berth experiments run`): the registry computes
+        the pass rate and the latency p50/p99 from the cases given, and stamps
+        who and when. Runs are immutable.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT naming the field (name, deployment_id,
+        dataset_digest, cases, cases[i].name, cases[i].reason,
+        cases[i].latency_ms); NOT_FOUND for the deployment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExperimentRuns(self, request, context):
+        """The project's experiment runs, newest first, paged; optionally of one
+        deployment and/or one experiment name. Listed runs carry no per-case
+        results (GetExperimentRun has them).
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (page_size, page_token, deployment_id, name).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetExperimentRun(self, request, context):
+        """One experiment run with its per-case results.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (run_id malformed); NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetEnvironmentGate(self, request, context):
+        """Makes promotions into an environment require a passing run: the
+        deployment's latest run of `experiment` on the gate's dataset digest
+        with a pass rate of at least `threshold`. Replaces the environment's
+        gate if it has one. Deploy straight into a gated environment is refused
+        (FAILED_PRECONDITION GATED_ENVIRONMENT); Rollback is not gated.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (experiment, threshold, dataset_digest);
+        NOT_FOUND for the environment; FAILED_PRECONDITION NO_EXPERIMENT_RUN
+        when no dataset_digest is given and the project has no run of that
+        experiment to take it from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearEnvironmentGate(self, request, context):
+        """Removes an environment's gate; clearing an ungated environment changes
+        nothing (`cleared` false).
+        Credentials: project key.
+        Errors: NOT_FOUND for the environment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnvironmentGates(self, request, context):
+        """The gates of the project's environments, by environment name.
+        Credentials: project key.
+        Errors: NOT_FOUND for the project.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -480,6 +587,36 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.WatchEnvironments,
                     request_deserializer=berth_dot_v1_dot_registry__pb2.WatchEnvironmentsRequest.FromString,
                     response_serializer=berth_dot_v1_dot_registry__pb2.EnvironmentEvent.SerializeToString,
+            ),
+            'RecordExperimentRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordExperimentRun,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.RecordExperimentRunRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.ExperimentRun.SerializeToString,
+            ),
+            'ListExperimentRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExperimentRuns,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.ListExperimentRunsRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.ListExperimentRunsResponse.SerializeToString,
+            ),
+            'GetExperimentRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetExperimentRun,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.GetExperimentRunRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.ExperimentRun.SerializeToString,
+            ),
+            'SetEnvironmentGate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetEnvironmentGate,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.SetEnvironmentGateRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.EnvironmentGate.SerializeToString,
+            ),
+            'ClearEnvironmentGate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearEnvironmentGate,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.ClearEnvironmentGateRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.ClearEnvironmentGateResponse.SerializeToString,
+            ),
+            'ListEnvironmentGates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnvironmentGates,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1031,6 +1168,168 @@ class Registry:
             '/berth.v1.Registry/WatchEnvironments',
             berth_dot_v1_dot_registry__pb2.WatchEnvironmentsRequest.SerializeToString,
             berth_dot_v1_dot_registry__pb2.EnvironmentEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordExperimentRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/RecordExperimentRun',
+            berth_dot_v1_dot_registry__pb2.RecordExperimentRunRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.ExperimentRun.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExperimentRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/ListExperimentRuns',
+            berth_dot_v1_dot_registry__pb2.ListExperimentRunsRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.ListExperimentRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetExperimentRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/GetExperimentRun',
+            berth_dot_v1_dot_registry__pb2.GetExperimentRunRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.ExperimentRun.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetEnvironmentGate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/SetEnvironmentGate',
+            berth_dot_v1_dot_registry__pb2.SetEnvironmentGateRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.EnvironmentGate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearEnvironmentGate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/ClearEnvironmentGate',
+            berth_dot_v1_dot_registry__pb2.ClearEnvironmentGateRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.ClearEnvironmentGateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnvironmentGates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/ListEnvironmentGates',
+            berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

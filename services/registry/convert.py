@@ -9,9 +9,18 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth import enums
-from berth.v1 import common_pb2
+from berth.v1 import common_pb2, registry_pb2
 from services.registry import domain
-from services.registry.storage import ApiKeyRow, BindingRow, DeploymentRow, EnvironmentRow, HistoryRow, ProjectRow
+from services.registry.storage import (
+    ApiKeyRow,
+    BindingRow,
+    DeploymentRow,
+    EnvironmentGateRow,
+    EnvironmentRow,
+    ExperimentRunRow,
+    HistoryRow,
+    ProjectRow,
+)
 
 
 def timestamp(value: datetime | None) -> Timestamp:
@@ -113,4 +122,30 @@ def history_entry(row: HistoryRow) -> common_pb2.HistoryEntry:
         actor=row.actor,
         created_at=timestamp(row.created_at),
         reason=row.reason,
+    )
+
+
+def experiment_run(row: ExperimentRunRow, *, with_cases: bool) -> registry_pb2.ExperimentRun:
+    run = registry_pb2.ExperimentRun(
+        id=row.id, project_id=row.project_id, name=row.name, deployment_id=row.deployment_id,
+        dataset_digest=row.dataset_digest, total=row.total, passed=row.passed, pass_rate=row.pass_rate,
+        latency_p50_ms=row.latency_p50_ms, latency_p99_ms=row.latency_p99_ms, actor=row.actor,
+        created_at=timestamp(row.created_at),
+    )
+    if with_cases:
+        run.cases.extend(
+            registry_pb2.ExperimentCaseResult(
+                name=c["name"], passed=bool(c["passed"]), status=int(c["status"]),
+                latency_ms=float(c["latency_ms"]), reason=c.get("reason", ""),
+            )
+            for c in row.cases
+        )
+    return run
+
+
+def environment_gate(row: EnvironmentGateRow, environment_name: str) -> registry_pb2.EnvironmentGate:
+    return registry_pb2.EnvironmentGate(
+        environment_id=row.environment_id, environment_name=environment_name, experiment=row.experiment,
+        threshold=row.threshold, dataset_digest=row.dataset_digest, actor=row.actor,
+        updated_at=timestamp(row.updated_at),
     )

@@ -316,3 +316,143 @@ def check_expected_sequence(environment_name: str, current: int, expected: int |
             metadata={"environment": environment_name, "current_sequence": str(current),
                       "expected_sequence": str(expected)},
         )
+
+
+# ---- experiments and gates ---------------------------------------------
+
+EXPERIMENT_RUN_ID_PREFIX = "run_"
+DATASET_DIGEST_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+MAX_EXPERIMENT_CASES = 10000
+MAX_CASE_NAME_LENGTH = 200
+MAX_CASE_REASON_LENGTH = 1000
+MAX_CASE_LATENCY_MS = 24 * 3600 * 1000.0
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str
+    passed: bool
+    status: int
+    latency_ms: float
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "passed": self.passed, "status": self.status,
+                "latency_ms": self.latency_ms, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    total: int
+    passed: int
+    pass_rate: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+
+@dataclass(frozen=True)
+class Gate:
+    environment: str
+    experiment: str
+    threshold: float
+    dataset_digest: str
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the gate looks at of a run."""
+
+    id: str
+    pass_rate: float
+
+
+def validate_dataset_digest(value: str, *, field: str = "dataset_digest") -> str:
+    if not DATASET_DIGEST_PATTERN.match(value):
+        raise InvalidArgument(
+            f"{field} {value[:80]!r} is not a dataset digest: expected 'sha256:' and 64 lowercase hex digits",
+            field=field,
+        )
+    return value
+
+
+def validate_threshold(value: float) -> float:
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise InvalidArgument(
+            f"threshold {value} must be a pass rate above 0 and at most 1 (0.95 means 95% of the cases)",
+            field="threshold",
+        )
+    return value
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summarize_run(cases: list[CaseResult]) -> RunSummary:
+    """Validates the cases of a run and computes what the registry records:
+    the pass rate (passed / total) and the latency p50/p99 over all cases.
+    Raises naming ``cases[i].field``."""
+    if not cases:
+        raise InvalidArgument("cases is empty: a run records at least one case", field="cases")
+    if len(cases) > MAX_EXPERIMENT_CASES:
+        raise InvalidArgument(f"cases has {len(cases)} entries; at most {MAX_EXPERIMENT_CASES} are allowed",
+                              field="cases")
+    for i, case in enumerate(cases):
+        if not case.name or len(case.name) > MAX_CASE_NAME_LENGTH:
+            raise InvalidArgument(f"cases[{i}].name must be 1 to {MAX_CASE_NAME_LENGTH} characters",
+                                  field=f"cases[{i}].name")
+        _check_text(case.name, field_name=f"cases[{i}].name")
+        if len(case.reason) > MAX_CASE_REASON_LENGTH:
+            raise InvalidArgument(f"cases[{i}].reason is longer than {MAX_CASE_REASON_LENGTH} characters",
+                                  field=f"cases[{i}].reason")
+        _check_text(case.reason, field_name=f"cases[{i}].reason")
+        if not math.isfinite(case.latency_ms) or not 0 <= case.latency_ms <= MAX_CASE_LATENCY_MS:
+            raise InvalidArgument(f"cases[{i}].latency_ms {case.latency_ms} must be between 0 and a day",
+                                  field=f"cases[{i}].latency_ms")
+        if not 0 <= case.status <= 999:
+            raise InvalidArgument(f"cases[{i}].status {case.status} is not an HTTP status (0 for no answer)",
+                                  field=f"cases[{i}].status")
+    passed = sum(1 for c in cases if c.passed)
+    latencies = [c.latency_ms for c in cases]
+    return RunSummary(
+        total=len(cases), passed=passed, pass_rate=passed / len(cases),
+        latency_p50_ms=percentile(latencies, 50), latency_p99_ms=percentile(latencies, 99),
+    )
+
+
+def check_gate(gate: Gate, deployment_id: str, run: RunFacts | None) -> None:
+    """A promotion into a gated environment needs ``run`` — the
+    deployment's latest run of the gate's experiment on the gate's dataset
+    digest — with a pass rate of at least the threshold. Raises
+    FailedPrecondition GATE_NOT_PASSED naming the missing or failing run."""
+    metadata = {"environment": gate.environment, "experiment": gate.experiment,
+                "threshold": f"{gate.threshold:g}", "dataset_digest": gate.dataset_digest,
+                "deployment_id": deployment_id}
+    hint = (f"run it: berth experiments run --deployment {deployment_id} --name {gate.experiment} "
+            "--dataset FILE (the gate's dataset), or pass --skip-gate --reason TEXT")
+    if run is None:
+        raise FailedPrecondition(
+            f"environment {gate.environment!r} is gated on experiment {gate.experiment!r} "
+            f"(pass rate >= {gate.threshold:g} on dataset {gate.dataset_digest[:19]}…), and deployment "
+            f"{deployment_id} has no run of it on that dataset",
+            hint=hint, reason="GATE_NOT_PASSED", resource_name=f"experiment/{gate.experiment}", metadata=metadata,
+        )
+    if run.pass_rate < gate.threshold:
+        raise FailedPrecondition(
+            f"environment {gate.environment!r} is gated on experiment {gate.experiment!r}: deployment "
+            f"{deployment_id}'s latest run {run.id} passed {run.pass_rate:.2%}, below the threshold "
+            f"{gate.threshold:.2%}",
+            hint=hint, reason="GATE_NOT_PASSED", resource_name=f"experiment_run/{run.id}",
+            metadata={**metadata, "run_id": run.id, "pass_rate": f"{run.pass_rate:g}"},
+        )
+
+
+def gate_skipped_reason(gate: Gate, reason: str) -> str:
+    """The history entry's reason for a promotion that skipped a gate."""
+    if not reason.strip():
+        raise InvalidArgument("reason is required with skip_gate: say why the gate is skipped", field="reason")
+    text = f"gate {gate.experiment} >= {gate.threshold:g} skipped: {reason}"
+    return text[:MAX_REASON_LENGTH]

@@ -54,7 +54,7 @@ from berth.errors import (
     Unauthenticated,
     Unavailable,
 )
-from berth.v1 import common_pb2
+from berth.v1 import common_pb2, registry_pb2
 from services.common import paging
 from services.common.auth import PROJECT_KEY_PREFIX, Principal, hash_key, new_key
 from services.registry import changes as feed
@@ -64,7 +64,9 @@ from services.registry.storage import (
     ApiKeyRow,
     BindingRow,
     DeploymentRow,
+    EnvironmentGateRow,
     EnvironmentRow,
+    ExperimentRunRow,
     HistoryRow,
     MetaRow,
     ProjectRow,
@@ -459,6 +461,11 @@ class RegistryService:
                 )
             result = convert.environment(env, project.name)
             tx.bump()
+            tx.session.execute(  # its gate goes with it (rolled back if the delete loses)
+                delete(EnvironmentGateRow)
+                .where(EnvironmentGateRow.environment_id == env.id)
+                .execution_options(synchronize_session=False)
+            )
             if force:
                 tx.session.execute(
                     delete(BindingRow)
@@ -707,6 +714,7 @@ class RegistryService:
         with self._write() as tx:
             project = self._project(tx.session, principal, project_ref)
             env = self._environment(tx.session, project, environment_ref or domain.DEFAULT_DEPLOY_ENVIRONMENT)
+            self._refuse_gated_deploy(tx.session, env)
             domain.check_protected(env.name, env.protected, confirm)
             dep = DeploymentRow(
                 id=domain.new_id(domain.DEPLOYMENT_ID_PREFIX),
@@ -740,6 +748,7 @@ class RegistryService:
         expected_sequence: int | None,
         confirm: bool,
         reason: str,
+        skip_gate: bool = False,
     ) -> MoveResult:
         domain.validate_reason(reason)
         with self._write() as tx:
@@ -757,6 +766,7 @@ class RegistryService:
                     f"deployment {dep.id} already serves environment {env.name!r}",
                     reason="ALREADY_SERVING", resource_name=env.name,
                 )
+            reason = self._check_gate(tx.session, env, dep, skip_gate=skip_gate, reason=reason)
             domain.check_protected(env.name, env.protected, confirm)
             existing = tx.session.get(BindingRow, (env.id, dep.id))
             fallback = domain.ReplicaBounds(existing.min_replicas, existing.max_replicas) if existing else None
@@ -1072,6 +1082,173 @@ class RegistryService:
             page, more = paging.split(rows, size)
             token = paging.encode_token(scope, [page[-1].sequence]) if more else ""
             return [convert.history_entry(row) for row in page], token
+
+    # ---- experiments and gates ---------------------------------------
+
+    @staticmethod
+    def _gate(session: Session, env: EnvironmentRow) -> domain.Gate | None:
+        row = session.get(EnvironmentGateRow, env.id)
+        if row is None:
+            return None
+        return domain.Gate(environment=env.name, experiment=row.experiment, threshold=row.threshold,
+                           dataset_digest=row.dataset_digest)
+
+    @staticmethod
+    def _latest_run(
+        session: Session, project_id: str, name: str, *, deployment_id: str = "", dataset_digest: str = ""
+    ) -> ExperimentRunRow | None:
+        query = select(ExperimentRunRow).where(ExperimentRunRow.project_id == project_id,
+                                               ExperimentRunRow.name == name)
+        if deployment_id:
+            query = query.where(ExperimentRunRow.deployment_id == deployment_id)
+        if dataset_digest:
+            query = query.where(ExperimentRunRow.dataset_digest == dataset_digest)
+        order = (ExperimentRunRow.created_at.desc(), ExperimentRunRow.id.desc())
+        return session.execute(query.order_by(*order).limit(1)).scalar_one_or_none()
+
+    def _check_gate(
+        self, session: Session, env: EnvironmentRow, dep: DeploymentRow, *, skip_gate: bool, reason: str
+    ) -> str:
+        """The reason to record for a promotion into ``env``: raises
+        GATE_NOT_PASSED unless the deployment's latest run of the gate's
+        experiment on its dataset passes (or ``skip_gate`` with a reason,
+        then recorded with the gate it skipped)."""
+        gate = self._gate(session, env)
+        if gate is None:
+            return reason
+        if skip_gate:
+            return domain.gate_skipped_reason(gate, reason)
+        run = self._latest_run(session, env.project_id, gate.experiment, deployment_id=dep.id,
+                               dataset_digest=gate.dataset_digest)
+        facts = domain.RunFacts(id=run.id, pass_rate=run.pass_rate) if run is not None else None
+        domain.check_gate(gate, dep.id, facts)
+        return reason
+
+    def _refuse_gated_deploy(self, session: Session, env: EnvironmentRow) -> None:
+        gate = self._gate(session, env)
+        if gate is not None:
+            raise FailedPrecondition(
+                f"environment {env.name!r} is gated on experiment {gate.experiment!r}: a new build cannot be "
+                "deployed straight into it",
+                hint=f"deploy to another environment, run the experiment, then berth promote ID --to {env.name}",
+                reason="GATED_ENVIRONMENT", resource_name=env.name,
+                metadata={"environment": env.name, "experiment": gate.experiment},
+            )
+
+    def record_experiment_run(
+        self, principal: Principal, project_ref: str, *, name: str, deployment_id: str, dataset_digest: str,
+        cases: list[domain.CaseResult],
+    ) -> registry_pb2.ExperimentRun:
+        domain.validate_name(name, field_name="experiment name")
+        domain.validate_dataset_digest(dataset_digest)
+        summary = domain.summarize_run(cases)
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            dep = self._deployment(tx.session, project, deployment_id)
+            row = ExperimentRunRow(
+                id=domain.new_id(domain.EXPERIMENT_RUN_ID_PREFIX), project_id=project.id, name=name,
+                deployment_id=dep.id, dataset_digest=dataset_digest, total=summary.total, passed=summary.passed,
+                pass_rate=summary.pass_rate, latency_p50_ms=summary.latency_p50_ms,
+                latency_p99_ms=summary.latency_p99_ms, cases=[c.to_json() for c in cases],
+                actor=principal.actor, created_at=utcnow(),
+            )
+            tx.session.add(row)
+            tx.session.flush()
+            return convert.experiment_run(row, with_cases=True)
+
+    def list_experiment_runs(
+        self, principal: Principal, project_ref: str, deployment_id: str, name: str, *,
+        page_size: int = 0, page_token: str = "",
+    ) -> tuple[list[registry_pb2.ExperimentRun], str]:
+        """Newest first (created_at, then id), without per-case results."""
+        size = paging.page_size(page_size)
+        if deployment_id:
+            domain.validate_reference(deployment_id, field_name="deployment_id", what="deployment")
+        if name:
+            domain.validate_name(name, field_name="experiment name")
+        with self._read() as session:
+            project = self._project(session, principal, project_ref)
+            scope = f"ListExperimentRuns/{project.id}/{deployment_id}/{name}"
+            after = paging.decode_token(page_token, scope)
+            query = select(ExperimentRunRow).where(ExperimentRunRow.project_id == project.id)
+            if deployment_id:
+                query = query.where(ExperimentRunRow.deployment_id == deployment_id)
+            if name:
+                query = query.where(ExperimentRunRow.name == name)
+            if after is not None:
+                try:
+                    created_at, last = datetime.fromisoformat(after[0]), str(after[1])
+                except (IndexError, TypeError, ValueError):
+                    raise paging.bad_token() from None
+                query = query.where(or_(ExperimentRunRow.created_at < created_at,
+                                        and_(ExperimentRunRow.created_at == created_at, ExperimentRunRow.id < last)))
+            rows = session.execute(
+                query.order_by(ExperimentRunRow.created_at.desc(), ExperimentRunRow.id.desc()).limit(size + 1)
+            ).scalars().all()
+            page, more = paging.split(rows, size)
+            token = paging.encode_token(scope, [page[-1].created_at.isoformat(), page[-1].id]) if more else ""
+            return [convert.experiment_run(row, with_cases=False) for row in page], token
+
+    def get_experiment_run(self, principal: Principal, project_ref: str, run_id: str) -> registry_pb2.ExperimentRun:
+        domain.validate_reference(run_id, field_name="run_id", what="experiment run")
+        with self._read() as session:
+            project = self._project(session, principal, project_ref)
+            row = session.get(ExperimentRunRow, run_id)
+            if row is None or row.project_id != project.id:
+                raise NotFound(f"experiment run {run_id!r} not found in project {project.name!r}",
+                               resource_type="experiment_run", resource_name=run_id)
+            return convert.experiment_run(row, with_cases=True)
+
+    def set_environment_gate(
+        self, principal: Principal, project_ref: str, environment_ref: str, *, experiment: str, threshold: float,
+        dataset_digest: str,
+    ) -> registry_pb2.EnvironmentGate:
+        domain.validate_name(experiment, field_name="experiment name", field="experiment")
+        domain.validate_threshold(threshold)
+        if dataset_digest:
+            domain.validate_dataset_digest(dataset_digest)
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            env = self._environment(tx.session, project, environment_ref)
+            if not dataset_digest:
+                newest = self._latest_run(tx.session, project.id, experiment)
+                if newest is None:
+                    raise FailedPrecondition(
+                        f"project {project.name!r} has no run of experiment {experiment!r} to take the gate's "
+                        "dataset from",
+                        hint="run it first (berth experiments run --name NAME ...) or give the dataset "
+                        "(berth env gate ENV --experiment NAME --dataset FILE)",
+                        reason="NO_EXPERIMENT_RUN", resource_name=f"experiment/{experiment}", field="dataset_digest",
+                    )
+                dataset_digest = newest.dataset_digest
+            row = tx.session.get(EnvironmentGateRow, env.id)
+            if row is None:
+                row = EnvironmentGateRow(environment_id=env.id, project_id=project.id)
+                tx.session.add(row)
+            row.experiment, row.threshold, row.dataset_digest = experiment, threshold, dataset_digest
+            row.actor, row.updated_at = principal.actor, utcnow()
+            tx.session.flush()
+            return convert.environment_gate(row, env.name)
+
+    def clear_environment_gate(self, principal: Principal, project_ref: str, environment_ref: str) -> bool:
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            env = self._environment(tx.session, project, environment_ref)
+            return _rowcount(tx.session.execute(
+                delete(EnvironmentGateRow).where(EnvironmentGateRow.environment_id == env.id)
+                .execution_options(synchronize_session=False)
+            )) > 0
+
+    def list_environment_gates(self, principal: Principal, project_ref: str) -> list[registry_pb2.EnvironmentGate]:
+        with self._read() as session:
+            project = self._project(session, principal, project_ref)
+            rows = session.execute(
+                select(EnvironmentGateRow, EnvironmentRow.name)
+                .join(EnvironmentRow, EnvironmentRow.id == EnvironmentGateRow.environment_id)
+                .where(EnvironmentGateRow.project_id == project.id)
+                .order_by(EnvironmentRow.name)
+            ).all()
+            return [convert.environment_gate(gate, env_name) for gate, env_name in rows]
 
     def resolve_image(self, principal: Principal, deployment_id: str, image_id: str) -> common_pb2.Deployment:
         if not principal.service:

@@ -18,7 +18,7 @@ from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 from berth.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import API_KEY_METADATA, Principal, caller
 from services.registry import changes as feed
-from services.registry import convert
+from services.registry import convert, domain
 from services.registry.changes import Change, ChangeHub, ChangeLog
 from services.registry.service import RegistryService
 
@@ -198,6 +198,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 expected_sequence=_expected(request),
                 confirm=request.confirm,
                 reason=request.reason,
+                skip_gate=request.skip_gate,
             )
         )
         log.info("promoted", extra={"deployment": move.deployment.id, "environment": move.environment.id, "sequence": move.entry.sequence})
@@ -228,6 +229,60 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
             )
         )
         return registry_pb2.ListHistoryResponse(entries=entries, next_page_token=token)
+
+    async def RecordExperimentRun(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        cases = [
+            domain.CaseResult(name=c.name, passed=c.passed, status=c.status, latency_ms=c.latency_ms, reason=c.reason)
+            for c in request.cases
+        ]
+        run = await asyncio.to_thread(
+            lambda: self._service.record_experiment_run(
+                principal, request.project, name=request.name, deployment_id=request.deployment_id,
+                dataset_digest=request.dataset_digest, cases=cases,
+            )
+        )
+        log.info("experiment_run_recorded", extra={"run": run.id, "deployment": run.deployment_id,
+                                                   "experiment": run.name, "pass_rate": run.pass_rate})
+        return run
+
+    async def ListExperimentRuns(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        runs, token = await asyncio.to_thread(
+            lambda: self._service.list_experiment_runs(
+                principal, request.project, request.deployment_id, request.name,
+                page_size=request.page_size, page_token=request.page_token,
+            )
+        )
+        return registry_pb2.ListExperimentRunsResponse(runs=runs, next_page_token=token)
+
+    async def GetExperimentRun(self, request, context):  # type: ignore[no-untyped-def]
+        return await asyncio.to_thread(self._service.get_experiment_run, caller(), request.project, request.run_id)
+
+    async def SetEnvironmentGate(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        gate = await asyncio.to_thread(
+            lambda: self._service.set_environment_gate(
+                principal, request.project, request.environment, experiment=request.experiment,
+                threshold=request.threshold, dataset_digest=request.dataset_digest,
+            )
+        )
+        log.info("gate_set", extra={"environment": gate.environment_id, "experiment": gate.experiment,
+                                    "threshold": gate.threshold, "actor": principal.actor})
+        return gate
+
+    async def ClearEnvironmentGate(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        cleared = await asyncio.to_thread(
+            self._service.clear_environment_gate, principal, request.project, request.environment
+        )
+        log.info("gate_cleared", extra={"environment": request.environment, "cleared": cleared,
+                                        "actor": principal.actor})
+        return registry_pb2.ClearEnvironmentGateResponse(cleared=cleared)
+
+    async def ListEnvironmentGates(self, request, context):  # type: ignore[no-untyped-def]
+        gates = await asyncio.to_thread(self._service.list_environment_gates, caller(), request.project)
+        return registry_pb2.ListEnvironmentGatesResponse(gates=gates)
 
 
     async def WatchEnvironments(self, request, context) -> AsyncIterator[registry_pb2.EnvironmentEvent]:  # type: ignore[no-untyped-def,override]

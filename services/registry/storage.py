@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Engine,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -137,6 +138,41 @@ class ChangeRow(Base):
     payload: Mapped[bytes] = mapped_column(LargeBinary)  # a serialized proto
     detail: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # a serialized proto
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ExperimentRunRow(Base):
+    """One run of an experiment against a deployment (migration 0004);
+    immutable once recorded."""
+
+    __tablename__ = "experiment_runs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    name: Mapped[str] = mapped_column(String(40))
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id"))
+    dataset_digest: Mapped[str] = mapped_column(String(80))
+    total: Mapped[int] = mapped_column(Integer)
+    passed: Mapped[int] = mapped_column(Integer)
+    pass_rate: Mapped[float] = mapped_column(Float)
+    latency_p50_ms: Mapped[float] = mapped_column(Float)
+    latency_p99_ms: Mapped[float] = mapped_column(Float)
+    # [{"name", "passed", "status", "latency_ms", "reason"}, ...] in dataset order
+    cases: Mapped[list] = mapped_column(JSON)
+    actor: Mapped[str] = mapped_column(String(80))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EnvironmentGateRow(Base):
+    """An environment's gate (migration 0004): promotions into it need a
+    passing run of ``experiment`` on ``dataset_digest``."""
+
+    __tablename__ = "environment_gates"
+    environment_id: Mapped[str] = mapped_column(ForeignKey("environments.id"), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    experiment: Mapped[str] = mapped_column(String(40))
+    threshold: Mapped[float] = mapped_column(Float)
+    dataset_digest: Mapped[str] = mapped_column(String(80))
+    actor: Mapped[str] = mapped_column(String(80))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 def normalise_url(url: str) -> str:
