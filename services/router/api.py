@@ -590,15 +590,16 @@ class RestApi:
                 code = exc.code()
                 last = attempt == MOVE_ATTEMPTS - 1 or asyncio.get_running_loop().time() > give_up
                 ambiguous = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-                if not ambiguous and not (code == grpc.StatusCode.ABORTED and sent_unanswered):
-                    if code == grpc.StatusCode.ABORTED and not fixed and not last:
-                        continue  # a concurrent move won the swap: read the new sequence, move again
-                    raise ApiError.from_rpc(exc, "registry") from None
                 if ambiguous:
                     sent_unanswered.append(base)
                     pinned = True
+                if not sent_unanswered:
+                    if code == grpc.StatusCode.ABORTED and not fixed and not last:
+                        continue  # a concurrent move won the swap: read the new sequence, move again
+                    raise ApiError.from_rpc(exc, "registry") from None
                 # A send went out and its answer did not come back (an instance died, or was slow past the
-                # deadline and may still commit it): is the entry after one of those sequences this move?
+                # deadline and may still commit it): is the entry after one of those sequences this move? (A
+                # later send may then be refused for it: ABORTED, or a precondition such as "already serves".)
                 env = await self._environment(ref, key)
                 if env is None:
                     raise ApiError.from_rpc(exc, "registry") from None
@@ -609,12 +610,13 @@ class RestApi:
                         return await self.moved(registry_pb2.PointerMoveResponse(environment=env, entry=entry))
                 if env.sequence > max(sent_unanswered):
                     pinned = False  # past every unanswered send's sequence: none of them can commit any more
-                if code == grpc.StatusCode.ABORTED and not fixed and not last:
-                    continue  # not this move: another won the swap; read the new sequence, move again
-                if env.sequence > base:
-                    if fixed:
-                        raise ApiError(409, "aborted", f"environment {ref!r} moved on to sequence {env.sequence} "
-                                       f"(another move), not from {base}") from None
+                if not ambiguous:  # the registry answered this send, and not for an earlier one of this move
+                    if code == grpc.StatusCode.ABORTED and not fixed and not last:
+                        continue  # another move won the swap: read the new sequence, move again
+                    raise ApiError.from_rpc(exc, "registry") from None
+                if env.sequence > base and fixed:
+                    raise ApiError(409, "aborted", f"environment {ref!r} moved on to sequence {env.sequence} "
+                                   f"(another move), not from {base}") from None
                 if last:
                     raise ApiError.from_rpc(exc, "registry") from None
                 await asyncio.sleep(min(0.05 * 2**attempt, 0.5))

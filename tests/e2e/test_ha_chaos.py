@@ -97,9 +97,9 @@ class Mover:
     each under compare-and-swap (expected_sequence), as a careful client
     sends them. A 503 (the registry unavailable: nothing applied) is sent
     again. A move whose answer was lost (the router worker holding the
-    connection was killed) is sent again under the same sequence: a 409 then
-    means it was applied the first time, which the history confirms; such a
-    move counts as succeeded with the entry found there."""
+    connection was killed) is looked up in the history first: found, it
+    counts as succeeded with that entry; else it is sent again under the same
+    sequence (which cannot apply it twice)."""
 
     def __init__(self, ha: HaPlatform, key: str, deployments: list[str], sequence: int) -> None:
         self.ha, self.key, self.deployments, self.sequence = ha, key, deployments, sequence
@@ -142,6 +142,13 @@ class Mover:
             outcome = ""
             for attempt in range(6):
                 router = self.ha.routers[(i + attempt) % 2]
+                if answer_lost:  # applied before the answer was lost? the history says; never sent twice
+                    found = self.entry(router, self.sequence + 1)
+                    if found is not None and found["kind"] == path and want in ("", found["deployment_id"]):
+                        self.succeeded.append(found)
+                        self.sequence = found["sequence"]
+                        self.settled_after_lost_answer += 1
+                        break
                 try:
                     answer = requests.post(f"{router}/api/v1/deployments/{path}", json=body, timeout=30,
                                            headers={"X-API-KEY": self.key})
@@ -156,13 +163,6 @@ class Mover:
                         self.routed_false += not data["routed"]
                         break
                     outcome = f"{answer.status_code} {answer.text[:200]}"
-                    if answer.status_code == 409 and answer_lost:
-                        found = self.entry(router, self.sequence + 1)
-                        if found is not None and found["kind"] == path and want in ("", found["deployment_id"]):
-                            self.succeeded.append(found)
-                            self.sequence = found["sequence"]
-                            self.settled_after_lost_answer += 1
-                            break
                     if answer.status_code != 503:
                         self.failed.append(outcome)
                         break

@@ -312,6 +312,8 @@ class _FlakyRegistry(registry_pb2_grpc.RegistryServicer):
 
             self._late = asyncio.get_running_loop().create_task(later())
             await context.abort(grpc.StatusCode.UNAVAILABLE, "deadline passed")
+        if self.entries and self.entries[-1].deployment_id == request.deployment_id:  # checked first, as the registry
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "deployment already serves the environment")
         if request.HasField("expected_sequence") and request.expected_sequence != len(self.entries):
             await context.abort(grpc.StatusCode.ABORTED, "sequence moved")
         entry = self._append(request.deployment_id)
@@ -359,6 +361,10 @@ def test_a_move_whose_answer_was_lost_is_settled_never_applied_twice() -> None:
     # Committed, no answer, and the second send lost the swap to it: settled as this move, not a third send.
     status, body, fake = _promote_through_flaky(["fail", "commit-then-fail", "ok"], expected=0)
     assert status == 200 and len(fake.entries) == 1 and body["entry"]["sequence"] == 1
+    # Committed, no answer, and the next send refused on a precondition the first one created ("already
+    # serves"): settled from the history, not answered 412.
+    status, body, fake = _promote_through_flaky(["late-commit", "ok"])
+    assert status == 200 and len(fake.entries) == 1 and body["entry"]["deployment_id"] == "dep_b", (status, body)
     # It commits late, after the call failed: sent again only under the same sequence, so once, whichever
     # of the two sends wins.
     for delay_faults in (["late-commit"], ["late-commit", "fail", "fail"]):
