@@ -22,9 +22,9 @@ routers, and percentiles come from the merged histogram.
 from __future__ import annotations
 
 import time
+from array import array
 from bisect import bisect_left
 from collections import deque
-from array import array
 from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Any
