@@ -27,6 +27,15 @@ container address.
   through the adapter, the rest: probes of the running replicas, planning).
 - reference: plain Docker SDK create+start of the same image, one alone and
   ten in a thread pool (the issue's reference, measured again now).
+- wake (issue 19, the paused tier): a real platform (``berth up`` on free
+  ports, its router, registry and scheduler as shipped), a min-0 deployment
+  with ``--idle-pause 1s --idle-stop 5s``; each round waits until its replica
+  is paused (``docker pause``) and times one GET through the router until
+  its HTTP 200 (the router activates, the scheduler thaws the replica and
+  checks it answers, the router forwards), then waits until the replica is
+  stopped (removed) and times the same GET from stopped (a container created
+  and started). p50/p99 of each and their ratio; target: from paused p50
+  under 30 ms.
 
 Prints figures with the target (10 ready replicas in under 2 s); asserts
 nothing. Everything it creates carries a unique ``berth.instance`` (images:
@@ -34,6 +43,7 @@ nothing. Everything it creates carries a unique ``berth.instance`` (images:
 
     python bench/scheduler_bench.py [--sizes 1,5,10] [--repeat 3] [--cold 3]
                                     [--idle 100] [--running 10] [--passes 20]
+                                    [--wake 10] [--skip reference,scale,cold,pass,wake]
 """
 from __future__ import annotations
 
@@ -68,6 +78,7 @@ from services.scheduler.spec import SecretValue  # noqa: E402
 from tests.support.docker_engine import RUN_ID, build_worker_image, engine  # noqa: E402
 
 TARGET_10_READY_S = 2.0
+TARGET_WAKE_FROM_PAUSED_P50_S = 0.030
 REFERENCE = "one create+start ~0.2 s; ten in a thread pool ~1.2 s (issue 4)"
 
 
@@ -349,6 +360,63 @@ async def bench_pass(adapter: DockerAdapter, image_id: str, instance: str, idle:
         await reconciler.close()
 
 
+def bench_wake(image_tag: str, rounds: int) -> tuple[list[float], list[float]]:
+    """Wake from paused and from stopped through a real platform's router
+    (see the module docstring): (paused times, stopped times), seconds."""
+    import tempfile
+
+    import requests
+
+    from tests.support.platform import RunningPlatform, eventually
+
+    with tempfile.TemporaryDirectory(prefix="berth-wake-bench-") as tmp:
+        platform = RunningPlatform(Path(tmp) / "data")
+        platform.data_dir.mkdir()
+        platform.env.update({"BERTH_DRAIN_DELAY": "0.2", "BERTH_SCALE_DOWN_WINDOW": "1"})
+        try:
+            platform.start()
+            key = platform.cli_json("projects", "create", "wake")["api_key"]
+            dep = platform.cli_json(
+                "deploy", "--image", image_tag, "--project", "wake", "--min-replicas", "0", "--max-replicas", "1",
+                "--idle-pause", "1s", "--idle-stop", "5s", "--no-wait", api_key=key,
+            )["deployment"]["id"]
+            session = requests.Session()
+            headers = {"X-Berth-Project": "wake", "X-Berth-Environment": "preview"}
+
+            def statuses() -> list[str]:
+                return [c.status for c in engine().containers.list(
+                    all=True, ignore_removed=True,
+                    filters={"label": [f"berth.instance={platform.instance}", f"berth.deployment={dep}"]})]
+
+            def timed_get() -> float:
+                start = time.perf_counter()
+                answer = session.get(platform.router + "/cgi-bin/index.cgi", headers=headers, timeout=60)
+                took = time.perf_counter() - start
+                if answer.status_code != 200:
+                    raise RuntimeError(f"GET through the router answered {answer.status_code}: {answer.text[:200]}")
+                return took
+
+            timed_get()  # the first replica (and the router's connection) exist
+            paused, stopped = [], []
+            for i in range(rounds):
+                eventually(lambda: statuses() == ["paused"], timeout=60, interval=0.05, what="the replica paused")
+                paused.append(timed_get())
+                eventually(lambda: statuses() == ["paused"], timeout=60, interval=0.05, what="paused again")
+                eventually(lambda: statuses() == [], timeout=60, interval=0.05, what="the replica stopped")
+                stopped.append(timed_get())
+                print(f"   round {i + 1}: from paused {paused[-1] * 1000:.1f} ms, "
+                      f"from stopped {stopped[-1] * 1000:.1f} ms", flush=True)
+            return paused, stopped
+        finally:
+            platform.stop()
+            platform.remove_containers()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
 # ----------------------------------------------------------------- main
 
 
@@ -373,7 +441,8 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=100)
     parser.add_argument("--running", type=int, default=10)
     parser.add_argument("--passes", type=int, default=20)
-    parser.add_argument("--skip", default="", help="phases to skip: reference,scale,cold,pass")
+    parser.add_argument("--wake", type=int, default=10, help="rounds of wake from paused / from stopped")
+    parser.add_argument("--skip", default="", help="phases to skip: reference,scale,cold,pass,wake")
     args = parser.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
     skip = {x.strip() for x in args.skip.split(",") if x.strip()}
@@ -385,7 +454,7 @@ def main() -> None:
     adapter = DockerAdapter(client, network="bridge")
     try:
         print(f"instance {instance}; building the worker image", flush=True)
-        _, image_id = build_worker_image(client, version="bench", labels={"berth.bench": instance})
+        image_tag, image_id = build_worker_image(client, version="bench", labels={"berth.bench": instance})
         ref = None
         if "reference" not in skip:
             print("== reference: plain Docker SDK create+start", flush=True)
@@ -405,6 +474,10 @@ def main() -> None:
             return scale, cold, cost
 
         scale, cold, cost = asyncio.run(phases())
+        wake = None
+        if "wake" not in skip and args.wake > 0:
+            print("== wake: GET through a real platform's router, from paused and from stopped", flush=True)
+            wake = bench_wake(image_tag, args.wake)
     finally:
         adapter.close()
         cleanup(client, instance, image_id)
@@ -460,6 +533,16 @@ def main() -> None:
             print(f"    {name:20} {cost['calls'][name]:6.1f}  {t * 1000:8.1f}")
         rest = statistics.mean(walls) - sum(cost["engine"].values())
         print(f"  the rest (probes of the running replicas, planning, status): {rest * 1000:.1f} ms")
+    if wake is not None:
+        paused, stopped = wake
+        p50p, p99p = percentile(paused, 0.5), percentile(paused, 0.99)
+        p50s, p99s = percentile(stopped, 0.5), percentile(stopped, 0.99)
+        print(f"wake a min-0 binding: GET through the router -> first HTTP 200, {len(paused)} rounds (ms):")
+        print(f"  from paused    p50 {ms(p50p)}  p99 {ms(p99p)}  min {ms(min(paused))}  max {ms(max(paused))}")
+        print(f"  from stopped   p50 {ms(p50s)}  p99 {ms(p99s)}  min {ms(min(stopped))}  max {ms(max(stopped))}")
+        print(f"  stopped / paused: p50 {p50s / p50p:.1f}x, p99 {p99s / p99p:.1f}x")
+        print(f"  target: from paused p50 under {TARGET_WAKE_FROM_PAUSED_P50_S * 1000:g} ms -- "
+              f"{'meets' if p50p < TARGET_WAKE_FROM_PAUSED_P50_S else 'misses'} it")
 
 
 if __name__ == "__main__":

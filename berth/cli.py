@@ -736,6 +736,41 @@ class WaitResult:
             out.print("  reason: none recorded yet; see: berth deployment errors")
 
 
+class IdleDuration(click.ParamType):
+    """A paused-tier window: seconds, or a number with s, m or h (``60s``,
+    ``15m``, ``1h``); 0 is the scheduler's default."""
+
+    name = "duration"
+    _UNITS = {"s": 1, "m": 60, "h": 3600}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        unit = self._UNITS.get(text[-1:], 0)
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration such as 90, 60s, 15m or 1h", param, ctx)
+        if not 0 <= seconds <= 86_400 or seconds != int(seconds):
+            self.fail(f"{value!r} must be a whole number of seconds from 0 to 24h", param, ctx)
+        return int(seconds)
+
+
+def idle_options(fn: Any) -> Any:
+    """--idle-pause / --idle-stop: the binding's paused tier (min 0 only)."""
+    fn = click.option(
+        "--idle-stop", type=IdleDuration(), default=None,
+        help="Idle time before its replicas are stopped (scaled to zero), e.g. 15m; 0: the scheduler's default.",
+    )(fn)
+    return click.option(
+        "--idle-pause", type=IdleDuration(), default=None,
+        help="Idle time (no request in flight) before a min-0 binding's replicas are paused (memory kept, "
+             "resumed in milliseconds), e.g. 60s; 0: the scheduler's default.",
+    )(fn)
+
+
 @main.command()
 @click.argument("path", required=False, type=click.Path(file_okay=False, path_type=pathlib.Path))
 @click.option("--image", default=None, help="Register an existing image reference instead of building PATH.")
@@ -749,10 +784,11 @@ class WaitResult:
 @click.option("--wait/--no-wait", default=True, help="Wait until the replicas are ready (or failed).")
 @click.option("--timeout", default=180.0, show_default=True, help="Seconds to wait.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the deployment id (for scripts).")
+@idle_options
 @command
 def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: str, min_replicas: int | None,
            max_replicas: int | None, port: int, health_path: str, variables: tuple[str, ...], yes: bool, wait: bool,
-           timeout: float, quiet: bool) -> None:
+           timeout: float, quiet: bool, idle_pause: int | None = None, idle_stop: int | None = None) -> None:
     """Build PATH (or take --image) and point an environment at the new deployment.
 
     With neither, builds the directory of the berth.toml found here (or in a
@@ -808,6 +844,7 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
         registry_pb2.DeployRequest(
             project=target.project_id, image=image or "", image_id=image_id, config=config, environment=target.id,
             min_replicas=min_replicas, max_replicas=max_replicas, confirm=confirm,
+            idle_pause_seconds=idle_pause, idle_stop_seconds=idle_stop,
         ),
     )
     d, e = resp.deployment, resp.environment
@@ -965,14 +1002,16 @@ def report_binding(ctx: Ctx, verb: str, b: common_pb2.Binding) -> None:
 @click.option("--min-replicas", type=int, default=None, help="New lowest replica count (0 allows scale to zero).")
 @click.option("--max-replicas", type=int, default=None, help="New highest replica count.")
 @environment_option(help="Needed when the deployment serves several environments.")
+@idle_options
 @command
 def deployment_scale(ctx: Ctx, deployment_id: str, min_replicas: int | None, max_replicas: int | None,
-                     environment: str) -> None:
-    """Set a binding's replica bounds (either or both; the other stays)."""
+                     environment: str, idle_pause: int | None = None, idle_stop: int | None = None) -> None:
+    """Set a binding's replica bounds and idle windows (any of them; the others stay)."""
     c = ctx.client()
     b = c.call(c.registry.ScaleBinding, registry_pb2.ScaleBindingRequest(
         project=ctx.project, deployment_id=deployment_id, environment=environment,
-        min_replicas=min_replicas, max_replicas=max_replicas))
+        min_replicas=min_replicas, max_replicas=max_replicas,
+        idle_pause_seconds=idle_pause, idle_stop_seconds=idle_stop))
     report_binding(ctx, "Scaled", b)
 
 
@@ -1059,9 +1098,11 @@ def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wai
 @click.option("--yes", is_flag=True, help="Confirm moving a protected environment (asked on a terminal).")
 @click.option("--wait/--no-wait", default=True)
 @click.option("--timeout", default=180.0, show_default=True)
+@idle_options
 @command
 def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int | None, max_replicas: int | None,
-            scale_previous_to_zero: bool, reason: str, skip_gate: bool, yes: bool, wait: bool, timeout: float) -> None:
+            scale_previous_to_zero: bool, reason: str, skip_gate: bool, yes: bool, wait: bool, timeout: float,
+            idle_pause: int | None = None, idle_stop: int | None = None) -> None:
     """Point TARGET at a deployment that proved itself elsewhere (nothing is rebuilt).
 
     A terminated deployment is refused: start it first with 'berth deployment start ID'.
@@ -1079,7 +1120,7 @@ def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int | None,
         registry_pb2.PromoteRequest(
             project=ctx.project, deployment_id=deployment_id, target_environment=env.id, min_replicas=min_replicas,
             max_replicas=max_replicas, scale_previous_to_zero=scale_previous_to_zero, confirm=confirm,
-            reason=reason, skip_gate=skip_gate,
+            reason=reason, skip_gate=skip_gate, idle_pause_seconds=idle_pause, idle_stop_seconds=idle_stop,
         ),
     )
     report_move(ctx, "Promoted", resp, wait, timeout)

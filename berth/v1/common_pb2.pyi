@@ -100,7 +100,7 @@ class Environment(_message.Message):
     def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., sequence: _Optional[int] = ..., protected: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., previous_deployment_id: _Optional[str] = ...) -> None: ...
 
 class Binding(_message.Message):
-    __slots__ = ("project_id", "project_name", "environment_id", "environment_name", "deployment", "min_replicas", "max_replicas", "state", "serving", "updated_at")
+    __slots__ = ("project_id", "project_name", "environment_id", "environment_name", "deployment", "min_replicas", "max_replicas", "state", "serving", "updated_at", "idle_pause_seconds", "idle_stop_seconds")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Binding.State]
@@ -119,6 +119,8 @@ class Binding(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_STOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     project_id: str
     project_name: str
     environment_id: str
@@ -129,7 +131,9 @@ class Binding(_message.Message):
     state: Binding.State
     serving: bool
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., environment_id: _Optional[str] = ..., environment_name: _Optional[str] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., state: _Optional[_Union[Binding.State, str]] = ..., serving: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    idle_pause_seconds: int
+    idle_stop_seconds: int
+    def __init__(self, project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., environment_id: _Optional[str] = ..., environment_name: _Optional[str] = ..., deployment: _Optional[_Union[Deployment, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., state: _Optional[_Union[Binding.State, str]] = ..., serving: _Optional[bool] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., idle_pause_seconds: _Optional[int] = ..., idle_stop_seconds: _Optional[int] = ...) -> None: ...
 
 class HistoryEntry(_message.Message):
     __slots__ = ("environment_id", "sequence", "kind", "deployment_id", "previous_deployment_id", "min_replicas", "max_replicas", "actor", "created_at", "reason")

@@ -117,7 +117,7 @@ class RevokeApiKeyRequest(_message.Message):
     def __init__(self, project: _Optional[str] = ..., key: _Optional[str] = ...) -> None: ...
 
 class DeployRequest(_message.Message):
-    __slots__ = ("project", "image", "image_id", "config", "environment", "min_replicas", "max_replicas", "expected_sequence", "confirm", "reason")
+    __slots__ = ("project", "image", "image_id", "config", "environment", "min_replicas", "max_replicas", "expected_sequence", "confirm", "reason", "idle_pause_seconds", "idle_stop_seconds")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,8 @@ class DeployRequest(_message.Message):
     EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     CONFIRM_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    IDLE_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_STOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     project: str
     image: str
     image_id: str
@@ -138,7 +140,9 @@ class DeployRequest(_message.Message):
     expected_sequence: int
     confirm: bool
     reason: str
-    def __init__(self, project: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., config: _Optional[_Union[_common_pb2.WorkerConfig, _Mapping]] = ..., environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    idle_pause_seconds: int
+    idle_stop_seconds: int
+    def __init__(self, project: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., config: _Optional[_Union[_common_pb2.WorkerConfig, _Mapping]] = ..., environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ..., idle_pause_seconds: _Optional[int] = ..., idle_stop_seconds: _Optional[int] = ...) -> None: ...
 
 class DeployResponse(_message.Message):
     __slots__ = ("deployment", "environment", "entry")
@@ -179,7 +183,7 @@ class ListDeploymentsResponse(_message.Message):
     def __init__(self, deployments: _Optional[_Iterable[_Union[_common_pb2.Deployment, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class PromoteRequest(_message.Message):
-    __slots__ = ("project", "deployment_id", "target_environment", "min_replicas", "max_replicas", "scale_previous_to_zero", "expected_sequence", "confirm", "reason", "skip_gate")
+    __slots__ = ("project", "deployment_id", "target_environment", "min_replicas", "max_replicas", "scale_previous_to_zero", "expected_sequence", "confirm", "reason", "skip_gate", "idle_pause_seconds", "idle_stop_seconds")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +194,8 @@ class PromoteRequest(_message.Message):
     CONFIRM_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SKIP_GATE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_STOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     project: str
     deployment_id: str
     target_environment: str
@@ -200,7 +206,9 @@ class PromoteRequest(_message.Message):
     confirm: bool
     reason: str
     skip_gate: bool
-    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., target_environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., scale_previous_to_zero: _Optional[bool] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ..., skip_gate: _Optional[bool] = ...) -> None: ...
+    idle_pause_seconds: int
+    idle_stop_seconds: int
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., target_environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., scale_previous_to_zero: _Optional[bool] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ..., skip_gate: _Optional[bool] = ..., idle_pause_seconds: _Optional[int] = ..., idle_stop_seconds: _Optional[int] = ...) -> None: ...
 
 class RollbackRequest(_message.Message):
     __slots__ = ("project", "environment", "to_deployment_id", "expected_sequence", "confirm", "reason")
@@ -269,18 +277,22 @@ class ListBindingsResponse(_message.Message):
     def __init__(self, bindings: _Optional[_Iterable[_Union[_common_pb2.Binding, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ScaleBindingRequest(_message.Message):
-    __slots__ = ("project", "deployment_id", "environment", "min_replicas", "max_replicas")
+    __slots__ = ("project", "deployment_id", "environment", "min_replicas", "max_replicas", "idle_pause_seconds", "idle_stop_seconds")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_STOP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     project: str
     deployment_id: str
     environment: str
     min_replicas: int
     max_replicas: int
-    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ...) -> None: ...
+    idle_pause_seconds: int
+    idle_stop_seconds: int
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., idle_pause_seconds: _Optional[int] = ..., idle_stop_seconds: _Optional[int] = ...) -> None: ...
 
 class AdjustReplicasRequest(_message.Message):
     __slots__ = ("project", "deployment_id", "environment", "delta")

@@ -361,9 +361,10 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ScaleBinding(self, request, context):
-        """Sets a binding's bounds: either or both; the other stays.
+        """Sets a binding's bounds and idle windows: any of them; the others stay.
         Credentials: project key.
-        Errors: INVALID_ARGUMENT (min_replicas, max_replicas, environment when
+        Errors: INVALID_ARGUMENT (min_replicas, max_replicas,
+        idle_pause_seconds, idle_stop_seconds, environment when
         the deployment has several bindings); NOT_FOUND; FAILED_PRECONDITION
         DEPLOYMENT_TERMINATED.
         """

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from berth.v1 import common_pb2 as berth_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x65rth/v1/scheduler.proto\x12\x08\x62\x65rth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15\x62\x65rth/v1/common.proto\"i\n\x1aGetDeploymentStatusRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x0e\n\x06latest\x18\x04 \x01(\x08\"\xe1\x02\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.berth.v1.Replica.State\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08restarts\x18\x06 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0c\n\x04node\x18\x08 \x01(\t\"\xa3\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x12\n\x0eSTATE_STARTING\x10\x02\x12\x0f\n\x0bSTATE_READY\x10\x03\x12\x13\n\x0fSTATE_UNHEALTHY\x10\x04\x12\x10\n\x0cSTATE_EXITED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06\x12\x12\n\x0eSTATE_STOPPING\x10\x07\"\xbb\x03\n\rBindingStatus\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.berth.v1.BindingStatus.Status\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x05 \x01(\x05\x12\x0f\n\x07serving\x18\x06 \x01(\x08\x12#\n\x08replicas\x18\x07 \x03(\x0b\x32\x11.berth.v1.Replica\x12\x18\n\x10\x64\x65sired_replicas\x18\x08 \x01(\x05\x12*\n\x08requests\x18\t \x01(\x0b\x32\x18.berth.v1.RequestMetrics\"\xa4\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_DEPLOYING\x10\x01\x12\x12\n\x0eSTATUS_RUNNING\x10\x02\x12\x13\n\x0fSTATUS_DEGRADED\x10\x03\x12\x11\n\rSTATUS_FAILED\x10\x04\x12\x19\n\x15STATUS_SCALED_TO_ZERO\x10\x05\x12\x15\n\x11STATUS_TERMINATED\x10\x06\"\x9c\x01\n\x10\x44\x65ploymentStatus\x12(\n\ndeployment\x18\x01 \x01(\x0b\x32\x14.berth.v1.Deployment\x12)\n\x08\x62indings\x18\x02 \x03(\x0b\x32\x17.berth.v1.BindingStatus\x12\x33\n\x10scheduler_leader\x18\x03 \x01(\x0b\x32\x19.berth.v1.SchedulerLeader\"|\n\x1bListDeploymentErrorsRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0e\n\x06latest\x18\x05 \x01(\x08\"\xc6\x03\n\x0f\x44\x65ploymentError\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.berth.v1.DeploymentError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rdeployment_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\r\n\x05\x63ount\x18\x07 \x01(\x03\x12.\n\nfirst_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15KIND_IMAGE_PULL_ERROR\x10\x01\x12\x1b\n\x17KIND_SCHEDULING_FAILURE\x10\x02\x12\x13\n\x0fKIND_CRASH_LOOP\x10\x03\x12\x13\n\x0fKIND_OOM_KILLED\x10\x04\x12\x1c\n\x18KIND_HEALTH_CHECK_FAILED\x10\x05\x12\x12\n\x0eKIND_NODE_DOWN\x10\x06\"b\n\x1cListDeploymentErrorsResponse\x12)\n\x06\x65rrors\x18\x01 \x03(\x0b\x32\x19.berth.v1.DeploymentError\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x0fSchedulerLeader\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xac\x01\n\x0eRequestMetrics\x12\x31\n\x0blast_minute\x18\x01 \x01(\x0b\x32\x1c.berth.v1.RequestWindowStats\x12\x37\n\x11last_five_minutes\x18\x02 \x01(\x0b\x32\x1c.berth.v1.RequestWindowStats\x12.\n\x07history\x18\x03 \x03(\x0b\x32\x1d.berth.v1.RequestMetricsPoint\"\xf5\x01\n\x12RequestWindowStats\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x01\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x1b\n\x13requests_per_second\x18\x03 \x01(\x01\x12\x15\n\rresponses_2xx\x18\x04 \x01(\x03\x12\x15\n\rresponses_3xx\x18\x05 \x01(\x03\x12\x15\n\rresponses_4xx\x18\x06 \x01(\x03\x12\x15\n\rresponses_5xx\x18\x07 \x01(\x03\x12\x12\n\nerror_rate\x18\x08 \x01(\x01\x12\x13\n\x0bp50_seconds\x18\t \x01(\x01\x12\x13\n\x0bp99_seconds\x18\n \x01(\x01\"\x97\x01\n\x13RequestMetricsPoint\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x1b\n\x13requests_per_second\x18\x03 \x01(\x01\x12\x12\n\nerror_rate\x18\x04 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x05 \x01(\x01\x32\xcb\x01\n\tScheduler\x12W\n\x13GetDeploymentStatus\x12$.berth.v1.GetDeploymentStatusRequest\x1a\x1a.berth.v1.DeploymentStatus\x12\x65\n\x14ListDeploymentErrors\x12%.berth.v1.ListDeploymentErrorsRequest\x1a&.berth.v1.ListDeploymentErrorsResponseBZ\n\x0c\x64\x65v.berth.v1P\x01Z2github.com/berth-dev/berth/gen/go/berth/v1;berthv1\xaa\x02\x08\x42\x65rth.V1\xca\x02\x08\x42\x65rth\\V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62\x65rth/v1/scheduler.proto\x12\x08\x62\x65rth.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15\x62\x65rth/v1/common.proto\"i\n\x1aGetDeploymentStatusRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x0e\n\x06latest\x18\x04 \x01(\x08\"\xf3\x02\n\x07Replica\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\x05\x12&\n\x05state\x18\x04 \x01(\x0e\x32\x17.berth.v1.Replica.State\x12.\n\nstarted_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08restarts\x18\x06 \x01(\x05\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0c\n\x04node\x18\x08 \x01(\t\"\xb5\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x11\n\rSTATE_PENDING\x10\x01\x12\x12\n\x0eSTATE_STARTING\x10\x02\x12\x0f\n\x0bSTATE_READY\x10\x03\x12\x13\n\x0fSTATE_UNHEALTHY\x10\x04\x12\x10\n\x0cSTATE_EXITED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06\x12\x12\n\x0eSTATE_STOPPING\x10\x07\x12\x10\n\x0cSTATE_PAUSED\x10\x08\"\xbb\x03\n\rBindingStatus\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12.\n\x06status\x18\x03 \x01(\x0e\x32\x1e.berth.v1.BindingStatus.Status\x12\x14\n\x0cmin_replicas\x18\x04 \x01(\x05\x12\x14\n\x0cmax_replicas\x18\x05 \x01(\x05\x12\x0f\n\x07serving\x18\x06 \x01(\x08\x12#\n\x08replicas\x18\x07 \x03(\x0b\x32\x11.berth.v1.Replica\x12\x18\n\x10\x64\x65sired_replicas\x18\x08 \x01(\x05\x12*\n\x08requests\x18\t \x01(\x0b\x32\x18.berth.v1.RequestMetrics\"\xa4\x01\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x14\n\x10STATUS_DEPLOYING\x10\x01\x12\x12\n\x0eSTATUS_RUNNING\x10\x02\x12\x13\n\x0fSTATUS_DEGRADED\x10\x03\x12\x11\n\rSTATUS_FAILED\x10\x04\x12\x19\n\x15STATUS_SCALED_TO_ZERO\x10\x05\x12\x15\n\x11STATUS_TERMINATED\x10\x06\"\x9c\x01\n\x10\x44\x65ploymentStatus\x12(\n\ndeployment\x18\x01 \x01(\x0b\x32\x14.berth.v1.Deployment\x12)\n\x08\x62indings\x18\x02 \x03(\x0b\x32\x17.berth.v1.BindingStatus\x12\x33\n\x10scheduler_leader\x18\x03 \x01(\x0b\x32\x19.berth.v1.SchedulerLeader\"|\n\x1bListDeploymentErrorsRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x15\n\rdeployment_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x0e\n\x06latest\x18\x05 \x01(\x08\"\xc6\x03\n\x0f\x44\x65ploymentError\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.berth.v1.DeploymentError.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x15\n\rdeployment_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\x0f\n\x07replica\x18\x06 \x01(\t\x12\r\n\x05\x63ount\x18\x07 \x01(\x03\x12.\n\nfirst_seen\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15KIND_IMAGE_PULL_ERROR\x10\x01\x12\x1b\n\x17KIND_SCHEDULING_FAILURE\x10\x02\x12\x13\n\x0fKIND_CRASH_LOOP\x10\x03\x12\x13\n\x0fKIND_OOM_KILLED\x10\x04\x12\x1c\n\x18KIND_HEALTH_CHECK_FAILED\x10\x05\x12\x12\n\x0eKIND_NODE_DOWN\x10\x06\"b\n\x1cListDeploymentErrorsResponse\x12)\n\x06\x65rrors\x18\x01 \x03(\x0b\x32\x19.berth.v1.DeploymentError\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x0fSchedulerLeader\x12\x10\n\x08instance\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"\xac\x01\n\x0eRequestMetrics\x12\x31\n\x0blast_minute\x18\x01 \x01(\x0b\x32\x1c.berth.v1.RequestWindowStats\x12\x37\n\x11last_five_minutes\x18\x02 \x01(\x0b\x32\x1c.berth.v1.RequestWindowStats\x12.\n\x07history\x18\x03 \x03(\x0b\x32\x1d.berth.v1.RequestMetricsPoint\"\xf5\x01\n\x12RequestWindowStats\x12\x16\n\x0ewindow_seconds\x18\x01 \x01(\x01\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x1b\n\x13requests_per_second\x18\x03 \x01(\x01\x12\x15\n\rresponses_2xx\x18\x04 \x01(\x03\x12\x15\n\rresponses_3xx\x18\x05 \x01(\x03\x12\x15\n\rresponses_4xx\x18\x06 \x01(\x03\x12\x15\n\rresponses_5xx\x18\x07 \x01(\x03\x12\x12\n\nerror_rate\x18\x08 \x01(\x01\x12\x13\n\x0bp50_seconds\x18\t \x01(\x01\x12\x13\n\x0bp99_seconds\x18\n \x01(\x01\"\x97\x01\n\x13RequestMetricsPoint\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x1b\n\x13requests_per_second\x18\x03 \x01(\x01\x12\x12\n\nerror_rate\x18\x04 \x01(\x01\x12\x13\n\x0bp99_seconds\x18\x05 \x01(\x01\x32\xcb\x01\n\tScheduler\x12W\n\x13GetDeploymentStatus\x12$.berth.v1.GetDeploymentStatusRequest\x1a\x1a.berth.v1.DeploymentStatus\x12\x65\n\x14ListDeploymentErrors\x12%.berth.v1.ListDeploymentErrorsRequest\x1a&.berth.v1.ListDeploymentErrorsResponseBZ\n\x0c\x64\x65v.berth.v1P\x01Z2github.com/berth-dev/berth/gen/go/berth/v1;berthv1\xaa\x02\x08\x42\x65rth.V1\xca\x02\x08\x42\x65rth\\V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETDEPLOYMENTSTATUSREQUEST']._serialized_start=94
   _globals['_GETDEPLOYMENTSTATUSREQUEST']._serialized_end=199
   _globals['_REPLICA']._serialized_start=202
-  _globals['_REPLICA']._serialized_end=555
+  _globals['_REPLICA']._serialized_end=573
   _globals['_REPLICA_STATE']._serialized_start=392
-  _globals['_REPLICA_STATE']._serialized_end=555
-  _globals['_BINDINGSTATUS']._serialized_start=558
-  _globals['_BINDINGSTATUS']._serialized_end=1001
-  _globals['_BINDINGSTATUS_STATUS']._serialized_start=837
-  _globals['_BINDINGSTATUS_STATUS']._serialized_end=1001
-  _globals['_DEPLOYMENTSTATUS']._serialized_start=1004
-  _globals['_DEPLOYMENTSTATUS']._serialized_end=1160
-  _globals['_LISTDEPLOYMENTERRORSREQUEST']._serialized_start=1162
-  _globals['_LISTDEPLOYMENTERRORSREQUEST']._serialized_end=1286
-  _globals['_DEPLOYMENTERROR']._serialized_start=1289
-  _globals['_DEPLOYMENTERROR']._serialized_end=1743
-  _globals['_DEPLOYMENTERROR_KIND']._serialized_start=1567
-  _globals['_DEPLOYMENTERROR_KIND']._serialized_end=1743
-  _globals['_LISTDEPLOYMENTERRORSRESPONSE']._serialized_start=1745
-  _globals['_LISTDEPLOYMENTERRORSRESPONSE']._serialized_end=1843
-  _globals['_SCHEDULERLEADER']._serialized_start=1845
-  _globals['_SCHEDULERLEADER']._serialized_end=1895
-  _globals['_REQUESTMETRICS']._serialized_start=1898
-  _globals['_REQUESTMETRICS']._serialized_end=2070
-  _globals['_REQUESTWINDOWSTATS']._serialized_start=2073
-  _globals['_REQUESTWINDOWSTATS']._serialized_end=2318
-  _globals['_REQUESTMETRICSPOINT']._serialized_start=2321
-  _globals['_REQUESTMETRICSPOINT']._serialized_end=2472
-  _globals['_SCHEDULER']._serialized_start=2475
-  _globals['_SCHEDULER']._serialized_end=2678
+  _globals['_REPLICA_STATE']._serialized_end=573
+  _globals['_BINDINGSTATUS']._serialized_start=576
+  _globals['_BINDINGSTATUS']._serialized_end=1019
+  _globals['_BINDINGSTATUS_STATUS']._serialized_start=855
+  _globals['_BINDINGSTATUS_STATUS']._serialized_end=1019
+  _globals['_DEPLOYMENTSTATUS']._serialized_start=1022
+  _globals['_DEPLOYMENTSTATUS']._serialized_end=1178
+  _globals['_LISTDEPLOYMENTERRORSREQUEST']._serialized_start=1180
+  _globals['_LISTDEPLOYMENTERRORSREQUEST']._serialized_end=1304
+  _globals['_DEPLOYMENTERROR']._serialized_start=1307
+  _globals['_DEPLOYMENTERROR']._serialized_end=1761
+  _globals['_DEPLOYMENTERROR_KIND']._serialized_start=1585
+  _globals['_DEPLOYMENTERROR_KIND']._serialized_end=1761
+  _globals['_LISTDEPLOYMENTERRORSRESPONSE']._serialized_start=1763
+  _globals['_LISTDEPLOYMENTERRORSRESPONSE']._serialized_end=1861
+  _globals['_SCHEDULERLEADER']._serialized_start=1863
+  _globals['_SCHEDULERLEADER']._serialized_end=1913
+  _globals['_REQUESTMETRICS']._serialized_start=1916
+  _globals['_REQUESTMETRICS']._serialized_end=2088
+  _globals['_REQUESTWINDOWSTATS']._serialized_start=2091
+  _globals['_REQUESTWINDOWSTATS']._serialized_end=2336
+  _globals['_REQUESTMETRICSPOINT']._serialized_start=2339
+  _globals['_REQUESTMETRICSPOINT']._serialized_end=2490
+  _globals['_SCHEDULER']._serialized_start=2493
+  _globals['_SCHEDULER']._serialized_end=2696
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,7 @@ class Replica(_message.Message):
         STATE_EXITED: _ClassVar[Replica.State]
         STATE_FAILED: _ClassVar[Replica.State]
         STATE_STOPPING: _ClassVar[Replica.State]
+        STATE_PAUSED: _ClassVar[Replica.State]
     STATE_UNSPECIFIED: Replica.State
     STATE_PENDING: Replica.State
     STATE_STARTING: Replica.State
@@ -43,6 +44,7 @@ class Replica(_message.Message):
     STATE_EXITED: Replica.State
     STATE_FAILED: Replica.State
     STATE_STOPPING: Replica.State
+    STATE_PAUSED: Replica.State
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]

@@ -107,6 +107,8 @@ def binding(
         state=enums.number(common_pb2.Binding.State, row.state),
         serving=env.deployment_id == dep.id,
         updated_at=timestamp(row.updated_at),
+        idle_pause_seconds=row.idle_pause_seconds or 0,
+        idle_stop_seconds=row.idle_stop_seconds or 0,
     )
 
 

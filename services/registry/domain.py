@@ -262,6 +262,34 @@ def validate_scale(min_replicas: int | None, max_replicas: int | None, current: 
                     current.max_replicas if max_replicas is None else max_replicas)
 
 
+# The longest idle window a binding may ask for (the paused tier).
+MAX_IDLE_SECONDS = 86_400
+
+
+@dataclass(frozen=True)
+class IdleWindows:
+    """A binding's paused tier in seconds (0 = the scheduler's default);
+    ``None``: not given, the binding keeps what it has."""
+
+    pause: int | None = None
+    stop: int | None = None
+
+
+NO_IDLE_CHANGE = IdleWindows()
+
+
+def validate_idle(pause: int | None, stop: int | None) -> IdleWindows:
+    """The idle windows given with a Deploy, Promote or ScaleBinding: each
+    0 (the scheduler's default) to ``MAX_IDLE_SECONDS``."""
+    for name, value in (("idle_pause_seconds", pause), ("idle_stop_seconds", stop)):
+        if value is not None and not 0 <= value <= MAX_IDLE_SECONDS:
+            raise InvalidArgument(
+                f"{name} {value} is out of range: 0 (the scheduler's default) to {MAX_IDLE_SECONDS} seconds",
+                field=name,
+            )
+    return IdleWindows(pause, stop)
+
+
 def adjust_bounds(current: ReplicaBounds, delta: int) -> ReplicaBounds:
     """scale-up (+N) / scale-down (-N): min moves by delta, floored at 0; max
     widens when min would pass it."""

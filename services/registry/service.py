@@ -625,6 +625,7 @@ class RegistryService:
         expected_sequence: int | None,
         reason: str,
         scale_previous_to_zero: bool = False,
+        idle: domain.IdleWindows = domain.NO_IDLE_CHANGE,
     ) -> HistoryRow:
         """Moves ``env``'s pointer to ``dep`` with compare-and-swap on the
         sequence ``env`` was read at, appends the history entry and upserts
@@ -677,6 +678,7 @@ class RegistryService:
             tx.session.add(binding)
         binding.min_replicas = bounds.min_replicas
         binding.max_replicas = bounds.max_replicas
+        _set_idle(binding, idle)
         binding.state = domain.Lifecycle.ACTIVE.value
         binding.updated_at = utcnow()
         tx.session.flush()
@@ -706,10 +708,12 @@ class RegistryService:
         expected_sequence: int | None,
         confirm: bool,
         reason: str,
+        idle: domain.IdleWindows = domain.NO_IDLE_CHANGE,
     ) -> tuple[common_pb2.Deployment, MoveResult]:
         domain.validate_image(image, image_id)
         config = domain.validate_config(config)
         bounds = domain.resolve_bounds(min_replicas, max_replicas)
+        idle = domain.validate_idle(idle.pause, idle.stop)
         domain.validate_reason(reason)
         with self._write() as tx:
             project = self._project(tx.session, principal, project_ref)
@@ -730,7 +734,7 @@ class RegistryService:
             tx.session.flush()
             entry = self._move(
                 tx, principal, env, dep, kind=domain.MoveKind.DEPLOY, bounds=bounds,
-                expected_sequence=expected_sequence, reason=reason,
+                expected_sequence=expected_sequence, reason=reason, idle=idle,
             )
             deployment = convert.deployment(dep)
             return deployment, MoveResult(convert.environment(env, project.name), convert.history_entry(entry), deployment)
@@ -749,8 +753,10 @@ class RegistryService:
         confirm: bool,
         reason: str,
         skip_gate: bool = False,
+        idle: domain.IdleWindows = domain.NO_IDLE_CHANGE,
     ) -> MoveResult:
         domain.validate_reason(reason)
+        idle = domain.validate_idle(idle.pause, idle.stop)
         with self._write() as tx:
             project = self._project(tx.session, principal, project_ref)
             dep = self._deployment(tx.session, project, deployment_id)
@@ -776,6 +782,7 @@ class RegistryService:
             entry = self._move(
                 tx, principal, env, dep, kind=domain.MoveKind.PROMOTE, bounds=bounds,
                 expected_sequence=expected_sequence, reason=reason, scale_previous_to_zero=scale_previous_to_zero,
+                idle=idle,
             )
             deployment = convert.deployment(dep)
             return MoveResult(convert.environment(env, project.name), convert.history_entry(entry), deployment)
@@ -931,12 +938,16 @@ class RegistryService:
 
     def _set_bounds(
         self, tx: _Tx, project: ProjectRow, binding: BindingRow, env: EnvironmentRow, dep: DeploymentRow,
-        bounds: domain.ReplicaBounds,
+        bounds: domain.ReplicaBounds, idle: domain.IdleWindows = domain.NO_IDLE_CHANGE,
     ) -> common_pb2.Binding:
-        if (binding.min_replicas, binding.max_replicas) != (bounds.min_replicas, bounds.max_replicas):
+        idle_changed = (idle.pause is not None and idle.pause != binding.idle_pause_seconds) or (
+            idle.stop is not None and idle.stop != binding.idle_stop_seconds
+        )
+        if (binding.min_replicas, binding.max_replicas) != (bounds.min_replicas, bounds.max_replicas) or idle_changed:
             tx.bump()
             binding.min_replicas = bounds.min_replicas
             binding.max_replicas = bounds.max_replicas
+            _set_idle(binding, idle)
             binding.updated_at = utcnow()
             tx.session.flush()
             tx.touch_binding(binding)
@@ -945,18 +956,21 @@ class RegistryService:
     def scale_binding(
         self, principal: Principal, project_ref: str, deployment_id: str, environment_ref: str,
         min_replicas: int | None, max_replicas: int | None,
+        idle: domain.IdleWindows = domain.NO_IDLE_CHANGE,
     ) -> common_pb2.Binding:
-        # What can be checked before any lookup (against the widest bounds), then against the binding's own.
-        domain.validate_scale(min_replicas, max_replicas, domain.ReplicaBounds(0, domain.MAX_REPLICAS_LIMIT))
+        idle = domain.validate_idle(idle.pause, idle.stop)
+        bounds_given = min_replicas is not None or max_replicas is not None
+        if bounds_given or (idle.pause is None and idle.stop is None):
+            # What can be checked before any lookup (against the widest bounds), then against the binding's own.
+            domain.validate_scale(min_replicas, max_replicas, domain.ReplicaBounds(0, domain.MAX_REPLICAS_LIMIT))
         with self._write() as tx:
             project = self._project(tx.session, principal, project_ref)
             dep = self._deployment(tx.session, project, deployment_id)
             binding, env = self._binding(tx.session, project, dep, environment_ref)
             self._require_active(dep)
-            bounds = domain.validate_scale(
-                min_replicas, max_replicas, domain.ReplicaBounds(binding.min_replicas, binding.max_replicas)
-            )
-            return self._set_bounds(tx, project, binding, env, dep, bounds)
+            current = domain.ReplicaBounds(binding.min_replicas, binding.max_replicas)
+            bounds = domain.validate_scale(min_replicas, max_replicas, current) if bounds_given else current
+            return self._set_bounds(tx, project, binding, env, dep, bounds, idle)
 
     def adjust_replicas(
         self, principal: Principal, project_ref: str, deployment_id: str, environment_ref: str, delta: int
@@ -1325,3 +1339,15 @@ class RegistryService:
                     row.project_id,
                 ))
             return revision, changes
+
+
+def _set_idle(binding: BindingRow, idle: domain.IdleWindows) -> None:
+    """The idle windows given (``None``: kept; a new binding's are 0)."""
+    if idle.pause is not None:
+        binding.idle_pause_seconds = idle.pause
+    elif binding.idle_pause_seconds is None:
+        binding.idle_pause_seconds = 0
+    if idle.stop is not None:
+        binding.idle_stop_seconds = idle.stop
+    elif binding.idle_stop_seconds is None:
+        binding.idle_stop_seconds = 0

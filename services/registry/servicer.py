@@ -41,6 +41,12 @@ def _bound(request, name: str) -> int | None:  # type: ignore[no-untyped-def]
     return getattr(request, name) if request.HasField(name) else None
 
 
+def _idle(request) -> domain.IdleWindows:  # type: ignore[no-untyped-def]
+    """``idle_pause_seconds``/``idle_stop_seconds`` are optional: unset =
+    unchanged, 0 = the scheduler's default."""
+    return domain.IdleWindows(_bound(request, "idle_pause_seconds"), _bound(request, "idle_stop_seconds"))
+
+
 # A WatchEnvironments stream re-checks its key this often even when no
 # revocation came through the feed (a safety net; revocations end streams at
 # once).
@@ -123,7 +129,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         principal = caller()
         binding = await asyncio.to_thread(
             self._service.scale_binding, principal, request.project, request.deployment_id, request.environment,
-            _bound(request, "min_replicas"), _bound(request, "max_replicas"),
+            _bound(request, "min_replicas"), _bound(request, "max_replicas"), _idle(request),
         )
         log.info("binding_scaled", extra={"deployment": binding.deployment.id, "environment": binding.environment_id,
                                           "min": binding.min_replicas, "max": binding.max_replicas})
@@ -166,6 +172,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 expected_sequence=_expected(request),
                 confirm=request.confirm,
                 reason=request.reason,
+                idle=_idle(request),
             )
         )
         log.info("deployed", extra={"deployment": deployment.id, "environment": move.environment.id, "actor": principal.actor})
@@ -199,6 +206,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
                 confirm=request.confirm,
                 reason=request.reason,
                 skip_gate=request.skip_gate,
+                idle=_idle(request),
             )
         )
         log.info("promoted", extra={"deployment": move.deployment.id, "environment": move.environment.id, "sequence": move.entry.sequence})

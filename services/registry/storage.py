@@ -93,6 +93,9 @@ class BindingRow(Base):
     max_replicas: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(20), default="active")
     revision: Mapped[int] = mapped_column(Integer, default=0)
+    # The paused tier in seconds; 0 = the scheduler's default.
+    idle_pause_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    idle_stop_seconds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -100,7 +100,7 @@ SCHEMAS: dict[str, Any] = {
     }),
     "Replica": obj({
         "id": STRING, "name": STRING, "index": INTEGER,
-        "state": {"type": "string", "description": "pending | starting | ready | unhealthy | stopping | exited | failed"},
+        "state": {"type": "string", "description": "pending | starting | ready | unhealthy | stopping | exited | failed | paused"},
         "started_at": TIME, "restarts": INTEGER, "address": STRING,
         "node": {"type": "string", "description": "the cluster node it runs on (swarm runtime); "
                  "empty on one engine"},

@@ -66,10 +66,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds the load must stay lower before replicas are removed (env BERTH_SCALE_DOWN_WINDOW)",
     )
     parser.add_argument(
+        "--idle-stop",
         "--idle-window",
+        dest="idle_window",
         type=float,
-        default=float(env("BERTH_IDLE_WINDOW", "60")),
-        help="seconds without requests before a min-0 binding scales to zero (env BERTH_IDLE_WINDOW)",
+        default=float(env("BERTH_IDLE_STOP", env("BERTH_IDLE_WINDOW", "900"))),
+        help="seconds without requests before a min-0 binding's replicas are stopped (scaled to zero); a "
+             "binding's own --idle-stop wins (env BERTH_IDLE_STOP; --idle-window/BERTH_IDLE_WINDOW: former names)",
+    )
+    parser.add_argument(
+        "--idle-pause",
+        type=float,
+        default=float(env("BERTH_IDLE_PAUSE", "60")),
+        help="seconds without requests (none in flight on any router) before a min-0 binding's replicas are "
+             "paused (docker pause: memory kept, no CPU, resumed in milliseconds by the next request); 0, or not "
+             "below the stop window, disables pausing; a binding's own --idle-pause wins; local runtime only "
+             "(Swarm stops after it instead) (env BERTH_IDLE_PAUSE)",
+    )
+    parser.add_argument(
+        "--pause-memory-floor",
+        type=float,
+        default=float(env("BERTH_PAUSE_MEMORY_FLOOR", "256")),
+        help="MiB of available host memory below which paused replicas are stopped at once; 0 never "
+             "(env BERTH_PAUSE_MEMORY_FLOOR)",
     )
     parser.add_argument(
         "--stop-grace", type=float, default=float(env("BERTH_STOP_GRACE", "10")), help="seconds after SIGTERM"
@@ -149,7 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("target_concurrency", "reconcile_interval", "pull_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("scale_down_window", "idle_window", "stop_grace", "drain_delay", "keep_warm", "restart_backoff"):
+    for name in ("scale_down_window", "idle_window", "idle_pause", "pause_memory_floor", "stop_grace", "drain_delay", "keep_warm", "restart_backoff"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} cannot be negative")
     if args.engine_workers < 1:
@@ -183,6 +202,8 @@ async def serve(args: argparse.Namespace) -> None:
         target_concurrency=args.target_concurrency,
         scale_down_window=args.scale_down_window,
         idle_window=args.idle_window,
+        idle_pause=args.idle_pause,
+        pause_memory_floor=int(args.pause_memory_floor * 1024 * 1024),
     )
     events = EventStore(args.data_dir, url=args.database_url)
     elector = LeaderElector(lease_store(events.engine, args.instance), identity=args.instance_name,

@@ -28,7 +28,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .plan import BindingKey
 
@@ -124,13 +124,14 @@ class LoadTracker:
     def activate(self, key: BindingKey) -> None:
         self._activated[key] = self.now()
 
-    def decide(self, key: BindingKey, bounds: Bounds, current: int) -> int:
+    def decide(self, key: BindingKey, bounds: Bounds, current: int, *, idle_window: float | None = None) -> int:
+        """``idle_window``: this binding's own idle window, if not the policy's."""
         return decide(
             bounds=bounds,
             current=current,
             samples=tuple(self._samples.get(key, ())),
             now=self.now(),
             observing_since=self.observing_since,
-            policy=self.policy,
+            policy=self.policy if idle_window is None else replace(self.policy, idle_window=idle_window),
             activated_at=self._activated.get(key),
         )

@@ -6,7 +6,7 @@ registry cannot starve container operations. Docker errors are translated
 here, once, into the scheduler's own exceptions below.
 
 Fencing: with a ``fence`` (the scheduler's lease, ``lease.py``) every engine
-write — create, start, stop, remove, pull — first asks
+write — create, start, stop, remove, pause, unpause, pull — first asks
 ``fence.ensure_leading()``, in the worker thread right before the SDK call,
 and a scheduler that lost its lease gets ``LeaseLost`` instead of touching
 the engine; every container created carries the fence's epoch as the
@@ -236,18 +236,68 @@ class DockerAdapter:
 
         return await self._run(run_)
 
-    async def stop(self, container_id: str, *, grace: float = 10.0) -> None:
+    def _thaw(self, container_id: str) -> None:
+        """A paused container gets no signal until thawed: unpaused before
+        a stop, so SIGTERM is handled within the grace period."""
+        try:
+            self._client.api.unpause(container_id)
+        except docker.errors.APIError:
+            pass  # not paused (or gone): the stop decides
+
+    async def stop(self, container_id: str, *, grace: float = 10.0, paused: bool = False) -> None:
         """Stops (SIGTERM, then ``grace`` seconds) without removing: the
-        exited container stays as the record of what happened to it."""
+        exited container stays as the record of what happened to it.
+        ``paused``: it was last seen paused (thawed first)."""
 
         def stop_() -> None:
             self._fenced()
+            if paused:
+                self._thaw(container_id)
             try:
                 self._client.api.stop(container_id, timeout=int(max(grace, 0)))
             except docker.errors.NotFound:
                 return
 
         await self._run(stop_)
+
+    async def pause(self, container_id: str) -> None:
+        """Freezes a running container (``docker pause``: the cgroup
+        freezer; its memory stays, it gets no CPU). Fenced."""
+
+        def pause_() -> None:
+            self._fenced()
+            self._client.api.pause(container_id)
+
+        await self._run(pause_)
+
+    async def unpause(self, container_id: str) -> None:
+        """Thaws a paused container. One that is not paused (thawed
+        meanwhile) counts as done. Fenced."""
+
+        def unpause_() -> None:
+            self._fenced()
+            try:
+                self._client.api.unpause(container_id)
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409 or "is not paused" in _explanation(exc):
+                    return
+                raise
+
+        await self._run(unpause_)
+
+    def memory_available(self) -> int | None:
+        """Bytes of memory available on this host (``MemAvailable`` of
+        /proc/meminfo), None when unknown. The local runtime's engine runs
+        on this host; the paused tier stops paused replicas when this falls
+        below its floor."""
+        try:
+            with open("/proc/meminfo", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            return None
+        return None
 
     async def host_resources(self) -> HostResources:
         """What the engine's host has (``docker info`` NCPU and MemTotal)."""
@@ -258,12 +308,15 @@ class DockerAdapter:
 
         return await self._run(info)
 
-    async def remove(self, container_id: str, *, grace: float = 10.0) -> None:
+    async def remove(self, container_id: str, *, grace: float = 10.0, paused: bool = False) -> None:
         """Stops (SIGTERM, then ``grace`` seconds) and removes. A container
-        that is already gone counts as removed."""
+        that is already gone counts as removed. ``paused``: it was last seen
+        paused (thawed first, so it gets its SIGTERM)."""
 
         def remove_() -> None:
             self._fenced()
+            if paused:
+                self._thaw(container_id)
             try:
                 self._client.api.stop(container_id, timeout=int(max(grace, 0)))
             except docker.errors.NotFound:

@@ -20,7 +20,17 @@ Rules (per binding, per replica index):
 - duplicates at one index (e.g. left by a crash mid-replace) keep the best one;
 - containers of bindings absent from the desired table are removed, but only
   once the desired table holds a complete snapshot; before that nothing is
-  ever removed.
+  ever removed;
+- the paused tier (``DesiredReplicas.rest``): a binding told to ``PAUSE``
+  (idle past its pause window, no request in flight) gets its kept replica
+  at each wanted index paused once that replica is current, running and
+  ready (never one still starting, never a stale one being replaced); a
+  binding told to ``WAKE`` (load or an activation) gets every paused
+  replica at a wanted index unpaused; ``KEEP`` (nothing known yet, e.g.
+  just after a restart) leaves running ones running and paused ones paused.
+  A paused replica is a live replica of its slot, never a crash. Stopping
+  a paused binding is a scale-down (its count goes to 0 after the stop
+  window, or when the host runs short of memory).
 A converged state yields an empty plan (idempotence).
 """
 from __future__ import annotations
@@ -66,6 +76,22 @@ class RemoveReason(str, Enum):
     DUPLICATE = "duplicate"
 
 
+class Rest(str, Enum):
+    """What the paused tier wants of a binding's replicas."""
+
+    KEEP = "keep"  # leave running ones running and paused ones paused
+    PAUSE = "pause"  # idle past the pause window: freeze the ready ones
+    WAKE = "wake"  # load or an activation: unpause the paused ones
+
+
+class PauseReason(str, Enum):
+    IDLE = "idle"  # no request in flight and none completed for the pause window
+
+
+class UnpauseReason(str, Enum):
+    ACTIVE = "active"  # load or an activation since it was paused
+
+
 class CreateReason(str, Enum):
     MISSING = "missing"
     REPLACE = "replace"
@@ -79,6 +105,7 @@ class DesiredReplicas:
     # None: the spec cannot be resolved right now (image pull failed, secrets
     # unavailable): keep what runs, create nothing.
     spec_hash: str | None
+    rest: Rest = Rest.KEEP
 
 
 @dataclass(frozen=True)
@@ -118,15 +145,35 @@ class Remove:
 
 
 @dataclass(frozen=True)
+class Pause:
+    container_id: str
+    name: str
+    key: BindingKey
+    index: int
+    reason: PauseReason
+
+
+@dataclass(frozen=True)
+class Unpause:
+    container_id: str
+    name: str
+    key: BindingKey
+    index: int
+    reason: UnpauseReason
+
+
+@dataclass(frozen=True)
 class Plan:
     creates: tuple[Create, ...] = ()
     removes: tuple[Remove, ...] = ()
     # Slots held back by the restart backoff (reported, not acted on).
     deferred: tuple[SlotKey, ...] = field(default=())
+    pauses: tuple[Pause, ...] = ()
+    unpauses: tuple[Unpause, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.creates and not self.removes
+        return not self.creates and not self.removes and not self.pauses and not self.unpauses
 
 
 def plan(
@@ -149,6 +196,8 @@ def plan(
     creates: list[Create] = []
     removes: list[Remove] = []
     deferred: list[SlotKey] = []
+    pauses: list[Pause] = []
+    unpauses: list[Unpause] = []
 
     for key in sorted(set(wanted) | set(by_key)):
         replicas = by_key.get(key, [])
@@ -169,12 +218,40 @@ def plan(
             removes.extend(slot_removes)
             if blocked:
                 deferred.append((key[0], key[1], index))
+            removed = {r.container_id for r in slot_removes}
+            slot_pause, slot_unpause = _rest_slot(want, [r for r in here if r.container_id not in removed])
+            pauses.extend(slot_pause)
+            unpauses.extend(slot_unpause)
 
     if not snapshot_complete:
         removes = []  # nothing is removed before the desired table is whole
     removes.sort(key=lambda r: (r.key, -r.index, r.container_id))
     creates.sort(key=lambda c: (c.key, c.index))
-    return Plan(creates=tuple(creates), removes=tuple(removes), deferred=tuple(deferred))
+    return Plan(
+        creates=tuple(creates), removes=tuple(removes), deferred=tuple(deferred),
+        pauses=tuple(pauses), unpauses=tuple(unpauses),
+    )
+
+
+def _rest_slot(want: DesiredReplicas, kept: list[ObservedReplica]) -> tuple[list[Pause], list[Unpause]]:
+    """The paused tier at one wanted slot (``kept``: its replicas the plan
+    does not remove)."""
+    if want.rest is Rest.WAKE:
+        return [], [
+            Unpause(r.container_id, r.name, r.key, r.index, UnpauseReason.ACTIVE)
+            for r in kept if r.status is ContainerStatus.PAUSED
+        ]
+    if want.rest is Rest.PAUSE:
+        live = [r for r in kept if r.status in LIVE]
+        # Only a slot whose every live replica is current (or whose spec
+        # cannot be resolved now: what runs is kept as it is): a replacement
+        # in progress finishes first (the stale one goes once the new one is ready).
+        if live and all(want.spec_hash is None or r.spec_hash == want.spec_hash for r in live):
+            return [
+                Pause(r.container_id, r.name, r.key, r.index, PauseReason.IDLE)
+                for r in live if r.status is ContainerStatus.RUNNING and r.ready
+            ], []
+    return [], []
 
 
 def _converge_slot(

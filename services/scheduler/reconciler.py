@@ -24,6 +24,7 @@ higher epoch than its own stops there and deposes this scheduler.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -48,10 +49,13 @@ from .plan import (
     Create,
     DesiredReplicas,
     ObservedReplica,
+    Pause,
     Plan,
     Remove,
     RemoveReason,
+    Rest,
     SlotKey,
+    Unpause,
     plan,
 )
 from .probes import probe_http
@@ -166,8 +170,24 @@ def restart_delay(crashes: int, base: float, cap: float) -> float:
     return min(cap, base * 2 ** (crashes - 1))
 
 
+# A replica thawed by the paused tier gets this long to answer again before
+# it is left to the regular probes (which replace it if it never does).
+RESUME_TIMEOUT = 5.0
+
+
 class Reconciler(ScalingRuntime):
-    """The ``local`` runtime: replicas as containers on one Docker engine."""
+    """The ``local`` runtime: replicas as containers on one Docker engine.
+
+    The paused tier: an idle min-0 binding's replicas are paused (out of the
+    routers' pool first, then ``docker pause`` after the drain delay, unless
+    a request or an activation came meanwhile), unpaused on activity (at
+    once by ``resume_paused`` for an ``Activate``, else by the next pass),
+    and stopped after the stop window or when the host is short of memory
+    (``ScalingRuntime._decide``). A replica Docker reports ``paused`` is a
+    live replica of its slot (labels say whose), adopted as it is after a
+    restart."""
+
+    PAUSES = True
 
     def __init__(
         self,
@@ -205,6 +225,14 @@ class Reconciler(ScalingRuntime):
         self._host: da.HostResources | None = None
         self._host_checked = 0.0
         self._engine_down: str = ""
+        # The paused tier: one pause/unpause at a time per binding; replicas
+        # leaving the pool to be paused; when each replica was last thawed
+        # here (a listing begun before that still says "paused"); activity
+        # during a pause's drain cancels it.
+        self._rest_locks: dict[BindingKey, asyncio.Lock] = {}
+        self._pausing: set[str] = set()
+        self._thawed_at: dict[str, float] = {}
+        self._pause_cancel: dict[BindingKey, asyncio.Event] = {}
         table.on_change(self.wake)
 
     # -- loop ---------------------------------------------------------------
@@ -248,7 +276,9 @@ class Reconciler(ScalingRuntime):
         async with self._pass_lock:
             if self._fence is not None:
                 self._fence.ensure_leading()
+            listed_at = time.monotonic()
             observed = [c for c in await self._adapter.list_managed(self.config.instance) if _labels_ok(c.labels)]
+            observed = [self._as_thawed(c, listed_at) for c in observed]
             if self._fence is not None:
                 _check_epochs(observed, self._fence)
             if self._engine_down:
@@ -261,6 +291,9 @@ class Reconciler(ScalingRuntime):
                 del self._readiness[gone]
             self._draining &= live_ids
             self._noted_exits &= live_ids
+            self._pausing &= live_ids
+            self._thawed_at = {cid: t for cid, t in self._thawed_at.items() if cid in live_ids}
+            self._check_memory(observed)
 
             slots = self._slots
             self._desired = {binding_key(b): self._decide(b, slots.get(binding_key(b), 0)) for b in self._table.bindings()}
@@ -269,7 +302,10 @@ class Reconciler(ScalingRuntime):
             self._note_exits(observed, replicas)
             resolved = await self._resolve_specs()
             desired = [
-                DesiredReplicas(key=key, count=count, spec_hash=resolved[key].spec_hash if key in resolved else None)
+                DesiredReplicas(
+                    key=key, count=count, spec_hash=resolved[key].spec_hash if key in resolved else None,
+                    rest=self._rest_of(key),
+                )
                 for key, count in self._desired.items()
             ]
             result = plan(
@@ -287,10 +323,157 @@ class Reconciler(ScalingRuntime):
                     extra={
                         "creates": [f"{c.key[1]}/{c.key[0]}#{c.index} ({c.reason.value})" for c in result.creates],
                         "removes": [f"{r.name} ({r.reason.value})" for r in result.removes],
+                        "pauses": [f"{r.name} ({r.reason.value})" for r in result.pauses],
+                        "unpauses": [f"{r.name} ({r.reason.value})" for r in result.unpauses],
                     },
                 )
             await self._execute(result, resolved, {c.id: c for c in observed})
             return result
+
+    # -- paused tier ----------------------------------------------------------
+    def _rest_of(self, key: BindingKey) -> Rest:
+        b = self._table.get(key)
+        return Rest.WAKE if b is None else self._rest(b)
+
+    def _as_thawed(self, c: da.ContainerInfo, listed_at: float) -> da.ContainerInfo:
+        """A listing begun before this scheduler thawed a replica still says
+        "paused": it runs."""
+        thawed = self._thawed_at.get(c.id)
+        if c.status == ContainerStatus.PAUSED.value and thawed is not None and thawed >= listed_at:
+            return dataclasses.replace(c, status=ContainerStatus.RUNNING.value)
+        return c
+
+    def _check_memory(self, observed: Sequence[da.ContainerInfo]) -> None:
+        """Whether the host needs the memory paused replicas hold (checked
+        only while some replica is paused)."""
+        floor = self.config.pause_memory_floor
+        if floor <= 0 or not any(c.status == ContainerStatus.PAUSED.value for c in observed):
+            self._memory_low = False
+            return
+        available = self._adapter.memory_available()
+        low = available is not None and available < floor
+        if low and not self._memory_low:
+            log.warning("memory_low_stopping_paused", extra={"available": available, "floor": floor})
+        self._memory_low = low
+
+    def _rest_lock(self, key: BindingKey) -> asyncio.Lock:
+        lock = self._rest_locks.get(key)
+        if lock is None:
+            lock = self._rest_locks[key] = asyncio.Lock()
+        return lock
+
+    def _set_observed(self, c: da.ContainerInfo, status: ContainerStatus) -> None:
+        self._observed = [
+            dataclasses.replace(o, status=status.value) if o.id == c.id else o for o in self._observed
+        ]
+
+    def activate(self, key: BindingKey) -> None:
+        super().activate(key)
+        cancel = self._pause_cancel.get(key)
+        if cancel is not None:
+            cancel.set()  # a pause draining now is called off
+
+    async def resume_paused(self, key: BindingKey) -> bool:
+        """``Activate``'s fast path: thaws the binding's paused replicas at
+        once (not at the next pass) and returns when one answers its probe
+        again and is back in the routers' pool; False when none was paused
+        (or none answered)."""
+        if not any(_key_of(c) == key and c.status == ContainerStatus.PAUSED.value for c in self._observed):
+            return False
+        async with self._rest_lock(key):
+            paused = [c for c in self._observed if _key_of(c) == key and c.status == ContainerStatus.PAUSED.value]
+            if not paused:
+                return any(
+                    _key_of(c) == key and self._readiness.get(c.id, _Readiness()).ready for c in self._observed
+                )
+            results = await asyncio.gather(*(self._thaw(c, "activation") for c in paused))
+            return any(results)
+
+    async def _pause(self, p: Pause, c: da.ContainerInfo | None) -> None:
+        """Out of the pool, the drain delay (called off by activity), then
+        frozen."""
+        if c is None:
+            return
+        async with self._rest_lock(p.key):
+            cancel = self._pause_cancel[p.key] = asyncio.Event()
+            try:
+                self._pausing.add(c.id)
+                self._publish_endpoints()
+                if self.config.drain_delay > 0:
+                    try:
+                        async with asyncio.timeout(self.config.drain_delay):
+                            await cancel.wait()
+                    except TimeoutError:
+                        pass
+                b = self._table.get(p.key)
+                if cancel.is_set() or b is None or self._rest(b) is not Rest.PAUSE:
+                    log.info("pause_called_off", extra={"container": c.name})
+                    return
+                try:
+                    await self._adapter.pause(c.id)
+                except LeaseLost:
+                    return
+                except da.ContainerGone:
+                    return
+                except da.EngineError as exc:
+                    log.warning("pause_failed", extra={"container": c.name, "error": exc.message})
+                    return
+                self._thawed_at.pop(c.id, None)
+                self._set_observed(c, ContainerStatus.PAUSED)
+                state = self._readiness.setdefault(c.id, _Readiness())
+                state.ready = False
+                log.info("paused", extra={"container": c.name, "reason": p.reason.value})
+            finally:
+                self._pausing.discard(c.id)
+                if self._pause_cancel.get(p.key) is cancel:
+                    del self._pause_cancel[p.key]
+                self._publish_endpoints()
+
+    async def _unpause(self, u: Unpause, c: da.ContainerInfo | None) -> None:
+        if c is None:
+            return
+        async with self._rest_lock(u.key):
+            current = next((o for o in self._observed if o.id == c.id), c)
+            if current.status != ContainerStatus.PAUSED.value:
+                return  # thawed meanwhile (``resume_paused``)
+            await self._thaw(current, u.reason.value)
+
+    async def _thaw(self, c: da.ContainerInfo, reason: str) -> bool:
+        """Unpauses (fenced) and probes until it answers (bounded by
+        ``RESUME_TIMEOUT``): it was ready when paused, so no startup probe,
+        but it is routed again only once it answers. Call with the
+        binding's rest lock held."""
+        try:
+            await self._adapter.unpause(c.id)
+        except (LeaseLost, da.ContainerGone):
+            return False
+        except da.EngineError as exc:
+            log.warning("unpause_failed", extra={"container": c.name, "error": exc.message})
+            return False
+        self._thawed_at[c.id] = time.monotonic()
+        self._set_observed(c, ContainerStatus.RUNNING)
+        port = int(c.labels.get(specs.PORT_LABEL) or specs.DEFAULT_PORT)
+        path = c.labels.get(specs.HEALTH_PATH_LABEL) or "/"
+        deadline = time.monotonic() + RESUME_TIMEOUT
+        state = self._readiness.setdefault(c.id, _Readiness())
+        while True:
+            result = await probe_http(c.ip, port, path, timeout=self.config.probe_timeout)
+            if result.ok:
+                state.ready = state.ever_ready = True
+                state.failures = 0
+                state.message = result.message
+                log.info("unpaused", extra={"container": c.name, "reason": reason})
+                self._publish_endpoints()
+                return True
+            state.message = result.message
+            if time.monotonic() >= deadline:
+                # Left to the regular probes: ever ready, so failures count
+                # and a replica that never answers is replaced.
+                state.ever_ready = True
+                log.warning("unpaused_not_answering", extra={"container": c.name, "error": result.message})
+                self.wake()
+                return False
+            await asyncio.sleep(self.config.fast_probe_interval / 4)
 
     def _observed_replica(self, c: da.ContainerInfo) -> ObservedReplica:
         status = ContainerStatus.parse(c.status)
@@ -403,7 +586,7 @@ class Reconciler(ScalingRuntime):
             key = _key_of(c)
             by_key[key].append(c)
             project_of.setdefault(key, c.labels.get(da.PROJECT_LABEL, ""))
-            if c.status != ContainerStatus.RUNNING.value or c.id in self._draining:
+            if c.status != ContainerStatus.RUNNING.value or c.id in self._draining or c.id in self._pausing:
                 continue
             if not self._readiness.get(c.id, _Readiness()).ready:
                 continue
@@ -575,15 +758,18 @@ class Reconciler(ScalingRuntime):
             await asyncio.gather(*(self._remove(r, observed.get(r.container_id)) for r in p.removes))
 
         creates = [self._create(c, resolved[c.key]) for c in p.creates if c.key in resolved]
-        await asyncio.gather(removes(), *creates)
+        rest = [self._pause(x, observed.get(x.container_id)) for x in p.pauses]
+        rest += [self._unpause(x, observed.get(x.container_id)) for x in p.unpauses]
+        await asyncio.gather(removes(), *creates, *rest)
 
     async def _remove(self, r: Remove, info: da.ContainerInfo | None) -> None:
         probe = self._startup_probes.pop(r.container_id, None)
         if probe is not None:
             probe.cancel()
         grace = 0.0 if r.reason in (RemoveReason.EXITED, RemoveReason.NEVER_STARTED) else self.config.stop_grace
+        paused = info is not None and info.status == ContainerStatus.PAUSED.value
         try:
-            await self._adapter.remove(r.container_id, grace=grace)
+            await self._adapter.remove(r.container_id, grace=grace, paused=paused)
         except da.ContainerGone:
             pass  # vanished meanwhile: done
         except da.EngineError as exc:
@@ -741,7 +927,7 @@ class Reconciler(ScalingRuntime):
         if status is ContainerStatus.CREATED:
             return ReplicaState.PENDING
         if status is ContainerStatus.RUNNING:
-            if c.id in self._draining:
+            if c.id in self._draining or c.id in self._pausing:
                 return ReplicaState.STOPPING
             if readiness.ready:
                 return ReplicaState.READY
@@ -749,7 +935,7 @@ class Reconciler(ScalingRuntime):
         if status in (ContainerStatus.RESTARTING,):
             return ReplicaState.STARTING
         if status is ContainerStatus.PAUSED:
-            return ReplicaState.UNHEALTHY
+            return ReplicaState.PAUSED
         if c.oom_killed or c.error or _int_label(c.labels, da.CRASHES_LABEL) + 1 >= self.config.crash_loop_after:
             return ReplicaState.FAILED
         return ReplicaState.EXITED

@@ -29,7 +29,7 @@ from berth.v1 import common_pb2
 from .autoscale import Bounds, LoadTracker, ScalePolicy
 from .desired import DesiredTable, binding_key, is_terminated
 from .events import EventKind
-from .plan import BindingKey
+from .plan import BindingKey, Rest
 
 # A router (process) silent for this long no longer counts in the in-flight
 # load: it stopped, or restarted under another reporter name.
@@ -60,7 +60,18 @@ class SchedulerConfig:
     pull_retry_max: float = 300.0
     target_concurrency: float = 10.0
     scale_down_window: float = 30.0
-    idle_window: float = 60.0
+    # The paused tier (scheduler-wide defaults; a binding's own
+    # ``idle_pause_seconds``/``idle_stop_seconds`` win). A min-0 binding with
+    # no request in flight and none completed for ``idle_pause`` seconds has
+    # its replicas paused (``docker pause``: memory kept, no CPU), and they
+    # are stopped after ``idle_window`` seconds idle (the stop window,
+    # ``--idle-stop``) or as soon as the host's available memory falls below
+    # ``pause_memory_floor`` bytes. ``idle_pause`` 0, or not below the stop
+    # window, means no pausing (a runtime that cannot pause, Swarm, stops
+    # after the pause window instead).
+    idle_window: float = 900.0
+    idle_pause: float = 60.0
+    pause_memory_floor: int = 256 * 1024 * 1024
     # Warm rollback: a binding that stopped serving keeps its minimum this
     # long (from its last change), so rolling back to it is a pure pointer
     # move; afterwards its minimum counts as 0 and it scales to zero when idle.
@@ -76,6 +87,7 @@ class ReplicaState(str, Enum):
     EXITED = "exited"
     FAILED = "failed"
     STOPPING = "stopping"  # out of the pool, being stopped
+    PAUSED = "paused"  # frozen by the paused tier (memory kept, no CPU); out of the pool
 
 
 class BindingState(str, Enum):
@@ -174,6 +186,8 @@ class Runtime(Protocol):
 
     def activate(self, key: BindingKey) -> None: ...
 
+    async def resume_paused(self, key: BindingKey) -> bool: ...
+
     async def status(self, deployment_id: str) -> list[BindingView]: ...
 
     def binding_status(self, key: BindingKey) -> BindingState | None: ...
@@ -192,6 +206,10 @@ def binding_state(
     ready = len({r.index for r in replicas if r.state is ReplicaState.READY})
     if want == 0:
         return BindingState.RUNNING if live and ready else BindingState.SCALED_TO_ZERO
+    if not live and not ready and any(r.state is ReplicaState.PAUSED for r in replicas):
+        # Every replica it keeps is paused: present, resumed on the next
+        # request (``scaled_to_zero`` stays the word for stopped replicas).
+        return BindingState.RUNNING
     if ready >= max(1, b.min_replicas):
         return BindingState.RUNNING  # at least min ready (autoscaling may be adding more)
     if problem in (EventKind.IMAGE_PULL_ERROR, EventKind.SCHEDULING_FAILURE):
@@ -225,6 +243,16 @@ class ScalingRuntime:
         self.endpoints = EndpointBroadcast()
         self._wake = asyncio.Event()
         self._desired: dict[BindingKey, int] = {}
+        # The paused tier: when each binding last had a request in flight
+        # (summed over the reporters), one completed, or an activation (the
+        # tracker's clock); and whether the host is short of memory (set by
+        # a runtime that pauses, each pass).
+        self._busy_at: dict[BindingKey, float] = {}
+        self._memory_low = False
+
+    # A runtime that can pause replicas (the local one: ``docker pause``).
+    # One that cannot (Swarm) stops an idle binding after the pause window.
+    PAUSES = False
 
     @property
     def _slots(self) -> dict[BindingKey, int]:
@@ -266,6 +294,12 @@ class ScalingRuntime:
             key = binding_key(b)
             full[key] = (in_flight.get(key, 0), loads[key][1] if key in loads else 0)
         self.load.report(full)
+        busy_now = self.load.now()
+        for key, (flying, completed) in full.items():
+            if flying > 0 or completed > 0:
+                self._busy_at[key] = busy_now
+        for key in [k for k in self._busy_at if k not in full]:
+            del self._busy_at[key]  # no longer in the table
         slots = self._slots
         for b in self._table.bindings():
             key = binding_key(b)
@@ -278,13 +312,64 @@ class ScalingRuntime:
     def activate(self, key: BindingKey) -> None:
         """A request is waiting for this binding: at least one replica now."""
         self.load.activate(key)
+        self._busy_at[key] = self.load.now()
         self.wake()
+
+    async def resume_paused(self, key: BindingKey) -> bool:
+        """Unpauses the binding's paused replicas now and returns once one
+        answers (True), for ``Activate``; False when it had none paused (or
+        this runtime cannot pause)."""
+        return False
 
     def _decide(self, b: common_pb2.Binding, slots: int) -> int:
         if is_terminated(b):
             return 0
         minimum = 0 if self._cooled(b) else b.min_replicas
-        return self.load.decide(binding_key(b), Bounds(minimum, b.max_replicas), slots)
+        key = binding_key(b)
+        pause_after, stop_after = self._idle_windows(b)
+        want = self.load.decide(key, Bounds(minimum, b.max_replicas), slots, idle_window=stop_after)
+        if minimum > 0:
+            return want
+        idle = self._idle_for(key)
+        if want == 0 and slots > 0 and idle < stop_after and b.max_replicas > 0:
+            want = 1  # busy within the stop window (beyond the tracker's samples): kept, maybe paused
+        if want > 0 and pause_after is not None and self._memory_low and idle >= pause_after:
+            want = 0  # paused, and the host needs the memory: stopped now
+        return want
+
+    def _idle_windows(self, b: common_pb2.Binding) -> tuple[float | None, float]:
+        """(pause window or None when this binding is not paused, stop
+        window) in seconds: the binding's own, else the scheduler's."""
+        pause = float(getattr(b, "idle_pause_seconds", 0) or self.config.idle_pause)
+        stop = float(getattr(b, "idle_stop_seconds", 0) or self.config.idle_window)
+        pausing = 0 < pause < stop
+        if not pausing:
+            return None, stop
+        if not self.PAUSES:
+            return None, pause  # cannot pause here: stopped when it would be paused
+        return pause, stop
+
+    def _idle_for(self, key: BindingKey) -> float:
+        """Seconds since the binding was last busy, counted from this
+        process's start at most (what happened before it is unknown)."""
+        since = max(self._busy_at.get(key, self.load.observing_since), self.load.observing_since)
+        return self.load.now() - since
+
+    def _rest(self, b: common_pb2.Binding) -> Rest:
+        """The paused tier's wish for a live binding: ``PAUSE`` once it has
+        been idle (nothing in flight on any router, nothing completed, no
+        activation) for its whole pause window, ``WAKE`` after activity
+        since this process started or when it is not to be paused at all,
+        else ``KEEP`` (just after a restart: paused ones stay paused)."""
+        pause_after, _ = self._idle_windows(b)
+        if pause_after is None or is_terminated(b) or (b.min_replicas > 0 and not self._cooled(b)):
+            return Rest.WAKE
+        key = binding_key(b)
+        if self._idle_for(key) >= pause_after:
+            return Rest.PAUSE
+        if key in self._busy_at and self._busy_at[key] >= self.load.observing_since:
+            return Rest.WAKE
+        return Rest.KEEP
 
     def _cooled(self, b: common_pb2.Binding) -> bool:
         """Not serving, and past the keep-warm window since its last change."""

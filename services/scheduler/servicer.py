@@ -376,6 +376,9 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
         if is_terminated(binding):
             return scheduler_internal_pb2.ActivateResponse(status="terminated")  # `berth deployment start` first
         self._reconciler.activate(key)
+        if await self._reconciler.resume_paused(key):
+            # A paused replica was thawed and answers again: routed now.
+            return scheduler_internal_pb2.ActivateResponse(status="running")
         state = self._reconciler.binding_status(key)
         if state is None or state.value == "scaled_to_zero":
             return scheduler_internal_pb2.ActivateResponse(status="deploying")

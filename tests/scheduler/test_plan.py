@@ -210,3 +210,98 @@ def test_plan_is_idempotent_after_applying_it():
     assert second.creates == ()
     assert plan(desired, state, snapshot_complete=True).empty
     assert sorted((o.index, o.spec_hash) for o in state) == [(0, H2), (1, H2)]
+
+
+# -- the paused tier (DesiredReplicas.rest) ------------------------------------
+from services.scheduler.plan import PauseReason, Rest, UnpauseReason  # noqa: E402
+
+PAUSED = ContainerStatus.PAUSED
+
+
+def paused(p):
+    return [(x.container_id, x.reason) for x in p.pauses]
+
+
+def unpaused(p):
+    return [(x.container_id, x.reason) for x in p.unpauses]
+
+
+REST_CASES = [
+    pytest.param(
+        DesiredReplicas(A, 1, H1, Rest.PAUSE), [rep(A, 0)],
+        [("env-a-dep-1-0-g0", PauseReason.IDLE)], [], [], [],
+        id="idle-pauses-the-ready-replica",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 2, H1, Rest.PAUSE), [rep(A, 0), rep(A, 1, ready=False)],
+        [("env-a-dep-1-0-g0", PauseReason.IDLE)], [], [], [],
+        id="idle-never-pauses-one-still-starting",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, H1, Rest.PAUSE), [rep(A, 0, status=PAUSED, ready=False)],
+        [], [], [], [],
+        id="paused-and-idle-is-converged",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, H1, Rest.WAKE), [rep(A, 0, status=PAUSED, ready=False)],
+        [], [("env-a-dep-1-0-g0", UnpauseReason.ACTIVE)], [], [],
+        id="activity-unpauses",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, H1, Rest.KEEP), [rep(A, 0, status=PAUSED, ready=False)],
+        [], [], [], [],
+        id="adopted-paused-stays-paused-until-known",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, H1, Rest.KEEP), [rep(A, 0)],
+        [], [], [], [],
+        id="adopted-running-stays-running-until-known",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 0, H1, Rest.PAUSE), [rep(A, 0, status=PAUSED, ready=False)],
+        [], [], [], [("env-a-dep-1-0-g0", RemoveReason.SCALE_DOWN)],
+        id="stop-window-removes-the-paused-replica",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, H1, Rest.PAUSE), [rep(A, 0, status=PAUSED, ready=False)],
+        [], [], [], [],
+        id="paused-is-a-live-replica-not-a-crash",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, H2, Rest.PAUSE), [rep(A, 0)],
+        [], [], [(A, 0, 1, CreateReason.REPLACE)], [],
+        id="stale-replica-is-replaced-not-paused",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, H2, Rest.PAUSE), [rep(A, 0, h=H1, status=PAUSED, ready=False), rep(A, 0, h=H2, gen=1)],
+        [("env-a-dep-1-0-g1", PauseReason.IDLE)], [], [], [("env-a-dep-1-0-g0", RemoveReason.REPLACED)],
+        id="replacement-ready-stale-paused-removed-new-one-paused",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, None, Rest.PAUSE), [rep(A, 0)],
+        [("env-a-dep-1-0-g0", PauseReason.IDLE)], [], [], [],
+        id="unresolvable-spec-still-pauses-what-runs",
+    ),
+    pytest.param(
+        DesiredReplicas(A, 1, H1, Rest.WAKE), [rep(A, 0, status=PAUSED, ready=False), rep(A, 1, status=PAUSED)],
+        [], [("env-a-dep-1-0-g0", UnpauseReason.ACTIVE)], [], [("env-a-dep-1-1-g0", RemoveReason.SCALE_DOWN)],
+        id="wake-unpauses-wanted-indexes-only",
+    ),
+]
+
+
+@pytest.mark.parametrize(("want", "observed", "pauses", "unpauses", "creates", "removes"), REST_CASES)
+def test_paused_tier(want, observed, pauses, unpauses, creates, removes):
+    p = plan([want], observed, snapshot_complete=True)
+    assert paused(p) == pauses
+    assert unpaused(p) == unpauses
+    assert created(p) == creates
+    assert removed(p) == removes
+    again = plan([want], observed, snapshot_complete=True)
+    assert again == p  # pure: the same inputs give the same plan
+
+
+def test_paused_tier_plan_is_not_empty_with_only_a_pause():
+    p = plan([DesiredReplicas(A, 1, H1, Rest.PAUSE)], [rep(A, 0)], snapshot_complete=True)
+    assert not p.empty
+    assert p.creates == () and p.removes == ()
