@@ -1354,22 +1354,15 @@ def completion(shell: str) -> None:
 
 
 def run_json(r: registry_pb2.ExperimentRun) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": r.id, "name": r.name, "deployment_id": r.deployment_id, "dataset_digest": r.dataset_digest,
-        "total": r.total, "passed": r.passed, "pass_rate": r.pass_rate,
-        "latency_p50_ms": r.latency_p50_ms, "latency_p99_ms": r.latency_p99_ms,
-        "actor": r.actor, "created_at": timestamp(r, "created_at"),
-    }
-    if r.cases:
-        data["cases"] = [{"name": c.name, "passed": c.passed, "status": c.status, "latency_ms": c.latency_ms,
-                          "reason": c.reason} for c in r.cases]
-    return data
+    from berth.experiments import run_json as shape
+
+    return shape(r)
 
 
 def gate_json(g: registry_pb2.EnvironmentGate) -> dict[str, Any]:
-    return {"environment": g.environment_name, "environment_id": g.environment_id, "experiment": g.experiment,
-            "threshold": g.threshold, "dataset_digest": g.dataset_digest, "actor": g.actor,
-            "updated_at": timestamp(g, "updated_at")}
+    from berth.experiments import gate_json as shape
+
+    return shape(g)
 
 
 @main.group()

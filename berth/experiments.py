@@ -28,6 +28,8 @@ from typing import Any
 import requests
 
 from berth import errors
+from berth.shapes import timestamp
+from berth.v1 import registry_pb2
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 CASE_KEYS = frozenset({"name", "request", "expect"})
@@ -311,3 +313,27 @@ def summary(outcomes: list[Outcome]) -> dict[str, float]:
     passed = sum(1 for o in outcomes if o.passed)
     return {"passed": passed, "total": len(outcomes), "pass_rate": passed / len(outcomes) if outcomes else 0.0,
             "latency_p50_ms": pct(50), "latency_p99_ms": pct(99)}
+
+
+# ---------------------------------------------------------------- shapes (CLI JSON and REST)
+
+
+def run_json(r: registry_pb2.ExperimentRun) -> dict[str, Any]:
+    """An experiment run as the CLI's JSON and the REST API show it (with
+    ``cases`` only when the run carries them)."""
+    data: dict[str, Any] = {
+        "id": r.id, "name": r.name, "deployment_id": r.deployment_id, "dataset_digest": r.dataset_digest,
+        "total": r.total, "passed": r.passed, "pass_rate": r.pass_rate,
+        "latency_p50_ms": r.latency_p50_ms, "latency_p99_ms": r.latency_p99_ms,
+        "actor": r.actor, "created_at": timestamp(r, "created_at"),
+    }
+    if r.cases:
+        data["cases"] = [{"name": c.name, "passed": c.passed, "status": c.status, "latency_ms": c.latency_ms,
+                          "reason": c.reason} for c in r.cases]
+    return data
+
+
+def gate_json(g: registry_pb2.EnvironmentGate) -> dict[str, Any]:
+    return {"environment": g.environment_name, "environment_id": g.environment_id, "experiment": g.experiment,
+            "threshold": g.threshold, "dataset_digest": g.dataset_digest, "actor": g.actor,
+            "updated_at": timestamp(g, "updated_at")}

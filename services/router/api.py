@@ -28,6 +28,7 @@ import asyncio
 import datetime
 import json
 import logging
+import math
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import grpc
 from google.protobuf.message import Message
 
 from berth.client import error_from_rpc
+from berth.experiments import gate_json, run_json
 from berth.shapes import (
     binding_json,
     deployment_json,
@@ -190,7 +192,7 @@ class Field:
     plain_text: bool = True  # strings: no control characters (ids, names)
 
     def schema(self) -> dict[str, Any]:
-        kind = {str: "string", int: "integer", bool: "boolean"}[self.type]
+        kind = {str: "string", int: "integer", bool: "boolean", float: "number"}[self.type]
         out: dict[str, Any] = {"type": kind}
         if self.description:
             out["description"] = self.description
@@ -281,6 +283,10 @@ def check_value(f: Field, value: Any) -> Any:
         if f.maximum is not None and value > f.maximum:
             raise bad(f.name, f"must be at most {f.maximum}, not {value}")
         return value
+    if f.type is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad(f.name, f"must be a number, not {_json_type(value)}")
+        return float(value)
     if not isinstance(value, str):
         raise bad(f.name, f"must be a string, not {_json_type(value)}")
     return check_text(f.name, value, required=f.required, plain=f.plain_text)
@@ -331,9 +337,12 @@ PROMOTE = Body((
     Field("max_replicas", int, minimum=0, maximum=MAX_REPLICAS),
     Field("scale_previous_to_zero", bool, description="scale the previously serving binding to zero", default=False),
     Field("confirm", bool, description="required to move a protected environment (production)", default=False),
-    Field("reason", str, description="recorded in the history"),
+    Field("reason", str, description="recorded in the history; required with skip_gate"),
     Field("expected_sequence", int, description="compare-and-swap: the environment's current sequence",
           minimum=0),
+    Field("skip_gate", bool, description="promote into a gated environment without a passing experiment run "
+          "(needs a reason, recorded in the history); without it a gated promotion lacking one is 412 naming "
+          "the gate and the run", default=False),
 ))
 ROLLBACK = Body((
     Field("environment_id", str, True, ENV_FIELD_DOC),
@@ -364,6 +373,12 @@ DELETE_ENVIRONMENT = Body((
           default=False),
 ))
 EMPTY = Body(())
+SET_GATE = Body((
+    Field("experiment", str, True, "the experiment whose run must pass"),
+    Field("threshold", float, True, "the lowest passing rate, above 0 and at most 1"),
+    Field("dataset_digest", str, description="sha256:... of the dataset the run must have used; absent: that of "
+          "the project's newest run of the experiment"),
+))
 PUT_SECRET = Body((
     Field("name", str, True, "secret name (an environment variable name)"),
     Field("type", str, True, "api_key | password | token | certificate | generic"),
@@ -785,6 +800,7 @@ class RestApi:
             deployment_id=b["source_deployment_id"], target_environment=b["target_environment_id"],
             min_replicas=b["min_replicas"], max_replicas=b["max_replicas"],  # None: unset, the registry's default
             scale_previous_to_zero=b["scale_previous_to_zero"], confirm=b["confirm"], reason=b["reason"] or "",
+            skip_gate=b["skip_gate"],
         )
         if b["expected_sequence"] is not None:
             request.expected_sequence = b["expected_sequence"]
@@ -907,6 +923,38 @@ class RestApi:
         return json_response(200, {"environment": call.params["id"], "entries": [entry_json(h) for h in found.entries],
                                    "next_page_token": found.next_page_token})
 
+    async def list_experiment_runs(self, call: Call) -> PlatformResponse:
+        request = registry_pb2.ListExperimentRunsRequest(
+            deployment_id=call.query.get("deployment_id", ""), name=call.query.get("name", ""), **page(call))
+        found = await self.rpc("registry", self.services.registry.ListExperimentRuns, request, call.api_key,
+                               retry=True)
+        return json_response(200, {"runs": [run_json(r) for r in found.runs],
+                                   "next_page_token": found.next_page_token})
+
+    async def get_experiment_run(self, call: Call) -> PlatformResponse:
+        request = registry_pb2.GetExperimentRunRequest(run_id=call.params["id"])
+        r = await self.rpc("registry", self.services.registry.GetExperimentRun, request, call.api_key, retry=True)
+        return json_response(200, run_json(r))
+
+    async def list_gates(self, call: Call) -> PlatformResponse:
+        found = await self.rpc("registry", self.services.registry.ListEnvironmentGates,
+                               registry_pb2.ListEnvironmentGatesRequest(), call.api_key, retry=True)
+        return json_response(200, {"gates": [gate_json(g) for g in found.gates]})
+
+    async def set_gate(self, call: Call) -> PlatformResponse:
+        b = SET_GATE.parse(call.body)
+        request = registry_pb2.SetEnvironmentGateRequest(
+            environment=call.params["id"], experiment=b["experiment"], threshold=b["threshold"],
+            dataset_digest=b["dataset_digest"] or "")
+        g = await self.rpc("registry", self.services.registry.SetEnvironmentGate, request, call.api_key)
+        return json_response(200, {"gate": gate_json(g)})
+
+    async def clear_gate(self, call: Call) -> PlatformResponse:
+        EMPTY.parse(call.body)
+        request = registry_pb2.ClearEnvironmentGateRequest(environment=call.params["id"])
+        found = await self.rpc("registry", self.services.registry.ClearEnvironmentGate, request, call.api_key)
+        return json_response(200, {"environment": call.params["id"], "cleared": found.cleared})
+
     async def list_secrets(self, call: Call) -> PlatformResponse:
         request = secrets_pb2.ListSecretsRequest(environment=call.query.get("environment_id", ""), **page(call))
         found = await self.rpc("secrets", self.services.secrets.ListSecrets, request, call.api_key, retry=True)
@@ -1010,6 +1058,21 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/environments/{id}/promotions", RestApi.promotions, "listPromotions",
               "Promotion history of an environment (" + ENV_FIELD_DOC + "), oldest first, one page at a time",
               query=PAGE_QUERY, response="History"),
+    Operation("GET", "/experiments/runs", RestApi.list_experiment_runs, "listExperimentRuns",
+              "Experiment runs of the project, newest first, one page at a time (without per-case results)",
+              query=(("deployment_id", "only runs of this deployment"), ("name", "only runs of this experiment"))
+              + PAGE_QUERY, response="ExperimentRunList"),
+    Operation("GET", "/experiments/runs/{id}", RestApi.get_experiment_run, "getExperimentRun",
+              "One experiment run with its per-case results", response="ExperimentRun"),
+    Operation("GET", "/gates", RestApi.list_gates, "listGates",
+              "The gates of the project's environments (promotions into them need a passing run)",
+              response="GateList"),
+    Operation("PUT", "/environments/{id}/gate", RestApi.set_gate, "setGate",
+              "Make promotions into an environment need a passing experiment run (replaces its gate); rollback "
+              "is not gated, a deploy straight into a gated environment is refused (412)", SET_GATE,
+              response="GateResult"),
+    Operation("DELETE", "/environments/{id}/gate", RestApi.clear_gate, "clearGate",
+              "Remove an environment's gate", EMPTY, response="GateCleared"),
     Operation("GET", "/secrets", RestApi.list_secrets, "listSecrets",
               "Secrets (never their values) by name, one page at a time; with environment_id, what that "
               "environment resolves",

@@ -192,6 +192,39 @@ SCHEMAS: dict[str, Any] = {
     "EnvironmentList": obj({"environments": array(ref("ServingEnvironment")), "next_page_token": PAGE_TOKEN}),
     "EnvironmentResult": obj({"environment": ref("Environment")}),
     "History": obj({"environment": STRING, "entries": array(ref("HistoryEntry")), "next_page_token": PAGE_TOKEN}),
+    "ExperimentRun": optional(obj({
+        "id": STRING,
+        "name": {"type": "string", "description": "the experiment's name"},
+        "deployment_id": STRING,
+        "dataset_digest": {"type": "string", "description": "sha256: of the canonical dataset"},
+        "total": INTEGER,
+        "passed": INTEGER,
+        "pass_rate": {"type": "number", "description": "passed / total"},
+        "latency_p50_ms": {"type": "number"},
+        "latency_p99_ms": {"type": "number"},
+        "actor": STRING,
+        "created_at": TIME,
+        "cases": array(obj({
+            "name": STRING, "passed": BOOLEAN,
+            "status": {"type": "integer", "description": "the HTTP status answered; 0: no answer"},
+            "latency_ms": {"type": "number"},
+            "reason": {"type": "string", "description": "why it failed; empty when it passed"},
+        })),
+    }), "cases"),
+    "ExperimentRunList": obj({"runs": array(ref("ExperimentRun")), "next_page_token": PAGE_TOKEN}),
+    "Gate": obj({
+        "environment": STRING,
+        "environment_id": STRING,
+        "experiment": STRING,
+        "threshold": {"type": "number", "description": "the lowest passing rate"},
+        "dataset_digest": STRING,
+        "actor": STRING,
+        "updated_at": TIME,
+    }),
+    "GateList": obj({"gates": array(ref("Gate"))}),
+    "GateResult": obj({"gate": ref("Gate")}),
+    "GateCleared": obj({"environment": STRING, "cleared": {"type": "boolean",
+                                                           "description": "false when it had no gate"}}),
     "SecretList": obj({"secrets": array(ref("Secret")), "next_page_token": PAGE_TOKEN}),
     "SecretResult": obj({"secret": ref("Secret")}),
     "SecretVersions": obj({"name": STRING, "versions": array(ref("Secret")), "next_page_token": PAGE_TOKEN}),
@@ -214,7 +247,8 @@ ERRORS = {
     "403": "The key's project may not do this (another project's resource)",
     "404": "Unknown resource (or another project's)",
     "409": "Lost a compare-and-swap (re-read and retry), or already exists",
-    "412": "The current state forbids it (e.g. terminated deployment, unconfirmed production move)",
+    "412": "The current state forbids it (e.g. terminated deployment, unconfirmed production move, a gated "
+           "environment without a passing experiment run: the message names the gate and the run)",
     "413": f"Request body larger than the API accepts ({api.MAX_API_BODY_BYTES} bytes), or a secret value over "
            f"{api.secret_limits.MAX_VALUE_BYTES} bytes",
     "500": "A service failed (a bug; see its log)",
@@ -238,7 +272,8 @@ def _operation(op: api.Operation) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = [
         {"name": s[1:-1], "in": "path", "required": True, "schema": {"type": "string", "minLength": 1},
          "description": "secret name" if s == "{name}" else
-         "environment name or id" if "environments" in op.path else "deployment id"}
+         "environment name or id" if "environments" in op.path else
+         "experiment run id" if "experiments" in op.path else "deployment id"}
         for s in op.segments if s.startswith("{")
     ]
     parameters += [

@@ -85,7 +85,11 @@ def test_openapi_matches_the_operation_table() -> None:
                      ("GET", "/api/v1/secrets/{name}/versions"), ("POST", "/api/v1/secrets/{name}/rollback")}
     # Deleting an environment (force: one that pointed somewhere); registering a deployment by image (gRPC parity).
     extras = {("DELETE", "/api/v1/environments/{id}"), ("POST", "/api/v1/deployments"), ("GET", "/api/v1/watch")}
-    assert implemented == design | studio_extras | extras
+    # Experiment runs and promotion gates (issue 17).
+    experiments = {("GET", "/api/v1/experiments/runs"), ("GET", "/api/v1/experiments/runs/{id}"),
+                   ("GET", "/api/v1/gates"), ("PUT", "/api/v1/environments/{id}/gate"),
+                   ("DELETE", "/api/v1/environments/{id}/gate")}
+    assert implemented == design | studio_extras | extras | experiments
     delete_env = doc["paths"]["/api/v1/environments/{id}"]["delete"]
     body = delete_env["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"force", "confirm"} and body["required"] == []
