@@ -235,7 +235,8 @@ def message_strategy(descriptor, known: st.SearchStrategy[str], depth: int = 0):
             value = st.one_of(TEXT, known)
         else:
             value = SCALARS[f.type]
-        if f.is_repeated and f.type != FieldDescriptor.TYPE_MESSAGE:
+        is_map = f.message_type is not None and f.message_type.GetOptions().map_entry
+        if f.is_repeated and not is_map:  # repeated scalars and messages (RecordExperimentRunRequest.cases)
             value = st.lists(value, max_size=3)
         fields[f.name] = st.one_of(st.none(), value)
     return st.fixed_dictionaries(fields).map(lambda kw: cls(**{k: v for k, v in kw.items() if v is not None}))
