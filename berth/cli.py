@@ -1379,9 +1379,11 @@ def experiments() -> None:
 @click.option("--threshold", default=1.0, show_default=True, type=float,
               help="Exit non-zero when the pass rate is below this.")
 @click.option("--timeout", "case_timeout", default=30.0, show_default=True, type=float, help="Seconds per case.")
+@environment_option(help="The environment whose binding the cases go through (default: one the deployment serves, "
+                    "else any it is bound to).")
 @command
 def experiments_run(ctx: Ctx, deployment_id: str, dataset: pathlib.Path, name: str, concurrency: int,
-                    threshold: float, case_timeout: float) -> None:
+                    threshold: float, case_timeout: float, environment: str) -> None:
     """Send every case of DATASET to one deployment and record the run.
 
     The whole file is checked first (an error names the file, the line and
@@ -1406,7 +1408,14 @@ def experiments_run(ctx: Ctx, deployment_id: str, dataset: pathlib.Path, name: s
     if not bindings:
         raise errors.FailedPrecondition(f"deployment {dep.id} is bound to no environment: the router cannot reach it",
                                         hint=f"berth promote {dep.id} --to preview")
-    binding = next((b for b in bindings if b.serving), bindings[0])
+    if environment:
+        binding = next((b for b in bindings if environment in (b.environment_name, b.environment_id)), None)
+        if binding is None:
+            raise errors.FailedPrecondition(
+                f"deployment {dep.id} is not bound to environment {environment!r}",
+                hint="bound to: " + ", ".join(b.environment_name for b in bindings))
+    else:
+        binding = next((b for b in bindings if b.serving), bindings[0])
     show = sys.stderr.isatty() and not ctx.json
 
     def progress(p: ex.Progress, outcome: ex.Outcome) -> None:

@@ -288,3 +288,27 @@ def test_berth_dev_serves_reloads_and_cleans_up(platform: RunningPlatform, tmp_p
     assert code == 0, session.output
     assert "dev session ended" in session.output
     assert containers_of(first) == [] and containers_of(second) == []
+
+
+def test_a_run_wakes_a_deployment_scaled_to_zero(platform: RunningPlatform, tmp_path: pathlib.Path) -> None:
+    project = f"z{uuid.uuid4().hex[:8]}"
+    key = platform.cli_json("projects", "create", project)["api_key"]
+    dep = cli(platform, key, "deploy", str(worker_dir(tmp_path / "w")), "--quiet", "-p", project).stdout.strip()
+    cli_json(platform, key, "env", "create", "qa", "-p", project)
+    cli_json(platform, key, "promote", dep, "--to", "qa", "--min-replicas", "0", "--no-wait", "-p", project)
+
+    def qa_replicas() -> list:
+        status = cli_json(platform, key, "deployment", "status", dep, "-e", "qa", "-p", project)
+        return [r for b in status["bindings"] if b["environment"] == "qa" for r in b["replicas"]]
+
+    # the binding exists with no replica (min 0, never asked for)
+    eventually(lambda: cli_json(platform, key, "deployment", "status", dep, "-e", "qa", "-p", project)["bindings"],
+               timeout=60, what="the scheduler reports the qa binding")
+    assert qa_replicas() == []
+    unknown = cli(platform, key, "experiments", "run", "--deployment", dep, "--dataset",
+                  str(dataset(tmp_path / "cases.jsonl")), "-e", "staging", "-p", project)
+    assert unknown.returncode == 5 and "is not bound to environment 'staging'" in unknown.stderr
+    run = cli_json(platform, key, "experiments", "run", "--deployment", dep, "--dataset",
+                   str(dataset(tmp_path / "cases.jsonl")), "--name", "wake", "-e", "qa", "-p", project)["run"]
+    assert (run["passed"], run["total"]) == (50, 50)
+    assert [r for r in qa_replicas() if r["state"] == "ready"], "the run's first request woke a replica in qa"
