@@ -194,6 +194,12 @@ class Activator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def served(self, route: Route) -> None:
+        """The binding has ready replicas again: its hold ends, so the next
+        time it has none (scaled to zero, paused) the first request asks
+        the scheduler at once (a paused replica is thawed in milliseconds)."""
+        self._last.pop(route.binding_key, None)
+
     async def _call(self, route: Route) -> None:
         self.calls += 1
         try:

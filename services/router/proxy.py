@@ -1962,6 +1962,8 @@ class ProxyServer:
             if self.activator is not None:
                 self.activator.request(route)
             ready = await self.state.endpoints.wait_for(key, settings.activation_timeout)
+            if ready and self.activator is not None:
+                self.activator.served(route)
             if not ready:
                 raise ProxyError(
                     503,

@@ -367,6 +367,14 @@ class Reconciler(ScalingRuntime):
             dataclasses.replace(o, status=status.value) if o.id == c.id else o for o in self._observed
         ]
 
+    def report_load(self, loads: Mapping[BindingKey, tuple[int, int]], reporter: str = "") -> None:
+        """As ``ScalingRuntime.report_load``; a binding with load and a
+        paused replica wakes the loop (which thaws it) at once."""
+        super().report_load(loads, reporter)
+        busy = {key for key, (in_flight, requests) in loads.items() if in_flight > 0 or requests > 0}
+        if busy and any(c.status == ContainerStatus.PAUSED.value and _key_of(c) in busy for c in self._observed):
+            self.wake()
+
     def activate(self, key: BindingKey) -> None:
         super().activate(key)
         cancel = self._pause_cancel.get(key)
