@@ -137,13 +137,16 @@ class LogStreamer:
         self.deployment_id = deployment_id
         self._seen: set[str] = set()
         self._threads: list[threading.Thread] = []
+        self._client: Any = None
 
     def poll(self) -> None:
+        """Follows the containers of the deployment not followed yet."""
         import docker
 
         try:
-            client = docker.from_env(timeout=10)
-            containers = client.containers.list(filters={"label": f"{DEPLOYMENT_LABEL}={self.deployment_id}"},
+            if self._client is None:
+                self._client = docker.from_env(timeout=10)
+            containers = self._client.containers.list(filters={"label": f"{DEPLOYMENT_LABEL}={self.deployment_id}"},
                                                 ignore_removed=True)
         except Exception:  # noqa: BLE001 - the engine is busy or gone; the next poll retries
             return
@@ -154,6 +157,11 @@ class LogStreamer:
             thread = threading.Thread(target=self._follow, args=(container,), daemon=True)
             thread.start()
             self._threads.append(thread)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def _follow(self, container: Any) -> None:
         prefix = f"[{self.deployment_id}] "
@@ -235,6 +243,8 @@ def run(ctx: Ctx, path: pathlib.Path, environment: str, *, poll: float, timeout:
         else:
             cli.out.print(f"Serving [bold]{dep.id}[/] at {router}  (headers X-Berth-Project: {env.project_name}, "
                           f"X-Berth-Environment: {env.name})", markup=True)
+        if streamer is not None:
+            streamer.close()
         streamer = LogStreamer(dep.id)
         streamer.poll()
         for old in session[:-1]:

@@ -56,7 +56,9 @@ def worker_dir(root: pathlib.Path, *, missing: set[int] = frozenset(), page: str
         (www / "page.txt").write_text(page)
     dockerfile = root / "Dockerfile"
     dockerfile.write_text(dockerfile.read_text().replace("ENTRYPOINT ", "COPY www/ /www/\nENTRYPOINT ", 1))
-    if project:
+    if project:  # berth dev's worker also says hello on its output
+        entrypoint = root / "entrypoint.sh"
+        entrypoint.write_text(entrypoint.read_text().replace("mkdir -p /www/cgi-bin", "echo dev-worker-up\nmkdir -p /www/cgi-bin", 1))
         (root / "berth.toml").write_text(
             f'project = "{project}"\n\n[worker]\nport = 8080\nhealth_path = "/"\n\n'
             '[variables]\nSHOW_SECRET = "DEV_TOKEN"\n'
@@ -273,6 +275,8 @@ def test_berth_dev_serves_reloads_and_cleans_up(platform: RunningPlatform, tmp_p
         cgi = get("/cgi-bin/index.cgi").text
         assert "secret=dev-canary-31" in cgi and f"deployment={first}" in cgi
         assert "dev-canary-31" not in session.output  # values are injected by the scheduler, never shown
+        eventually(lambda: f"[{first}] dev-worker-up" in session.output, timeout=30,
+                   what=f"the replica's output streamed ({session.output})")
 
         edited = time.monotonic()
         (directory / "www" / "page.txt").write_text("v2\n")
