@@ -2,13 +2,28 @@
 // this origin; the API key lives in this tab's sessionStorage and travels
 // only in the X-API-KEY header of those calls. Secret values are write-only:
 // the page sends them once and never reads one back (the API has no way to).
+//
+// Live: the project's changes (pointer moves, environments, bindings) come
+// as server-sent events from GET /api/v1/watch (read with fetch, which can
+// send the key header EventSource cannot); each change re-reads the page at
+// once. A cut stream is reconnected with backoff and resumed from the last
+// revision seen (Last-Event-ID), so nothing is missed. What the registry's
+// watch does not carry — replica states, the scheduler's status and request
+// figures — is re-read every STATUS_POLL_MS.
 "use strict";
 
 const KEY_SLOT = "berth.apiKey";
-const POLL_MS = 2000;
+const STATUS_POLL_MS = 10000;
 const TOAST_MS = 8000;
+const WATCH_BACKOFF_MS = [250, 500, 1000, 2000, 4000, 8000];
+const WATCH_MAX_FAILURES = 200;  // in a row, about 25 minutes: then polling alone
+const CHART_MINUTES = 15;
 const VIEWS = ["deployments", "secrets"];
-const state = { environments: [], selected: null, deployments: [], timer: null, busy: false, view: "deployments", toastTimer: null };
+const state = {
+  environments: [], selected: null, deployments: [], timer: null, busy: false, again: false, refreshTimer: null,
+  view: "deployments", toastTimer: null,
+  watch: { active: false, controller: null, lastId: "", generation: 0 },
+};
 const $ = (id) => document.getElementById(id);
 
 class ApiError extends Error {
@@ -133,6 +148,7 @@ async function signIn(event) {
 function signOut() {
   sessionStorage.removeItem(KEY_SLOT);
   clearInterval(state.timer);
+  stopWatch();
   state.selected = null;
   $("deployments").hidden = true;
   $("session").hidden = true;
@@ -149,7 +165,126 @@ function showApp() {
   renderTabs();
   refresh();
   clearInterval(state.timer);
-  state.timer = setInterval(refresh, POLL_MS);
+  state.timer = setInterval(refresh, STATUS_POLL_MS);
+  startWatch();
+}
+
+// ---------------------------------------------------------------- live updates
+
+function setLive(status, detail = {}) {
+  const badgeEl = $("live-status");
+  badgeEl.dataset.state = status;
+  if (detail.resumed !== undefined) badgeEl.dataset.resumed = String(detail.resumed);
+  if (state.watch.lastId) badgeEl.dataset.revision = state.watch.lastId;
+  badgeEl.textContent = { live: "● live", connecting: "connecting…", reconnecting: "reconnecting…", polling: "polling" }[status] || status;
+  badgeEl.title = status === "live" ? "Changes appear as they happen" : "Not connected to the live feed; the page still refreshes every few seconds";
+}
+
+function startWatch() {
+  stopWatch();
+  const watch = state.watch;
+  watch.active = true;
+  watch.generation += 1;
+  watchLoop(watch.generation);
+}
+
+function stopWatch() {
+  const watch = state.watch;
+  watch.active = false;
+  watch.generation += 1;
+  if (watch.controller) watch.controller.abort();
+  watch.controller = null;
+}
+
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+// One stream at a time; a stream that ends or breaks is opened again with
+// Last-Event-ID (the server replays what came after it), bounded in
+// consecutive failures.
+async function watchLoop(generation) {
+  const watch = state.watch;
+  const mine = () => watch.active && watch.generation === generation;
+  let failures = 0;
+  while (mine() && failures < WATCH_MAX_FAILURES) {
+    setLive(failures || watch.lastId ? "reconnecting" : "connecting");
+    let delivered = false;
+    try {
+      delivered = await readWatch(mine);
+    } catch (e) {
+      if (e && e.status === 401) { signOut(); $("sign-in-error").textContent = "Your key stopped working; sign in again."; return; }
+      // a network error, the router restarting, a refused revision: try again
+    }
+    if (!mine()) return;
+    failures = delivered ? 0 : failures + 1;
+    await sleep(WATCH_BACKOFF_MS[Math.min(failures, WATCH_BACKOFF_MS.length - 1)]);
+  }
+  if (mine()) setLive("polling");
+}
+
+// Reads one stream to its end; true when it delivered its snapshot marker.
+async function readWatch(mine) {
+  const watch = state.watch;
+  const controller = new AbortController();
+  watch.controller = controller;
+  const headers = { "X-API-KEY": sessionStorage.getItem(KEY_SLOT) || "", Accept: "text/event-stream" };
+  if (watch.lastId) headers["Last-Event-ID"] = watch.lastId;
+  const response = await fetch("/api/v1/watch", {
+    headers, cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer", signal: controller.signal,
+  });
+  if (!response.ok) {
+    if (response.status === 400) watch.lastId = "";  // a revision the registry no longer takes: start afresh
+    throw new ApiError(response.status, String(response.status), response.statusText);
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let event = { name: "message", data: [], id: null };
+  let delivered = false;
+  let live = false;
+  try {
+    while (mine()) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, end).replace(/\r$/, "");
+        buffer = buffer.slice(end + 1);
+        if (line === "") {
+          if (event.data.length || event.name !== "message") {
+            if (event.id !== null) watch.lastId = event.id;
+            if (event.name === "snapshot_complete") {
+              let resumed = false;
+              try { resumed = Boolean(JSON.parse(event.data.join("\n")).resumed); } catch { resumed = false; }
+              delivered = true;
+              live = true;
+              setLive("live", { resumed });
+              scheduleRefresh();
+            } else if (live) {
+              scheduleRefresh();  // a change after the snapshot: read the page again
+            }
+          }
+          event = { name: "message", data: [], id: null };
+          continue;
+        }
+        if (line.startsWith(":")) continue;  // the server's keep-alive
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const text = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") event.name = text;
+        else if (field === "data") event.data.push(text);
+        else if (field === "id") event.id = text;
+      }
+      if (buffer.length > 1 << 20) throw new Error("watch event too large");
+    }
+  } finally {
+    controller.abort();
+  }
+  return delivered;
+}
+
+function scheduleRefresh() {
+  clearTimeout(state.refreshTimer);
+  state.refreshTimer = setTimeout(refresh, 50);
 }
 
 function viewFromHash() {
@@ -181,8 +316,10 @@ async function loadEnvironments() {
 }
 
 async function refresh() {
-  if (state.busy || document.hidden) return;
+  if (document.hidden) return;
+  if (state.busy) { state.again = true; return; }  // read again when this one is done: a change came meanwhile
   state.busy = true;
+  state.again = false;
   try {
     await loadEnvironments();
     renderTabs();
@@ -207,6 +344,7 @@ async function refresh() {
     else toast(e.message, { isError: true });
   } finally {
     state.busy = false;
+    if (state.again) scheduleRefresh();
   }
 }
 
@@ -272,6 +410,7 @@ function renderPanel(env, entries, status, errors) {
       el("dt", {}, "Replicas"), el("dd", { id: "bounds" }, binding ? `${binding.min_replicas}..${binding.max_replicas}` : "–"),
     ));
   }
+  if (binding) nodes.push(...trafficCharts(binding.requests));
   const deployment = status || null;
   nodes.push(el("div", { class: "toolbar" },
     el("button", { type: "button", id: "promote-btn", onclick: () => promoteDialog(env) }, "Promote…"),
@@ -303,6 +442,71 @@ function renderPanel(env, entries, status, errors) {
       el("td", {}, h.actor), el("td", { class: "nowrap" }, when(h.created_at))]),
   ) : el("p", { class: "empty", id: "history" }, "No history yet."));
   panel.replaceChildren(...nodes);
+}
+
+// ---------------------------------------------------------------- traffic charts
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  node.append(...children);
+  return node;
+}
+
+// The binding's per-minute points over the last 15 minutes (kept by the
+// scheduler, so they survive a reload), then its last minute as "now".
+function trafficPoints(requests) {
+  if (!requests) return [];
+  const points = (requests.history || []).map((p) => ({
+    t: Date.parse(p.time), rps: p.requests_per_second, errors: p.error_rate, p99: p.p99_seconds,
+  }));
+  const m = requests.last_minute;
+  points.push({ t: Date.now(), rps: m.requests_per_second, errors: m.error_rate, p99: m.p99_seconds });
+  return points;
+}
+
+const formatRate = (v) => `${v < 10 ? v.toFixed(2) : v.toFixed(0)}/s`;
+const formatShare = (v) => `${(v * 100).toFixed(1)}%`;
+const formatSeconds = (v) => (v >= 1 ? `${v.toFixed(2)} s` : `${(v * 1000).toFixed(v >= 0.01 ? 0 : 1)} ms`);
+
+// A small line chart of one figure over the last CHART_MINUTES minutes.
+function sparkline(id, title, points, key, format) {
+  const width = 240, height = 64, pad = 5;
+  const now = Date.now(), from = now - CHART_MINUTES * 60000;
+  const shown = points.filter((p) => p.t >= from && Number.isFinite(p[key]));
+  const top = Math.max(...shown.map((p) => p[key]), key === "errors" ? 0.01 : 1e-9);
+  const x = (t) => pad + ((width - 2 * pad) * (t - from)) / (now - from);
+  const y = (v) => height - pad - ((height - 2 * pad) * v) / top;
+  const last = shown[shown.length - 1];
+  // Stretched to the box (preserveAspectRatio none); strokes keep their
+  // width and the dots (zero-length round-capped lines) stay round.
+  const chart = svg("svg", { viewBox: `0 0 ${width} ${height}`, preserveAspectRatio: "none", class: "spark", role: "img",
+    "aria-label": `${title} over the last ${CHART_MINUTES} minutes, now ${last ? format(last[key]) : "none"}`,
+    "data-points": shown.length },
+  svg("line", { x1: pad, x2: width - pad, y1: height - pad, y2: height - pad, class: "axis" }),
+  svg("polyline", { class: "line", points: shown.map((p) => `${x(p.t).toFixed(1)},${y(p[key]).toFixed(1)}`).join(" ") }),
+  ...shown.map((p) => {
+    const [cx, cy] = [x(p.t).toFixed(1), y(p[key]).toFixed(1)];
+    return svg("line", { class: "dot", x1: cx, x2: cx, y1: cy, y2: cy });
+  }));
+  return el("figure", { class: "metric", id },
+    el("figcaption", {}, el("span", {}, title), el("strong", { class: "value" }, last ? format(last[key]) : "–")), chart,
+    el("div", { class: "axis-labels" }, el("span", {}, `−${CHART_MINUTES} min`), el("span", {}, `max ${format(top)}`), el("span", {}, "now")));
+}
+
+function trafficCharts(requests) {
+  const heading = el("h3", {}, "Traffic");
+  if (!requests) return [heading, el("p", { class: "empty", id: "traffic" }, "No requests in the last 5 minutes.")];
+  const points = trafficPoints(requests);
+  const five = requests.last_five_minutes;
+  return [heading, el("div", { class: "traffic", id: "traffic" },
+    sparkline("chart-rps", "Requests", points, "rps", formatRate),
+    sparkline("chart-errors", "Errors (5xx)", points, "errors", formatShare),
+    sparkline("chart-p99", "p99 latency", points, "p99", formatSeconds)),
+  el("p", { class: "hint", id: "traffic-five" },
+    `Last 5 minutes: ${five.requests} requests, ${formatRate(five.requests_per_second)}, errors ${formatShare(five.error_rate)}, `
+    + `p50 ${formatSeconds(five.p50_seconds)}, p99 ${formatSeconds(five.p99_seconds)}.`)];
 }
 
 function renderSecrets(env, secrets) {
