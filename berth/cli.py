@@ -1492,7 +1492,7 @@ def experiments_show(ctx: Ctx, run_id: str) -> None:
 
 
 @env_group.command("gate")
-@click.argument("environment")
+@click.argument("environment", required=False, default="")
 @click.option("--experiment", default="", help="The experiment whose run must pass.")
 @click.option("--threshold", type=float, default=None, help="The lowest passing rate (0 < R <= 1).")
 @click.option("--dataset", type=click.Path(path_type=pathlib.Path), default=None,
@@ -1504,8 +1504,16 @@ def env_gate(ctx: Ctx, environment: str, experiment: str, threshold: float | Non
     """Make promotions into ENVIRONMENT need a passing experiment run (--clear removes the gate).
 
     Rollback is not gated; a deploy straight into a gated environment is refused.
+    Without ENVIRONMENT, applies every [gates.ENV] table of berth.toml
+    (experiment, threshold, dataset), all checked before any is set.
     """
     c = ctx.client()
+    if not environment:
+        if experiment or threshold is not None or dataset is not None or clear:
+            raise errors.InvalidArgument("name the ENVIRONMENT to gate (without one, berth.toml's [gates] apply)",
+                                         field="environment")
+        apply_project_gates(ctx)
+        return
     if clear:
         if experiment or threshold is not None or dataset is not None:
             raise errors.InvalidArgument("--clear takes no --experiment, --threshold or --dataset")
@@ -1527,6 +1535,36 @@ def env_gate(ctx: Ctx, environment: str, experiment: str, threshold: float | Non
     ctx.emit({"gate": gate_json(g)}, lambda: out.print(
         f"Promotions into [bold]{g.environment_name}[/] now need a run of {g.experiment} passing "
         f">= {g.threshold:.1%} on dataset {g.dataset_digest[:19]}…"))
+
+
+def apply_project_gates(ctx: Ctx) -> None:
+    """``berth env gate`` without ENVIRONMENT: the [gates.ENV] tables of the
+    berth.toml found here, every dataset read and every environment checked
+    before the first gate is set."""
+    from berth import experiments as ex
+
+    path = local.find_project_file(pathlib.Path.cwd())
+    if path is None:
+        raise errors.InvalidArgument("no berth.toml here or in a parent directory: name the ENVIRONMENT to gate",
+                                     field="environment")
+    specs = ex.load_gates(path)
+    project_file = local.load_project_file(path.parent)
+    explicit, origin = ctx.project_and_origin()
+    if origin not in ("--project", "BERTH_PROJECT") and project_file.project:
+        ctx.use_project(project_file.project, str(path))
+    for spec in specs:
+        find_environment(ctx, spec.environment)  # all known before any is set
+    c = ctx.client()
+    gates = [c.call(c.registry.SetEnvironmentGate, registry_pb2.SetEnvironmentGateRequest(
+        project=ctx.project, environment=spec.environment, experiment=spec.experiment, threshold=spec.threshold,
+        dataset_digest=spec.dataset.digest)) for spec in specs]
+
+    def human() -> None:
+        for g in gates:
+            out.print(f"Promotions into [bold]{g.environment_name}[/] need a run of {g.experiment} passing "
+                      f">= {g.threshold:.1%} on dataset {g.dataset_digest[:19]}…")
+
+    ctx.emit({"gates": [gate_json(g) for g in gates], "file": str(path)}, human)
 
 
 # ---------------------------------------------------------------- berth dev

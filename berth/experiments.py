@@ -337,3 +337,85 @@ def gate_json(g: registry_pb2.EnvironmentGate) -> dict[str, Any]:
     return {"environment": g.environment_name, "environment_id": g.environment_id, "experiment": g.experiment,
             "threshold": g.threshold, "dataset_digest": g.dataset_digest, "actor": g.actor,
             "updated_at": timestamp(g, "updated_at")}
+
+
+# ---------------------------------------------------------------- gates in berth.toml
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """``[gates.ENV]`` of berth.toml: ``experiment``, ``threshold`` and
+    ``dataset`` (a path relative to the file)."""
+
+    environment: str
+    experiment: str
+    threshold: float
+    dataset: Dataset
+
+
+GATE_KEYS = frozenset({"experiment", "threshold", "dataset"})
+# The registry's name rule (a DNS label): checked here too, so no gate of the file is set before a bad one.
+EXPERIMENT_NAME = re.compile(r"^[a-z](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+def _line_of(text: str, table: str, key: str = "") -> int:
+    """The line of ``[table]`` (or of ``key`` inside it) in a TOML text; 0
+    when not found (an inline table, say)."""
+    lines = text.splitlines()
+    header = next((i for i, line in enumerate(lines) if line.strip().replace(" ", "") == f"[{table}]"), None)
+    if header is None:
+        return 0
+    if not key:
+        return header + 1
+    for i in range(header + 1, len(lines)):
+        stripped = lines[i].strip()
+        if stripped.startswith("["):
+            break
+        if stripped.split("=", 1)[0].strip() == key:
+            return i + 1
+    return header + 1
+
+
+def load_gates(path: pathlib.Path) -> list[GateSpec]:
+    """Every ``[gates.ENV]`` table of a berth.toml, validated whole (each
+    dataset read and digested) before anything is applied; an error names
+    the file, the line and the field."""
+    import tomllib
+
+    name = str(path)
+    try:
+        text = path.read_text()
+        data = tomllib.loads(text)
+    except OSError as exc:
+        raise DatasetError(name, 0, "", f"cannot read it: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise DatasetError(name, 0, "", f"not valid TOML: {exc}") from None
+    gates = data.get("gates", {})
+    if not isinstance(gates, dict) or not gates:
+        raise DatasetError(name, 0, "gates", "no [gates.ENVIRONMENT] table: nothing to apply")
+    specs = []
+    for env, table in gates.items():
+        where = f"gates.{env}"
+        line = _line_of(text, where)
+        if not isinstance(table, dict):
+            raise DatasetError(name, line, where, "must be a table with experiment, threshold and dataset")
+        unknown = sorted(set(table) - GATE_KEYS)
+        if unknown:
+            raise DatasetError(name, _line_of(text, where, unknown[0]), f"{where}.{unknown[0]}",
+                               "unknown key (allowed: dataset, experiment, threshold)")
+        experiment = table.get("experiment")
+        if not isinstance(experiment, str) or not EXPERIMENT_NAME.match(experiment):
+            raise DatasetError(name, _line_of(text, where, "experiment"), f"{where}.experiment",
+                               "required: the experiment's name (lowercase letters, digits and dashes, "
+                               "starting with a letter)")
+        threshold = table.get("threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold <= 1:
+            raise DatasetError(name, _line_of(text, where, "threshold"), f"{where}.threshold",
+                               "required: a pass rate above 0 and at most 1")
+        dataset_path = table.get("dataset")
+        if not isinstance(dataset_path, str) or not dataset_path:
+            raise DatasetError(name, _line_of(text, where, "dataset"), f"{where}.dataset",
+                               "required: the dataset file (relative to berth.toml)")
+        specs.append(GateSpec(environment=str(env), experiment=experiment, threshold=float(threshold),
+                              dataset=load_dataset(path.parent / dataset_path)))
+    return specs

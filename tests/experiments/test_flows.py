@@ -316,3 +316,23 @@ def test_a_run_wakes_a_deployment_scaled_to_zero(platform: RunningPlatform, tmp_
                    str(dataset(tmp_path / "cases.jsonl")), "--name", "wake", "-e", "qa", "-p", project)["run"]
     assert (run["passed"], run["total"]) == (50, 50)
     assert [r for r in qa_replicas() if r["state"] == "ready"], "the run's first request woke a replica in qa"
+
+
+def test_gates_from_berth_toml_apply_all_or_none(platform: RunningPlatform, tmp_path: pathlib.Path) -> None:
+    project = f"g{uuid.uuid4().hex[:8]}"
+    key = platform.cli_json("projects", "create", project)["api_key"]
+    cases = dataset(tmp_path / "cases.jsonl")
+    (tmp_path / "berth.toml").write_text(
+        f'project = "{project}"\n\n[gates.production]\nexperiment = "smoke"\nthreshold = 0.95\n'
+        'dataset = "cases.jsonl"\n\n[gates.qa]\nexperiment = "smoke"\nthreshold = 0.5\ndataset = "cases.jsonl"\n')
+    # qa does not exist: nothing is set, not even production's
+    missing = cli(platform, key, "env", "gate", cwd=tmp_path)
+    assert missing.returncode == 3 and "environment 'qa' not found" in missing.stderr
+    assert rest(platform, key, "GET", "/gates").json()["gates"] == []
+    cli_json(platform, key, "env", "create", "qa", "-p", project)
+    applied = platform.cli("env", "gate", "-o", "json", api_key=key, cwd=tmp_path)
+    gates = json.loads(applied.stdout)["data"]["gates"]
+    assert sorted((g["environment"], g["threshold"]) for g in gates) == [("production", 0.95), ("qa", 0.5)]
+    from berth.experiments import load_dataset
+
+    assert {g["dataset_digest"] for g in gates} == {load_dataset(cases).digest}

@@ -174,3 +174,56 @@ def test_thresholds_digests_and_skip_reasons() -> None:
         domain.gate_skipped_reason(GATE, "  ")
     assert no_reason.value.field == "reason"
     assert domain.gate_skipped_reason(GATE, "hotfix") == "gate smoke >= 0.95 skipped: hotfix"
+
+
+# ---- gates in berth.toml
+
+
+def test_gates_from_berth_toml(tmp_path: pathlib.Path) -> None:
+    from berth.experiments import load_gates
+
+    write(tmp_path, GOOD, name="smoke.jsonl")
+    toml = tmp_path / "berth.toml"
+    toml.write_text('project = "shop"\n\n[gates.production]\nexperiment = "smoke"\nthreshold = 0.95\n'
+                    'dataset = "smoke.jsonl"\n\n[gates.staging]\nexperiment = "smoke"\nthreshold = 1\n'
+                    'dataset = "smoke.jsonl"\n')
+    specs = load_gates(toml)
+    assert [(s.environment, s.experiment, s.threshold) for s in specs] == [
+        ("production", "smoke", 0.95), ("staging", "smoke", 1.0)]
+    assert specs[0].dataset.digest == load_dataset(tmp_path / "smoke.jsonl").digest
+
+
+@pytest.mark.parametrize(("body", "line", "field", "words"), [
+    ('[gates.staging]\nexperiment = "smoke"\nthreshold = 1.5\ndataset = "smoke.jsonl"\n', 4,
+     "gates.staging.threshold", "above 0 and at most 1"),
+    ('[gates.staging]\nexperiment = "Smoke!"\nthreshold = 1\ndataset = "smoke.jsonl"\n', 3,
+     "gates.staging.experiment", "experiment's name"),
+    ('[gates.staging]\nexperiment = "smoke"\nthreshold = 1\n', 2, "gates.staging.dataset", "required"),
+    ('[gates.staging]\nexperiment = "smoke"\nthreshold = 1\ndataset = "smoke.jsonl"\nwhen = 1\n', 6,
+     "gates.staging.when", "unknown key"),
+    ('[worker]\nport = 8080\n', 0, "gates", "no [gates.ENVIRONMENT] table"),
+])
+def test_gates_from_berth_toml_refused_naming_file_line_field(
+    tmp_path: pathlib.Path, body: str, line: int, field: str, words: str
+) -> None:
+    from berth.experiments import load_gates
+
+    write(tmp_path, GOOD, name="smoke.jsonl")
+    toml = tmp_path / "berth.toml"
+    toml.write_text('project = "shop"\n' + body)
+    with pytest.raises(DatasetError) as caught:
+        load_gates(toml)
+    assert (caught.value.path, caught.value.line, caught.value.field_name) == (str(toml), line, field)
+    assert words in caught.value.message
+
+
+def test_gates_from_berth_toml_read_every_dataset_first(tmp_path: pathlib.Path) -> None:
+    from berth.experiments import load_gates
+
+    write(tmp_path, GOOD, name="smoke.jsonl")
+    (tmp_path / "broken.jsonl").write_text('{"name": "a"}\n')
+    toml = tmp_path / "berth.toml"
+    toml.write_text('[gates.production]\nexperiment = "smoke"\nthreshold = 1\ndataset = "smoke.jsonl"\n'
+                    '[gates.staging]\nexperiment = "smoke"\nthreshold = 1\ndataset = "broken.jsonl"\n')
+    with pytest.raises(DatasetError, match=r"broken.jsonl:1: request: required"):
+        load_gates(toml)
