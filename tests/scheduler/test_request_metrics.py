@@ -3,8 +3,11 @@ reporters' windows summed over the live ones, percentiles read from the
 merged histogram, a per-minute history; injected clocks."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from berth import errors
 from berth.internal.v1 import scheduler_internal_pb2
 from services.scheduler.request_metrics import (
     HISTORY_MINUTES,
@@ -12,6 +15,7 @@ from services.scheduler.request_metrics import (
     RequestMetricsStore,
     histogram_quantile,
 )
+from services.scheduler.servicer import SchedulerInternalServicer
 
 BOUNDS = (0.01, 0.1, 1.0)
 
@@ -155,3 +159,35 @@ def test_history_keeps_a_point_per_minute_for_fifteen_minutes() -> None:
     # fifteen quiet minutes later nothing is left
     clocks.advance(16 * 60)
     assert metrics.figures(("env-1", "dep-a")) is None
+
+
+class RecordingRuntime:
+    """The one runtime call ReportLoad makes, recorded."""
+
+    def __init__(self) -> None:
+        self.reports: list[dict[tuple[str, str], tuple[int, int]]] = []
+
+    def report_load(self, loads: dict[tuple[str, str], tuple[int, int]], reporter: str = "") -> None:
+        self.reports.append(dict(loads))
+
+
+def report_load(servicer: object, request: scheduler_internal_pb2.ReportLoadRequest) -> None:
+    asyncio.run(servicer.ReportLoad(request, None))  # type: ignore[attr-defined]
+
+
+def test_report_load_refuses_a_bad_window_whole_and_keeps_good_ones() -> None:
+    runtime = RecordingRuntime()
+    servicer = SchedulerInternalServicer(None, runtime)  # type: ignore[arg-type]
+    good = load(window([3, 0, 0, 0]))
+    bad = load(scheduler_internal_pb2.RequestWindow(requests=1, latency_buckets=[1], latency_bounds=BOUNDS),
+               key=("env-2", "dep-b"))
+    with pytest.raises(errors.InvalidArgument) as caught:
+        report_load(servicer, scheduler_internal_pb2.ReportLoadRequest(bindings=[good, bad], reporter="host:1"))
+    assert caught.value.field == "bindings[1].last_minute.latency_buckets"
+    assert runtime.reports == []  # nothing of the refused report was applied
+    assert servicer.request_metrics.figures(("env-1", "dep-a")) is None
+
+    report_load(servicer, scheduler_internal_pb2.ReportLoadRequest(bindings=[good], reporter="host:1"))
+    figures = servicer.request_metrics.figures(("env-1", "dep-a"))
+    assert runtime.reports == [{("env-1", "dep-a"): (0, 0)}]
+    assert figures is not None and figures.last_minute.requests == 3
