@@ -17,10 +17,18 @@ For each store:
   arrival of the environment event carrying that move's sequence number.
   Moves are made one at a time (the next after the event arrived).
 
+With ``--baseline-tree DIR`` (a checkout of an earlier commit, e.g. the one
+before a change to the promote path: ``git worktree add DIR COMMIT`` or
+``git archive COMMIT | tar -x -C DIR``), a second registry runs that tree's
+code on its own database next to this one, and the promote latency is
+measured on both, one call on each in turn (so both see the same machine load):
+p50/p99 before and after, and the ratio (issue 19). ``--latency-only``
+skips the throughput and propagation phases.
+
 Prints figures and the target (propagation p99 under 50 ms); asserts nothing.
 
     python bench/registry_bench.py [--promotes 300] [--threads 8] [--duration 5] [--moves 200]
-                                   [--backends sqlite,postgresql]
+                                   [--backends sqlite,postgresql] [--baseline-tree DIR] [--latency-only]
 """
 from __future__ import annotations
 
@@ -40,7 +48,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# The registry child of --baseline-tree imports that tree's code.
+CODE_ROOT = Path(os.environ.get("BERTH_BENCH_CODE_ROOT") or ROOT)
+sys.path.insert(0, str(CODE_ROOT))
 
 import grpc  # noqa: E402
 
@@ -80,10 +90,11 @@ def serve(database_url: str) -> None:
 
 
 class RegistryProcess:
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, code_root: Path | None = None) -> None:
+        env = {**os.environ, "BERTH_BENCH_CODE_ROOT": str(code_root or ROOT)}
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--serve", database_url],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True,
+            cwd=code_root or ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True, env=env,
         )
         port = self._read_port(timeout=60)
         self.address = f"127.0.0.1:{port}"
@@ -309,14 +320,48 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.2f}"
 
 
-def run_backend(name: str, database_url: str, args: argparse.Namespace) -> dict[str, object]:
+def bench_latency_against(
+    server: RegistryProcess, client: Client, a: str, b: str, baseline_url: str, baseline_tree: Path, count: int,
+) -> tuple[list[float], list[float]]:
+    """Promote latency of this tree's registry and of the baseline tree's
+    (its own registry process and database), one call on each in turn."""
+    base_server = RegistryProcess(baseline_url, code_root=baseline_tree)
+    try:
+        base_client, base_a, base_b = setup(base_server.address)
+        try:
+            promote(client, a, "staging")  # first moves into the environment, not timed
+            promote(base_client, base_a, "staging")
+            mine: list[float] = []
+            theirs: list[float] = []
+            for i in range(count):  # one call on each in turn: both see the same machine load
+                for c, x, y, out in ((base_client, base_a, base_b, theirs), (client, a, b, mine)):
+                    started = time.perf_counter()
+                    promote(c, y if i % 2 == 0 else x, "staging")
+                    out.append(time.perf_counter() - started)
+            return mine, theirs
+        finally:
+            base_client.close()
+    finally:
+        base_server.stop()
+
+
+def run_backend(
+    name: str, database_url: str, args: argparse.Namespace, baseline_url: str = ""
+) -> dict[str, object]:
     print(f"\n== {name}: starting the registry ({database_url.split('@')[-1]})", flush=True)
     server = RegistryProcess(database_url)
     try:
         client, a, b = setup(server.address)
         try:
-            latencies = bench_latency(client, a, b, args.promotes)
+            baseline: list[float] = []
+            if args.baseline_tree:
+                latencies, baseline = bench_latency_against(
+                    server, client, a, b, baseline_url, Path(args.baseline_tree), args.promotes)
+            else:
+                latencies = bench_latency(client, a, b, args.promotes)
             print(f"   promote latency: {len(latencies)} sequential calls done", flush=True)
+            if args.latency_only:
+                return {"name": name, "latencies": latencies, "baseline": baseline}
             moved, elapsed, failures = bench_throughput(server.address, client.key, a, b, args.threads, args.duration)
             print(f"   throughput: {moved} moves in {elapsed:.2f} s by {args.threads} clients", flush=True)
             after_return, after_start, lost = bench_propagation(
@@ -334,6 +379,7 @@ def run_backend(name: str, database_url: str, args: argparse.Namespace) -> dict[
     return {
         "name": name,
         "latencies": latencies,
+        "baseline": baseline,
         "moves_per_s": moved / elapsed if elapsed else 0.0,
         "failures": failures,
         "after_return": after_return,
@@ -359,6 +405,16 @@ def report(results: list[dict[str, object]], args: argparse.Namespace) -> None:
     row(f"promote latency p50 (ms, n={args.promotes})", lambda r: ms(pct(r["latencies"], 50)))  # type: ignore[arg-type]
     row("promote latency p99 (ms)", lambda r: ms(pct(r["latencies"], 99)))  # type: ignore[arg-type]
     row("promote latency max (ms)", lambda r: ms(max(r["latencies"])))  # type: ignore[arg-type]
+    if args.baseline_tree:
+        row("baseline tree: promote p50 (ms)", lambda r: ms(pct(r["baseline"], 50)))  # type: ignore[arg-type]
+        row("baseline tree: promote p99 (ms)", lambda r: ms(pct(r["baseline"], 99)))  # type: ignore[arg-type]
+        row("  p50 after / before", lambda r: f"{pct(r['latencies'], 50) / pct(r['baseline'], 50):.2f}x")  # type: ignore[arg-type]
+        row("  p99 after / before", lambda r: f"{pct(r['latencies'], 99) / pct(r['baseline'], 99):.2f}x")  # type: ignore[arg-type]
+    if args.latency_only:
+        print("-" * 78)
+        if args.baseline_tree:
+            print(f"baseline tree: {args.baseline_tree} (same client, one call on each in turn)")
+        return
     row(f"pointer moves/s ({args.threads} clients, {args.duration:g} s)", lambda r: f"{r['moves_per_s']:.1f}")
     row("  failed calls during that", lambda r: ", ".join(f"{k}:{v}" for k, v in r["failures"].items()) or "0")  # type: ignore[attr-defined]
     row(f"propagation p50 (ms, return->event, n={args.moves})", lambda r: ms(pct(r["after_return"], 50)))  # type: ignore[arg-type]
@@ -395,6 +451,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--moves", type=int, default=200)
     parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--baseline-tree", default="",
+                        help="a checkout of an earlier commit: its registry's promote latency is measured alongside")
+    parser.add_argument("--latency-only", action="store_true", help="only the promote latency (no throughput, "
+                        "no propagation)")
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -408,14 +468,17 @@ def main() -> None:
         if backend == "sqlite":
             tmp = tempfile.mkdtemp(prefix="berth-bench-registry-")
             try:
-                results.append(run_backend("sqlite", f"sqlite:///{tmp}/registry.db", args))
+                results.append(run_backend("sqlite", f"sqlite:///{tmp}/registry.db", args,
+                                           baseline_url=f"sqlite:///{tmp}/baseline.db"))
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         elif backend == "postgresql":
             from tests.support.postgres import running_cluster
 
             with running_cluster() as cluster:
-                results.append(run_backend("postgresql", cluster.create_database("bench"), args))
+                baseline_url = cluster.create_database("baseline") if args.baseline_tree else ""
+                results.append(run_backend("postgresql", cluster.create_database("bench"), args,
+                                           baseline_url=baseline_url))
         else:
             parser.error(f"unknown backend {backend!r}: use sqlite and/or postgresql")
     report(results, args)

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -233,8 +233,16 @@ class RegistryService:
     def _project_names(session: Session, ids: set[str]) -> dict[str, str]:
         if not ids:
             return {}
-        rows = session.execute(select(ProjectRow.id, ProjectRow.name).where(ProjectRow.id.in_(ids)))
-        return {row.id: row.name for row in rows}
+        names: dict[str, str] = {}
+        for project_id in ids:  # the transaction has usually loaded its project already: no query then
+            loaded = session.identity_map.get(session.identity_key(ProjectRow, project_id))
+            if loaded is not None:
+                names[project_id] = loaded.name
+        missing = ids - set(names)
+        if missing:
+            rows = session.execute(select(ProjectRow.id, ProjectRow.name).where(ProjectRow.id.in_(missing)))
+            names.update({row.id: row.name for row in rows})
+        return names
 
     # ---- lookups ------------------------------------------------------
 
@@ -626,23 +634,30 @@ class RegistryService:
         reason: str,
         scale_previous_to_zero: bool = False,
         idle: domain.IdleWindows = domain.NO_IDLE_CHANGE,
+        bindings: Mapping[str, BindingRow | None] | None = None,
     ) -> HistoryRow:
         """Moves ``env``'s pointer to ``dep`` with compare-and-swap on the
         sequence ``env`` was read at, appends the history entry and upserts
-        the binding. Raises Aborted, recording nothing, if another move won."""
+        the binding. Raises Aborted, recording nothing, if another move won.
+        ``bindings``: the environment's bindings of ``dep`` and of the
+        deployment serving now, by deployment id (None: it has none), when
+        the caller loaded them already."""
         domain.check_expected_sequence(env.name, env.sequence, expected_sequence)
         previous_id = env.deployment_id or ""
         current = env.sequence
         revision = tx.bump()
-        swapped = _rowcount(tx.session.execute(
+        # The row as it is after the swap comes back with it (RETURNING): no
+        # second round trip to re-read it.
+        swapped = tx.session.execute(
             update(EnvironmentRow)
             .where(EnvironmentRow.id == env.id, EnvironmentRow.sequence == current)
             .values(
                 sequence=current + 1, deployment_id=dep.id, previous_deployment_id=previous_id, revision=revision
             )
-            .execution_options(synchronize_session=False)
-        ))
-        if swapped != 1:
+            .returning(EnvironmentRow)
+            .execution_options(synchronize_session=False, populate_existing=True)
+        ).scalar_one_or_none()
+        if swapped is None:
             now = tx.session.execute(
                 select(EnvironmentRow.sequence).where(EnvironmentRow.id == env.id)
             ).scalar_one_or_none()
@@ -656,7 +671,6 @@ class RegistryService:
                 reason="SEQUENCE_CONFLICT",
                 metadata={"environment": env.name, "current_sequence": str(now), "expected_sequence": str(current)},
             )
-        tx.session.refresh(env)
         entry = HistoryRow(
             environment_id=env.id,
             sequence=current + 1,
@@ -672,7 +686,7 @@ class RegistryService:
         tx.session.add(entry)
         tx.touch_environment(env, move=entry)
 
-        binding = tx.session.get(BindingRow, (env.id, dep.id))
+        binding = bindings[dep.id] if bindings is not None else tx.session.get(BindingRow, (env.id, dep.id))
         if binding is None:
             binding = BindingRow(environment_id=env.id, deployment_id=dep.id, project_id=env.project_id)
             tx.session.add(binding)
@@ -680,17 +694,17 @@ class RegistryService:
         binding.max_replicas = bounds.max_replicas
         _set_idle(binding, idle)
         binding.state = domain.Lifecycle.ACTIVE.value
-        binding.updated_at = utcnow()
-        tx.session.flush()
-        tx.touch_binding(binding)
+        tx.touch_binding(binding)  # (sets updated_at): one INSERT or UPDATE at the flush below
 
         if previous_id and previous_id != dep.id:
-            previous = tx.session.get(BindingRow, (env.id, previous_id))
+            if bindings is not None and previous_id in bindings:
+                previous = bindings[previous_id]
+            else:
+                previous = tx.session.get(BindingRow, (env.id, previous_id))
             if previous is not None:
                 if scale_previous_to_zero:
                     previous.min_replicas = 0
-                    previous.updated_at = utcnow()
-                tx.touch_binding(previous)  # its "serving" flag changed
+                tx.touch_binding(previous)  # its "serving" flag changed (sets updated_at)
         tx.session.flush()
         return entry
 
@@ -774,7 +788,19 @@ class RegistryService:
                 )
             reason = self._check_gate(tx.session, env, dep, skip_gate=skip_gate, reason=reason)
             domain.check_protected(env.name, env.protected, confirm)
-            existing = tx.session.get(BindingRow, (env.id, dep.id))
+            # This deployment's binding there and the serving one's, with its
+            # deployment (the move touches and publishes both), in one query.
+            # (Held here until the commit: the session's identity map only
+            # keeps what is referenced, and the change feed reads them.)
+            bindings: dict[str, BindingRow | None] = {dep.id: None, env.deployment_id or dep.id: None}
+            prefetched = tx.session.execute(
+                select(BindingRow, DeploymentRow)
+                .join(DeploymentRow, DeploymentRow.id == BindingRow.deployment_id)
+                .where(BindingRow.environment_id == env.id, BindingRow.deployment_id.in_(set(bindings)))
+            ).all()
+            for row, _ in prefetched:
+                bindings[row.deployment_id] = row
+            existing = bindings[dep.id]
             fallback = domain.ReplicaBounds(existing.min_replicas, existing.max_replicas) if existing else None
             if fallback is not None and fallback.min_replicas == 0:
                 fallback = domain.ReplicaBounds(domain.DEFAULT_MIN_REPLICAS, fallback.max_replicas)
@@ -782,7 +808,7 @@ class RegistryService:
             entry = self._move(
                 tx, principal, env, dep, kind=domain.MoveKind.PROMOTE, bounds=bounds,
                 expected_sequence=expected_sequence, reason=reason, scale_previous_to_zero=scale_previous_to_zero,
-                idle=idle,
+                idle=idle, bindings=bindings,
             )
             deployment = convert.deployment(dep)
             return MoveResult(convert.environment(env, project.name), convert.history_entry(entry), deployment)
