@@ -625,6 +625,8 @@ def requests_line(requests: dict[str, Any] | None) -> str:
         return "Requests: none in the last 5 minutes"
 
     def ms(seconds: float) -> str:
+        if seconds >= 1:
+            return f"{seconds:.2f} s"
         return f"{seconds * 1000:.0f} ms" if seconds >= 0.01 else f"{seconds * 1000:.1f} ms"
 
     parts = []
