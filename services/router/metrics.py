@@ -22,9 +22,10 @@ routers, and percentiles come from the merged histogram.
 from __future__ import annotations
 
 import time
+from array import array
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableSequence, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,7 +68,6 @@ class RequestStats:
 
 
 WINDOWS = (60, 300)  # seconds: the last minute and the last five minutes
-HORIZON = max(WINDOWS)
 # One bucket's (or window's) figures as a flat vector, summed element-wise:
 # requests, responses 2xx, 3xx, 4xx, 5xx, latency sum (seconds), then the
 # requests per latency bucket (BUCKETS, then +Inf; not cumulative). Other
@@ -83,48 +83,61 @@ def empty_vector() -> Vector:
     return [0] * VECTOR_LENGTH
 
 
-def add_into(total: Vector, other: Vector) -> None:
+def add_into(total: MutableSequence[float], other: Sequence[float]) -> None:
     for i, value in enumerate(other):
         total[i] += value
 
 
 class BindingWindows:
-    """One binding's requests in per-second buckets, kept for ``horizon``
-    seconds; only seconds that had requests take memory."""
+    """One binding's requests in per-second buckets, with a running total
+    per window (``lengths`` seconds): adding a second's requests and
+    dropping the seconds that left a window cost a few additions each,
+    however long the windows. Only seconds that had requests take memory."""
 
-    __slots__ = ("horizon", "_seconds")
+    __slots__ = ("lengths", "_seconds", "_buckets", "_totals")
 
-    def __init__(self, horizon: int = HORIZON) -> None:
-        self.horizon = horizon
-        self._seconds: deque[tuple[int, Vector]] = deque()
+    def __init__(self, lengths: tuple[int, ...] = WINDOWS) -> None:
+        self.lengths = lengths
+        # Per window: the seconds inside it and their figures, as arrays
+        # (objects the garbage collector never has to walk).
+        self._seconds: list[deque[int]] = [deque() for _ in lengths]
+        self._buckets: list[deque[array[float]]] = [deque() for _ in lengths]
+        self._totals: list[array[float]] = [array("d", empty_vector()) for _ in lengths]
 
     def add(self, second: int, vector: Vector) -> None:
         """Adds requests finished in ``second`` (a clock read going backwards
         counts in the latest bucket)."""
-        if self._seconds and self._seconds[-1][0] >= second:
-            add_into(self._seconds[-1][1], vector)
-        else:
-            self._seconds.append((second, list(vector)))
+        for seconds, buckets, total in zip(self._seconds, self._buckets, self._totals, strict=True):
+            if seconds and seconds[-1] >= second:
+                add_into(buckets[-1], vector)
+            else:
+                seconds.append(second)
+                buckets.append(array("d", vector))
+            add_into(total, vector)
         self.expire(second)
 
     def expire(self, now: int) -> None:
-        while self._seconds and self._seconds[0][0] <= now - self.horizon:
-            self._seconds.popleft()
+        """Drops the seconds that are no longer in their window at ``now``."""
+        for length, seconds, buckets, total in zip(self.lengths, self._seconds, self._buckets, self._totals,
+                                                   strict=True):
+            while seconds and seconds[0] <= now - length:
+                seconds.popleft()
+                gone = buckets.popleft()
+                for i, value in enumerate(gone):
+                    total[i] -= value
+            if not seconds:  # no rounding left over in the latency sum
+                total[:] = array("d", empty_vector())
 
     @property
     def empty(self) -> bool:
-        return not self._seconds
+        return not any(self._seconds)
 
     def window(self, now: int, length: int) -> Vector:
-        """The sum of the buckets of the last ``length`` seconds: seconds
-        ``now - length + 1`` to ``now`` (the current, partial one included)."""
-        total = empty_vector()
-        oldest = now - length
-        for second, vector in reversed(self._seconds):
-            if second <= oldest:
-                break
-            add_into(total, vector)
-        return total
+        """The requests of the last ``length`` seconds (one of ``lengths``):
+        seconds ``now - length + 1`` to ``now``, the current, partial one
+        included."""
+        self.expire(now)
+        return list(self._totals[self.lengths.index(length)])
 
 
 def window_proto(vector: Vector) -> scheduler_internal_pb2.RequestWindow:

@@ -49,14 +49,18 @@ def test_binding_window_sums_the_seconds_inside_it(
     assert windows.window(now, length)[REQUESTS] == expected
 
 
-def test_buckets_older_than_the_horizon_are_dropped() -> None:
-    windows = BindingWindows(horizon=300)
-    windows.add(0, vector(1))
-    windows.add(10, vector(1))
+def test_seconds_leave_each_window_in_turn() -> None:
+    windows = BindingWindows()
+    windows.add(0, vector(1, bucket=2))
+    windows.add(10, vector(2, bucket=3))
+    assert windows.window(59, 60)[REQUESTS] == 3 and windows.window(59, 300)[REQUESTS] == 3
+    minute = windows.window(60, 60)  # second 0 left the minute, not the five minutes
+    assert minute[REQUESTS] == 2 and minute[HISTOGRAM + 2] == 0 and minute[HISTOGRAM + 3] == 2
+    assert windows.window(60, 300)[HISTOGRAM + 2] == 1
     windows.expire(300)
-    assert not windows.empty and windows.window(300, 300)[REQUESTS] == 1
+    assert not windows.empty and windows.window(300, 300)[REQUESTS] == 2
     windows.expire(310)
-    assert windows.empty
+    assert windows.empty and windows.window(310, 300) == empty_vector()
 
 
 class Clock:
