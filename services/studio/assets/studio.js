@@ -846,6 +846,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("new-env").addEventListener("click", newEnvironmentDialog);
   $("dialog-cancel").addEventListener("click", () => $("dialog").close());
   $("tabs").addEventListener("keydown", onTabKey);
+  // A hidden tab skips its refreshes: catch up with what the feed pushed meanwhile.
+  document.addEventListener("visibilitychange", () => { if (!document.hidden && !$("deployments").hidden) scheduleRefresh(); });
   window.addEventListener("hashchange", () => {
     renderViews();
     $("panel").replaceChildren(el("p", { class: "empty" }, "Loading…"));
