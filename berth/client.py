@@ -202,6 +202,12 @@ def channel_arguments(value: str, kind: str = "") -> tuple[str, list[tuple[str, 
     if len(split_addresses(value)) > 1:
         options.append(("grpc.service_config", service_config(HEALTH_SERVICE_OF.get(kind, ""))))
         options.append(("grpc.enable_retries", 1))
+        # gRPC's default reconnect backoff grows to minutes: an instance that
+        # died and came back would stay unused long enough for the next
+        # instance's death to leave no backend. Reconnect within a second.
+        options.append(("grpc.initial_reconnect_backoff_ms", 100))
+        options.append(("grpc.min_reconnect_backoff_ms", 100))
+        options.append(("grpc.max_reconnect_backoff_ms", 1000))
     return target, options
 
 
