@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, or_, select, text, update
+from sqlalchemy import String, and_, cast, delete, func, or_, select, text, update
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -87,16 +87,27 @@ class _Tx:
     # environment id -> the history entry its move appended
     moves: dict[str, HistoryRow] = field(default_factory=dict)
     revoked_keys: list[ApiKeyRow] = field(default_factory=list)
+    # PostgreSQL: the change feed's NOTIFY channel. The revision's bump
+    # queues the notification in the same statement (delivered at commit,
+    # and only if the transaction commits): no round trip of its own.
+    notify_channel: str = ""
+    notified: bool = False
 
     def bump(self) -> int:
         if not self.revision:
-            self.revision = self.session.execute(
-                update(MetaRow)
-                .where(MetaRow.id == 1)
-                .values(revision=MetaRow.revision + 1)
-                .returning(MetaRow.revision)
-                .execution_options(synchronize_session=False)
-            ).scalar_one()
+            statement = update(MetaRow).where(MetaRow.id == 1).values(revision=MetaRow.revision + 1)
+            if self.notify_channel:
+                returning = statement.returning(
+                    MetaRow.revision, func.pg_notify(self.notify_channel, cast(MetaRow.revision + 0, String))
+                )
+                self.revision = self.session.execute(
+                    returning.execution_options(synchronize_session=False)
+                ).scalars().one()
+                self.notified = True
+            else:
+                self.revision = self.session.execute(
+                    statement.returning(MetaRow.revision).execution_options(synchronize_session=False)
+                ).scalar_one()
         return self.revision
 
     def touch_environment(self, row: EnvironmentRow, *, move: HistoryRow | None = None) -> None:
@@ -170,7 +181,7 @@ class RegistryService:
         with self._write_lock:
             try:
                 with self._sessions() as session:
-                    tx = _Tx(session)
+                    tx = _Tx(session, notify_channel=feed.NOTIFY_CHANNEL if self.dialect == "postgresql" else "")
                     session.begin()
                     try:
                         yield tx
@@ -179,7 +190,7 @@ class RegistryService:
                         if changes:
                             session.add_all(feed.to_rows(changes))
                             session.flush()
-                            if self.dialect == "postgresql":
+                            if self.dialect == "postgresql" and not tx.notified:
                                 # Delivered by PostgreSQL at commit, and only
                                 # if the transaction commits.
                                 session.execute(
