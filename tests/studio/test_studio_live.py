@@ -13,6 +13,7 @@ import os
 import signal
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -88,8 +89,26 @@ def project(platform) -> tuple[str, str]:
 
 
 def stop_status_polling(studio: Studio) -> None:
-    """From here on only the watch's events can change the page."""
-    studio.page.evaluate("() => { clearInterval(state.timer); window.__notReloaded = true; }")
+    """From here on only the watch's events can change the page. Also notes
+    when each deployment first shows as the current one (``__shownAt``)."""
+    studio.page.evaluate("""() => {
+        clearInterval(state.timer);
+        window.__notReloaded = true;
+        window.__shownAt = {};
+        new MutationObserver(() => {
+            const current = document.getElementById("current-deployment");
+            if (current && !(current.textContent in window.__shownAt)) window.__shownAt[current.textContent] = Date.now();
+        }).observe(document.getElementById("panel"), { childList: true, subtree: true });
+    }""")
+
+
+def print_push_delay(studio: Studio, platform: RunningPlatform, key: str, environment: str, deployment: str) -> None:
+    """How long after the move committed (its history entry's time) the page
+    showed it: a figure printed, not asserted."""
+    entries = rest(platform, key, f"/environments/{environment}/promotions")["entries"]
+    committed = datetime.fromisoformat(entries[-1]["created_at"].replace("Z", "+00:00")).timestamp() * 1000
+    shown = studio.page.evaluate(f"() => window.__shownAt[{json.dumps(deployment)}]")
+    print(f"STUDIO_PUSH move committed -> shown in the page: {shown - committed:.0f} ms")
 
 
 def test_traffic_charts_render_the_scheduler_figures(platform, project, studio) -> None:
@@ -134,6 +153,7 @@ def test_a_cli_promote_appears_without_reload_and_the_feed_resumes_after_a_route
     platform.cli_json("promote", first, "--to", "production", "--yes", "--project", "live", api_key=key)
     expect(page.locator("#current-deployment")).to_have_text(first)
     assert page.evaluate("() => window.__notReloaded === true")
+    print_push_delay(studio, platform, key, "production", first)
     revision = int(live.get_attribute("data-revision") or 0)
     assert revision > 0
 
@@ -153,6 +173,7 @@ def test_a_cli_promote_appears_without_reload_and_the_feed_resumes_after_a_route
     platform.cli_json("promote", second, "--to", "production", "--yes", "--project", "live", api_key=key)
     expect(page.locator("#current-deployment")).to_have_text(second)
     assert page.evaluate("() => window.__notReloaded === true")
+    print_push_delay(studio, platform, key, "production", second)
     assert int(live.get_attribute("data-revision") or 0) > revision
     page.screenshot(path=str(ARTIFACTS / "live-02-after-router-restart.png"), full_page=True)
     # While the router was down the browser logged its failed requests; nothing else.
