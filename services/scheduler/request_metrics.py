@@ -180,10 +180,14 @@ class RequestMetricsStore:
         now = self._clock()
         return [r for r in self._reports.values() if now - r.at < self.live_window]
 
-    def _merged(self) -> dict[BindingKey, tuple[Window, Window]]:
+    def _merged(self, only: BindingKey | None = None) -> dict[BindingKey, tuple[Window, Window]]:
+        """Every binding's windows summed over the live reporters (or just
+        ``only``'s)."""
         merged: dict[BindingKey, tuple[Window, Window]] = {}
         for report in self._live():
-            for key, (minute, five) in report.windows.items():
+            items = report.windows.items() if only is None else (
+                [(only, report.windows[only])] if only in report.windows else [])
+            for key, (minute, five) in items:
                 total = merged.get(key)
                 if total is None:
                     total = merged[key] = (Window(), Window())
@@ -217,7 +221,7 @@ class RequestMetricsStore:
         """A binding's merged windows and history; None when no live
         reporter has requests for it and it has no history."""
         self._roll_minute()
-        merged = self._merged().get(key)
+        merged = self._merged(key).get(key)
         oldest = self._wall() - HISTORY_MINUTES * 60
         history = tuple(p for p in self._history.get(key, ()) if p.minute_end > oldest)
         if merged is None and not history:
