@@ -995,8 +995,16 @@ def report_binding(ctx: Ctx, verb: str, b: common_pb2.Binding) -> None:
         {"binding": binding_json(b)},
         lambda: out.print(
             f"{verb} {b.deployment.id} in [bold]{b.environment_name}[/]: replicas {b.min_replicas}..{b.max_replicas}"
+            + _idle_text(b)
         ),
     )
+
+
+def _idle_text(b: common_pb2.Binding) -> str:
+    """The binding's own idle windows, when it has any (else the scheduler's apply)."""
+    parts = [f"{name} {seconds}s" for name, seconds in (("idle pause", b.idle_pause_seconds),
+                                                        ("idle stop", b.idle_stop_seconds)) if seconds]
+    return f", {', '.join(parts)}" if parts else ""
 
 
 @deployment.command("scale")

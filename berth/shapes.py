@@ -100,6 +100,9 @@ def binding_json(b: common_pb2.Binding) -> dict[str, Any]:
         "state": enums.label(common_pb2.Binding.State, b.state),
         "serving": b.serving,
         "updated_at": timestamp(b, "updated_at"),
+        # The paused tier's windows in seconds; 0: the scheduler's default.
+        "idle_pause_seconds": b.idle_pause_seconds,
+        "idle_stop_seconds": b.idle_stop_seconds,
     }
 
 

@@ -97,6 +97,10 @@ SCHEMAS: dict[str, Any] = {
         "state": {"type": "string", "description": "active | terminated"},
         "serving": BOOLEAN,
         "updated_at": TIME,
+        "idle_pause_seconds": {"type": "integer", "description": "seconds idle before a min-0 binding's replicas "
+                               "are paused; 0: the scheduler's default"},
+        "idle_stop_seconds": {"type": "integer", "description": "seconds idle before they are stopped; 0: the "
+                              "scheduler's default"},
     }),
     "Replica": obj({
         "id": STRING, "name": STRING, "index": INTEGER,

@@ -193,10 +193,16 @@ def test_paused_replica_adopted_after_restart(deployed: Deployed) -> None:
 
 
 def test_stopped_after_idle_stop(deployed: Deployed) -> None:
-    deployed.platform.cli_json(
+    scaled = deployed.platform.cli_json(
         "deployment", "scale", deployed.deployment, "--project", deployed.project, "--idle-stop", "8s",
         api_key=deployed.key,
-    )
+    )["binding"]
+    # The stop window changed, the pause window and the bounds kept.
+    assert (scaled["idle_pause_seconds"], scaled["idle_stop_seconds"]) == (PAUSE, 8)
+    assert (scaled["min_replicas"], scaled["max_replicas"]) == (0, 1)
+    bad = deployed.platform.cli("deployment", "scale", deployed.deployment, "--project", deployed.project,
+                                "--idle-stop", "2d", api_key=deployed.key, check=False)
+    assert bad.returncode != 0 and "is not a duration" in bad.stderr
     _awake(deployed)
     _paused(deployed)  # paused first (3 s) ...
     eventually(lambda: deployed.replicas() == [], timeout=90, interval=0.5, what="the paused replica stopped")
