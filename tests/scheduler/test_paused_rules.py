@@ -110,3 +110,25 @@ def test_a_runtime_that_cannot_pause_stops_after_the_pause_window(at, count):  #
     rt.at(at)
     assert rt._rest(b) is Rest.WAKE  # never asked to pause
     assert rt._decide(b, 1) == count
+
+
+def test_pause_and_unpause_are_fenced_like_every_engine_write():
+    import asyncio
+
+    from services.scheduler import docker_adapter as da
+    from services.scheduler.lease import LeaseLost
+    from tests.scheduler.test_lease import NoEngine, StubFence
+
+    fence = StubFence(epoch=7, leading=False)
+    adapter = da.DockerAdapter(NoEngine(), fence=fence, workers=1)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        for write in (adapter.pause("c"), adapter.unpause("c"), adapter.remove("c", paused=True),
+                      adapter.stop("c", paused=True)):
+            with pytest.raises(LeaseLost):
+                await write  # refused before the engine is touched (NoEngine fails the test otherwise)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        adapter.close()

@@ -208,3 +208,23 @@ def test_stopped_after_idle_stop(deployed: Deployed) -> None:
     eventually(lambda: deployed.replicas() == [], timeout=90, interval=0.5, what="the paused replica stopped")
     assert deployed.status()["status"] == "scaled_to_zero"
     _awake(deployed)  # a cold start again
+
+
+def test_paused_replicas_stopped_when_the_host_needs_the_memory(deployed: Deployed) -> None:
+    deployed.platform.stop()
+    # A floor above any host's available memory: every paused replica is
+    # in the way, so it is stopped long before its stop window (10 min).
+    deployed.platform.env["BERTH_PAUSE_MEMORY_FLOOR"] = str(10**9)  # MiB
+    try:
+        deployed.platform.start()
+        deployed.platform.cli_json(
+            "deployment", "scale", deployed.deployment, "--project", deployed.project, "--idle-stop", "10m",
+            api_key=deployed.key,
+        )
+        _awake(deployed)
+        eventually(lambda: deployed.replicas() == [], timeout=90, interval=0.2, what="the replica stopped")
+        assert deployed.status()["status"] == "scaled_to_zero"
+        _awake(deployed)  # and it comes back on the next request
+    finally:
+        deployed.platform.stop()
+        del deployed.platform.env["BERTH_PAUSE_MEMORY_FLOOR"]
