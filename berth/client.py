@@ -33,6 +33,8 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.BerthError]] = {
     grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.Unavailable,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
 }
 
 

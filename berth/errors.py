@@ -114,6 +114,18 @@ class Unavailable(BerthError):
     default_reason = "UNAVAILABLE"
 
 
+class ResourceExhausted(BerthError):
+    """A bound was reached (too many streams at once); retry later."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
+class Unimplemented(BerthError):
+    """The operation is not available in this configuration."""
+
+    default_reason = "UNIMPLEMENTED"
+
+
 class Internal(BerthError):
     """A bug or an unexpected failure; never caused by the caller."""
 

@@ -179,6 +179,56 @@ class SchedulerLeader(_message.Message):
     epoch: int
     def __init__(self, instance: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
+class StreamDeploymentLogsRequest(_message.Message):
+    __slots__ = ("project", "deployment_id", "latest", "environment", "replica", "since", "tail", "follow")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    latest: bool
+    environment: str
+    replica: str
+    since: _timestamp_pb2.Timestamp
+    tail: int
+    follow: bool
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., latest: _Optional[bool] = ..., environment: _Optional[str] = ..., replica: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tail: _Optional[int] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class LogLine(_message.Message):
+    __slots__ = ("time", "replica_id", "replica_index", "environment_id", "environment", "stream", "text", "dropped", "archived")
+    class Stream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STREAM_UNSPECIFIED: _ClassVar[LogLine.Stream]
+        STREAM_STDOUT: _ClassVar[LogLine.Stream]
+        STREAM_STDERR: _ClassVar[LogLine.Stream]
+    STREAM_UNSPECIFIED: LogLine.Stream
+    STREAM_STDOUT: LogLine.Stream
+    STREAM_STDERR: LogLine.Stream
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVED_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    replica_id: str
+    replica_index: int
+    environment_id: str
+    environment: str
+    stream: LogLine.Stream
+    text: str
+    dropped: int
+    archived: bool
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., replica_id: _Optional[str] = ..., replica_index: _Optional[int] = ..., environment_id: _Optional[str] = ..., environment: _Optional[str] = ..., stream: _Optional[_Union[LogLine.Stream, str]] = ..., text: _Optional[str] = ..., dropped: _Optional[int] = ..., archived: _Optional[bool] = ...) -> None: ...
+
 class RequestMetrics(_message.Message):
     __slots__ = ("last_minute", "last_five_minutes", "history")
     LAST_MINUTE_FIELD_NUMBER: _ClassVar[int]

@@ -52,6 +52,11 @@ class SchedulerStub:
                 request_serializer=berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsResponse.FromString,
                 _registered_method=True)
+        self.StreamDeploymentLogs = channel.unary_stream(
+                '/berth.v1.Scheduler/StreamDeploymentLogs',
+                request_serializer=berth_dot_v1_dot_scheduler__pb2.StreamDeploymentLogsRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_scheduler__pb2.LogLine.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -90,6 +95,30 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamDeploymentLogs(self, request, context):
+        """Lines the replicas of a deployment printed, from every replica (of one
+        environment, or one replica), merged in time order: each with its replica,
+        stream (stdout/stderr) and time. The engine's log of each container is
+        read; the last lines (200 of each stream, 64 KiB) of replicas that exited and
+        were removed (crashed, replaced, scaled down) are kept by the scheduler for
+        a while (bounded in count and age, secret values redacted) and merged in
+        with `archived` set. With `follow` the stream stays open and replicas that
+        start later (scale-up, replacement of a crashed one) join it. Bounded: a
+        replica printing faster than the scheduler's rate (per stream) has lines
+        dropped, replaced by one line whose `dropped` counts them; lines longer
+        than 8 KiB are cut. Local runtime only (the swarm runtime answers
+        UNIMPLEMENTED).
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (deployment_id, latest, project, since, tail);
+        NOT_FOUND for the deployment, the binding when `environment` is given, or
+        the replica; PERMISSION_DENIED WRONG_PROJECT; RESOURCE_EXHAUSTED when the
+        scheduler follows too many logs already; UNAVAILABLE (NOT_LEADER on a
+        standby, or the engine unreachable); UNIMPLEMENTED on the swarm runtime.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +131,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListDeploymentErrors,
                     request_deserializer=berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsRequest.FromString,
                     response_serializer=berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsResponse.SerializeToString,
+            ),
+            'StreamDeploymentLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamDeploymentLogs,
+                    request_deserializer=berth_dot_v1_dot_scheduler__pb2.StreamDeploymentLogsRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_scheduler__pb2.LogLine.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -166,6 +200,33 @@ class Scheduler:
             '/berth.v1.Scheduler/ListDeploymentErrors',
             berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsRequest.SerializeToString,
             berth_dot_v1_dot_scheduler__pb2.ListDeploymentErrorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamDeploymentLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/berth.v1.Scheduler/StreamDeploymentLogs',
+            berth_dot_v1_dot_scheduler__pb2.StreamDeploymentLogsRequest.SerializeToString,
+            berth_dot_v1_dot_scheduler__pb2.LogLine.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,7 @@ from .desired import DesiredTable, RegistryWatcher
 from .docker_adapter import DockerAdapter
 from .events import EventStore
 from .lease import LeaderDuties, LeaderElector, default_instance_name, lease_store
+from .logs import CrashTails, DeploymentLogs
 from .reconciler import Reconciler, SchedulerConfig
 from .remote_deps import GrpcImageRecorder, GrpcSecretsResolver
 from .runtime import RUNTIMES, Runtime
@@ -223,6 +224,11 @@ async def serve(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: {exc.message}") from None
     else:
         reconciler = Reconciler(adapter, table, secrets, events, config, record_image=recorder, fence=elector)
+    deployment_logs = None  # the swarm runtime does not read logs (UNIMPLEMENTED)
+    if args.runtime != "swarm":
+        tails = CrashTails(adapter, table, args.data_dir)
+        adapter.before_remove = tails.keep  # the last lines of every replica removed, kept
+        deployment_logs = DeploymentLogs(adapter, args.instance, tails)
     watcher = RegistryWatcher(table, args.registry, args.service_token)
     authenticator = RegistryAuthenticator(args.registry, args.service_token, admin_key=env("BERTH_ADMIN_KEY"))
 
@@ -230,7 +236,8 @@ async def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         service_names=SERVICE_NAMES,
-        register=lambda server: add_to_server(server, table, reconciler, events, leadership=elector),
+        register=lambda server: add_to_server(server, table, reconciler, events, leadership=elector,
+                                              logs=deployment_logs),
         authenticate=authenticator,
         # Not SERVING until the bindings are loaded from the registry: until
         # then it cannot tell a deployment's status (nor `berth up` be ready).

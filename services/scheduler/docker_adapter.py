@@ -18,7 +18,7 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -139,6 +139,9 @@ class DockerAdapter:
         self.fence = fence
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker")
         self._pull_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="docker-pull")
+        # Called (in the worker thread) with a container's id after it is
+        # stopped and before it is removed: the crash-tail keeper (logs.py).
+        self.before_remove: Callable[[str], None] | None = None
 
     async def _run(self, fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
         loop = asyncio.get_running_loop()
@@ -323,6 +326,7 @@ class DockerAdapter:
                 return
             except docker.errors.APIError:
                 pass  # not running, or being removed: remove(force) decides
+            self._before_remove(container_id)
             try:
                 self._fenced()  # the stop may have taken its whole grace period
                 self._client.api.remove_container(container_id, force=True)
@@ -334,6 +338,52 @@ class DockerAdapter:
                 raise
 
         await self._run(remove_)
+
+    def _before_remove(self, container_id: str) -> None:
+        if self.before_remove is None:
+            return
+        try:
+            self.before_remove(container_id)
+        except Exception:  # noqa: BLE001 - keeping a tail never blocks a removal
+            log.exception("before_remove_failed", extra={"container": container_id[:12]})
+
+    # -- logs (blocking: called from the log readers' own threads, logs.py) ----
+    def inspect_with_environment(self, container_id: str) -> tuple[ContainerInfo, dict[str, str]]:
+        """Blocking: a container and its environment (``NAME=value`` split);
+        the values are for redaction only, never logged or answered."""
+        try:
+            attrs = self._client.api.inspect_container(container_id)
+        except docker.errors.NotFound as exc:
+            raise ContainerGone(_explanation(exc)) from None
+        except docker.errors.APIError as exc:
+            raise EngineError(_explanation(exc)) from None
+        env: dict[str, str] = {}
+        for item in (attrs.get("Config") or {}).get("Env") or []:
+            name, _, value = str(item).partition("=")
+            env[name] = value
+        return self._info(attrs), env
+
+    def open_log(
+        self, container_id: str, stream: str, *, since: datetime | None, tail: int | None, follow: bool
+    ) -> ContainerLog:
+        """Blocking: one stream (``stdout`` or ``stderr``) of a container's
+        log, with the engine's timestamps. ``tail`` None means all lines.
+        ``ContainerLog.close`` (from any thread) ends a follow."""
+        kwargs: dict[str, Any] = {
+            "stdout": stream == "stdout", "stderr": stream == "stderr", "stream": True, "timestamps": True,
+            "follow": follow, "tail": "all" if tail is None else max(tail, 0),
+        }
+        if since is not None:
+            kwargs["since"] = max(since.timestamp(), 0.000001)  # a float: sub-second precision
+        try:
+            raw = self._client.api.logs(container_id, **kwargs)
+        except docker.errors.NotFound as exc:
+            raise ContainerGone(_explanation(exc)) from None
+        except docker.errors.APIError as exc:
+            raise EngineError(_explanation(exc)) from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+            raise EngineUnavailable(f"Docker engine unreachable: {exc}") from None
+        return ContainerLog(raw)
 
     # -- images -------------------------------------------------------------
     async def image_id(self, ref: str) -> str | None:
@@ -368,6 +418,66 @@ class DockerAdapter:
                 return await self._run(pull_, pool=self._pull_pool)
         except TimeoutError:
             raise PullFailed(f"pulling {ref} did not finish within {timeout:g} s") from None
+
+
+# A log line longer than this is cut (the engine itself splits lines at 16 KiB).
+MAX_LOG_LINE = 8192
+
+
+class ContainerLog:
+    """Iterates ``(time, text)`` over one stream of a container's log (the
+    engine's ``TIMESTAMP text`` lines, split and cut at ``MAX_LOG_LINE``
+    bytes); ``close`` ends it from another thread."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self._raw.close()
+        except Exception:  # noqa: BLE001 - closing a socket already gone
+            pass
+
+    def __iter__(self) -> Iterator[tuple[datetime, str]]:
+        pending = b""
+        try:
+            for chunk in self._raw:
+                if self.closed:
+                    return
+                pending += chunk
+                while True:
+                    cut = pending.find(b"\n")
+                    if cut < 0:
+                        if len(pending) > 2 * MAX_LOG_LINE + 64:  # a line with no end yet: cut it
+                            parsed = _log_line(pending)
+                            pending = b""
+                            if parsed is not None:
+                                yield parsed
+                        break
+                    line, pending = pending[:cut], pending[cut + 1:]
+                    parsed = _log_line(line)
+                    if parsed is not None:
+                        yield parsed
+            if pending and not self.closed:
+                parsed = _log_line(pending)
+                if parsed is not None:
+                    yield parsed
+        except (requests.exceptions.RequestException, OSError, ValueError):
+            return  # the stream was closed under us (close) or the engine went away
+
+
+def _log_line(line: bytes) -> tuple[datetime, str] | None:
+    stamp, _, text = line.partition(b" ")
+    when = _parse_time(stamp.decode("ascii", errors="replace"))
+    if when is None:
+        return None
+    if text.endswith(b"\r"):
+        text = text[:-1]
+    if len(text) > MAX_LOG_LINE:
+        text = text[:MAX_LOG_LINE] + f" [... {len(text) - MAX_LOG_LINE} bytes cut]".encode()
+    return when, text.decode("utf-8", errors="replace")
 
 
 def _translated(fn: Callable[..., T], *args: Any) -> T:

@@ -12,7 +12,7 @@ shared event store and are served by any instance."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -27,6 +27,7 @@ from services.common.ids import deployment_not_found_message, validate_deploymen
 from .desired import DesiredTable, is_terminated
 from .events import EventStore
 from .lease import LeaderElector, LeaseLost
+from .logs import MAX_TAIL, DeploymentLogs, LogQuery
 from .request_metrics import WINDOW_SECONDS, BindingFigures, InvalidWindow, RequestMetricsStore, Window
 from .routers import RouterRevisions
 from .runtime import Runtime
@@ -102,6 +103,10 @@ def _names_project(given: str, binding: common_pb2.Binding) -> bool:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    # The replica log reader (logs.py), set by add_to_server; None: the
+    # runtime cannot read logs (swarm), StreamDeploymentLogs is UNIMPLEMENTED.
+    _logs: DeploymentLogs | None = None
+
     def __init__(
         self, table: DesiredTable, reconciler: Runtime, events: EventStore,
         leadership: LeaderElector | None = None, request_metrics: RequestMetricsStore | None = None,
@@ -290,6 +295,67 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             error.last_seen.FromDatetime(event.last_seen)
         return response
 
+    # -- logs (logs.py) -------------------------------------------------------
+    async def StreamDeploymentLogs(
+        self, request: scheduler_pb2.StreamDeploymentLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.LogLine]:
+        principal = caller()
+        since = _log_since(request)
+        tail = request.tail if request.HasField("tail") else None
+        if tail is not None and not 0 <= tail <= MAX_TAIL:
+            raise errors.InvalidArgument(f"tail must be between 0 and {MAX_TAIL}, not {tail}", field="tail")
+        deployment_id = self._deployment_id(principal, request.project, request.deployment_id, request.latest)
+        self._require_loaded()
+        bindings = self._bindings_of(deployment_id)
+        if not bindings:
+            raise self._not_found(principal, request.project, deployment_id)
+        first = bindings[0]
+        self._authorize(principal, request.project, deployment_id, first.project_id, first.project_name)
+        if request.environment:
+            bindings = [b for b in bindings if request.environment in (b.environment_id, b.environment_name)]
+            if not bindings:
+                raise errors.NotFound(
+                    f"deployment {deployment_id} is not bound to environment {request.environment!r}",
+                    resource_type="binding", resource_name=f"{request.environment}/{deployment_id}",
+                )
+        if self._logs is None:
+            raise errors.Unimplemented(
+                "this scheduler's runtime (swarm) does not serve replica logs yet; read them on the cluster with "
+                "`docker service logs`",
+            )
+        # The leader reads the engine (as status does): one rule for every status call.
+        require_leader(self._leadership)
+        names = {b.environment_id: b.environment_name for b in bindings}
+        query = LogQuery(
+            deployment_id=deployment_id, environment_ids=frozenset(names), replica=request.replica, since=since,
+            tail=tail, follow=request.follow,
+        )
+        await self._logs.check_replica(query, max(b.max_replicas for b in bindings))
+        async for entry in self._logs.read(query):
+            line = scheduler_pb2.LogLine(
+                replica_id=entry.replica_id, replica_index=entry.replica_index,
+                environment_id=entry.environment_id, environment=names.get(entry.environment_id, ""),
+                stream=enums.number(scheduler_pb2.LogLine.Stream, entry.stream), text=entry.text,
+                dropped=entry.dropped, archived=entry.archived,
+            )
+            line.time.FromDatetime(entry.time)
+            yield line
+
+
+def _log_since(request: scheduler_pb2.StreamDeploymentLogsRequest) -> datetime | None:
+    if not request.HasField("since"):
+        return None
+    since = request.since
+    if not 0 <= since.nanos < 1_000_000_000 or since.seconds < 0:
+        raise errors.InvalidArgument("since: not a valid time", field="since")
+    try:
+        when = since.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise errors.InvalidArgument("since: not a valid time", field="since") from None
+    if (when - datetime.now(UTC)).total_seconds() > 60:
+        raise errors.InvalidArgument(f"since: {when.isoformat()} is in the future", field="since")
+    return when
+
 
 class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalServicer):
     """What the router asks of the scheduler."""
@@ -387,14 +453,15 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
 
 def add_to_server(
     server: grpc.aio.Server, table: DesiredTable, reconciler: Runtime, events: EventStore,
-    *, leadership: LeaderElector | None = None,
+    *, leadership: LeaderElector | None = None, logs: DeploymentLogs | None = None,
 ) -> None:
     """The public and the internal service, on one server. ``leadership``:
-    the lease, when standbys may run (``lease.py``)."""
+    the lease, when standbys may run (``lease.py``); ``logs``: the replica
+    log reader (local runtime; None answers UNIMPLEMENTED)."""
     request_metrics = RequestMetricsStore()  # reported through the internal service, read through the public one
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(
-        SchedulerServicer(table, reconciler, events, leadership, request_metrics), server
-    )
+    public = SchedulerServicer(table, reconciler, events, leadership, request_metrics)
+    public._logs = logs
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(public, server)
     scheduler_internal_pb2_grpc.add_SchedulerInternalServicer_to_server(
         SchedulerInternalServicer(table, reconciler, leadership, request_metrics), server
     )
