@@ -37,7 +37,7 @@ def test_every_public_enum_starts_with_unspecified_and_has_words():
         assert enums.label(proto_enum, 0) == "unspecified"
         assert all(w and w == w.lower() for w in enums.words(proto_enum))
     assert "node_down" in enums.words(scheduler_pb2.DeploymentError.Kind)
-    assert enums.words(common_pb2.HistoryEntry.Kind) == ["deploy", "promote", "rollback"]
+    assert enums.words(common_pb2.HistoryEntry.Kind) == ["deploy", "promote", "rollback", "canary"]
 
 
 def test_unknown_values_from_a_newer_server_read_unknown():

@@ -78,7 +78,7 @@ class Deployment(_message.Message):
     def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., image: _Optional[str] = ..., image_id: _Optional[str] = ..., config: _Optional[_Union[WorkerConfig, _Mapping]] = ..., state: _Optional[_Union[Deployment.State, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
 
 class Environment(_message.Message):
-    __slots__ = ("id", "project_id", "project_name", "name", "deployment_id", "sequence", "protected", "created_at", "previous_deployment_id")
+    __slots__ = ("id", "project_id", "project_name", "name", "deployment_id", "sequence", "protected", "created_at", "previous_deployment_id", "canary")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_ID_FIELD_NUMBER: _ClassVar[int]
     PROJECT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class Environment(_message.Message):
     PROTECTED_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CANARY_FIELD_NUMBER: _ClassVar[int]
     id: str
     project_id: str
     project_name: str
@@ -97,7 +98,8 @@ class Environment(_message.Message):
     protected: bool
     created_at: _timestamp_pb2.Timestamp
     previous_deployment_id: str
-    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., sequence: _Optional[int] = ..., protected: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., previous_deployment_id: _Optional[str] = ...) -> None: ...
+    canary: Canary
+    def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., project_name: _Optional[str] = ..., name: _Optional[str] = ..., deployment_id: _Optional[str] = ..., sequence: _Optional[int] = ..., protected: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., previous_deployment_id: _Optional[str] = ..., canary: _Optional[_Union[Canary, _Mapping]] = ...) -> None: ...
 
 class Binding(_message.Message):
     __slots__ = ("project_id", "project_name", "environment_id", "environment_name", "deployment", "min_replicas", "max_replicas", "state", "serving", "updated_at", "idle_pause_seconds", "idle_stop_seconds")
@@ -143,10 +145,12 @@ class HistoryEntry(_message.Message):
         KIND_DEPLOY: _ClassVar[HistoryEntry.Kind]
         KIND_PROMOTE: _ClassVar[HistoryEntry.Kind]
         KIND_ROLLBACK: _ClassVar[HistoryEntry.Kind]
+        KIND_CANARY: _ClassVar[HistoryEntry.Kind]
     KIND_UNSPECIFIED: HistoryEntry.Kind
     KIND_DEPLOY: HistoryEntry.Kind
     KIND_PROMOTE: HistoryEntry.Kind
     KIND_ROLLBACK: HistoryEntry.Kind
+    KIND_CANARY: HistoryEntry.Kind
     ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -184,3 +188,59 @@ class ApiKeyInfo(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     revoked_at: _timestamp_pb2.Timestamp
     def __init__(self, id: _Optional[str] = ..., project_id: _Optional[str] = ..., name: _Optional[str] = ..., prefix: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Canary(_message.Message):
+    __slots__ = ("stable_deployment_id", "candidate_deployment_id", "candidate_weight", "steps", "step", "step_started_at", "state", "thresholds", "last_analysis", "last_analysis_at", "reason", "actor")
+    class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATE_UNSPECIFIED: _ClassVar[Canary.State]
+        STATE_RUNNING: _ClassVar[Canary.State]
+        STATE_PAUSED: _ClassVar[Canary.State]
+        STATE_ABORTED: _ClassVar[Canary.State]
+        STATE_PROMOTED: _ClassVar[Canary.State]
+    STATE_UNSPECIFIED: Canary.State
+    STATE_RUNNING: Canary.State
+    STATE_PAUSED: Canary.State
+    STATE_ABORTED: Canary.State
+    STATE_PROMOTED: Canary.State
+    class Step(_message.Message):
+        __slots__ = ("weight", "bake_seconds")
+        WEIGHT_FIELD_NUMBER: _ClassVar[int]
+        BAKE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+        weight: int
+        bake_seconds: int
+        def __init__(self, weight: _Optional[int] = ..., bake_seconds: _Optional[int] = ...) -> None: ...
+    class Thresholds(_message.Message):
+        __slots__ = ("max_error_rate_increase", "max_latency_ratio", "min_requests")
+        MAX_ERROR_RATE_INCREASE_FIELD_NUMBER: _ClassVar[int]
+        MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+        MIN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+        max_error_rate_increase: float
+        max_latency_ratio: float
+        min_requests: int
+        def __init__(self, max_error_rate_increase: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ..., min_requests: _Optional[int] = ...) -> None: ...
+    STABLE_DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STEP_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ANALYSIS_AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    stable_deployment_id: str
+    candidate_deployment_id: str
+    candidate_weight: int
+    steps: _containers.RepeatedCompositeFieldContainer[Canary.Step]
+    step: int
+    step_started_at: _timestamp_pb2.Timestamp
+    state: Canary.State
+    thresholds: Canary.Thresholds
+    last_analysis: str
+    last_analysis_at: _timestamp_pb2.Timestamp
+    reason: str
+    actor: str
+    def __init__(self, stable_deployment_id: _Optional[str] = ..., candidate_deployment_id: _Optional[str] = ..., candidate_weight: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[Canary.Step, _Mapping]]] = ..., step: _Optional[int] = ..., step_started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., state: _Optional[_Union[Canary.State, str]] = ..., thresholds: _Optional[_Union[Canary.Thresholds, _Mapping]] = ..., last_analysis: _Optional[str] = ..., last_analysis_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...

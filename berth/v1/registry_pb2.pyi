@@ -3,6 +3,7 @@ import datetime
 from berth.v1 import common_pb2 as _common_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -503,3 +504,121 @@ class ListEnvironmentGatesResponse(_message.Message):
     GATES_FIELD_NUMBER: _ClassVar[int]
     gates: _containers.RepeatedCompositeFieldContainer[EnvironmentGate]
     def __init__(self, gates: _Optional[_Iterable[_Union[EnvironmentGate, _Mapping]]] = ...) -> None: ...
+
+class StartCanaryRequest(_message.Message):
+    __slots__ = ("project", "deployment_id", "environment", "steps", "thresholds", "min_replicas", "max_replicas", "expected_sequence", "confirm", "reason", "skip_gate")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SKIP_GATE_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    deployment_id: str
+    environment: str
+    steps: _containers.RepeatedCompositeFieldContainer[_common_pb2.Canary.Step]
+    thresholds: _common_pb2.Canary.Thresholds
+    min_replicas: int
+    max_replicas: int
+    expected_sequence: int
+    confirm: bool
+    reason: str
+    skip_gate: bool
+    def __init__(self, project: _Optional[str] = ..., deployment_id: _Optional[str] = ..., environment: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[_common_pb2.Canary.Step, _Mapping]]] = ..., thresholds: _Optional[_Union[_common_pb2.Canary.Thresholds, _Mapping]] = ..., min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., expected_sequence: _Optional[int] = ..., confirm: _Optional[bool] = ..., reason: _Optional[str] = ..., skip_gate: _Optional[bool] = ...) -> None: ...
+
+class GetCanaryRequest(_message.Message):
+    __slots__ = ("project", "environment")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ...) -> None: ...
+
+class PauseCanaryRequest(_message.Message):
+    __slots__ = ("project", "environment", "expected_sequence", "reason")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    expected_sequence: int
+    reason: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ResumeCanaryRequest(_message.Message):
+    __slots__ = ("project", "environment", "expected_sequence", "reason")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    expected_sequence: int
+    reason: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AbortCanaryRequest(_message.Message):
+    __slots__ = ("project", "environment", "expected_sequence", "reason")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    expected_sequence: int
+    reason: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PromoteCanaryNowRequest(_message.Message):
+    __slots__ = ("project", "environment", "expected_sequence", "reason", "confirm")
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    CONFIRM_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    expected_sequence: int
+    reason: str
+    confirm: bool
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., reason: _Optional[str] = ..., confirm: _Optional[bool] = ...) -> None: ...
+
+class AdvanceCanaryRequest(_message.Message):
+    __slots__ = ("project", "environment", "expected_sequence", "step", "action", "analysis")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACTION_UNSPECIFIED: _ClassVar[AdvanceCanaryRequest.Action]
+        ACTION_ADVANCE: _ClassVar[AdvanceCanaryRequest.Action]
+        ACTION_ABORT: _ClassVar[AdvanceCanaryRequest.Action]
+        ACTION_RECORD: _ClassVar[AdvanceCanaryRequest.Action]
+    ACTION_UNSPECIFIED: AdvanceCanaryRequest.Action
+    ACTION_ADVANCE: AdvanceCanaryRequest.Action
+    ACTION_ABORT: AdvanceCanaryRequest.Action
+    ACTION_RECORD: AdvanceCanaryRequest.Action
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    expected_sequence: int
+    step: int
+    action: AdvanceCanaryRequest.Action
+    analysis: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., step: _Optional[int] = ..., action: _Optional[_Union[AdvanceCanaryRequest.Action, str]] = ..., analysis: _Optional[str] = ...) -> None: ...
+
+class CanaryResponse(_message.Message):
+    __slots__ = ("environment", "entry")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    environment: _common_pb2.Environment
+    entry: _common_pb2.HistoryEntry
+    def __init__(self, environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., entry: _Optional[_Union[_common_pb2.HistoryEntry, _Mapping]] = ...) -> None: ...

@@ -174,6 +174,41 @@ class RegistryStub:
                 request_serializer=berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesResponse.FromString,
                 _registered_method=True)
+        self.StartCanary = channel.unary_unary(
+                '/berth.v1.Registry/StartCanary',
+                request_serializer=berth_dot_v1_dot_registry__pb2.StartCanaryRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.GetCanary = channel.unary_unary(
+                '/berth.v1.Registry/GetCanary',
+                request_serializer=berth_dot_v1_dot_registry__pb2.GetCanaryRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.PauseCanary = channel.unary_unary(
+                '/berth.v1.Registry/PauseCanary',
+                request_serializer=berth_dot_v1_dot_registry__pb2.PauseCanaryRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.ResumeCanary = channel.unary_unary(
+                '/berth.v1.Registry/ResumeCanary',
+                request_serializer=berth_dot_v1_dot_registry__pb2.ResumeCanaryRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.AbortCanary = channel.unary_unary(
+                '/berth.v1.Registry/AbortCanary',
+                request_serializer=berth_dot_v1_dot_registry__pb2.AbortCanaryRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.PromoteCanaryNow = channel.unary_unary(
+                '/berth.v1.Registry/PromoteCanaryNow',
+                request_serializer=berth_dot_v1_dot_registry__pb2.PromoteCanaryNowRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+                _registered_method=True)
+        self.AdvanceCanary = channel.unary_unary(
+                '/berth.v1.Registry/AdvanceCanary',
+                request_serializer=berth_dot_v1_dot_registry__pb2.AdvanceCanaryRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -486,6 +521,90 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartCanary(self, request, context):
+        """Starts a canary of `deployment_id` into `environment`: its binding
+        there is created (or updated) with the bounds asked, the candidate
+        takes `steps[0].weight` percent of new requests and the stable (the
+        pointer) the rest; a `canary` history entry is appended (the sequence
+        moves, compare-and-swap like any move). A gated environment needs the
+        gate passed as for Promote.
+        Credentials: project key.
+        Errors: INVALID_ARGUMENT (steps: weights increasing within 1-99, bake
+        seconds at least 1, at most 20 steps; thresholds); NOT_FOUND;
+        FAILED_PRECONDITION DEPLOYMENT_TERMINATED, ALREADY_SERVING,
+        NO_DEPLOYMENT (nothing to be the stable), CANARY_RUNNING,
+        PROTECTED_ENVIRONMENT, GATE_NOT_PASSED; ABORTED SEQUENCE_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCanary(self, request, context):
+        """The environment with its canary (unset `canary` when it has none).
+        Credentials: project key.
+        Errors: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseCanary(self, request, context):
+        """Holds a running canary at its weight (no analysis, no advance).
+        Credentials: project key.
+        Errors: NOT_FOUND; FAILED_PRECONDITION NO_CANARY, CANARY_NOT_RUNNING;
+        ABORTED SEQUENCE_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeCanary(self, request, context):
+        """Resumes a paused canary; its current step bakes again from now.
+        Credentials: project key.
+        Errors: NOT_FOUND; FAILED_PRECONDITION NO_CANARY, CANARY_NOT_PAUSED;
+        ABORTED SEQUENCE_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortCanary(self, request, context):
+        """Ends a running or paused canary with the candidate at weight 0.
+        Credentials: project key.
+        Errors: NOT_FOUND; FAILED_PRECONDITION NO_CANARY, CANARY_ENDED;
+        ABORTED SEQUENCE_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteCanaryNow(self, request, context):
+        """Ends a running or paused canary at once with a `promote` move of the
+        pointer to the candidate (100%).
+        Credentials: project key.
+        Errors: NOT_FOUND; FAILED_PRECONDITION NO_CANARY, CANARY_ENDED,
+        PROTECTED_ENVIRONMENT (needs `confirm`); ABORTED SEQUENCE_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdvanceCanary(self, request, context):
+        """The canary controller's move: from step `step` at `expected_sequence`
+        either to the next step (its weight), to 100% (a `promote` move after
+        the last step) or to an abort (weight 0) with the analysis as reason.
+        A compare-and-swap on the sequence and the step: a controller that
+        restarted and repeats an applied move gets ABORTED, so no step is
+        applied twice.
+        Credentials: the service token (internal).
+        Errors: PERMISSION_DENIED for other callers; NOT_FOUND;
+        FAILED_PRECONDITION NO_CANARY, CANARY_NOT_RUNNING; ABORTED
+        SEQUENCE_CONFLICT, STEP_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -618,6 +737,41 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.ListEnvironmentGates,
                     request_deserializer=berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesRequest.FromString,
                     response_serializer=berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesResponse.SerializeToString,
+            ),
+            'StartCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartCanary,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.StartCanaryRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
+            ),
+            'GetCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCanary,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.GetCanaryRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
+            ),
+            'PauseCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseCanary,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.PauseCanaryRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
+            ),
+            'ResumeCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeCanary,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.ResumeCanaryRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
+            ),
+            'AbortCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortCanary,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.AbortCanaryRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
+            ),
+            'PromoteCanaryNow': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteCanaryNow,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.PromoteCanaryNowRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
+            ),
+            'AdvanceCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvanceCanary,
+                    request_deserializer=berth_dot_v1_dot_registry__pb2.AdvanceCanaryRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1331,6 +1485,195 @@ class Registry:
             '/berth.v1.Registry/ListEnvironmentGates',
             berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesRequest.SerializeToString,
             berth_dot_v1_dot_registry__pb2.ListEnvironmentGatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/StartCanary',
+            berth_dot_v1_dot_registry__pb2.StartCanaryRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/GetCanary',
+            berth_dot_v1_dot_registry__pb2.GetCanaryRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/PauseCanary',
+            berth_dot_v1_dot_registry__pb2.PauseCanaryRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/ResumeCanary',
+            berth_dot_v1_dot_registry__pb2.ResumeCanaryRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/AbortCanary',
+            berth_dot_v1_dot_registry__pb2.AbortCanaryRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteCanaryNow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/PromoteCanaryNow',
+            berth_dot_v1_dot_registry__pb2.PromoteCanaryNowRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvanceCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.v1.Registry/AdvanceCanary',
+            berth_dot_v1_dot_registry__pb2.AdvanceCanaryRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth import enums
 from berth.v1 import common_pb2, registry_pb2
+from services.registry import canary as canary_domain
 from services.registry import domain
 from services.registry.storage import (
     ApiKeyRow,
@@ -80,6 +81,31 @@ def environment(row: EnvironmentRow, project_name: str) -> common_pb2.Environmen
         protected=row.protected,
         created_at=timestamp(row.created_at),
         previous_deployment_id=row.previous_deployment_id or "",
+        canary=canary(row.canary),
+    )
+
+
+def canary(data: dict | None) -> common_pb2.Canary | None:
+    if not data:
+        return None
+    c = canary_domain.Canary.from_json(data)
+    return common_pb2.Canary(
+        stable_deployment_id=c.stable_deployment_id,
+        candidate_deployment_id=c.candidate_deployment_id,
+        candidate_weight=c.candidate_weight,
+        steps=[common_pb2.Canary.Step(weight=s.weight, bake_seconds=s.bake_seconds) for s in c.steps],
+        step=c.step,
+        step_started_at=timestamp(c.step_started_at),
+        state=enums.number(common_pb2.Canary.State, c.state.value),
+        thresholds=common_pb2.Canary.Thresholds(
+            max_error_rate_increase=c.thresholds.max_error_rate_increase,
+            max_latency_ratio=c.thresholds.max_latency_ratio,
+            min_requests=c.thresholds.min_requests,
+        ),
+        last_analysis=c.last_analysis,
+        last_analysis_at=timestamp(c.last_analysis_at) if c.last_analysis_at else None,
+        reason=c.reason,
+        actor=c.actor,
     )
 
 

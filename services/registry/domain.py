@@ -59,6 +59,7 @@ class MoveKind(StrEnum):
     DEPLOY = "deploy"
     PROMOTE = "promote"
     ROLLBACK = "rollback"
+    CANARY = "canary"  # a canary's weight changed; the pointer stays (services/registry/canary.py)
 
 
 class Lifecycle(StrEnum):

@@ -33,6 +33,7 @@ PostgreSQL there is no in-process lock around the transaction.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -57,6 +58,7 @@ from berth.errors import (
 from berth.v1 import common_pb2, registry_pb2
 from services.common import paging
 from services.common.auth import PROJECT_KEY_PREFIX, Principal, hash_key, new_key
+from services.registry import canary as canaries
 from services.registry import changes as feed
 from services.registry import convert, domain
 from services.registry.changes import Change, ChangeHub
@@ -646,6 +648,7 @@ class RegistryService:
         scale_previous_to_zero: bool = False,
         idle: domain.IdleWindows = domain.NO_IDLE_CHANGE,
         bindings: Mapping[str, BindingRow | None] | None = None,
+        canary: dict[str, Any] | None = None,
     ) -> HistoryRow:
         """Moves ``env``'s pointer to ``dep`` with compare-and-swap on the
         sequence ``env`` was read at, appends the history entry and upserts
@@ -663,7 +666,9 @@ class RegistryService:
             update(EnvironmentRow)
             .where(EnvironmentRow.id == env.id, EnvironmentRow.sequence == current)
             .values(
-                sequence=current + 1, deployment_id=dep.id, previous_deployment_id=previous_id, revision=revision
+                sequence=current + 1, deployment_id=dep.id, previous_deployment_id=previous_id, revision=revision,
+                # A move ends any canary (a canary's own end records it as promoted).
+                canary=canary,
             )
             .returning(EnvironmentRow)
             .execution_options(synchronize_session=False, populate_existing=True)
@@ -1376,6 +1381,252 @@ class RegistryService:
                     row.project_id,
                 ))
             return revision, changes
+
+
+    # ---- canaries (services/registry/canary.py) ----------------------
+
+    def _canary_swap(
+        self, tx: _Tx, principal: Principal, env: EnvironmentRow, new: canaries.Canary, *, history_reason: str,
+        expected_sequence: int | None, bounds: domain.ReplicaBounds,
+    ) -> HistoryRow:
+        """Stores ``new`` as ``env``'s canary with compare-and-swap on the
+        sequence (like a pointer move) and appends its `canary` history
+        entry; the pointer stays."""
+        domain.check_expected_sequence(env.name, env.sequence, expected_sequence)
+        current = env.sequence
+        revision = tx.bump()
+        swapped = tx.session.execute(
+            update(EnvironmentRow)
+            .where(EnvironmentRow.id == env.id, EnvironmentRow.sequence == current)
+            .values(sequence=current + 1, canary=new.to_json(), revision=revision)
+            .returning(EnvironmentRow)
+            .execution_options(synchronize_session=False, populate_existing=True)
+        ).scalar_one_or_none()
+        if swapped is None:
+            raise Aborted(
+                f"environment {env.name!r} moved meanwhile (expected sequence {current})",
+                hint="re-read the canary and retry", reason="SEQUENCE_CONFLICT",
+                metadata={"environment": env.name, "expected_sequence": str(current)},
+            )
+        entry = HistoryRow(
+            environment_id=env.id, sequence=current + 1, kind=domain.MoveKind.CANARY.value,
+            deployment_id=env.deployment_id or "", previous_deployment_id=env.previous_deployment_id or "",
+            min_replicas=bounds.min_replicas, max_replicas=bounds.max_replicas, actor=principal.actor,
+            reason=history_reason[: domain.MAX_REASON_LENGTH], created_at=utcnow(),
+        )
+        tx.session.add(entry)
+        tx.touch_environment(env, move=entry)
+        tx.session.flush()
+        return entry
+
+    @staticmethod
+    def _canary_of(env: EnvironmentRow) -> canaries.Canary | None:
+        return canaries.Canary.from_json(env.canary) if env.canary else None
+
+    def _candidate_bounds(self, session: Session, env: EnvironmentRow, candidate: str) -> domain.ReplicaBounds:
+        row = session.get(BindingRow, (env.id, candidate))
+        return domain.ReplicaBounds(row.min_replicas, row.max_replicas) if row else domain.ReplicaBounds(0, 0)
+
+    def start_canary(
+        self, principal: Principal, *, project_ref: str, deployment_id: str, environment_ref: str,
+        steps: list[tuple[int, int]], thresholds: canaries.Thresholds, min_replicas: int | None,
+        max_replicas: int | None, expected_sequence: int | None, confirm: bool, reason: str, skip_gate: bool,
+    ) -> tuple[common_pb2.Environment, common_pb2.HistoryEntry]:
+        domain.validate_reason(reason)
+        plan = canaries.validate_steps(steps)
+        thresholds = canaries.validate_thresholds(
+            thresholds.max_error_rate_increase, thresholds.max_latency_ratio, thresholds.min_requests
+        )
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            dep = self._deployment(tx.session, project, deployment_id)
+            env = self._environment(tx.session, project, environment_ref)
+            if dep.state != domain.Lifecycle.ACTIVE.value:
+                raise FailedPrecondition(
+                    f"deployment {dep.id} is terminated and cannot be a canary",
+                    hint=f"start it first: berth deployment start {dep.id}",
+                    reason="DEPLOYMENT_TERMINATED", resource_name=dep.id,
+                )
+            if not env.deployment_id:
+                raise FailedPrecondition(
+                    f"environment {env.name!r} has no deployment to be the stable side of a canary",
+                    hint=f"promote without --canary: berth promote {dep.id} --to {env.name}",
+                    reason="NO_DEPLOYMENT", resource_name=env.name,
+                )
+            if env.deployment_id == dep.id:
+                raise FailedPrecondition(
+                    f"deployment {dep.id} already serves environment {env.name!r}",
+                    reason="ALREADY_SERVING", resource_name=env.name,
+                )
+            existing = self._canary_of(env)
+            if existing is not None and existing.active:
+                raise FailedPrecondition(
+                    f"environment {env.name!r} already has a {existing.state.value} canary of "
+                    f"{existing.candidate_deployment_id}",
+                    hint=f"end it first: berth canary abort {env.name} (or promote-now)",
+                    reason="CANARY_RUNNING", resource_name=env.name,
+                )
+            reason = self._check_gate(tx.session, env, dep, skip_gate=skip_gate, reason=reason)
+            domain.check_protected(env.name, env.protected, confirm)
+            binding = tx.session.get(BindingRow, (env.id, dep.id))
+            fallback = domain.ReplicaBounds(binding.min_replicas, binding.max_replicas) if binding else None
+            if fallback is not None and fallback.min_replicas == 0:
+                fallback = domain.ReplicaBounds(domain.DEFAULT_MIN_REPLICAS, fallback.max_replicas)
+            bounds = domain.resolve_bounds(min_replicas, max_replicas, fallback=fallback)
+            if binding is None:
+                binding = BindingRow(environment_id=env.id, deployment_id=dep.id, project_id=env.project_id,
+                                     min_replicas=1, max_replicas=1, updated_at=utcnow())
+                _set_idle(binding, domain.NO_IDLE_CHANGE)
+                tx.session.add(binding)
+            binding.min_replicas = max(bounds.min_replicas, 1)  # the candidate stays warm while it is judged
+            binding.max_replicas = max(bounds.max_replicas, binding.min_replicas)
+            binding.state = domain.Lifecycle.ACTIVE.value
+            tx.touch_binding(binding)
+            canary = canaries.start(
+                env.deployment_id, dep.id, plan, thresholds, now=utcnow(), actor=principal.actor, reason=reason,
+            )
+            plan_words = ",".join(f"{s.weight}:{s.bake_seconds}s" for s in plan)
+            entry = self._canary_swap(
+                tx, principal, env, canary, expected_sequence=expected_sequence,
+                bounds=domain.ReplicaBounds(binding.min_replicas, binding.max_replicas),
+                history_reason=f"canary of {dep.id} started at {canary.candidate_weight}% (plan {plan_words})"
+                + (f": {reason}" if reason else ""),
+            )
+            return convert.environment(env, project.name), convert.history_entry(entry)
+
+    def get_canary(self, principal: Principal, project_ref: str, environment_ref: str) -> common_pb2.Environment:
+        with self._read() as session:
+            project = self._project(session, principal, project_ref)
+            env = self._environment(session, project, environment_ref)
+            return convert.environment(env, project.name)
+
+    def canary_action(
+        self, principal: Principal, *, project_ref: str, environment_ref: str, action: str,
+        expected_sequence: int | None, reason: str, confirm: bool = False,
+    ) -> tuple[common_pb2.Environment, common_pb2.HistoryEntry]:
+        """``action``: pause, resume, abort or promote (PromoteCanaryNow)."""
+        domain.validate_reason(reason)
+        with self._write() as tx:
+            project = self._project(tx.session, principal, project_ref)
+            env = self._environment(tx.session, project, environment_ref)
+            current = self._canary_of(env)
+            now = utcnow()
+            who = f" by {principal.actor}" + (f": {reason}" if reason else "")
+            if action == "promote":
+                canary = canaries.require_active(current, env.name)
+                domain.check_protected(env.name, env.protected, confirm)
+                entry = self._end_canary_promoted(
+                    tx, principal, env, canary, reason=f"canary promoted at once{who}",
+                    expected_sequence=expected_sequence,
+                )
+                return convert.environment(env, project.name), convert.history_entry(entry)
+            if action == "pause":
+                new = canaries.pause(current, env.name, reason=reason)
+                words = f"canary paused at {new.candidate_weight}%{who}"
+            elif action == "resume":
+                new = canaries.resume(current, env.name, now=now, reason=reason)
+                words = f"canary resumed at {new.candidate_weight}%{who}"
+            elif action == "abort":
+                new = canaries.abort(canaries.require_active(current, env.name), reason=f"aborted{who}")
+                words = f"canary of {new.candidate_deployment_id} aborted (weight 0){who}"
+            else:
+                raise InvalidArgument(f"unknown canary action {action!r}")
+            entry = self._canary_swap(
+                tx, principal, env, new, history_reason=words, expected_sequence=expected_sequence,
+                bounds=self._candidate_bounds(tx.session, env, new.candidate_deployment_id),
+            )
+            return convert.environment(env, project.name), convert.history_entry(entry)
+
+    def _end_canary_promoted(
+        self, tx: _Tx, principal: Principal, env: EnvironmentRow, canary: canaries.Canary, *, reason: str,
+        expected_sequence: int | None, analysis: str = "",
+    ) -> HistoryRow:
+        """The canary's end at 100%: a normal `promote` move of the pointer
+        to the candidate (its binding keeps its bounds), the canary kept as
+        promoted."""
+        dep = tx.session.get(DeploymentRow, canary.candidate_deployment_id)
+        if dep is None or dep.state != domain.Lifecycle.ACTIVE.value:
+            raise FailedPrecondition(
+                f"candidate {canary.candidate_deployment_id} is no longer active", reason="DEPLOYMENT_TERMINATED",
+                resource_name=canary.candidate_deployment_id,
+            )
+        bounds = self._candidate_bounds(tx.session, env, dep.id)
+        if bounds.max_replicas == 0:
+            bounds = domain.resolve_bounds(None, None)
+        done = canaries.promoted(canary, reason=reason, analysis=analysis, now=utcnow() if analysis else None)
+        return self._move(
+            tx, principal, env, dep, kind=domain.MoveKind.PROMOTE, bounds=bounds,
+            expected_sequence=expected_sequence, reason=reason[: domain.MAX_REASON_LENGTH], canary=done.to_json(),
+        )
+
+    def advance_canary(
+        self, principal: Principal, *, project_id: str, environment_id: str, expected_sequence: int, step: int,
+        action: str, analysis: str,
+    ) -> tuple[common_pb2.Environment, common_pb2.HistoryEntry | None]:
+        """The controller's move (service token only); ``action``: advance,
+        abort or record. Compare-and-swap on the sequence and the step."""
+        if not principal.service:
+            raise PermissionDenied("only Berth's own services may advance a canary")
+        analysis = analysis[:400]
+        with self._write() as tx:
+            env = tx.session.get(EnvironmentRow, environment_id)
+            if env is None or env.project_id != project_id:
+                raise NotFound(f"environment {environment_id!r} not found", resource_type="environment",
+                               resource_name=environment_id)
+            project = tx.session.get(ProjectRow, env.project_id)
+            assert project is not None
+            canary = self._canary_of(env)
+            if canary is None:
+                canaries.require_active(canary, env.name)
+            assert canary is not None
+            if canary.state != canaries.State.RUNNING:
+                raise FailedPrecondition(
+                    f"the canary of {env.name!r} is {canary.state.value}, not running", reason="CANARY_NOT_RUNNING",
+                    resource_name=env.name,
+                )
+            canaries.check_step(canary, env.name, step)
+            now = utcnow()
+            if action == "record":
+                domain.check_expected_sequence(env.name, env.sequence, expected_sequence)
+                recorded = dataclasses.replace(canary, last_analysis=analysis, last_analysis_at=now)
+                revision = tx.bump()
+                swapped = tx.session.execute(
+                    update(EnvironmentRow)
+                    .where(EnvironmentRow.id == env.id, EnvironmentRow.sequence == env.sequence)
+                    .values(canary=recorded.to_json(), revision=revision)
+                    .returning(EnvironmentRow)
+                    .execution_options(synchronize_session=False, populate_existing=True)
+                ).scalar_one_or_none()
+                if swapped is None:
+                    raise Aborted(f"environment {env.name!r} moved meanwhile", reason="SEQUENCE_CONFLICT")
+                tx.touch_environment(env)
+                return convert.environment(env, project.name), None
+            if action == "abort":
+                new = canaries.abort(canary, reason=f"analysis failed: {analysis}", analysis=analysis, now=now)
+                entry = self._canary_swap(
+                    tx, principal, env, new, expected_sequence=expected_sequence,
+                    bounds=self._candidate_bounds(tx.session, env, canary.candidate_deployment_id),
+                    history_reason=f"canary of {canary.candidate_deployment_id} aborted at "
+                    f"{canary.candidate_weight}% (weight 0): {analysis}",
+                )
+            elif action == "advance":
+                if canaries.is_last_step(canary):
+                    entry = self._end_canary_promoted(
+                        tx, principal, env, canary, expected_sequence=expected_sequence, analysis=analysis,
+                        reason=f"canary of {canary.candidate_deployment_id} completed all {len(canary.steps)} "
+                        f"steps: {analysis}",
+                    )
+                else:
+                    new = canaries.next_step(canary, now=now, analysis=analysis)
+                    entry = self._canary_swap(
+                        tx, principal, env, new, expected_sequence=expected_sequence,
+                        bounds=self._candidate_bounds(tx.session, env, canary.candidate_deployment_id),
+                        history_reason=f"canary step {new.step + 1}/{len(new.steps)}: {canary.candidate_weight}% "
+                        f"-> {new.candidate_weight}% ({analysis})",
+                    )
+            else:
+                raise InvalidArgument(f"unknown canary action {action!r}", field="action")
+            return convert.environment(env, project.name), convert.history_entry(entry)
 
 
 def _set_idle(binding: BindingRow, idle: domain.IdleWindows) -> None:

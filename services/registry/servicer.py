@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from berth import enums
 from berth.errors import InvalidArgument
 from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
 from berth.v1 import registry_pb2, registry_pb2_grpc
 from services.common.auth import API_KEY_METADATA, Principal, caller
+from services.registry import canary as canaries
 from services.registry import changes as feed
 from services.registry import convert, domain
 from services.registry.changes import Change, ChangeHub, ChangeLog
@@ -227,6 +229,70 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
         )
         log.info("rolled_back", extra={"deployment": move.deployment.id, "environment": move.environment.id, "sequence": move.entry.sequence})
         return registry_pb2.PointerMoveResponse(environment=move.environment, entry=move.entry)
+
+    # ---- canaries ----
+
+    async def StartCanary(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        t = request.thresholds
+        env, entry = await asyncio.to_thread(
+            lambda: self._service.start_canary(
+                principal, project_ref=request.project, deployment_id=request.deployment_id,
+                environment_ref=request.environment,
+                steps=[(s.weight, s.bake_seconds) for s in request.steps],
+                thresholds=canaries.Thresholds(t.max_error_rate_increase, t.max_latency_ratio, t.min_requests),
+                min_replicas=_bound(request, "min_replicas"), max_replicas=_bound(request, "max_replicas"),
+                expected_sequence=_expected(request), confirm=request.confirm, reason=request.reason,
+                skip_gate=request.skip_gate,
+            )
+        )
+        log.info("canary_started", extra={"environment": env.id, "sequence": entry.sequence})
+        return registry_pb2.CanaryResponse(environment=env, entry=entry)
+
+    async def GetCanary(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        env = await asyncio.to_thread(
+            lambda: self._service.get_canary(principal, request.project, request.environment)
+        )
+        return registry_pb2.CanaryResponse(environment=env)
+
+    async def _canary_action(self, request, action: str):  # type: ignore[no-untyped-def]
+        principal = caller()
+        env, entry = await asyncio.to_thread(
+            lambda: self._service.canary_action(
+                principal, project_ref=request.project, environment_ref=request.environment, action=action,
+                expected_sequence=_expected(request), reason=request.reason, confirm=getattr(request, "confirm", False),
+            )
+        )
+        log.info("canary_" + action, extra={"environment": env.id, "sequence": entry.sequence})
+        return registry_pb2.CanaryResponse(environment=env, entry=entry)
+
+    async def PauseCanary(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._canary_action(request, "pause")
+
+    async def ResumeCanary(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._canary_action(request, "resume")
+
+    async def AbortCanary(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._canary_action(request, "abort")
+
+    async def PromoteCanaryNow(self, request, context):  # type: ignore[no-untyped-def]
+        return await self._canary_action(request, "promote")
+
+    async def AdvanceCanary(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        action = enums.label(registry_pb2.AdvanceCanaryRequest.Action, request.action)
+        env, entry = await asyncio.to_thread(
+            lambda: self._service.advance_canary(
+                principal, project_id=request.project, environment_id=request.environment,
+                expected_sequence=request.expected_sequence, step=request.step, action=action,
+                analysis=request.analysis,
+            )
+        )
+        if entry is not None:
+            log.info("canary_advanced", extra={"environment": env.id, "sequence": entry.sequence, "action": action})
+            return registry_pb2.CanaryResponse(environment=env, entry=entry)
+        return registry_pb2.CanaryResponse(environment=env)
 
     async def ListHistory(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()

@@ -70,6 +70,8 @@ class EnvironmentRow(Base):
     sequence: Mapped[int] = mapped_column(Integer, default=0)
     revision: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The canary (migration 0006): services.registry.canary.Canary.to_json(), or None.
+    canary: Mapped[dict | None] = mapped_column(JSON, nullable=True, default=None)
 
 
 class DeploymentRow(Base):

@@ -25,6 +25,10 @@ class EnvironmentEntry:
     deployment_id: str  # "" = nothing deployed yet
     sequence: int = 0  # of the latest history entry (read-your-write after a move)
     previous_deployment_id: str = ""  # where traffic falls back while the binding has failed
+    # A running/paused canary: this share (percent, 0-100) of new requests
+    # goes to the candidate's binding, the rest to the pointer's (stable).
+    canary_deployment_id: str = ""
+    canary_weight: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,15 @@ class RoutingTable:
         # (project, environment, deployment) as requested -> (route, fallback route or None, environment);
         # emptied by every change, so a hit is what resolving again would give
         self._resolved: dict[tuple[str, str, str], tuple[Route, Route | None, EnvironmentEntry | None]] = {}
+        # environment id -> (candidate route, weight) while it has a canary
+        self._canary_routes: dict[str, Route] = {}
+        # environment id -> requests split so far (the split is deterministic per counter)
+        self._canary_counters: dict[str, int] = {}
 
     # -- changes -----------------------------------------------------------
     def upsert_environment(self, env: EnvironmentEntry) -> None:
         self._resolved.clear()
+        self._canary_routes.pop(env.id, None)
         old = self._environments.get(env.id)
         if old is not None and old.name != env.name:
             self._env_by_name.pop((old.project_id, old.name), None)
@@ -107,11 +116,13 @@ class RoutingTable:
 
     def upsert_binding(self, binding: BindingEntry, project_name: str = "") -> None:
         self._resolved.clear()
+        self._canary_routes.pop(binding.environment_id, None)
         self._bindings[(binding.environment_id, binding.deployment_id)] = binding
         self._note_project(binding.project_id, project_name)
 
     def delete_environment(self, environment_id: str) -> None:
         self._resolved.clear()
+        self._canary_routes.pop(environment_id, None)
         env = self._environments.pop(environment_id, None)
         if env is not None:
             self._env_by_name.pop((env.project_id, env.name), None)
@@ -175,10 +186,29 @@ class RoutingTable:
                 self._resolved.clear()
             self._resolved[key] = resolved
         route, fallback, env = resolved
+        if env is not None and env.canary_weight > 0 and env.canary_deployment_id:
+            candidate = self._canary_route(env, route)
+            count = self._canary_counters.get(env.id, 0)
+            self._canary_counters[env.id] = count + 1
+            if candidate is not None and canary_pick(count, env.canary_weight):
+                return candidate
         if fallback is not None and endpoints is not None and env is not None and (
             endpoints.status((env.id, env.deployment_id)) == "failed"
         ):
             return fallback
+        return route
+
+    def _canary_route(self, env: EnvironmentEntry, stable: Route) -> Route | None:
+        """The candidate's route of ``env``'s canary, None while its binding
+        is not known active (then the stable takes everything)."""
+        cached = self._canary_routes.get(env.id)
+        if cached is not None:
+            return cached
+        binding = self._bindings.get((env.id, env.canary_deployment_id))
+        if binding is None or not binding.active:
+            return None
+        route = Route(stable.project_id, stable.project_name, env.id, env.name, env.canary_deployment_id)
+        self._canary_routes[env.id] = route
         return route
 
     def _resolve(
@@ -237,6 +267,17 @@ class RoutingTable:
     def _terminated(self, environment_id: str, deployment_id: str) -> bool:
         binding = self._bindings.get((environment_id, deployment_id))
         return binding is not None and not binding.active
+
+
+def canary_pick(counter: int, weight: int) -> bool:
+    """Whether request number ``counter`` of a canary goes to the candidate:
+    exactly ``weight`` of every 100 consecutive requests do, scattered
+    (counter x 37 + block mod 100 visits every residue once per 100, and any regular
+    subsequence, e.g. every second request, keeps the ratio), so the split
+    holds over any window of a few hundred requests. A client stays on one
+    side by sending back the ``X-Berth-Deployment`` every response carries
+    (pinning wins over the split)."""
+    return (counter * 37 + counter // 100) % 100 < weight
 
 
 def _terminated(deployment_id: str, environment_name: str) -> RouteError:

@@ -96,7 +96,20 @@ def environment_entry(env) -> EnvironmentEntry:  # type: ignore[no-untyped-def]
     return EnvironmentEntry(
         id=env.id, project_id=env.project_id, project_name=env.project_name, name=env.name,
         deployment_id=env.deployment_id, sequence=env.sequence, previous_deployment_id=env.previous_deployment_id,
+        canary_deployment_id=_canary(env)[0], canary_weight=_canary(env)[1],
     )
+
+
+def _canary(env) -> tuple[str, int]:  # type: ignore[no-untyped-def]
+    """A running or paused canary's candidate and weight (nothing else
+    splits traffic: an aborted canary is at 0, a promoted one moved the
+    pointer)."""
+    if not env.HasField("canary"):
+        return "", 0
+    state = enums.label(common_pb2.Canary.State, env.canary.state)
+    if state not in ("running", "paused") or env.canary.candidate_weight <= 0:
+        return "", 0
+    return env.canary.candidate_deployment_id, env.canary.candidate_weight
 
 
 def binding_entry(b) -> BindingEntry:  # type: ignore[no-untyped-def]
