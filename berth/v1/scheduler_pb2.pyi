@@ -136,6 +136,7 @@ class DeploymentError(_message.Message):
         KIND_OOM_KILLED: _ClassVar[DeploymentError.Kind]
         KIND_HEALTH_CHECK_FAILED: _ClassVar[DeploymentError.Kind]
         KIND_NODE_DOWN: _ClassVar[DeploymentError.Kind]
+        KIND_CANARY_ABORTED: _ClassVar[DeploymentError.Kind]
     KIND_UNSPECIFIED: DeploymentError.Kind
     KIND_IMAGE_PULL_ERROR: DeploymentError.Kind
     KIND_SCHEDULING_FAILURE: DeploymentError.Kind
@@ -143,6 +144,7 @@ class DeploymentError(_message.Message):
     KIND_OOM_KILLED: DeploymentError.Kind
     KIND_HEALTH_CHECK_FAILED: DeploymentError.Kind
     KIND_NODE_DOWN: DeploymentError.Kind
+    KIND_CANARY_ABORTED: DeploymentError.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]

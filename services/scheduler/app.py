@@ -23,6 +23,7 @@ from services.common.remote import RegistryAuthenticator
 from services.common.server import serve_until_signalled, start_server
 
 from . import swarm_runtime
+from .canary import CanaryController
 from .desired import DesiredTable, RegistryWatcher
 from .docker_adapter import DockerAdapter
 from .events import EventStore
@@ -30,6 +31,7 @@ from .lease import LeaderDuties, LeaderElector, default_instance_name, lease_sto
 from .logs import CrashTails, DeploymentLogs
 from .reconciler import Reconciler, SchedulerConfig
 from .remote_deps import GrpcImageRecorder, GrpcSecretsResolver
+from .request_metrics import RequestMetricsStore
 from .runtime import RUNTIMES, Runtime
 from .servicer import SERVICE_NAMES, add_to_server
 
@@ -159,7 +161,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="HOST:PORT of the registry images are pushed to and run from by digest, spoken to over HTTP like the "
              "nodes' insecure-registries (env BERTH_IMAGE_REGISTRY)",
     )
+    parser.add_argument(
+        "--canary-interval", type=float, default=float(env("BERTH_CANARY_INTERVAL", "10")),
+        help="seconds between the canary controller's passes (analysis and step moves; leader only) "
+             "(env BERTH_CANARY_INTERVAL)",
+    )
     args = parser.parse_args(argv)
+    if not 0.1 <= args.canary_interval <= 3600:
+        parser.error(f"--canary-interval must be within 0.1-3600 seconds, not {args.canary_interval}")
     if args.runtime not in RUNTIMES:
         parser.error(f"--runtime must be one of {', '.join(RUNTIMES)}, not {args.runtime!r}")
     if args.lease_duration < 0.3:
@@ -230,6 +239,9 @@ async def serve(args: argparse.Namespace) -> None:
         adapter.before_remove = tails.keep  # the last lines of every replica removed, kept
         deployment_logs = DeploymentLogs(adapter, args.instance, tails)
     watcher = RegistryWatcher(table, args.registry, args.service_token)
+    request_metrics = RequestMetricsStore()
+    canaries = CanaryController(table, request_metrics, events, args.registry, args.service_token,
+                                interval=args.canary_interval)
     authenticator = RegistryAuthenticator(args.registry, args.service_token, admin_key=env("BERTH_ADMIN_KEY"))
 
     running = await start_server(
@@ -237,7 +249,7 @@ async def serve(args: argparse.Namespace) -> None:
         port=args.port,
         service_names=SERVICE_NAMES,
         register=lambda server: add_to_server(server, table, reconciler, events, leadership=elector,
-                                              logs=deployment_logs),
+                                              logs=deployment_logs, request_metrics=request_metrics),
         authenticate=authenticator,
         # Not SERVING until the bindings are loaded from the registry: until
         # then it cannot tell a deployment's status (nor `berth up` be ready).
@@ -259,7 +271,17 @@ async def serve(args: argparse.Namespace) -> None:
             await running.health.set(name, state)
         log.info("health", extra={"leading": leading, "epoch": elector.epoch})
 
-    duties = LeaderDuties(elector, work=reconciler.run, stand_down=reconciler.close, set_serving=set_serving)
+    async def leader_work() -> None:
+        # The canary controller judges from the request windows the leader holds.
+        canary_task = asyncio.create_task(canaries.run(), name="canary-controller")
+        try:
+            await reconciler.run()
+        finally:
+            canary_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await canary_task
+
+    duties = LeaderDuties(elector, work=leader_work, stand_down=reconciler.close, set_serving=set_serving)
     elector.on_change = duties.changed
 
     async def serve_once_loaded() -> None:
@@ -291,7 +313,7 @@ async def serve(args: argparse.Namespace) -> None:
     try:
         await serve_until_signalled(running, name="scheduler", on_stop=on_stop)
     finally:
-        for closer in (secrets.close, recorder.close, authenticator.close):
+        for closer in (secrets.close, recorder.close, authenticator.close, canaries.close):
             await closer()
         adapter.close()
         events.close()

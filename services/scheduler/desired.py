@@ -63,6 +63,9 @@ class DesiredTable:
     def environment(self, environment_id: str) -> common_pb2.Environment | None:
         return self._environments.get(environment_id)
 
+    def environments(self) -> list[common_pb2.Environment]:
+        return list(self._environments.values())
+
     # -- changing -----------------------------------------------------------
     def on_change(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)

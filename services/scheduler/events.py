@@ -52,6 +52,7 @@ class EventKind(str, Enum):
     OOM_KILLED = "oom_killed"
     HEALTH_CHECK_FAILED = "health_check_failed"
     NODE_DOWN = "node_down"  # a cluster node went down with replicas on it (swarm runtime)
+    CANARY_ABORTED = "canary_aborted"  # the canary controller set a failing candidate to weight 0 (canary.py)
 
 
 @dataclass(frozen=True)

@@ -454,11 +454,13 @@ class SchedulerInternalServicer(scheduler_internal_pb2_grpc.SchedulerInternalSer
 def add_to_server(
     server: grpc.aio.Server, table: DesiredTable, reconciler: Runtime, events: EventStore,
     *, leadership: LeaderElector | None = None, logs: DeploymentLogs | None = None,
+    request_metrics: RequestMetricsStore | None = None,
 ) -> None:
     """The public and the internal service, on one server. ``leadership``:
     the lease, when standbys may run (``lease.py``); ``logs``: the replica
     log reader (local runtime; None answers UNIMPLEMENTED)."""
-    request_metrics = RequestMetricsStore()  # reported through the internal service, read through the public one
+    # Reported through the internal service, read through the public one (and by the canary controller).
+    request_metrics = request_metrics if request_metrics is not None else RequestMetricsStore()
     public = SchedulerServicer(table, reconciler, events, leadership, request_metrics)
     public._logs = logs
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(public, server)
