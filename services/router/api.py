@@ -45,6 +45,7 @@ from berth.shapes import (
     entry_json,
     environment_json,
     error_json,
+    log_line_json,
     secret_json,
     status_json,
 )
@@ -310,6 +311,20 @@ def check_text(name: str, value: str, *, required: bool, plain: bool = True) -> 
 
 
 ENV_FIELD_DOC = "environment name or id"
+MAX_IDLE_SECONDS = 86_400
+
+
+def idle_fields(absent: str) -> tuple[Field, Field]:
+    """The binding's paused-tier windows (Registry Binding.idle_*_seconds)."""
+    return (
+        Field("idle_pause_seconds", int, description="seconds without a request (none in flight) before a min-0 "
+              "binding's replicas are paused (memory kept, resumed in milliseconds); 0: the scheduler's default; "
+              "absent: " + absent, minimum=0, maximum=MAX_IDLE_SECONDS),
+        Field("idle_stop_seconds", int, description="seconds without a request before they are stopped (scaled to "
+              "zero); 0: the scheduler's default; absent: " + absent, minimum=0, maximum=MAX_IDLE_SECONDS),
+    )
+
+
 DEPLOY = Body((
     Field("image", str, True, "the image reference to register (pulled by the scheduler when absent; a failed "
           "pull is an image_pull_error), or a content-addressed sha256: image id"),
@@ -326,6 +341,7 @@ DEPLOY = Body((
     Field("reason", str, description="recorded in the history"),
     Field("expected_sequence", int, description="compare-and-swap: the environment's current sequence",
           minimum=0),
+    *idle_fields("0"),
 ))
 PROMOTE = Body((
     Field("source_deployment_id", str, True, "the deployment to promote"),
@@ -343,6 +359,7 @@ PROMOTE = Body((
     Field("skip_gate", bool, description="promote into a gated environment without a passing experiment run "
           "(needs a reason, recorded in the history); without it a gated promotion lacking one is 412 naming "
           "the gate and the run", default=False),
+    *idle_fields("what the binding has there (a new one: 0)"),
 ))
 ROLLBACK = Body((
     Field("environment_id", str, True, ENV_FIELD_DOC),
@@ -361,6 +378,7 @@ SCALE_BOUNDS = Body((
     Field("min_replicas", int, True, "lowest replica count (0 allows scale to zero)", minimum=0, maximum=MAX_REPLICAS),
     Field("max_replicas", int, True, "highest replica count", minimum=1, maximum=MAX_REPLICAS),
     Field("environment_id", str, description=ENV_FIELD_DOC + "; needed when the deployment has several bindings"),
+    *idle_fields("unchanged"),
 ))
 CREATE_ENVIRONMENT = Body((
     Field("name", str, True, "lowercase letters, digits and dashes, starting with a letter"),
@@ -425,6 +443,7 @@ class Operation:
     response: str = ""  # schema name in openapi.py
     auth: bool = True
     stream: bool = False  # text/event-stream instead of JSON
+    stream_optional: bool = False  # JSON, or text/event-stream when asked (?follow=true)
 
     @property
     def segments(self) -> list[str]:
@@ -714,6 +733,7 @@ class RestApi:
             image=b["image"], environment=b["environment_id"] or "", confirm=b["confirm"], reason=b["reason"] or "",
             min_replicas=b["min_replicas"], max_replicas=b["max_replicas"],  # None: unset, the registry's default
             config=common_pb2.WorkerConfig(port=b["port"] or 0, health_path=b["health_path"] or ""),
+            idle_pause_seconds=b["idle_pause_seconds"], idle_stop_seconds=b["idle_stop_seconds"],
         )
         if b["expected_sequence"] is not None:
             request.expected_sequence = b["expected_sequence"]
@@ -801,6 +821,7 @@ class RestApi:
             min_replicas=b["min_replicas"], max_replicas=b["max_replicas"],  # None: unset, the registry's default
             scale_previous_to_zero=b["scale_previous_to_zero"], confirm=b["confirm"], reason=b["reason"] or "",
             skip_gate=b["skip_gate"],
+            idle_pause_seconds=b["idle_pause_seconds"], idle_stop_seconds=b["idle_stop_seconds"],
         )
         if b["expected_sequence"] is not None:
             request.expected_sequence = b["expected_sequence"]
@@ -831,6 +852,7 @@ class RestApi:
         request = registry_pb2.ScaleBindingRequest(
             deployment_id=call.params["id"], environment=b["environment_id"] or "",
             min_replicas=b["min_replicas"], max_replicas=b["max_replicas"],
+            idle_pause_seconds=b["idle_pause_seconds"], idle_stop_seconds=b["idle_stop_seconds"],
         )
         binding = await self.rpc("registry", self.services.registry.ScaleBinding, request, call.api_key)
         return json_response(200, {"binding": binding_json(binding)})
@@ -891,6 +913,74 @@ class RestApi:
                                retry=True)
         return json_response(200, {"deployment_id": call.params["id"], "errors": [error_json(e) for e in found.errors],
                                    "next_page_token": found.next_page_token})
+
+    # -- replica logs (issue 16) ------------------------------------------------
+    async def deployment_logs(self, call: Call) -> PlatformResponse:
+        """Scheduler.StreamDeploymentLogs: the lines as one JSON answer, or
+        with ``follow=true`` as server-sent events (``event: line``, ``data:``
+        a line's JSON), a heartbeat comment every 15 s, ending after an hour.
+        A client reading too slowly holds the scheduler's readers back (gRPC
+        flow control), never its memory, and the proxy drops it."""
+        q = call.query
+        request = scheduler_pb2.StreamDeploymentLogsRequest(
+            deployment_id=call.params["id"], environment=q.get("environment_id", ""), replica=q.get("replica", ""),
+        )
+        tail = q.get("tail", "").strip()
+        if tail:
+            if not tail.isdigit() or len(tail) > 6:
+                raise bad("tail", f"must be a whole number from 0 to 10000, not {tail[:40]!r}")
+            request.tail = int(tail)  # above 10000: the scheduler's INVALID_ARGUMENT names it
+        since = q.get("since", "").strip()
+        if since:
+            request.since.FromDatetime(_log_since(since))
+        follow = q.get("follow", "").strip().lower()
+        if follow not in ("", "true", "false", "1", "0"):
+            raise bad("follow", f"must be true or false, not {follow[:40]!r}")
+        request.follow = follow in ("true", "1")
+        stream = self.services.scheduler.StreamDeploymentLogs(
+            request, metadata=(("x-api-key", call.api_key),),
+            timeout=None if request.follow else self.deadline * 6,
+        )
+        try:
+            started = await asyncio.wait_for(stream.initial_metadata(), self.deadline)
+            if not any(k == "berth-logs-started" for k, _ in (started or ())):
+                await stream.read()  # refused: raises the scheduler's error
+                raise ApiError(503, "unavailable", "the scheduler ended the logs at once; retry")
+            if not request.follow:
+                lines = []
+                async for line in stream:
+                    lines.append(log_line_json(line))
+                return json_response(200, {"deployment_id": call.params["id"], "lines": lines})
+        except grpc.aio.AioRpcError as exc:
+            raise ApiError.from_rpc(exc, "scheduler") from None
+        except TimeoutError:
+            stream.cancel()
+            raise ApiError(503, "unavailable", "the scheduler did not start the logs in time; retry") from None
+        headers = [("Content-Type", "text/event-stream; charset=utf-8"), ("Cache-Control", "no-store"),
+                   ("X-Accel-Buffering", "no")]
+        return PlatformResponse(200, headers, stream=self._log_events(stream))
+
+    async def _log_events(self, stream: Any) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + WATCH_MAX_SECONDS
+        try:
+            while True:
+                remaining = ends - loop.time()
+                if remaining <= 0:
+                    return
+                try:
+                    async with asyncio.timeout(min(WATCH_HEARTBEAT_SECONDS, remaining)):
+                        line = await stream.read()
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                if line is grpc.aio.EOF:
+                    return
+                yield b"event: line\ndata: " + json.dumps(log_line_json(line)).encode() + b"\n\n"
+        except grpc.aio.AioRpcError as exc:
+            log.info("logs_stream_ended", extra={"code": exc.code().name})
+        finally:
+            stream.cancel()
 
     async def list_environments(self, call: Call) -> PlatformResponse:
         found = await self.rpc("registry", self.services.registry.ListEnvironments,
@@ -994,6 +1084,20 @@ class RestApi:
         return json_response(200, {"secret": secret_json(info)})
 
 
+def _log_since(value: str) -> datetime.datetime:
+    """``since`` of the logs: an RFC 3339 time, or a duration back from now
+    (``90s``, ``10m``, ``2h``, ``1d``)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[-1:].lower() in units and value[:-1].isdigit() and len(value) < 12:
+        back = datetime.timedelta(seconds=int(value[:-1]) * units[value[-1:].lower()])
+        return datetime.datetime.now(datetime.UTC) - back
+    try:
+        when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad("since", f"must be an RFC 3339 time or a duration such as 10m, not {value[:40]!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=datetime.UTC)
+
+
 def _match(template: list[str], segments: list[str]) -> dict[str, str] | None:
     if len(template) != len(segments):
         return None
@@ -1047,6 +1151,15 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/deployments/{id}/errors", RestApi.deployment_errors, "listDeploymentErrors",
               "Folded scheduling, pull, crash and health errors, most recently seen first, one page at a time",
               query=PAGE_QUERY, response="DeploymentErrors"),
+    Operation("GET", "/deployments/{id}/logs", RestApi.deployment_logs, "getDeploymentLogs",
+              "Lines the deployment's replicas printed, merged in time order; with follow=true, server-sent "
+              "events as they are printed (replicas started later join)",
+              query=(("environment_id", "only this environment's replicas (name or id)"),
+                     ("replica", "only this replica: its id (or a prefix of at least 4), container name or index"),
+                     ("since", "only lines from this time on: RFC 3339, or a duration back from now (10m, 2h, 1d)"),
+                     ("tail", "only the last N lines (0 to 10000; absent: all, at most the last 10000)"),
+                     ("follow", "true: keep the stream open as server-sent events (event `line`)")),
+              response="LogLines", stream_optional=True),
     Operation("GET", "/environments", RestApi.list_environments, "listEnvironments",
               "Environments of the project, oldest first, one page at a time", query=PAGE_QUERY,
               response="EnvironmentList"),

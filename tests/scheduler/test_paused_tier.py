@@ -203,6 +203,15 @@ def test_stopped_after_idle_stop(deployed: Deployed) -> None:
     bad = deployed.platform.cli("deployment", "scale", deployed.deployment, "--project", deployed.project,
                                 "--idle-stop", "2d", api_key=deployed.key, check=False)
     assert bad.returncode != 0 and "is not a duration" in bad.stderr
+    # The same through the REST API: out of range is a 400 naming the field, nothing changed.
+    rest = f"{deployed.platform.router}/api/v1/deployments/{deployed.deployment}/scale"
+    refused = requests.post(rest, json={"min_replicas": 0, "max_replicas": 1, "idle_stop_seconds": 86_401},
+                            headers={"X-API-KEY": deployed.key}, timeout=30)
+    assert refused.status_code == 400 and "idle_stop_seconds" in refused.text, refused.text
+    again = requests.post(rest, json={"min_replicas": 0, "max_replicas": 1, "idle_stop_seconds": 8},
+                          headers={"X-API-KEY": deployed.key}, timeout=30)
+    assert again.status_code == 200, again.text
+    assert (again.json()["binding"]["idle_pause_seconds"], again.json()["binding"]["idle_stop_seconds"]) == (PAUSE, 8)
     _awake(deployed)
     _paused(deployed)  # paused first (3 s) ...
     eventually(lambda: deployed.replicas() == [], timeout=90, interval=0.5, what="the paused replica stopped")
