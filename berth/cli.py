@@ -15,16 +15,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
+import grpc
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from berth import errors, local
-from berth.client import Client
+from berth import enums, errors, local
+from berth.client import Client, error_from_rpc
 from berth.shapes import (
     api_key_json,
     binding_json,
@@ -35,6 +36,7 @@ from berth.shapes import (
     environment_json,
     error_json,
     error_kind,
+    log_line_json,
     secret_json,
     secret_scope,
     status_json,
@@ -1005,6 +1007,76 @@ def _idle_text(b: common_pb2.Binding) -> str:
     parts = [f"{name} {seconds}s" for name, seconds in (("idle pause", b.idle_pause_seconds),
                                                         ("idle stop", b.idle_stop_seconds)) if seconds]
     return f", {', '.join(parts)}" if parts else ""
+
+
+# ---------------------------------------------------------------- logs (issue 16)
+
+
+def parse_since(value: str) -> datetime:
+    """``--since``: a duration back from now (``90s``, ``10m``, ``2h``,
+    ``1d``) or an RFC 3339 time (``2026-01-02T15:04:05Z``)."""
+    text = value.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:].lower() in units and text[:-1].replace(".", "", 1).isdigit():
+        return datetime.now(UTC) - timedelta(seconds=float(text[:-1]) * units[text[-1:].lower()])
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise errors.InvalidArgument(
+            f"--since: {value!r} is neither a duration (90s, 10m, 2h, 1d) nor a time (2026-01-02T15:04:05Z)",
+            field="since",
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+@main.command("logs")
+@click.argument("deployment_id", required=False)
+@environment_option(help="Only this environment's replicas; with no ID, the deployment it points at.")
+@click.option("--replica", default="", help="Only this replica: its id (or a prefix), container name or index.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (replicas started later join); Ctrl-C ends.")
+@click.option("--since", default=None, help="Only lines from this long ago (10m, 2h, 1d) or this time (RFC 3339).")
+@click.option("--tail", type=click.IntRange(0, 10000), default=None, help="Only the last N lines (0 to 10000).")
+@command
+def logs(ctx: Ctx, deployment_id: str | None, environment: str, replica: str, follow: bool, since: str | None,
+         tail: int | None) -> None:
+    """Lines the replicas of a deployment printed, merged in time order.
+
+    One line per log line: TIME REPLICA STREAM TEXT (REPLICA is the replica's
+    id, shortened; lines kept from a removed replica are marked). With no ID:
+    the deployment --environment points at, or else the project's latest.
+    --output json prints one JSON object per line.
+    """
+    c = ctx.client()
+    request = scheduler_pb2.StreamDeploymentLogsRequest(project=ctx.project, environment=environment,
+                                                         replica=replica, follow=follow)
+    if deployment_id:
+        request.deployment_id = deployment_id
+    elif environment:
+        request.deployment_id = current_deployment_id(ctx, environment)
+    else:
+        request.latest = True
+    if since is not None:
+        request.since.FromDatetime(parse_since(since))
+    if tail is not None:
+        request.tail = tail
+    call = c.scheduler.StreamDeploymentLogs(
+        request, metadata=(("x-api-key", c.api_key),), timeout=None if follow else 120.0,
+    )
+    try:
+        for line in call:
+            if ctx.json:
+                click.echo(json.dumps(log_line_json(line)))
+                continue
+            when = line.time.ToDatetime(tzinfo=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            stream = enums.label(scheduler_pb2.LogLine.Stream, line.stream)
+            mark = " (kept)" if line.archived else ""
+            click.echo(f"{when} {line.replica_id[:12]}{mark} {stream} {line.text}")
+    except KeyboardInterrupt:  # Ctrl-C ends a follow: not an error
+        call.cancel()
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.CANCELLED:  # type: ignore[attr-defined]
+            return
+        raise error_from_rpc(exc) from None
 
 
 @deployment.command("scale")

@@ -172,6 +172,26 @@ def error_json(e: scheduler_pb2.DeploymentError) -> dict[str, Any]:
     }
 
 
+def log_line_json(line: scheduler_pb2.LogLine) -> dict[str, Any]:
+    """A replica's log line (``berth logs --output json``, the REST logs);
+    ``dropped`` only on a marker of dropped lines, ``archived`` only on a line
+    kept from a removed replica."""
+    data: dict[str, Any] = {
+        "time": timestamp(line, "time"),
+        "replica_id": line.replica_id,
+        "replica_index": line.replica_index,
+        "environment_id": line.environment_id,
+        "environment": line.environment,
+        "stream": enums.label(scheduler_pb2.LogLine.Stream, line.stream),
+        "text": line.text,
+    }
+    if line.dropped:
+        data["dropped"] = line.dropped
+    if line.archived:
+        data["archived"] = True
+    return data
+
+
 def secret_json(s: secrets_pb2.SecretInfo) -> dict[str, Any]:
     # SecretInfo has no value field: a value can never leak through here.
     return {

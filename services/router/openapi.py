@@ -191,6 +191,19 @@ SCHEMAS: dict[str, Any] = {
             },
         }],
     },
+    "LogLine": optional(obj({
+        "time": TIME,
+        "replica_id": {"type": "string", "description": "the replica's container id"},
+        "replica_index": INTEGER,
+        "environment_id": STRING,
+        "environment": STRING,
+        "stream": {"type": "string", "enum": ["stdout", "stderr"]},
+        "text": {"type": "string", "description": "the line as printed, without its newline (cut at 8 KiB)"},
+        "dropped": {"type": "integer", "description": "only on a marker: lines of this stream dropped (printed "
+                    "faster than the rate limit)"},
+        "archived": {"type": "boolean", "description": "only when true: kept from a removed replica"},
+    }), "dropped", "archived"),
+    "LogLines": obj({"deployment_id": STRING, "lines": array(ref("LogLine"))}),
     "DeploymentErrors": obj({"deployment_id": STRING, "errors": array(ref("DeploymentError")),
                              "next_page_token": PAGE_TOKEN}),
     "EnvironmentList": obj({"environments": array(ref("ServingEnvironment")), "next_page_token": PAGE_TOKEN}),
@@ -243,6 +256,14 @@ EVENT_STREAM = (
     "this API, with `revision`. `id:` (the registry revision) is set on the marker and on every event after it: "
     "reconnect with it as Last-Event-ID. Lines starting with `:` are heartbeats. The stream ends after an hour; "
     "reconnect."
+)
+
+LOG_STREAM = (
+    "JSON (`lines`, at most 10000, in time order); with follow=true, server-sent events instead: `event: line` "
+    "with `data:` a line's JSON, as the replicas print them (a replica started later joins; lines of replicas "
+    "found later may be older than lines already sent); lines starting with `:` are heartbeats; the stream ends "
+    "after an hour. A line with `dropped` stands for that many lines the replica printed faster than the "
+    "scheduler's rate limit; `archived` marks a line kept from a removed (crashed, replaced) replica."
 )
 
 ERRORS = {
@@ -308,6 +329,9 @@ def _operation(op: api.Operation) -> dict[str, Any]:
     }
     if op.stream:
         responses["200"] = {"description": EVENT_STREAM, "content": {"text/event-stream": {"schema": STRING}}}
+    if op.stream_optional:
+        responses["200"]["content"]["text/event-stream"] = {"schema": STRING}
+        responses["200"]["description"] = LOG_STREAM
     for code, description in ERRORS.items():
         if code == "413" and op.body is None:
             continue

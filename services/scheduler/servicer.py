@@ -331,6 +331,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             tail=tail, follow=request.follow,
         )
         await self._logs.check_replica(query, max(b.max_replicas for b in bindings))
+        # The request is valid: say so before the first line (a follow may send
+        # none for a while), so a caller can answer success at once.
+        await context.send_initial_metadata(((LOGS_STARTED, "1"),))
         async for entry in self._logs.read(query):
             line = scheduler_pb2.LogLine(
                 replica_id=entry.replica_id, replica_index=entry.replica_index,
@@ -340,6 +343,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
             line.time.FromDatetime(entry.time)
             yield line
+
+
+# Initial metadata StreamDeploymentLogs sends once the request is accepted.
+LOGS_STARTED = "berth-logs-started"
 
 
 def _log_since(request: scheduler_pb2.StreamDeploymentLogsRequest) -> datetime | None:
