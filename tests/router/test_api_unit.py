@@ -89,7 +89,11 @@ def test_openapi_matches_the_operation_table() -> None:
     experiments = {("GET", "/api/v1/experiments/runs"), ("GET", "/api/v1/experiments/runs/{id}"),
                    ("GET", "/api/v1/gates"), ("PUT", "/api/v1/environments/{id}/gate"),
                    ("DELETE", "/api/v1/environments/{id}/gate")}
-    assert implemented == design | studio_extras | extras | experiments
+    # Replica logs (issue 16): JSON, or server-sent events with follow=true.
+    logs = {("GET", "/api/v1/deployments/{id}/logs")}
+    assert implemented == design | studio_extras | extras | experiments | logs
+    logs_doc = doc["paths"]["/api/v1/deployments/{id}/logs"]["get"]["responses"]["200"]["content"]
+    assert set(logs_doc) == {"application/json", "text/event-stream"}
     delete_env = doc["paths"]["/api/v1/environments/{id}"]["delete"]
     body = delete_env["requestBody"]["content"]["application/json"]["schema"]
     assert set(body["properties"]) == {"force", "confirm"} and body["required"] == []
