@@ -237,7 +237,8 @@ class CrashTails:
                 for old in sorted(self._memory, key=lambda k: float(self._memory[k]["stored_at"]))[:-MAX_TAILS or None]:  # type: ignore[arg-type]
                     del self._memory[old]
                 return
-            path = os.path.join(self._dir, f"{container_id}.json")
+            # <deployment>--<container>.json: a reader opens its deployment's files only
+            path = os.path.join(self._dir, f"{deployment_id}--{container_id}.json")
             tmp = f"{path}.tmp"
             with open(tmp, "w") as f:
                 json.dump(record, f)
@@ -271,7 +272,7 @@ class CrashTails:
                 found = []
                 cutoff = time.time() - TAIL_AGE
                 for name in os.listdir(self._dir):
-                    if not name.endswith(".json"):
+                    if not (name.startswith(f"{deployment_id}--") and name.endswith(".json")):
                         continue
                     try:
                         with open(os.path.join(self._dir, name)) as f:
@@ -415,7 +416,9 @@ class DeploymentLogs:
 
         inbox = _Inbox(wake_up)
         readers: list[_Reader] = []
-        known: set[str] = {r.id for r, _ in present} | archived_seen
+        # (a container created but not started yet is read once it runs)
+        known: set[str] = {r.id for r, info in present if info.status != "created"} | archived_seen
+        new_tails = [False]  # a crash tail was kept since the last look
 
         def start(replica: _Replica, follow: bool, since: datetime | None) -> None:
             for stream in STREAMS:
@@ -437,7 +440,11 @@ class DeploymentLogs:
                 )
                 reader.thread.start()
 
-        unsubscribe = self.tails.on_new(wake_up)
+        def tail_kept() -> None:
+            new_tails[0] = True
+            wake_up()
+
+        unsubscribe = self.tails.on_new(tail_kept)
         heap: list[tuple[datetime, int, LogEntry]] = []
         counter = itertools.count()
         next_scan = time.monotonic() + RESCAN
@@ -454,7 +461,8 @@ class DeploymentLogs:
                         known.add(replica.id)
                         # Started after the follow began: all of it is new.
                         start(replica, info.status in _LIVE, query.since)
-                    for cid, chunk in (await self._archived(query, known)).items():
+                    kept, new_tails[0] = new_tails[0], False
+                    for cid, chunk in ((await self._archived(query, known)) if kept else {}).items():
                         known.add(cid)  # removed before a listing saw it: its kept tail
                         for e in chunk:
                             heapq.heappush(heap, (e.time, next(counter), e))

@@ -272,14 +272,18 @@ def test_crash_tails_are_bounded_in_count_and_age(adapter, tmp_path, monkeypatch
     for i in range(5):
         store(f"c{i}", time.time())
     # At most MAX_TAILS files: the oldest go first.
-    assert sorted(os.listdir(tmp_path / "crash-tails")) == ["c2.json", "c3.json", "c4.json"]
+    assert sorted(os.listdir(tmp_path / "crash-tails")) == [f"{dep}--c{i}.json" for i in (2, 3, 4)]
     assert sorted(r["container_id"] for r in tails.records(dep)) == ["c2", "c3", "c4"]
     # Older than TAIL_AGE: not answered, and removed at the next store.
     old = time.time() - logs_module.TAIL_AGE - 60
-    os.utime(tmp_path / "crash-tails" / "c2.json", (old, old))
+    os.utime(tmp_path / "crash-tails" / f"{dep}--c2.json", (old, old))
     store("c5", old)
     assert "c5" not in {r["container_id"] for r in tails.records(dep)}
-    assert "c2.json" not in os.listdir(tmp_path / "crash-tails")
+    assert f"{dep}--c2.json" not in os.listdir(tmp_path / "crash-tails")
+    # Another deployment's tails are not read for this one.
+    tails._store("dep_000000000002", "d0", {"container_id": "d0", "deployment_id": "dep_000000000002",
+                                            "stored_at": time.time(), "lines": []})
+    assert "d0" not in {r["container_id"] for r in tails.records(dep)}
 
 
 def test_rate_limit_buckets():
@@ -433,5 +437,54 @@ def test_stream_deployment_logs_over_grpc(adapter, instance, busybox_image, tmp_
                                 assert _field(refused.value) == field
                 finally:
                     await server.server.stop(0)
+
+    asyncio.run(scenario())
+
+
+def test_a_standby_answers_not_leader(adapter, instance):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    from services.scheduler.lease import LeaderElector, lease_store
+
+    binding = make_binding(image="x", image_id="sha256:" + "0" * 64)
+    events = EventStore()
+    store = lease_store(events.engine, instance)
+    leader = LeaderElector(store, identity="sched-a", address="10.0.0.1:50053", duration=60)
+    standby = LeaderElector(store, identity="sched-b", duration=60)
+
+    async def scenario() -> None:
+        await leader._step(leader._clock())
+        await standby._step(standby._clock())
+        table = DesiredTable()
+        table.replace([], [binding])
+        reconciler = Reconciler(adapter, table, FakeSecrets(), events, fast(instance))
+        logs = DeploymentLogs(adapter, instance, CrashTails(adapter, table, None))
+        server = await start_server(
+            host="127.0.0.1", port=0, service_names=SERVICE_NAMES,
+            register=lambda s: add_to_server(s, table, reconciler, events, leadership=standby, logs=logs),
+            authenticate=fake_authenticate,
+        )
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    async for _ in stub.StreamDeploymentLogs(
+                        scheduler_pb2.StreamDeploymentLogsRequest(deployment_id=binding.deployment.id),
+                        metadata=credentials("key-owner"), timeout=10,
+                    ):
+                        pass
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+                status = rpc_status.from_call(refused.value)
+                assert status is not None
+                reasons = []
+                for detail in status.details:
+                    if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                        info = error_details_pb2.ErrorInfo()
+                        detail.Unpack(info)
+                        reasons.append((info.reason, info.metadata.get("leader", "")))
+                assert reasons == [("NOT_LEADER", "sched-a")]
+        finally:
+            await server.server.stop(0)
 
     asyncio.run(scenario())
