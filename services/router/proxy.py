@@ -372,7 +372,7 @@ class Request:
     __slots__ = (
         "method", "target", "headers", "version", "keep_alive", "body", "content_length", "chunked", "upgrade",
         "started", "fallback", "project", "environment", "pinned", "host", "forwarded_for", "connection_tokens",
-        "forward",
+        "forward", "route",
     )
 
     def __init__(
@@ -406,6 +406,9 @@ class Request:
         self.forwarded_for = b""  # X-Forwarded-For values joined with ", "
         self.connection_tokens: set[bytes] | None = None  # lower-cased tokens of Connection headers
         self.forward: list[bytes] | None = None  # "name: value\r\n" pieces of the headers forwarded as they are
+        # The route the fast path resolved: the general path keeps it, so a
+        # canary's split is drawn once per request, never re-drawn.
+        self.route: Route | None = None
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -1790,7 +1793,7 @@ class ProxyServer:
             addressed = self._address(request)
             if addressed is None:
                 return False
-            route = self.state.table.resolve(*addressed, self.state.endpoints)
+            route = request.route = self.state.table.resolve(*addressed, self.state.endpoints)
         except (ProxyError, RouteError):
             return False  # handle() answers it
         if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
@@ -1855,7 +1858,7 @@ class ProxyServer:
                 if not self.state.loaded:
                     raise ProxyError(503, "router_starting", "the router has not loaded its routing table from "
                                      "the registry yet; retry in a moment", retry_after=1)
-                route = self.state.table.resolve(*addressed, self.state.endpoints)
+                route = request.route or self.state.table.resolve(*addressed, self.state.endpoints)
                 if request.content_length is not None and request.content_length > self.settings.max_body_bytes:
                     raise ProxyError(413, "body_too_large",
                                      f"request body exceeds the router's limit of {self.settings.max_body_bytes} bytes")

@@ -188,10 +188,13 @@ class RoutingTable:
         route, fallback, env = resolved
         if env is not None and env.canary_weight > 0 and env.canary_deployment_id:
             candidate = self._canary_route(env, route)
-            count = self._canary_counters.get(env.id, 0)
-            self._canary_counters[env.id] = count + 1
-            if candidate is not None and canary_pick(count, env.canary_weight):
-                return candidate
+            # Only to a candidate with a ready replica (when the caller knows):
+            # a request never waits on a candidate still starting.
+            if candidate is not None and (endpoints is None or endpoints.get(candidate.binding_key)):
+                count = self._canary_counters.get(env.id, 0)
+                self._canary_counters[env.id] = count + 1
+                if canary_pick(count, env.canary_weight):
+                    return candidate
         if fallback is not None and endpoints is not None and env is not None and (
             endpoints.status((env.id, env.deployment_id)) == "failed"
         ):
