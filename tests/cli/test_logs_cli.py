@@ -40,8 +40,9 @@ def platform(tmp_path_factory):
 
 def worker_dir(root: pathlib.Path, project: str, *, crash: str = "") -> pathlib.Path:
     """The busybox worker, printing ``worker starting`` (stdout) at start
-    and ``request served`` (stderr) per request; or, with ``crash``, printing
-    it to stderr and exiting 3 at start."""
+    and ``request served ... query=QUERY`` (stderr) per request (its health
+    checks too: busybox httpd answers ``/`` with the CGI); or, with
+    ``crash``, printing it to stderr and exiting 3 at start."""
     write_worker_context(str(root), version="logs")
     entrypoint = root / "entrypoint.sh"
     text = entrypoint.read_text()
@@ -51,7 +52,7 @@ def worker_dir(root: pathlib.Path, project: str, *, crash: str = "") -> pathlib.
         text = text.replace("exec httpd", 'echo "worker starting on port $PORT"\nexec httpd')
     entrypoint.write_text(text)
     cgi = root / "cgi.sh"
-    cgi.write_text(cgi.read_text() + 'echo "request served version=$WORKER_VERSION" >&2\n')
+    cgi.write_text(cgi.read_text() + 'echo "request served version=$WORKER_VERSION query=$QUERY_STRING" >&2\n')
     (root / "berth.toml").write_text(f'project = "{project}"\n\n[worker]\nport = 8080\nhealth_path = "/"\n')
     return root
 
@@ -101,10 +102,10 @@ def test_logs_follow_scale_up_crash_tail_since_tail_json_and_rest(platform: Runn
         first = eventually(lambda: [json.loads(x) for x in follow.lines if "worker starting" in x], timeout=60,
                            what="the first replica's start line")
         assert first[0]["stream"] == "stdout" and first[0]["environment"] == "staging"
-        assert platform.get(project, "staging", "/cgi-bin/index.cgi").status_code == 200
-        served = eventually(lambda: [json.loads(x) for x in follow.lines if "request served" in x], timeout=60,
+        assert platform.get(project, "staging", "/cgi-bin/index.cgi?followed").status_code == 200
+        served = eventually(lambda: [json.loads(x) for x in follow.lines if "query=followed" in x], timeout=60,
                             what="the request's line")
-        assert served[0]["stream"] == "stderr" and served[0]["text"] == "request served version=logs"
+        assert served[0]["stream"] == "stderr" and served[0]["text"] == "request served version=logs query=followed"
 
         # A replica started after the follow began joins it.
         assert cli("deployment", "scale", dep, "--min-replicas", "2", "--max-replicas", "2", "-e", "staging"
@@ -174,10 +175,10 @@ def test_logs_follow_scale_up_crash_tail_since_tail_json_and_rest(platform: Runn
     with requests.get(f"{platform.router}/api/v1/deployments/{dep}/logs", params={"follow": "true", "tail": "0"},
                       headers=headers, stream=True, timeout=60) as stream:
         assert stream.status_code == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
-        assert platform.get(project, "staging", "/cgi-bin/index.cgi").status_code == 200
+        assert platform.get(project, "staging", "/cgi-bin/index.cgi?sse").status_code == 200
         for raw in stream.iter_lines(decode_unicode=True):
             if raw.startswith("data:"):
                 event = json.loads(raw[5:])
-                if "request served" in event["text"]:
+                if event["text"].endswith("query=sse"):
                     assert event["stream"] == "stderr"
                     break

@@ -149,6 +149,7 @@ function signOut() {
   sessionStorage.removeItem(KEY_SLOT);
   clearInterval(state.timer);
   stopWatch();
+  stopLogs();
   state.selected = null;
   $("deployments").hidden = true;
   $("session").hidden = true;
@@ -411,6 +412,7 @@ function renderPanel(env, entries, status, errors) {
     ));
   }
   if (binding) nodes.push(...trafficCharts(binding.requests));
+  if (env.deployment_id) nodes.push(logsPanel(env));
   const deployment = status || null;
   nodes.push(el("div", { class: "toolbar" },
     el("button", { type: "button", id: "promote-btn", onclick: () => promoteDialog(env) }, "Promote…"),
@@ -442,6 +444,153 @@ function renderPanel(env, entries, status, errors) {
       el("td", {}, h.actor), el("td", { class: "nowrap" }, when(h.created_at))]),
   ) : el("p", { class: "empty", id: "history" }, "No history yet."));
   panel.replaceChildren(...nodes);
+}
+
+// ---------------------------------------------------------------- logs (issue 16)
+//
+// A live tail of the replicas' lines of the deployment the environment points
+// at: GET /api/v1/deployments/{id}/logs?follow=true (server-sent events, read
+// with fetch for the key header). The panel's node outlives the page's
+// refreshes (they re-append it); a new environment or deployment starts a new
+// stream. At most LOG_LINES lines are kept; pausing keeps collecting (within
+// that bound) without redrawing; filters by replica and by text. A cut stream
+// reconnects with backoff from the time of the last line it had.
+const LOG_LINES = 500;
+const LOG_BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
+const logs = { key: "", node: null, controller: null, lines: [], paused: false, generation: 0, status: "" };
+
+function stopLogs() {
+  logs.generation += 1;
+  if (logs.controller) logs.controller.abort();
+  logs.controller = null;
+  logs.key = "";
+  logs.node = null;
+  logs.lines = [];
+}
+
+function logsPanel(env) {
+  const key = `${env.id}/${env.deployment_id}`;
+  if (logs.key === key && logs.node) return logs.node;
+  stopLogs();
+  logs.key = key;
+  logs.paused = false;
+  const replica = el("select", { id: "logs-replica", "aria-label": "Replica", onchange: drawLogs }, el("option", { value: "" }, "All replicas"));
+  const filter = el("input", { id: "logs-filter", type: "search", placeholder: "Filter lines", "aria-label": "Filter lines", oninput: drawLogs });
+  const pause = el("button", { type: "button", id: "logs-pause", class: "quiet", onclick: () => {
+    logs.paused = !logs.paused;
+    pause.textContent = logs.paused ? "Resume" : "Pause";
+    if (!logs.paused) drawLogs();
+  } }, "Pause");
+  logs.node = el("section", { id: "logs", "aria-label": "Logs" },
+    el("h3", {}, "Logs"),
+    el("div", { class: "toolbar" }, replica, filter, pause, el("span", { id: "logs-status", class: "meta" }, "connecting")),
+    el("pre", { id: "logs-lines", class: "logs", tabindex: "0" }));
+  logsLoop(env.id, env.deployment_id, logs.generation);
+  return logs.node;
+}
+
+function drawLogs() {
+  if (!logs.node || logs.paused) return;
+  const wantReplica = $("logs-replica") ? $("logs-replica").value : "";
+  const wantText = ($("logs-filter") ? $("logs-filter").value : "").toLowerCase();
+  const select = $("logs-replica");
+  if (select) {
+    const known = new Set([...select.options].map((o) => o.value));
+    for (const l of logs.lines) {
+      if (!known.has(l.replica_id)) {
+        known.add(l.replica_id);
+        select.append(el("option", { value: l.replica_id }, `${short(l.replica_id).slice(0, 12)} (#${l.replica_index})`));
+      }
+    }
+  }
+  const shown = logs.lines.filter((l) => (!wantReplica || l.replica_id === wantReplica)
+    && (!wantText || l.text.toLowerCase().includes(wantText)));
+  const pre = $("logs-lines");
+  if (!pre) return;
+  const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.replaceChildren(...shown.map((l) => el("div", { class: `log-line ${l.stream}` },
+    el("span", { class: "log-time" }, (l.time || "").replace("T", " ").slice(0, 23)), " ",
+    el("span", { class: "log-replica" }, l.replica_id.slice(0, 12)), " ",
+    el("span", { class: "log-stream" }, l.stream), " ", l.text)));
+  if (atBottom) pre.scrollTop = pre.scrollHeight;
+}
+
+function setLogsStatus(text) {
+  logs.status = text;
+  const s = $("logs-status");
+  if (s) s.textContent = text;
+}
+
+async function logsLoop(envId, deploymentId, generation) {
+  const mine = () => logs.generation === generation;
+  let failures = 0;
+  while (mine() && failures < 100) {
+    let got = false;
+    try {
+      got = await readLogs(envId, deploymentId, mine);
+    } catch (e) {
+      if (!mine()) return;
+      if (e && e.status && e.status < 500) { setLogsStatus(`unavailable: ${e.message}`); return; }
+    }
+    if (!mine()) return;
+    failures = got ? 0 : failures + 1;
+    setLogsStatus("reconnecting");
+    await sleep(LOG_BACKOFF_MS[Math.min(failures, LOG_BACKOFF_MS.length - 1)]);
+  }
+}
+
+async function readLogs(envId, deploymentId, mine) {
+  const controller = new AbortController();
+  logs.controller = controller;
+  const last = logs.lines.length ? logs.lines[logs.lines.length - 1] : null;
+  const from = last ? `since=${encodeURIComponent(last.time)}` : "tail=100";
+  const response = await fetch(`/api/v1/deployments/${encodeURIComponent(deploymentId)}/logs?environment_id=${encodeURIComponent(envId)}&follow=true&${from}`, {
+    headers: { "X-API-KEY": sessionStorage.getItem(KEY_SLOT) || "", Accept: "text/event-stream" },
+    cache: "no-store", credentials: "omit", referrerPolicy: "no-referrer", signal: controller.signal,
+  });
+  if (!response.ok) {
+    let message = response.statusText;
+    try { message = (await response.json()).error.message || message; } catch { /* not JSON */ }
+    throw new ApiError(response.status, String(response.status), message);
+  }
+  setLogsStatus("live");
+  const seen = new Set(logs.lines.filter((l) => last && l.time === last.time).map((l) => `${l.replica_id} ${l.stream} ${l.text}`));
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let data = [];
+  let got = false;
+  let timer = null;
+  try {
+    while (mine()) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, end).replace(/\r$/, "");
+        buffer = buffer.slice(end + 1);
+        if (line === "") {
+          if (data.length) {
+            let entry = null;
+            try { entry = JSON.parse(data.join("\n")); } catch { entry = null; }
+            if (entry && !(last && entry.time === last.time && seen.has(`${entry.replica_id} ${entry.stream} ${entry.text}`))) {
+              logs.lines.push(entry);
+              if (logs.lines.length > LOG_LINES) logs.lines.splice(0, logs.lines.length - LOG_LINES);
+              got = true;
+              if (!timer) timer = setTimeout(() => { timer = null; drawLogs(); }, 100);  // a burst: one redraw
+            }
+          }
+          data = [];
+          continue;
+        }
+        if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (buffer.length > 1 << 20) throw new Error("log event too large");
+    }
+  } finally {
+    controller.abort();
+  }
+  return got;
 }
 
 // ---------------------------------------------------------------- traffic charts
