@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -375,7 +375,7 @@ class DeploymentLogs:
             log.warning("log_read_failed", extra={"container": replica.name, "error": exc.message})
         return list(out)
 
-    async def read(self, query: LogQuery) -> AsyncIterator[LogEntry]:
+    async def read(self, query: LogQuery) -> AsyncGenerator[LogEntry, None]:
         """The lines ``query`` asks for; with ``follow``, until cancelled."""
         started_at = datetime.now(UTC)
         present = await self._replicas(query)

@@ -11,6 +11,7 @@ this one once it takes over, answers); deployment errors come from the
 shared event store and are served by any instance."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -334,15 +335,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         # The request is valid: say so before the first line (a follow may send
         # none for a while), so a caller can answer success at once.
         await context.send_initial_metadata(((LOGS_STARTED, "1"),))
-        async for entry in self._logs.read(query):
-            line = scheduler_pb2.LogLine(
-                replica_id=entry.replica_id, replica_index=entry.replica_index,
-                environment_id=entry.environment_id, environment=names.get(entry.environment_id, ""),
-                stream=enums.number(scheduler_pb2.LogLine.Stream, entry.stream), text=entry.text,
-                dropped=entry.dropped, archived=entry.archived,
-            )
-            line.time.FromDatetime(entry.time)
-            yield line
+        # (aclosing: a cancelled call stops the engine readers at once, not at GC)
+        async with contextlib.aclosing(self._logs.read(query)) as entries:
+            async for entry in entries:
+                line = scheduler_pb2.LogLine(
+                    replica_id=entry.replica_id, replica_index=entry.replica_index,
+                    environment_id=entry.environment_id, environment=names.get(entry.environment_id, ""),
+                    stream=enums.number(scheduler_pb2.LogLine.Stream, entry.stream), text=entry.text,
+                    dropped=entry.dropped, archived=entry.archived,
+                )
+                line.time.FromDatetime(entry.time)
+                yield line
 
 
 # Initial metadata StreamDeploymentLogs sends once the request is accepted.
