@@ -349,19 +349,22 @@ class DockerAdapter:
 
     # -- logs (blocking: called from the log readers' own threads, logs.py) ----
     def inspect_with_environment(self, container_id: str) -> tuple[ContainerInfo, dict[str, str]]:
-        """Blocking: a container and its environment (``NAME=value`` split);
-        the values are for redaction only, never logged or answered."""
+        """Blocking: a container and its environment (``NAME=value`` split),
+        without what its image sets (same name and value); the values are
+        for redaction only, never logged or answered."""
         try:
             attrs = self._client.api.inspect_container(container_id)
         except docker.errors.NotFound as exc:
             raise ContainerGone(_explanation(exc)) from None
         except docker.errors.APIError as exc:
             raise EngineError(_explanation(exc)) from None
-        env: dict[str, str] = {}
-        for item in (attrs.get("Config") or {}).get("Env") or []:
-            name, _, value = str(item).partition("=")
-            env[name] = value
-        return self._info(attrs), env
+        env = _environment((attrs.get("Config") or {}).get("Env"))
+        try:  # what the image itself sets is not the replica's configuration: left out
+            image_env = _environment((self._client.api.inspect_image(attrs.get("Image", "")).get("Config") or {})
+                                     .get("Env"))
+        except docker.errors.APIError:
+            image_env = {}
+        return self._info(attrs), {k: v for k, v in env.items() if image_env.get(k) != v}
 
     def open_log(
         self, container_id: str, stream: str, *, since: datetime | None, tail: int | None, follow: bool
@@ -418,6 +421,14 @@ class DockerAdapter:
                 return await self._run(pull_, pool=self._pull_pool)
         except TimeoutError:
             raise PullFailed(f"pulling {ref} did not finish within {timeout:g} s") from None
+
+
+def _environment(items: Sequence[str] | None) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in items or ():
+        name, _, value = str(item).partition("=")
+        env[name] = value
+    return env
 
 
 # A log line longer than this is cut (the engine itself splits lines at 16 KiB).

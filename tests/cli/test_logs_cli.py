@@ -47,7 +47,7 @@ def worker_dir(root: pathlib.Path, project: str, *, crash: str = "") -> pathlib.
     entrypoint = root / "entrypoint.sh"
     text = entrypoint.read_text()
     if crash:
-        text = text.replace("exec httpd", f'echo "{crash}" >&2; exit 3\nexec httpd')
+        text = text.replace("exec httpd", f'echo "{crash} (version $WORKER_VERSION)" >&2; exit 3\nexec httpd')
     else:
         text = text.replace("exec httpd", 'echo "worker starting on port $PORT"\nexec httpd')
     entrypoint.write_text(text)
@@ -160,6 +160,7 @@ def test_logs_follow_scale_up_crash_tail_since_tail_json_and_rest(platform: Runn
     kept = eventually(lambda: [x for x in cli("logs", bad).stdout.splitlines() if "(kept)" in x and crash in x],
                       timeout=120, what="a kept crash tail")
     assert LINE.match(kept[0]) and " stderr " in kept[0]
+    assert kept[0].endswith(f"{crash} (version logs)")  # the image's own ENV is not taken for a secret
 
     # REST: the same lines as JSON, and a follow as server-sent events.
     headers = {"X-API-KEY": key}

@@ -220,7 +220,7 @@ def test_crash_tail_kept_redacted_after_the_container_is_gone(
 ):
     script = (
         "i=0; while [ $i -lt 300 ]; do echo boot-$i; i=$((i+1)); done; "
-        "echo \"fatal: cannot connect with token $API_TOKEN\" >&2; exit 3"
+        "echo \"mode $MODE\"; echo \"fatal: cannot connect with token $API_TOKEN\" >&2; exit 3"
     )
     binding = make_binding(image="", image_id=busybox_image, min_replicas=1, max_replicas=1,
                            command=[BB, "sh", "-c", script], variables={"MODE": "crashing"})
@@ -248,7 +248,7 @@ def test_crash_tail_kept_redacted_after_the_container_is_gone(
         # A crashed replica's kept tail: the last 200 stdout lines and its stderr.
         crashed = fatal[-1].replica_id
         stdout = [e.text for e in lines if e.replica_id == crashed and e.stream == "stdout"]
-        assert stdout == [f"boot-{i}" for i in range(100, 300)]
+        assert stdout == [f"boot-{i}" for i in range(101, 300)] + ["mode crashing"]  # a plain variable stays
         assert len({e.replica_id for e in lines}) <= logs_module.MAX_TAILS
         # On disk under the data dir, redacted there too.
         stored = os.listdir(tmp_path / "crash-tails")
