@@ -30,6 +30,8 @@ from berth.shapes import (
     api_key_json,
     binding_json,
     binding_status,
+    canary_json,
+    canary_state,
     deployment_json,
     deployment_state,
     entry_json,
@@ -1180,23 +1182,56 @@ def report_move(ctx: Ctx, verb: str, resp: registry_pb2.PointerMoveResponse, wai
 @click.option("--yes", is_flag=True, help="Confirm moving a protected environment (asked on a terminal).")
 @click.option("--wait/--no-wait", default=True)
 @click.option("--timeout", default=180.0, show_default=True)
+@click.option("--canary", "canary_plan", default=None, metavar="W:DUR,...",
+              help="Promote through a canary: the candidate takes W%% of requests for DUR at each step "
+                   "(e.g. 10:5m,50:10m; weights increasing within 1-99; DUR as 30s, 5m, 1h), then 100%%.")
+@click.option("--max-error-rate-increase", type=float, default=None,
+              help="Canary: abort when the candidate's 5xx rate exceeds the stable's by more (default 0.01).")
+@click.option("--max-latency-ratio", type=float, default=None,
+              help="Canary: abort when the candidate's p99 exceeds the stable's times this (default 1.2).")
+@click.option("--min-requests", type=int, default=None,
+              help="Canary: requests the candidate must serve before it is judged (default 100).")
 @idle_options
 @command
 def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int | None, max_replicas: int | None,
             scale_previous_to_zero: bool, reason: str, skip_gate: bool, yes: bool, wait: bool, timeout: float,
+            canary_plan: str | None = None, max_error_rate_increase: float | None = None,
+            max_latency_ratio: float | None = None, min_requests: int | None = None,
             idle_pause: int | None = None, idle_stop: int | None = None) -> None:
     """Point TARGET at a deployment that proved itself elsewhere (nothing is rebuilt).
 
     A terminated deployment is refused: start it first with 'berth deployment start ID'.
     Into a gated environment ('berth env gate') only a deployment with a passing
-    experiment run, unless --skip-gate --reason TEXT.
+    experiment run, unless --skip-gate --reason TEXT. With --canary the pointer
+    stays until the canary's last step passed ('berth canary status ENV').
     """
     if skip_gate and not reason.strip():
         raise errors.InvalidArgument("--skip-gate needs --reason TEXT: say why the gate is skipped", field="reason")
+    thresholds_given = any(v is not None for v in (max_error_rate_increase, max_latency_ratio, min_requests))
+    if canary_plan is None and thresholds_given:
+        raise errors.InvalidArgument("--max-error-rate-increase, --max-latency-ratio and --min-requests need "
+                                     "--canary PLAN", field="canary")
+    steps = parse_canary_plan(canary_plan) if canary_plan is not None else None
     env = find_environment(ctx, target)
     refuse_terminated(ctx, deployment_id)
     confirm = confirm_protected(ctx, env, yes)
     c = ctx.client()
+    if steps is not None:
+        started = c.call(
+            c.registry.StartCanary,
+            registry_pb2.StartCanaryRequest(
+                project=ctx.project, deployment_id=deployment_id, environment=env.id,
+                steps=[common_pb2.Canary.Step(weight=w, bake_seconds=b) for w, b in steps],
+                thresholds=common_pb2.Canary.Thresholds(
+                    max_error_rate_increase=max_error_rate_increase or 0, max_latency_ratio=max_latency_ratio or 0,
+                    min_requests=min_requests or 0,
+                ),
+                min_replicas=min_replicas, max_replicas=max_replicas, confirm=confirm, reason=reason,
+                skip_gate=skip_gate,
+            ),
+        )
+        report_canary(ctx, "Canary started", started)
+        return
     resp = c.call(
         c.registry.Promote,
         registry_pb2.PromoteRequest(
@@ -1206,6 +1241,104 @@ def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int | None,
         ),
     )
     report_move(ctx, "Promoted", resp, wait, timeout)
+
+
+# ---- canaries (issue 20) ----------------------------------------------------
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> int:
+    """``30s``, ``5m``, ``1h`` or plain seconds -> seconds."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit else text
+    if not number.isdigit():
+        raise errors.InvalidArgument(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)", field="canary")
+    return int(number) * (unit or 1)
+
+
+def parse_canary_plan(plan: str) -> list[tuple[int, int]]:
+    """``10:5m,50:10m`` -> [(10, 300), (50, 600)]; weights increasing within 1-99."""
+    steps: list[tuple[int, int]] = []
+    for part in (p.strip() for p in plan.split(",")):
+        weight_text, sep, duration = part.partition(":")
+        if not sep or not weight_text.strip().isdigit():
+            raise errors.InvalidArgument(f"canary step {part!r} is not WEIGHT:DURATION (e.g. 10:5m)", field="canary")
+        weight, bake = int(weight_text), parse_duration(duration)
+        if not 1 <= weight <= 99:
+            raise errors.InvalidArgument(f"canary weight {weight} is outside 1-99 (100% is the promotion itself)",
+                                         field="canary")
+        if steps and weight <= steps[-1][0]:
+            raise errors.InvalidArgument(f"canary weights must increase: {weight} after {steps[-1][0]}",
+                                         field="canary")
+        if bake < 1:
+            raise errors.InvalidArgument(f"canary step {part!r} bakes for no time", field="canary")
+        steps.append((weight, bake))
+    return steps
+
+
+def report_canary(ctx: Ctx, verb: str, resp: registry_pb2.CanaryResponse) -> None:
+    e = resp.environment
+    data: dict[str, Any] = {"environment": environment_json(e),
+                            "canary": canary_json(e.canary) if e.HasField("canary") else None}
+    if resp.HasField("entry"):
+        data["entry"] = entry_json(resp.entry)
+
+    def human() -> None:
+        if not e.HasField("canary"):
+            out.print(f"[bold]{e.name}[/] has no canary; it serves {e.deployment_id or '(nothing)'}")
+            return
+        k = e.canary
+        plan = ", ".join(f"{s.weight}% for {s.bake_seconds}s" for s in k.steps)
+        out.print(f"{verb}: [bold]{e.name}[/] {canary_state(k)}, candidate {k.candidate_deployment_id} at "
+                  f"[bold]{k.candidate_weight}%[/], stable {k.stable_deployment_id} (step {k.step + 1}/{len(k.steps)}: {plan})")
+        if k.last_analysis:
+            out.print(f"  last analysis: {escape(k.last_analysis)}")
+        if k.reason:
+            out.print(f"  reason: {escape(k.reason)}")
+
+    ctx.emit(data, human)
+
+
+@main.group()
+def canary() -> None:
+    """Watch and steer an environment's canary (started by 'berth promote ID --to ENV --canary PLAN')."""
+
+
+@canary.command("status")
+@click.argument("environment")
+@command
+def canary_status(ctx: Ctx, environment: str) -> None:
+    """The canary of ENVIRONMENT: weights, step, last analysis."""
+    c = ctx.client()
+    resp = c.call(c.registry.GetCanary, registry_pb2.GetCanaryRequest(project=ctx.project, environment=environment))
+    report_canary(ctx, "Canary", resp)
+
+
+def _canary_action(name: str, request_type: Any, method: str, verb: str, doc: str) -> None:
+    @canary.command(name, help=doc)
+    @click.argument("environment")
+    @click.option("--reason", default="", help="Recorded in the history.")
+    @click.option("--yes", is_flag=True, help="Confirm moving a protected environment (promote-now).")
+    @command
+    def action(ctx: Ctx, environment: str, reason: str, yes: bool) -> None:
+        c = ctx.client()
+        fields: dict[str, Any] = {"project": ctx.project, "environment": environment, "reason": reason}
+        if name == "promote-now":
+            fields["confirm"] = confirm_protected(ctx, find_environment(ctx, environment), yes)
+        resp = c.call(getattr(c.registry, method), request_type(**fields))
+        report_canary(ctx, verb, resp)
+
+
+_canary_action("pause", registry_pb2.PauseCanaryRequest, "PauseCanary", "Canary paused",
+               "Hold ENVIRONMENT's canary at its weight (no analysis, no step).")
+_canary_action("resume", registry_pb2.ResumeCanaryRequest, "ResumeCanary", "Canary resumed",
+               "Resume a paused canary; its step bakes again from now.")
+_canary_action("abort", registry_pb2.AbortCanaryRequest, "AbortCanary", "Canary aborted",
+               "End the canary with the candidate at 0%: the stable serves everything.")
+_canary_action("promote-now", registry_pb2.PromoteCanaryNowRequest, "PromoteCanaryNow", "Canary promoted",
+               "End the canary at once by pointing ENVIRONMENT at the candidate (100%).")
 
 
 @main.command()

@@ -216,3 +216,29 @@ def api_key_json(k: common_pb2.ApiKeyInfo) -> dict[str, Any]:
         "created_at": timestamp(k, "created_at"),
         "revoked_at": timestamp(k, "revoked_at"),
     }
+
+
+def canary_state(c: common_pb2.Canary) -> str:
+    return enums.label(common_pb2.Canary.State, c.state)
+
+
+def canary_json(c: common_pb2.Canary) -> dict[str, Any]:
+    """An environment's canary (``Environment.canary``) in the contract's words."""
+    return {
+        "state": canary_state(c),
+        "stable_deployment_id": c.stable_deployment_id,
+        "candidate_deployment_id": c.candidate_deployment_id,
+        "candidate_weight": c.candidate_weight,
+        "steps": [{"weight": s.weight, "bake_seconds": s.bake_seconds} for s in c.steps],
+        "step": c.step,
+        "step_started_at": timestamp(c, "step_started_at"),
+        "thresholds": {
+            "max_error_rate_increase": c.thresholds.max_error_rate_increase,
+            "max_latency_ratio": c.thresholds.max_latency_ratio,
+            "min_requests": c.thresholds.min_requests,
+        },
+        "last_analysis": c.last_analysis,
+        "last_analysis_at": timestamp(c, "last_analysis_at"),
+        "reason": c.reason,
+        "actor": c.actor,
+    }
