@@ -1,0 +1,1093 @@
+"""Berth's typed Python SDK: the public API (``berth.v1``) as typed methods.
+
+:class:`Berth` is the synchronous client, :class:`AsyncBerth` the asyncio one
+(``grpc.aio``); both take the same arguments and return the same frozen
+dataclasses. Every call carries a deadline (``timeout``) and raises a
+:mod:`berth.errors` exception carrying the ``google.rpc.Status`` details the
+service sent (``field`` of a ``BadRequest``, ``reason``/``metadata`` of an
+``ErrorInfo`` such as ``SEQUENCE_CONFLICT`` with ``metadata["current_sequence"]``,
+``resource_type``/``resource_name``). The status -> exception conversion is
+:func:`berth.client.error_from_rpc`, shared with the CLI's client.
+
+One :class:`RetryPolicy` applies to idempotent methods (reads, set-to-a-value
+writes) on UNAVAILABLE; a pointer move (promote, rollback) is retried only
+when it carries ``expected_sequence`` (a compare-and-swap: a move that did
+land makes the retry fail with ``Aborted`` instead of moving twice); a
+deploy, create or delete is never retried.
+
+Enums arrive as Python :class:`enum.Enum` members; a number a newer server
+sends that these stubs do not know reads as ``UNKNOWN`` (see
+:mod:`berth.enums`), never as a crash.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as _dt
+import enum
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf.message import Message
+
+from berth import enums, errors
+from berth.client import Endpoints, channel_arguments, error_from_rpc
+from berth.v1 import (
+    common_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    secrets_pb2,
+    secrets_pb2_grpc,
+)
+
+T = TypeVar("T")
+EnumT = TypeVar("EnumT", bound="_WordEnum")
+
+__all__ = [
+    "AsyncBerth", "Berth", "Binding", "BindingState", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
+    "DeploymentError", "DeploymentState", "DeploymentStatus", "Environment", "ErrorKind", "HistoryEntry",
+    "HistoryKind", "Page", "PointerMoved", "Project", "Replica", "ReplicaState", "Resources", "RetryPolicy",
+    "SecretInfo", "SecretScope", "ServingStatus", "WatchEvent", "WorkerConfig",
+]
+
+
+# ---------------------------------------------------------------- enums
+
+
+class _WordEnum(str, enum.Enum):
+    """An enum whose values are the contract's lowercase words."""
+
+    @classmethod
+    def _from_proto(cls: type[EnumT], proto_enum: Any, number: int) -> EnumT:
+        word = enums.label(proto_enum, number)
+        try:
+            return cls(word)
+        except ValueError:  # a word the stubs know but this SDK does not
+            return cls(enums.UNKNOWN)
+
+
+class DeploymentState(_WordEnum):
+    UNSPECIFIED = "unspecified"
+    UNKNOWN = "unknown"
+    ACTIVE = "active"
+    TERMINATED = "terminated"
+
+
+BindingState = DeploymentState  # Binding.State has the same words
+
+
+class HistoryKind(_WordEnum):
+    UNSPECIFIED = "unspecified"
+    UNKNOWN = "unknown"
+    DEPLOY = "deploy"
+    PROMOTE = "promote"
+    ROLLBACK = "rollback"
+    CANARY = "canary"
+
+
+class ServingStatus(_WordEnum):
+    """``BindingStatus.Status``: how a deployment runs in one environment."""
+
+    UNSPECIFIED = "unspecified"
+    UNKNOWN = "unknown"
+    DEPLOYING = "deploying"
+    RUNNING = "running"
+    DEGRADED = "degraded"
+    FAILED = "failed"
+    SCALED_TO_ZERO = "scaled_to_zero"
+    TERMINATED = "terminated"
+
+
+class ReplicaState(_WordEnum):
+    UNSPECIFIED = "unspecified"
+    UNKNOWN = "unknown"
+    PENDING = "pending"
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    EXITED = "exited"
+    FAILED = "failed"
+    STOPPING = "stopping"
+    PAUSED = "paused"
+
+
+class ErrorKind(_WordEnum):
+    UNSPECIFIED = "unspecified"
+    UNKNOWN = "unknown"
+    IMAGE_PULL_ERROR = "image_pull_error"
+    SCHEDULING_FAILURE = "scheduling_failure"
+    CRASH_LOOP = "crash_loop"
+    OOM_KILLED = "oom_killed"
+    HEALTH_CHECK_FAILED = "health_check_failed"
+    NODE_DOWN = "node_down"
+    CANARY_ABORTED = "canary_aborted"
+
+
+class SecretScope(_WordEnum):
+    UNSPECIFIED = "unspecified"
+    UNKNOWN = "unknown"
+    PROJECT = "project"
+    ENVIRONMENT = "environment"
+
+
+# ---------------------------------------------------------------- results
+
+
+def _time(message: Message, name: str) -> _dt.datetime | None:
+    if not message.HasField(name):
+        return None
+    ts = getattr(message, name)
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    result: _dt.datetime = ts.ToDatetime(tzinfo=_dt.UTC)
+    return result
+
+
+@dataclass(frozen=True)
+class Project:
+    id: str
+    name: str
+    created_at: _dt.datetime | None
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.Project) -> Project:
+        return cls(id=m.id, name=m.name, created_at=_time(m, "created_at"))
+
+
+@dataclass(frozen=True)
+class CreatedProject:
+    """A new project and its first API key (shown only once)."""
+
+    project: Project
+    api_key: str
+
+
+@dataclass(frozen=True)
+class Resources:
+    memory_bytes: int = 0
+    cpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a deployment's replicas run: the port they listen on, the command
+    (empty: the image's), the health path, plain variables, resources."""
+
+    port: int = 8080
+    command: tuple[str, ...] = ()
+    health_path: str = ""
+    variables: tuple[tuple[str, str], ...] = ()
+    resources: Resources = field(default_factory=Resources)
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.WorkerConfig) -> WorkerConfig:
+        return cls(
+            port=m.port, command=tuple(m.command), health_path=m.health_path,
+            variables=tuple(sorted(m.variables.items())),
+            resources=Resources(memory_bytes=m.resources.memory_bytes, cpus=m.resources.cpus),
+        )
+
+    def to_proto(self) -> common_pb2.WorkerConfig:
+        return common_pb2.WorkerConfig(
+            port=self.port, command=list(self.command), health_path=self.health_path,
+            variables=dict(self.variables),
+            resources=common_pb2.Resources(memory_bytes=self.resources.memory_bytes, cpus=self.resources.cpus),
+        )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    id: str
+    project_id: str
+    image: str
+    image_id: str
+    config: WorkerConfig
+    state: DeploymentState
+    created_at: _dt.datetime | None
+    created_by: str
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.Deployment) -> Deployment:
+        return cls(
+            id=m.id, project_id=m.project_id, image=m.image, image_id=m.image_id,
+            config=WorkerConfig.from_proto(m.config),
+            state=DeploymentState._from_proto(common_pb2.Deployment.State, m.state),
+            created_at=_time(m, "created_at"), created_by=m.created_by,
+        )
+
+
+@dataclass(frozen=True)
+class Environment:
+    id: str
+    project_id: str
+    project_name: str
+    name: str
+    deployment_id: str
+    sequence: int
+    protected: bool
+    created_at: _dt.datetime | None
+    previous_deployment_id: str
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.Environment) -> Environment:
+        return cls(
+            id=m.id, project_id=m.project_id, project_name=m.project_name, name=m.name,
+            deployment_id=m.deployment_id, sequence=m.sequence, protected=m.protected,
+            created_at=_time(m, "created_at"), previous_deployment_id=m.previous_deployment_id,
+        )
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    environment_id: str
+    sequence: int
+    kind: HistoryKind
+    deployment_id: str
+    previous_deployment_id: str
+    min_replicas: int
+    max_replicas: int
+    actor: str
+    created_at: _dt.datetime | None
+    reason: str
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.HistoryEntry) -> HistoryEntry:
+        return cls(
+            environment_id=m.environment_id, sequence=m.sequence,
+            kind=HistoryKind._from_proto(common_pb2.HistoryEntry.Kind, m.kind),
+            deployment_id=m.deployment_id, previous_deployment_id=m.previous_deployment_id,
+            min_replicas=m.min_replicas, max_replicas=m.max_replicas, actor=m.actor,
+            created_at=_time(m, "created_at"), reason=m.reason,
+        )
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A deployment bound to an environment with its replica bounds."""
+
+    project_id: str
+    project_name: str
+    environment_id: str
+    environment_name: str
+    deployment: Deployment
+    min_replicas: int
+    max_replicas: int
+    state: DeploymentState
+    serving: bool
+    updated_at: _dt.datetime | None
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.Binding) -> Binding:
+        return cls(
+            project_id=m.project_id, project_name=m.project_name, environment_id=m.environment_id,
+            environment_name=m.environment_name, deployment=Deployment.from_proto(m.deployment),
+            min_replicas=m.min_replicas, max_replicas=m.max_replicas,
+            state=DeploymentState._from_proto(common_pb2.Binding.State, m.state),
+            serving=m.serving, updated_at=_time(m, "updated_at"),
+        )
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """What a deploy did: the new deployment, the environment now pointing
+    at it, and the history entry recording the move."""
+
+    deployment: Deployment
+    environment: Environment
+    entry: HistoryEntry
+
+
+@dataclass(frozen=True)
+class PointerMoved:
+    """What a promote or rollback did: the environment after the move and
+    the history entry recording it."""
+
+    environment: Environment
+    entry: HistoryEntry
+
+
+@dataclass(frozen=True)
+class Replica:
+    id: str
+    name: str
+    index: int
+    state: ReplicaState
+    started_at: _dt.datetime | None
+    restarts: int
+    address: str
+    node: str
+
+    @classmethod
+    def from_proto(cls, m: scheduler_pb2.Replica) -> Replica:
+        return cls(
+            id=m.id, name=m.name, index=m.index,
+            state=ReplicaState._from_proto(scheduler_pb2.Replica.State, m.state),
+            started_at=_time(m, "started_at"), restarts=m.restarts, address=m.address, node=m.node,
+        )
+
+
+@dataclass(frozen=True)
+class BindingStatus:
+    environment_id: str
+    environment: str
+    status: ServingStatus
+    min_replicas: int
+    max_replicas: int
+    serving: bool
+    replicas: tuple[Replica, ...]
+
+    @classmethod
+    def from_proto(cls, m: scheduler_pb2.BindingStatus) -> BindingStatus:
+        return cls(
+            environment_id=m.environment_id, environment=m.environment,
+            status=ServingStatus._from_proto(scheduler_pb2.BindingStatus.Status, m.status),
+            min_replicas=m.min_replicas, max_replicas=m.max_replicas, serving=m.serving,
+            replicas=tuple(Replica.from_proto(r) for r in m.replicas),
+        )
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    deployment: Deployment
+    bindings: tuple[BindingStatus, ...]
+
+    @classmethod
+    def from_proto(cls, m: scheduler_pb2.DeploymentStatus) -> DeploymentStatus:
+        return cls(
+            deployment=Deployment.from_proto(m.deployment),
+            bindings=tuple(BindingStatus.from_proto(b) for b in m.bindings),
+        )
+
+
+@dataclass(frozen=True)
+class DeploymentError:
+    kind: ErrorKind
+    message: str
+    deployment_id: str
+    environment_id: str
+    environment: str
+    replica: str
+    count: int
+    first_seen: _dt.datetime | None
+    last_seen: _dt.datetime | None
+
+    @classmethod
+    def from_proto(cls, m: scheduler_pb2.DeploymentError) -> DeploymentError:
+        return cls(
+            kind=ErrorKind._from_proto(scheduler_pb2.DeploymentError.Kind, m.kind),
+            message=m.message, deployment_id=m.deployment_id, environment_id=m.environment_id,
+            environment=m.environment, replica=m.replica, count=m.count,
+            first_seen=_time(m, "first_seen"), last_seen=_time(m, "last_seen"),
+        )
+
+
+@dataclass(frozen=True)
+class SecretInfo:
+    """A secret's metadata (never its value)."""
+
+    name: str
+    type: str
+    scope: SecretScope
+    environment_id: str
+    environment: str
+    version: int
+    created_at: _dt.datetime | None
+    updated_at: _dt.datetime | None
+    updated_by: str
+    deleted: bool
+
+    @classmethod
+    def from_proto(cls, m: secrets_pb2.SecretInfo) -> SecretInfo:
+        return cls(
+            name=m.name, type=m.type, scope=SecretScope._from_proto(secrets_pb2.SecretInfo.Scope, m.scope),
+            environment_id=m.environment_id, environment=m.environment, version=m.version,
+            created_at=_time(m, "created_at"), updated_at=_time(m, "updated_at"),
+            updated_by=m.updated_by, deleted=m.deleted,
+        )
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One event of :meth:`Berth.watch_environments`. ``change`` names what
+    happened (``"environment"`` snapshot, ``"moved"``, ``"created"``,
+    ``"deleted"``, ``"binding"``; ``""`` for a marker such as
+    ``snapshot_complete``); ``environment``/``entry``/``binding`` carry it."""
+
+    revision: int
+    change: str
+    environment: Environment | None
+    entry: HistoryEntry | None
+    binding: Binding | None
+    snapshot_complete: bool
+    resumed: bool
+
+    @classmethod
+    def from_proto(cls, m: registry_pb2.EnvironmentEvent) -> WatchEvent:
+        change = m.WhichOneof("change") or ""
+        environment: Environment | None = None
+        entry: HistoryEntry | None = None
+        binding: Binding | None = None
+        if change in ("environment", "created", "deleted"):
+            environment = Environment.from_proto(getattr(m, change))
+        elif change == "moved":
+            environment = Environment.from_proto(m.moved.environment)
+            entry = HistoryEntry.from_proto(m.moved.entry)
+        elif change == "binding":
+            binding = Binding.from_proto(m.binding)
+        return cls(revision=m.revision, change=change, environment=environment, entry=entry, binding=binding,
+                   snapshot_complete=m.snapshot_complete, resumed=m.resumed)
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a list: its items and the token of the next page (empty
+    on the last page)."""
+
+    items: tuple[T, ...]
+    next_page_token: str
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of idempotent calls that failed UNAVAILABLE (a restarting
+    service, a standby answering NOT_LEADER): at most ``max_attempts``
+    attempts in all, sleeping ``initial_backoff`` seconds, times
+    ``multiplier`` after each attempt, at most ``max_backoff``. Each attempt
+    has the call's full deadline. ``RetryPolicy(max_attempts=1)`` disables
+    retries."""
+
+    max_attempts: int = 5
+    initial_backoff: float = 0.05
+    max_backoff: float = 1.0
+    multiplier: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.initial_backoff < 0 or self.max_backoff < 0 or self.multiplier < 1:
+            raise ValueError("backoffs must be >= 0 and the multiplier >= 1")
+
+    def backoffs(self) -> Iterator[float]:
+        """The sleeps between attempts (``max_attempts - 1`` of them)."""
+        delay = self.initial_backoff
+        for _ in range(self.max_attempts - 1):
+            yield min(delay, self.max_backoff)
+            delay *= self.multiplier
+
+
+# ---------------------------------------------------------------- operations
+#
+# Each method is one _Op: the service and RPC it calls, how its reply
+# becomes a result, and whether it may be retried. Berth and AsyncBerth
+# differ only in how they send it.
+
+
+@dataclass(frozen=True)
+class _Op(Generic[T]):
+    service: str
+    method: str
+    convert: Callable[[Any], T]
+    idempotent: bool = False
+
+
+def _created(r: registry_pb2.CreateProjectResponse) -> CreatedProject:
+    return CreatedProject(project=Project.from_proto(r.project), api_key=r.api_key)
+
+
+def _deployed(r: registry_pb2.DeployResponse) -> Deployed:
+    return Deployed(deployment=Deployment.from_proto(r.deployment), environment=Environment.from_proto(r.environment),
+                    entry=HistoryEntry.from_proto(r.entry))
+
+
+def _moved(r: registry_pb2.PointerMoveResponse) -> PointerMoved:
+    return PointerMoved(environment=Environment.from_proto(r.environment), entry=HistoryEntry.from_proto(r.entry))
+
+
+def _page(items_field: str, convert: Callable[[Any], T]) -> Callable[[Any], Page[T]]:
+    def to_page(r: Any) -> Page[T]:
+        return Page(items=tuple(convert(i) for i in getattr(r, items_field)), next_page_token=r.next_page_token)
+    return to_page
+
+
+_CREATE_PROJECT = _Op("registry", "CreateProject", _created)
+_GET_PROJECT = _Op("registry", "GetProject", Project.from_proto, idempotent=True)
+_LIST_ENVIRONMENTS = _Op("registry", "ListEnvironments", _page("environments", Environment.from_proto), True)
+_CREATE_ENVIRONMENT = _Op("registry", "CreateEnvironment", Environment.from_proto)
+_DELETE_ENVIRONMENT = _Op("registry", "DeleteEnvironment", lambda r: Environment.from_proto(r.environment))
+_DEPLOY = _Op("registry", "Deploy", _deployed)
+_GET_DEPLOYMENT = _Op("registry", "GetDeployment", Deployment.from_proto, idempotent=True)
+_LIST_DEPLOYMENTS = _Op("registry", "ListDeployments", _page("deployments", Deployment.from_proto), True)
+_PROMOTE = _Op("registry", "Promote", _moved)
+_ROLLBACK = _Op("registry", "Rollback", _moved)
+_LIST_HISTORY = _Op("registry", "ListHistory", _page("entries", HistoryEntry.from_proto), True)
+_LIST_BINDINGS = _Op("registry", "ListBindings", _page("bindings", Binding.from_proto), True)
+_SCALE = _Op("registry", "ScaleBinding", Binding.from_proto, idempotent=True)
+_TERMINATE = _Op("registry", "TerminateDeployment", Deployment.from_proto)
+_START = _Op("registry", "StartDeployment", Deployment.from_proto)
+_STATUS = _Op("scheduler", "GetDeploymentStatus", DeploymentStatus.from_proto, idempotent=True)
+_ERRORS = _Op("scheduler", "ListDeploymentErrors", _page("errors", DeploymentError.from_proto), True)
+_SET_SECRET = _Op("secrets", "SetSecret", SecretInfo.from_proto)
+_LIST_SECRETS = _Op("secrets", "ListSecrets", _page("secrets", SecretInfo.from_proto), True)
+_DELETE_SECRET = _Op("secrets", "DeleteSecret", lambda r: SecretInfo.from_proto(r.secret))
+
+
+def _retryable(op: _Op[Any], request: Any) -> bool:
+    if op.idempotent:
+        return True
+    # a pointer move under compare-and-swap: a retry after a move that did
+    # land fails ABORTED rather than moving twice
+    return op.method in ("Promote", "Rollback") and request.HasField("expected_sequence")
+
+
+def _resolve(api_key: str | None, endpoints: Endpoints | None) -> tuple[str, Endpoints]:
+    """The key and addresses as the CLI resolves them: the arguments, else
+    ``BERTH_API_KEY`` and ``berth.local.endpoints()`` (``BERTH_*_ADDR``, else
+    the running platform's ``platform.json``, else the defaults)."""
+    from berth import local
+
+    key = api_key if api_key is not None else os.environ.get("BERTH_API_KEY", "")
+    return key, endpoints if endpoints is not None else local.endpoints()
+
+
+def _move_fields(expected_sequence: int | None, min_replicas: int | None, max_replicas: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if expected_sequence is not None:
+        out["expected_sequence"] = expected_sequence
+    if min_replicas is not None:
+        out["min_replicas"] = min_replicas
+    if max_replicas is not None:
+        out["max_replicas"] = max_replicas
+    return out
+
+
+class _Requests:
+    """Request builders shared by both clients (one place per method)."""
+
+    @staticmethod
+    def deploy(project: str, image: str, environment: str, config: WorkerConfig | None, image_id: str,
+               min_replicas: int | None, max_replicas: int | None, expected_sequence: int | None,
+               confirm: bool, reason: str) -> registry_pb2.DeployRequest:
+        request = registry_pb2.DeployRequest(
+            project=project, image=image, image_id=image_id, environment=environment, confirm=confirm,
+            reason=reason, **_move_fields(expected_sequence, min_replicas, max_replicas),
+        )
+        if config is not None:
+            request.config.CopyFrom(config.to_proto())
+        return request
+
+    @staticmethod
+    def promote(project: str, deployment_id: str, to: str, min_replicas: int | None, max_replicas: int | None,
+                scale_previous_to_zero: bool, expected_sequence: int | None, confirm: bool, reason: str,
+                skip_gate: bool) -> registry_pb2.PromoteRequest:
+        return registry_pb2.PromoteRequest(
+            project=project, deployment_id=deployment_id, target_environment=to,
+            scale_previous_to_zero=scale_previous_to_zero, confirm=confirm, reason=reason, skip_gate=skip_gate,
+            **_move_fields(expected_sequence, min_replicas, max_replicas),
+        )
+
+    @staticmethod
+    def rollback(project: str, environment: str, to_deployment_id: str, expected_sequence: int | None,
+                 confirm: bool, reason: str) -> registry_pb2.RollbackRequest:
+        return registry_pb2.RollbackRequest(
+            project=project, environment=environment, to_deployment_id=to_deployment_id, confirm=confirm,
+            reason=reason, **_move_fields(expected_sequence, None, None),
+        )
+
+    @staticmethod
+    def scale(project: str, deployment_id: str, environment: str, min_replicas: int | None,
+              max_replicas: int | None) -> registry_pb2.ScaleBindingRequest:
+        return registry_pb2.ScaleBindingRequest(
+            project=project, deployment_id=deployment_id, environment=environment,
+            **_move_fields(None, min_replicas, max_replicas),
+        )
+
+
+def _stubs(channels: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "registry": registry_pb2_grpc.RegistryStub(channels["registry"]),
+        "secrets": secrets_pb2_grpc.SecretsStub(channels["secrets"]),
+        "scheduler": scheduler_pb2_grpc.SchedulerStub(channels["scheduler"]),
+    }
+
+
+def _open_channels(endpoints: Endpoints, make: Callable[..., Any]) -> dict[str, Any]:
+    channels: dict[str, Any] = {}
+    for name in ("registry", "secrets", "scheduler"):
+        try:
+            target, options = channel_arguments(getattr(endpoints, name), name)
+        except (ValueError, OSError) as exc:
+            raise errors.InvalidArgument(f"the {name} address: {exc}", field=f"endpoints.{name}") from None
+        channels[name] = make(target, options=options)
+    return channels
+
+
+# ---------------------------------------------------------------- sync
+
+
+class Berth:
+    """Synchronous client of Berth's public API.
+
+    ``Berth(api_key=..., endpoints=Endpoints(registry=..., ...))``; with no
+    arguments the key is ``BERTH_API_KEY`` and the addresses are resolved
+    as the CLI resolves them (``BERTH_*_ADDR``, the running platform's
+    ``platform.json``). Use it as a context manager, or call :meth:`close`.
+
+    Credentials: a project API key for everything but :meth:`create_project`,
+    which takes the platform's admin key. Every method raises
+    ``berth.errors.Unauthenticated`` for a missing or unknown key and
+    ``berth.errors.Unavailable`` when a service cannot be reached within
+    ``timeout`` (after the retries of :class:`RetryPolicy`, for idempotent
+    methods)."""
+
+    def __init__(self, api_key: str | None = None, *, endpoints: Endpoints | None = None, timeout: float = 15.0,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
+        self.api_key, self.endpoints = _resolve(api_key, endpoints)
+        self.timeout = timeout
+        self.retry = retry
+        self._channels = _open_channels(self.endpoints, grpc.insecure_channel)
+        self._stubs = _stubs(self._channels)
+
+    def __enter__(self) -> Berth:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channels."""
+        for channel in self._channels.values():
+            channel.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-api-key", self.api_key),) if self.api_key else ()
+
+    def _call(self, op: _Op[T], request: Any, timeout: float | None) -> T:
+        method = getattr(self._stubs[op.service], op.method)
+        backoffs = self.retry.backoffs() if _retryable(op, request) else iter(())
+        while True:
+            try:
+                reply = method(request, metadata=self._metadata(), timeout=timeout or self.timeout)
+            except grpc.RpcError as exc:
+                delay = next(backoffs, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                if delay is None:
+                    raise error_from_rpc(exc) from None
+                time.sleep(delay)
+                continue
+            return op.convert(reply)
+
+    def _all(self, op: _Op[Page[T]], request: Any, timeout: float | None) -> Iterator[T]:
+        for _ in range(1_000_000):  # bounded: a server that never ends its pages
+            page = self._call(op, request, timeout)
+            yield from page.items
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    # projects
+
+    def create_project(self, name: str, *, timeout: float | None = None) -> CreatedProject:
+        """Create a project; the result carries its first API key (shown
+        once). Credentials: the platform's admin key. Errors: InvalidArgument
+        (``field="name"``), AlreadyExists, PermissionDenied."""
+        return self._call(_CREATE_PROJECT, registry_pb2.CreateProjectRequest(name=name), timeout)
+
+    def get_project(self, project: str, *, timeout: float | None = None) -> Project:
+        """The project the key belongs to (``project``: its name or id).
+        Credentials: the project's key. Errors: NotFound."""
+        return self._call(_GET_PROJECT, registry_pb2.GetProjectRequest(project=project), timeout)
+
+    # environments
+
+    def list_environments(self, project: str, *, page_size: int = 0,
+                          timeout: float | None = None) -> Iterator[Environment]:
+        """Every environment of ``project``, oldest first, following page
+        tokens. Credentials: the project's key. Errors: NotFound."""
+        return self._all(_LIST_ENVIRONMENTS, registry_pb2.ListEnvironmentsRequest(project=project,
+                                                                                  page_size=page_size), timeout)
+
+    def create_environment(self, project: str, name: str, *, timeout: float | None = None) -> Environment:
+        """Create environment ``name``. Credentials: the project's key.
+        Errors: InvalidArgument (``field="name"``), AlreadyExists."""
+        return self._call(_CREATE_ENVIRONMENT, registry_pb2.CreateEnvironmentRequest(project=project, name=name),
+                          timeout)
+
+    def delete_environment(self, project: str, environment: str, *, force: bool = False, confirm: bool = False,
+                           timeout: float | None = None) -> Environment:
+        """Delete an environment (``force`` when it points at a deployment;
+        ``confirm`` for a protected one). Credentials: the project's key.
+        Errors: NotFound, FailedPrecondition (points somewhere, protected)."""
+        return self._call(_DELETE_ENVIRONMENT, registry_pb2.DeleteEnvironmentRequest(
+            project=project, environment=environment, force=force, confirm=confirm), timeout)
+
+    # deployments
+
+    def deploy(self, project: str, image: str, *, environment: str = "", config: WorkerConfig | None = None,
+               image_id: str = "", min_replicas: int | None = None, max_replicas: int | None = None,
+               expected_sequence: int | None = None, confirm: bool = False, reason: str = "",
+               timeout: float | None = None) -> Deployed:
+        """Register a deployment of the image reference ``image`` and point
+        ``environment`` (default ``preview``) at it. ``expected_sequence``
+        makes the move a compare-and-swap. Never retried. Credentials: the
+        project's key. Errors: InvalidArgument (the field), NotFound (the
+        image or environment), Aborted (``reason="SEQUENCE_CONFLICT"``,
+        ``metadata["current_sequence"]``), FailedPrecondition (protected
+        without ``confirm``)."""
+        request = _Requests.deploy(project, image, environment, config, image_id, min_replicas, max_replicas,
+                                   expected_sequence, confirm, reason)
+        return self._call(_DEPLOY, request, timeout)
+
+    def get_deployment(self, project: str, deployment_id: str, *, timeout: float | None = None) -> Deployment:
+        """One deployment. Credentials: the project's key. Errors:
+        InvalidArgument (malformed id), NotFound."""
+        return self._call(_GET_DEPLOYMENT, registry_pb2.GetDeploymentRequest(project=project,
+                                                                             deployment_id=deployment_id), timeout)
+
+    def list_deployments(self, project: str, *, environment: str = "", page_size: int = 0,
+                         timeout: float | None = None) -> Iterator[Deployment]:
+        """The project's deployments, newest first (only those bound to
+        ``environment`` when given), following page tokens. Credentials: the
+        project's key. Errors: NotFound (the environment)."""
+        return self._all(_LIST_DEPLOYMENTS, registry_pb2.ListDeploymentsRequest(
+            project=project, environment=environment, page_size=page_size), timeout)
+
+    def list_bindings(self, project: str, *, deployment_id: str = "", environment: str = "", page_size: int = 0,
+                      timeout: float | None = None) -> Iterator[Binding]:
+        """Bindings (deployment x environment with replica bounds), filtered
+        by deployment and/or environment. Credentials: the project's key."""
+        return self._all(_LIST_BINDINGS, registry_pb2.ListBindingsRequest(
+            project=project, deployment_id=deployment_id, environment=environment, page_size=page_size), timeout)
+
+    def promote(self, project: str, deployment_id: str, to: str, *, min_replicas: int | None = None,
+                max_replicas: int | None = None, scale_previous_to_zero: bool = False,
+                expected_sequence: int | None = None, confirm: bool = False, reason: str = "",
+                skip_gate: bool = False, timeout: float | None = None) -> PointerMoved:
+        """Point environment ``to`` at ``deployment_id``. Retried on
+        UNAVAILABLE only with ``expected_sequence``. Credentials: the
+        project's key. Errors: NotFound, Aborted (``SEQUENCE_CONFLICT`` with
+        ``metadata["current_sequence"]``), FailedPrecondition (protected
+        without ``confirm``, a gate, a terminated deployment)."""
+        request = _Requests.promote(project, deployment_id, to, min_replicas, max_replicas, scale_previous_to_zero,
+                                    expected_sequence, confirm, reason, skip_gate)
+        return self._call(_PROMOTE, request, timeout)
+
+    def rollback(self, project: str, environment: str, *, to_deployment_id: str = "",
+                 expected_sequence: int | None = None, confirm: bool = False, reason: str = "",
+                 timeout: float | None = None) -> PointerMoved:
+        """Point ``environment`` back at its previous deployment (or
+        ``to_deployment_id`` from its history). Retried only with
+        ``expected_sequence``. Credentials: the project's key. Errors:
+        NotFound, Aborted (``current_sequence``), FailedPrecondition."""
+        request = _Requests.rollback(project, environment, to_deployment_id, expected_sequence, confirm, reason)
+        return self._call(_ROLLBACK, request, timeout)
+
+    def history_page(self, project: str, environment: str, *, page_size: int = 0, page_token: str = "",
+                     timeout: float | None = None) -> Page[HistoryEntry]:
+        """One page of an environment's history, oldest first. Credentials:
+        the project's key. Errors: NotFound, InvalidArgument
+        (``page_token``)."""
+        return self._call(_LIST_HISTORY, registry_pb2.ListHistoryRequest(
+            project=project, environment=environment, page_size=page_size, page_token=page_token), timeout)
+
+    def history(self, project: str, environment: str, *, page_size: int = 0,
+                timeout: float | None = None) -> Iterator[HistoryEntry]:
+        """Every history entry of an environment, oldest first, fetching
+        pages of ``page_size`` as it goes. Credentials/errors: as
+        :meth:`history_page`."""
+        return self._all(_LIST_HISTORY, registry_pb2.ListHistoryRequest(
+            project=project, environment=environment, page_size=page_size), timeout)
+
+    def scale(self, project: str, deployment_id: str, environment: str, *, min_replicas: int | None = None,
+              max_replicas: int | None = None, timeout: float | None = None) -> Binding:
+        """Set a binding's replica bounds (unset: kept). Credentials: the
+        project's key. Errors: InvalidArgument (``min_replicas``,
+        ``max_replicas``), NotFound."""
+        request = _Requests.scale(project, deployment_id, environment, min_replicas, max_replicas)
+        return self._call(_SCALE, request, timeout)
+
+    def terminate(self, project: str, deployment_id: str, *, timeout: float | None = None) -> Deployment:
+        """Stop every replica of a deployment. Credentials: the project's
+        key. Errors: NotFound, FailedPrecondition."""
+        return self._call(_TERMINATE, registry_pb2.TerminateDeploymentRequest(
+            project=project, deployment_id=deployment_id), timeout)
+
+    def start(self, project: str, deployment_id: str, *, timeout: float | None = None) -> Deployment:
+        """Start a terminated deployment again. Credentials: the project's
+        key. Errors: NotFound."""
+        return self._call(_START, registry_pb2.StartDeploymentRequest(
+            project=project, deployment_id=deployment_id), timeout)
+
+    # scheduler
+
+    def status(self, project: str, *, deployment_id: str = "", environment: str = "", latest: bool = False,
+               timeout: float | None = None) -> DeploymentStatus:
+        """How a deployment runs, per environment it is bound to:
+        ``deployment_id``, or ``latest=True`` for the project's newest bound
+        deployment (exactly one of the two); ``environment`` keeps only that
+        binding. Credentials: the project's key. Errors: InvalidArgument
+        (``deployment_id``), NotFound (also: not bound to ``environment``)."""
+        return self._call(_STATUS, scheduler_pb2.GetDeploymentStatusRequest(
+            project=project, deployment_id=deployment_id, environment=environment, latest=latest), timeout)
+
+    def errors(self, project: str, *, deployment_id: str = "", latest: bool = False, page_size: int = 0,
+               timeout: float | None = None) -> Iterator[DeploymentError]:
+        """Recorded errors of a deployment (``deployment_id`` or
+        ``latest=True``), most recently seen first. Credentials: the
+        project's key. Errors: InvalidArgument, NotFound."""
+        return self._all(_ERRORS, scheduler_pb2.ListDeploymentErrorsRequest(
+            project=project, deployment_id=deployment_id, latest=latest, page_size=page_size), timeout)
+
+    # secrets
+
+    def set_secret(self, project: str, name: str, value: str, *, type: str = "generic", environment: str = "",
+                   timeout: float | None = None) -> SecretInfo:
+        """Set a secret (project-wide, or for ``environment``); a new
+        version when it exists. Credentials: the project's key. Errors:
+        InvalidArgument (``name``, ``type``, ``value``), NotFound."""
+        return self._call(_SET_SECRET, secrets_pb2.SetSecretRequest(
+            project=project, name=name, type=type, value=value, environment=environment), timeout)
+
+    def list_secrets(self, project: str, *, environment: str = "", page_size: int = 0,
+                     timeout: float | None = None) -> Iterator[SecretInfo]:
+        """Secrets' metadata by name (never values). Credentials: the
+        project's key. Errors: NotFound (the environment)."""
+        return self._all(_LIST_SECRETS, secrets_pb2.ListSecretsRequest(
+            project=project, environment=environment, page_size=page_size), timeout)
+
+    def delete_secret(self, project: str, name: str, *, environment: str = "",
+                      timeout: float | None = None) -> SecretInfo:
+        """Delete a secret. Credentials: the project's key. Errors:
+        NotFound."""
+        return self._call(_DELETE_SECRET, secrets_pb2.DeleteSecretRequest(
+            project=project, name=name, environment=environment), timeout)
+
+    # watch
+
+    def watch_environments(self, project: str, *, since_revision: int = 0,
+                           timeout: float | None = None) -> Iterator[WatchEvent]:
+        """The project's environments as a stream of :class:`WatchEvent`:
+        a snapshot, then pointer moves, creations, deletions and binding
+        changes; resume with ``since_revision`` (the last event's revision).
+        ``timeout`` bounds the whole stream (None: open until the caller
+        stops iterating, which cancels it). Credentials: the project's key.
+        Errors: NotFound, InvalidArgument (``since_revision``)."""
+        call = self._stubs["registry"].WatchEnvironments(
+            registry_pb2.WatchEnvironmentsRequest(project=project, since_revision=since_revision),
+            metadata=self._metadata(), timeout=timeout)
+        try:
+            for event in call:
+                yield WatchEvent.from_proto(event)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+
+# ---------------------------------------------------------------- asyncio
+
+
+class AsyncBerth:
+    """The asyncio client (``grpc.aio``): the same methods, arguments,
+    results, credentials and errors as :class:`Berth`, as coroutines; the
+    list methods and :meth:`watch_environments` are async iterators. Create
+    it inside a running event loop; ``async with AsyncBerth(...) as b``."""
+
+    def __init__(self, api_key: str | None = None, *, endpoints: Endpoints | None = None, timeout: float = 15.0,
+                 retry: RetryPolicy = RetryPolicy()) -> None:
+        self.api_key, self.endpoints = _resolve(api_key, endpoints)
+        self.timeout = timeout
+        self.retry = retry
+        self._channels = _open_channels(self.endpoints, grpc.aio.insecure_channel)
+        self._stubs = _stubs(self._channels)
+
+    async def __aenter__(self) -> AsyncBerth:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channels."""
+        for channel in self._channels.values():
+            await channel.close()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-api-key", self.api_key),) if self.api_key else ()
+
+    async def _call(self, op: _Op[T], request: Any, timeout: float | None) -> T:
+        method = getattr(self._stubs[op.service], op.method)
+        backoffs = self.retry.backoffs() if _retryable(op, request) else iter(())
+        while True:
+            try:
+                reply = await method(request, metadata=self._metadata(), timeout=timeout or self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                delay = next(backoffs, None) if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+                if delay is None:
+                    raise error_from_rpc(exc) from None
+                await asyncio.sleep(delay)
+                continue
+            return op.convert(reply)
+
+    async def _all(self, op: _Op[Page[T]], request: Any, timeout: float | None) -> AsyncIterator[T]:
+        for _ in range(1_000_000):
+            page = await self._call(op, request, timeout)
+            for item in page.items:
+                yield item
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def create_project(self, name: str, *, timeout: float | None = None) -> CreatedProject:
+        """Create a project (see :meth:`Berth.create_project`). Credentials:
+        the admin key. Errors: InvalidArgument, AlreadyExists."""
+        return await self._call(_CREATE_PROJECT, registry_pb2.CreateProjectRequest(name=name), timeout)
+
+    async def get_project(self, project: str, *, timeout: float | None = None) -> Project:
+        """The project (see :meth:`Berth.get_project`). Errors: NotFound."""
+        return await self._call(_GET_PROJECT, registry_pb2.GetProjectRequest(project=project), timeout)
+
+    def list_environments(self, project: str, *, page_size: int = 0,
+                          timeout: float | None = None) -> AsyncIterator[Environment]:
+        """Every environment, oldest first (see :meth:`Berth.list_environments`)."""
+        return self._all(_LIST_ENVIRONMENTS, registry_pb2.ListEnvironmentsRequest(project=project,
+                                                                                  page_size=page_size), timeout)
+
+    async def create_environment(self, project: str, name: str, *, timeout: float | None = None) -> Environment:
+        """Create an environment (see :meth:`Berth.create_environment`)."""
+        return await self._call(_CREATE_ENVIRONMENT, registry_pb2.CreateEnvironmentRequest(
+            project=project, name=name), timeout)
+
+    async def delete_environment(self, project: str, environment: str, *, force: bool = False,
+                                 confirm: bool = False, timeout: float | None = None) -> Environment:
+        """Delete an environment (see :meth:`Berth.delete_environment`)."""
+        return await self._call(_DELETE_ENVIRONMENT, registry_pb2.DeleteEnvironmentRequest(
+            project=project, environment=environment, force=force, confirm=confirm), timeout)
+
+    async def deploy(self, project: str, image: str, *, environment: str = "", config: WorkerConfig | None = None,
+                     image_id: str = "", min_replicas: int | None = None, max_replicas: int | None = None,
+                     expected_sequence: int | None = None, confirm: bool = False, reason: str = "",
+                     timeout: float | None = None) -> Deployed:
+        """Register a deployment by image and move an environment to it (see
+        :meth:`Berth.deploy`). Never retried. Errors: InvalidArgument,
+        NotFound, Aborted, FailedPrecondition."""
+        request = _Requests.deploy(project, image, environment, config, image_id, min_replicas, max_replicas,
+                                   expected_sequence, confirm, reason)
+        return await self._call(_DEPLOY, request, timeout)
+
+    async def get_deployment(self, project: str, deployment_id: str, *,
+                             timeout: float | None = None) -> Deployment:
+        """One deployment (see :meth:`Berth.get_deployment`). Errors:
+        InvalidArgument, NotFound."""
+        return await self._call(_GET_DEPLOYMENT, registry_pb2.GetDeploymentRequest(
+            project=project, deployment_id=deployment_id), timeout)
+
+    def list_deployments(self, project: str, *, environment: str = "", page_size: int = 0,
+                         timeout: float | None = None) -> AsyncIterator[Deployment]:
+        """The project's deployments, newest first (see :meth:`Berth.list_deployments`)."""
+        return self._all(_LIST_DEPLOYMENTS, registry_pb2.ListDeploymentsRequest(
+            project=project, environment=environment, page_size=page_size), timeout)
+
+    def list_bindings(self, project: str, *, deployment_id: str = "", environment: str = "", page_size: int = 0,
+                      timeout: float | None = None) -> AsyncIterator[Binding]:
+        """Bindings (see :meth:`Berth.list_bindings`)."""
+        return self._all(_LIST_BINDINGS, registry_pb2.ListBindingsRequest(
+            project=project, deployment_id=deployment_id, environment=environment, page_size=page_size), timeout)
+
+    async def promote(self, project: str, deployment_id: str, to: str, *, min_replicas: int | None = None,
+                      max_replicas: int | None = None, scale_previous_to_zero: bool = False,
+                      expected_sequence: int | None = None, confirm: bool = False, reason: str = "",
+                      skip_gate: bool = False, timeout: float | None = None) -> PointerMoved:
+        """Point an environment at a deployment (see :meth:`Berth.promote`).
+        Errors: NotFound, Aborted (``current_sequence``), FailedPrecondition."""
+        request = _Requests.promote(project, deployment_id, to, min_replicas, max_replicas, scale_previous_to_zero,
+                                    expected_sequence, confirm, reason, skip_gate)
+        return await self._call(_PROMOTE, request, timeout)
+
+    async def rollback(self, project: str, environment: str, *, to_deployment_id: str = "",
+                       expected_sequence: int | None = None, confirm: bool = False, reason: str = "",
+                       timeout: float | None = None) -> PointerMoved:
+        """Point an environment back (see :meth:`Berth.rollback`). Errors:
+        NotFound, Aborted, FailedPrecondition."""
+        request = _Requests.rollback(project, environment, to_deployment_id, expected_sequence, confirm, reason)
+        return await self._call(_ROLLBACK, request, timeout)
+
+    async def history_page(self, project: str, environment: str, *, page_size: int = 0, page_token: str = "",
+                           timeout: float | None = None) -> Page[HistoryEntry]:
+        """One page of history (see :meth:`Berth.history_page`)."""
+        return await self._call(_LIST_HISTORY, registry_pb2.ListHistoryRequest(
+            project=project, environment=environment, page_size=page_size, page_token=page_token), timeout)
+
+    def history(self, project: str, environment: str, *, page_size: int = 0,
+                timeout: float | None = None) -> AsyncIterator[HistoryEntry]:
+        """Every history entry, oldest first (see :meth:`Berth.history`)."""
+        return self._all(_LIST_HISTORY, registry_pb2.ListHistoryRequest(
+            project=project, environment=environment, page_size=page_size), timeout)
+
+    async def scale(self, project: str, deployment_id: str, environment: str, *, min_replicas: int | None = None,
+                    max_replicas: int | None = None, timeout: float | None = None) -> Binding:
+        """Set a binding's replica bounds (see :meth:`Berth.scale`)."""
+        request = _Requests.scale(project, deployment_id, environment, min_replicas, max_replicas)
+        return await self._call(_SCALE, request, timeout)
+
+    async def terminate(self, project: str, deployment_id: str, *, timeout: float | None = None) -> Deployment:
+        """Stop a deployment's replicas (see :meth:`Berth.terminate`)."""
+        return await self._call(_TERMINATE, registry_pb2.TerminateDeploymentRequest(
+            project=project, deployment_id=deployment_id), timeout)
+
+    async def start(self, project: str, deployment_id: str, *, timeout: float | None = None) -> Deployment:
+        """Start a terminated deployment (see :meth:`Berth.start`)."""
+        return await self._call(_START, registry_pb2.StartDeploymentRequest(
+            project=project, deployment_id=deployment_id), timeout)
+
+    async def status(self, project: str, *, deployment_id: str = "", environment: str = "", latest: bool = False,
+                     timeout: float | None = None) -> DeploymentStatus:
+        """How a deployment runs (see :meth:`Berth.status`)."""
+        return await self._call(_STATUS, scheduler_pb2.GetDeploymentStatusRequest(
+            project=project, deployment_id=deployment_id, environment=environment, latest=latest), timeout)
+
+    def errors(self, project: str, *, deployment_id: str = "", latest: bool = False, page_size: int = 0,
+               timeout: float | None = None) -> AsyncIterator[DeploymentError]:
+        """Recorded errors of a deployment (see :meth:`Berth.errors`)."""
+        return self._all(_ERRORS, scheduler_pb2.ListDeploymentErrorsRequest(
+            project=project, deployment_id=deployment_id, latest=latest, page_size=page_size), timeout)
+
+    async def set_secret(self, project: str, name: str, value: str, *, type: str = "generic", environment: str = "",
+                         timeout: float | None = None) -> SecretInfo:
+        """Set a secret (see :meth:`Berth.set_secret`)."""
+        return await self._call(_SET_SECRET, secrets_pb2.SetSecretRequest(
+            project=project, name=name, type=type, value=value, environment=environment), timeout)
+
+    def list_secrets(self, project: str, *, environment: str = "", page_size: int = 0,
+                     timeout: float | None = None) -> AsyncIterator[SecretInfo]:
+        """Secrets' metadata by name (see :meth:`Berth.list_secrets`)."""
+        return self._all(_LIST_SECRETS, secrets_pb2.ListSecretsRequest(
+            project=project, environment=environment, page_size=page_size), timeout)
+
+    async def delete_secret(self, project: str, name: str, *, environment: str = "",
+                            timeout: float | None = None) -> SecretInfo:
+        """Delete a secret (see :meth:`Berth.delete_secret`)."""
+        return await self._call(_DELETE_SECRET, secrets_pb2.DeleteSecretRequest(
+            project=project, name=name, environment=environment), timeout)
+
+    async def watch_environments(self, project: str, *, since_revision: int = 0,
+                                 timeout: float | None = None) -> AsyncIterator[WatchEvent]:
+        """The project's environment events (see
+        :meth:`Berth.watch_environments`); leaving the ``async for``
+        cancels the stream."""
+        call = self._stubs["registry"].WatchEnvironments(
+            registry_pb2.WatchEnvironmentsRequest(project=project, since_revision=since_revision),
+            metadata=self._metadata(), timeout=timeout)
+        try:
+            async for event in call:
+                yield WatchEvent.from_proto(event)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
