@@ -39,6 +39,7 @@ from berth.shapes import (
     error_json,
     error_kind,
     log_line_json,
+    parse_canary_plan,
     secret_json,
     secret_scope,
     status_json,
@@ -1244,39 +1245,6 @@ def promote(ctx: Ctx, deployment_id: str, target: str, min_replicas: int | None,
 
 
 # ---- canaries (issue 20) ----------------------------------------------------
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
-
-
-def parse_duration(text: str) -> int:
-    """``30s``, ``5m``, ``1h`` or plain seconds -> seconds."""
-    text = text.strip().lower()
-    unit = _DURATION_UNITS.get(text[-1:]) if text else None
-    number = text[:-1] if unit else text
-    if not number.isdigit():
-        raise errors.InvalidArgument(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)", field="canary")
-    return int(number) * (unit or 1)
-
-
-def parse_canary_plan(plan: str) -> list[tuple[int, int]]:
-    """``10:5m,50:10m`` -> [(10, 300), (50, 600)]; weights increasing within 1-99."""
-    steps: list[tuple[int, int]] = []
-    for part in (p.strip() for p in plan.split(",")):
-        weight_text, sep, duration = part.partition(":")
-        if not sep or not weight_text.strip().isdigit():
-            raise errors.InvalidArgument(f"canary step {part!r} is not WEIGHT:DURATION (e.g. 10:5m)", field="canary")
-        weight, bake = int(weight_text), parse_duration(duration)
-        if not 1 <= weight <= 99:
-            raise errors.InvalidArgument(f"canary weight {weight} is outside 1-99 (100% is the promotion itself)",
-                                         field="canary")
-        if steps and weight <= steps[-1][0]:
-            raise errors.InvalidArgument(f"canary weights must increase: {weight} after {steps[-1][0]}",
-                                         field="canary")
-        if bake < 1:
-            raise errors.InvalidArgument(f"canary step {part!r} bakes for no time", field="canary")
-        steps.append((weight, bake))
-    return steps
-
 
 def report_canary(ctx: Ctx, verb: str, resp: registry_pb2.CanaryResponse) -> None:
     e = resp.environment

@@ -11,7 +11,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from berth import enums
+from berth import enums, errors
 from berth.v1 import common_pb2, scheduler_pb2, secrets_pb2
 
 
@@ -242,3 +242,37 @@ def canary_json(c: common_pb2.Canary) -> dict[str, Any]:
         "reason": c.reason,
         "actor": c.actor,
     }
+
+
+# The canary plan's words (`berth promote --canary`, REST `plan`): 10:5m,50:10m.
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def parse_duration(text: str) -> int:
+    """``30s``, ``5m``, ``1h`` or plain seconds -> seconds."""
+    text = text.strip().lower()
+    unit = _DURATION_UNITS.get(text[-1:]) if text else None
+    number = text[:-1] if unit else text
+    if not number.isdigit():
+        raise errors.InvalidArgument(f"{text!r} is not a duration (e.g. 30s, 5m, 1h)", field="canary")
+    return int(number) * (unit or 1)
+
+
+def parse_canary_plan(plan: str) -> list[tuple[int, int]]:
+    """``10:5m,50:10m`` -> [(10, 300), (50, 600)]; weights increasing within 1-99."""
+    steps: list[tuple[int, int]] = []
+    for part in (p.strip() for p in plan.split(",")):
+        weight_text, sep, duration = part.partition(":")
+        if not sep or not weight_text.strip().isdigit():
+            raise errors.InvalidArgument(f"canary step {part!r} is not WEIGHT:DURATION (e.g. 10:5m)", field="canary")
+        weight, bake = int(weight_text), parse_duration(duration)
+        if not 1 <= weight <= 99:
+            raise errors.InvalidArgument(f"canary weight {weight} is outside 1-99 (100% is the promotion itself)",
+                                         field="canary")
+        if steps and weight <= steps[-1][0]:
+            raise errors.InvalidArgument(f"canary weights must increase: {weight} after {steps[-1][0]}",
+                                         field="canary")
+        if bake < 1:
+            raise errors.InvalidArgument(f"canary step {part!r} bakes for no time", field="canary")
+        steps.append((weight, bake))
+    return steps

@@ -38,14 +38,17 @@ import grpc
 from google.protobuf.message import Message
 
 from berth.client import error_from_rpc
+from berth.errors import InvalidArgument as BerthInvalidArgument
 from berth.experiments import gate_json, run_json
 from berth.shapes import (
     binding_json,
+    canary_json,
     deployment_json,
     entry_json,
     environment_json,
     error_json,
     log_line_json,
+    parse_canary_plan,
     secret_json,
     status_json,
 )
@@ -391,6 +394,31 @@ DELETE_ENVIRONMENT = Body((
           default=False),
 ))
 EMPTY = Body(())
+START_CANARY = Body((
+    Field("deployment_id", str, True, "the candidate deployment"),
+    Field("plan", str, True, "the steps as WEIGHT:DURATION,... (e.g. 10:5m,50:10m): weights increasing within "
+          "1-99, durations as 30s, 5m, 1h; after the last step the environment is promoted to the candidate"),
+    Field("max_error_rate_increase", float, description="abort when the candidate's 5xx rate exceeds the "
+          "stable's by more (absent: 0.01)"),
+    Field("max_latency_ratio", float, description="abort when the candidate's p99 exceeds the stable's times "
+          "this (absent: 1.2)"),
+    Field("min_requests", int, description="requests the candidate serves before it is judged (absent: 100)",
+          minimum=1),
+    Field("min_replicas", int, description="the candidate binding's bounds (as for promote)", minimum=0,
+          maximum=MAX_REPLICAS),
+    Field("max_replicas", int, minimum=0, maximum=MAX_REPLICAS),
+    Field("confirm", bool, description="required for a protected environment (production)", default=False),
+    Field("reason", str, description="recorded in the history"),
+    Field("skip_gate", bool, description="as for promote", default=False),
+    Field("expected_sequence", int, description="compare-and-swap: the environment's current sequence",
+          minimum=0),
+))
+CANARY_ACTION = Body((
+    Field("reason", str, description="recorded in the history"),
+    Field("confirm", bool, description="promote-now into a protected environment (production)", default=False),
+    Field("expected_sequence", int, description="compare-and-swap: the environment's current sequence",
+          minimum=0),
+))
 SET_GATE = Body((
     Field("experiment", str, True, "the experiment whose run must pass"),
     Field("threshold", float, True, "the lowest passing rate, above 0 and at most 1"),
@@ -1007,6 +1035,65 @@ class RestApi:
             timespec="milliseconds").replace("+00:00", "Z")
         return {"deployment_id": route.deployment_id, "since": stamp}
 
+    # ---- canaries (issue 20) ----
+
+    @staticmethod
+    def _canary_json(resp: registry_pb2.CanaryResponse) -> dict[str, Any]:
+        e = resp.environment
+        out: dict[str, Any] = {"environment": environment_json(e),
+                               "canary": canary_json(e.canary) if e.HasField("canary") else None}
+        if resp.HasField("entry"):
+            out["entry"] = entry_json(resp.entry)
+        return out
+
+    async def get_canary(self, call: Call) -> PlatformResponse:
+        request = registry_pb2.GetCanaryRequest(environment=call.params["id"])
+        found = await self.rpc("registry", self.services.registry.GetCanary, request, call.api_key, retry=True)
+        return json_response(200, self._canary_json(found))
+
+    async def start_canary(self, call: Call) -> PlatformResponse:
+        b = START_CANARY.parse(call.body)
+        try:
+            steps = parse_canary_plan(b["plan"])
+        except BerthInvalidArgument as exc:
+            raise bad("plan", exc.message) from None
+        request = registry_pb2.StartCanaryRequest(
+            environment=call.params["id"], deployment_id=b["deployment_id"],
+            steps=[common_pb2.Canary.Step(weight=w, bake_seconds=d) for w, d in steps],
+            thresholds=common_pb2.Canary.Thresholds(
+                max_error_rate_increase=b["max_error_rate_increase"] or 0,
+                max_latency_ratio=b["max_latency_ratio"] or 0, min_requests=b["min_requests"] or 0),
+            min_replicas=b["min_replicas"], max_replicas=b["max_replicas"], confirm=b["confirm"],
+            reason=b["reason"] or "", skip_gate=b["skip_gate"],
+        )
+        if b["expected_sequence"] is not None:
+            request.expected_sequence = b["expected_sequence"]
+        started = await self.rpc("registry", self.services.registry.StartCanary, request, call.api_key)
+        return json_response(200, self._canary_json(started))
+
+    async def _canary_action(self, call: Call, method: str, request_type: Any) -> PlatformResponse:
+        b = CANARY_ACTION.parse(call.body)
+        fields: dict[str, Any] = {"environment": call.params["id"], "reason": b["reason"] or ""}
+        if method == "PromoteCanaryNow":
+            fields["confirm"] = b["confirm"]
+        request = request_type(**fields)
+        if b["expected_sequence"] is not None:
+            request.expected_sequence = b["expected_sequence"]
+        done = await self.rpc("registry", getattr(self.services.registry, method), request, call.api_key)
+        return json_response(200, self._canary_json(done))
+
+    async def pause_canary(self, call: Call) -> PlatformResponse:
+        return await self._canary_action(call, "PauseCanary", registry_pb2.PauseCanaryRequest)
+
+    async def resume_canary(self, call: Call) -> PlatformResponse:
+        return await self._canary_action(call, "ResumeCanary", registry_pb2.ResumeCanaryRequest)
+
+    async def abort_canary(self, call: Call) -> PlatformResponse:
+        return await self._canary_action(call, "AbortCanary", registry_pb2.AbortCanaryRequest)
+
+    async def promote_canary_now(self, call: Call) -> PlatformResponse:
+        return await self._canary_action(call, "PromoteCanaryNow", registry_pb2.PromoteCanaryNowRequest)
+
     async def promotions(self, call: Call) -> PlatformResponse:
         request = registry_pb2.ListHistoryRequest(environment=call.params["id"], **page(call))
         found = await self.rpc("registry", self.services.registry.ListHistory, request, call.api_key, retry=True)
@@ -1171,6 +1258,21 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("GET", "/environments/{id}/promotions", RestApi.promotions, "listPromotions",
               "Promotion history of an environment (" + ENV_FIELD_DOC + "), oldest first, one page at a time",
               query=PAGE_QUERY, response="History"),
+    Operation("GET", "/environments/{id}/canary", RestApi.get_canary, "getCanary",
+              "An environment's canary (null when it has none since its last pointer move): weights, step, "
+              "thresholds, last analysis", response="CanaryResult"),
+    Operation("POST", "/environments/{id}/canary", RestApi.start_canary, "startCanary",
+              "Start a canary of a deployment into the environment: the candidate takes each step's weight of new "
+              "requests for its bake time while the scheduler's analysis passes, then the environment is promoted "
+              "to it; a failing analysis sets it to 0% at once", START_CANARY, response="CanaryResult"),
+    Operation("POST", "/environments/{id}/canary/pause", RestApi.pause_canary, "pauseCanary",
+              "Hold a running canary at its weight", CANARY_ACTION, response="CanaryResult"),
+    Operation("POST", "/environments/{id}/canary/resume", RestApi.resume_canary, "resumeCanary",
+              "Resume a paused canary (its step bakes again from now)", CANARY_ACTION, response="CanaryResult"),
+    Operation("POST", "/environments/{id}/canary/abort", RestApi.abort_canary, "abortCanary",
+              "End a canary with the candidate at 0%", CANARY_ACTION, response="CanaryResult"),
+    Operation("POST", "/environments/{id}/canary/promote-now", RestApi.promote_canary_now, "promoteCanaryNow",
+              "End a canary at once by promoting the candidate (100%)", CANARY_ACTION, response="CanaryResult"),
     Operation("GET", "/experiments/runs", RestApi.list_experiment_runs, "listExperimentRuns",
               "Experiment runs of the project, newest first, one page at a time (without per-case results)",
               query=(("deployment_id", "only runs of this deployment"), ("name", "only runs of this experiment"))

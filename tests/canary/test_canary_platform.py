@@ -318,3 +318,35 @@ def test_cli_promote_with_canary_and_canary_commands(platform, setup) -> None:  
                                 api_key=key)
     assert aborted["canary"]["state"] == "aborted" and aborted["canary"]["candidate_weight"] == 0
     assert aborted["environment"]["deployment_id"] == serving
+
+
+def test_rest_canary_routes(platform, setup) -> None:  # type: ignore[no-untyped-def]
+    api, deps, key = setup
+    base = f"{platform.router}/api/v1/environments/staging/canary"
+    headers = {"X-API-KEY": key}
+    serving = api.canary().deployment_id
+    candidate = deps["v1"] if serving != deps["v1"] else deps["v2"]
+    bad = requests.post(base, headers=headers, json={"deployment_id": candidate, "plan": "50:1m,20:1m"}, timeout=30)
+    print("bad plan:", bad.status_code, bad.json())
+    assert bad.status_code == 400 and "increase" in bad.text
+    missing = requests.post(base, headers=headers, json={"plan": "10:1m"}, timeout=30)
+    assert missing.status_code == 400
+    started = requests.post(base, headers=headers, timeout=30, json={
+        "deployment_id": candidate, "plan": "10:1h,40:1h", "min_requests": 1000000, "reason": "rest"})
+    assert started.status_code == 200, started.text
+    body = started.json()
+    assert body["canary"]["state"] == "running" and body["canary"]["candidate_weight"] == 10
+    assert body["entry"]["kind"] == "canary"
+    again = requests.post(base, headers=headers, json={"deployment_id": candidate, "plan": "10:1m"}, timeout=30)
+    assert again.status_code == 412, again.text  # CANARY_RUNNING
+    got = requests.get(base, headers=headers, timeout=30).json()
+    assert got["canary"]["candidate_deployment_id"] == candidate
+    for action, expected in (("pause", "paused"), ("resume", "running"), ("promote-now", "promoted")):
+        answer = requests.post(f"{base}/{action}", headers=headers, json={}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["canary"]["state"] == expected
+    assert requests.get(base, headers=headers, timeout=30).json()["environment"]["deployment_id"] == candidate
+    ended = requests.post(f"{base}/abort", headers=headers, json={}, timeout=30)
+    assert ended.status_code == 412 and "already ended" in ended.text, ended.text
+    spec = requests.get(f"{platform.router}/api/v1/openapi.json", timeout=30).json()
+    assert "/api/v1/environments/{id}/canary/promote-now" in spec["paths"] and "Canary" in spec["components"]["schemas"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from berth import errors
-from berth.cli import parse_canary_plan, parse_duration
+from berth.shapes import parse_canary_plan, parse_duration
 
 
 @pytest.mark.parametrize(("plan", "steps"), [

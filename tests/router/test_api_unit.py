@@ -91,7 +91,10 @@ def test_openapi_matches_the_operation_table() -> None:
                    ("DELETE", "/api/v1/environments/{id}/gate")}
     # Replica logs (issue 16): JSON, or server-sent events with follow=true.
     logs = {("GET", "/api/v1/deployments/{id}/logs")}
-    assert implemented == design | studio_extras | extras | experiments | logs
+    # Canaries (issue 20).
+    canary = {("GET", "/api/v1/environments/{id}/canary"), ("POST", "/api/v1/environments/{id}/canary")} | {
+        ("POST", f"/api/v1/environments/{{id}}/canary/{a}") for a in ("pause", "resume", "abort", "promote-now")}
+    assert implemented == design | studio_extras | extras | experiments | logs | canary
     logs_doc = doc["paths"]["/api/v1/deployments/{id}/logs"]["get"]["responses"]["200"]["content"]
     assert set(logs_doc) == {"application/json", "text/event-stream"}
     delete_env = doc["paths"]["/api/v1/environments/{id}"]["delete"]
