@@ -218,6 +218,22 @@ def sync_channel(value: str, kind: str = "") -> grpc.Channel:
     return grpc.insecure_channel(target, options=options)
 
 
+def open_channel(name: str, value: str, make: Any = grpc.insecure_channel) -> Any:
+    """A channel (``make``: ``grpc.insecure_channel`` or
+    ``grpc.aio.insecure_channel``) to the ``name`` service's instances;
+    InvalidArgument naming the setting when ``value`` is not ``host:port``
+    or names a host that does not resolve. Shared by ``Client`` and
+    ``berth.sdk``."""
+    try:
+        target, options = channel_arguments(value, name)
+    except (ValueError, OSError) as exc:
+        raise errors.InvalidArgument(
+            f"the {name} address: {exc}", hint=f"set BERTH_{name.upper()}_ADDR to host:port (or several, "
+            "separated by commas), or run 'berth up' here"
+        ) from None
+    return make(target, options=options)
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Service addresses, each one ``host:port`` or a comma-separated list
@@ -246,13 +262,10 @@ class Client:
             ("scheduler", self.endpoints.scheduler),
         ):
             try:
-                self._channels[name] = sync_channel(addr, name)
-            except (ValueError, OSError) as exc:  # not host:port, or a host name that does not resolve
+                self._channels[name] = open_channel(name, addr)
+            except errors.InvalidArgument:
                 self.close()
-                raise errors.InvalidArgument(
-                    f"the {name} address: {exc}", hint=f"set BERTH_{name.upper()}_ADDR to host:port (or several, "
-                    "separated by commas), or run 'berth up' here"
-                ) from None
+                raise
         self.registry = registry_pb2_grpc.RegistryStub(self._channels["registry"])
         self.secrets = secrets_pb2_grpc.SecretsStub(self._channels["secrets"])
         self.scheduler = scheduler_pb2_grpc.SchedulerStub(self._channels["scheduler"])

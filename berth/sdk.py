@@ -34,8 +34,8 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
-from berth import enums, errors
-from berth.client import Endpoints, channel_arguments, error_from_rpc
+from berth import enums
+from berth.client import Endpoints, error_from_rpc, open_channel
 from berth.v1 import (
     common_pb2,
     registry_pb2,
@@ -155,9 +155,13 @@ class Project:
     name: str
     created_at: _dt.datetime | None
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: common_pb2.Project = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: common_pb2.Project) -> Project:
-        return cls(id=m.id, name=m.name, created_at=_time(m, "created_at"))
+        return cls(raw=m, id=m.id, name=m.name, created_at=_time(m, "created_at"))
 
 
 @dataclass(frozen=True)
@@ -212,9 +216,13 @@ class Deployment:
     created_at: _dt.datetime | None
     created_by: str
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: common_pb2.Deployment = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: common_pb2.Deployment) -> Deployment:
-        return cls(
+        return cls(raw=m,
             id=m.id, project_id=m.project_id, image=m.image, image_id=m.image_id,
             config=WorkerConfig.from_proto(m.config),
             state=DeploymentState._from_proto(common_pb2.Deployment.State, m.state),
@@ -234,9 +242,13 @@ class Environment:
     created_at: _dt.datetime | None
     previous_deployment_id: str
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: common_pb2.Environment = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: common_pb2.Environment) -> Environment:
-        return cls(
+        return cls(raw=m,
             id=m.id, project_id=m.project_id, project_name=m.project_name, name=m.name,
             deployment_id=m.deployment_id, sequence=m.sequence, protected=m.protected,
             created_at=_time(m, "created_at"), previous_deployment_id=m.previous_deployment_id,
@@ -256,9 +268,13 @@ class HistoryEntry:
     created_at: _dt.datetime | None
     reason: str
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: common_pb2.HistoryEntry = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: common_pb2.HistoryEntry) -> HistoryEntry:
-        return cls(
+        return cls(raw=m,
             environment_id=m.environment_id, sequence=m.sequence,
             kind=HistoryKind._from_proto(common_pb2.HistoryEntry.Kind, m.kind),
             deployment_id=m.deployment_id, previous_deployment_id=m.previous_deployment_id,
@@ -282,9 +298,13 @@ class Binding:
     serving: bool
     updated_at: _dt.datetime | None
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: common_pb2.Binding = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: common_pb2.Binding) -> Binding:
-        return cls(
+        return cls(raw=m,
             project_id=m.project_id, project_name=m.project_name, environment_id=m.environment_id,
             environment_name=m.environment_name, deployment=Deployment.from_proto(m.deployment),
             min_replicas=m.min_replicas, max_replicas=m.max_replicas,
@@ -323,9 +343,13 @@ class Replica:
     address: str
     node: str
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: scheduler_pb2.Replica = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: scheduler_pb2.Replica) -> Replica:
-        return cls(
+        return cls(raw=m,
             id=m.id, name=m.name, index=m.index,
             state=ReplicaState._from_proto(scheduler_pb2.Replica.State, m.state),
             started_at=_time(m, "started_at"), restarts=m.restarts, address=m.address, node=m.node,
@@ -342,9 +366,13 @@ class BindingStatus:
     serving: bool
     replicas: tuple[Replica, ...]
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: scheduler_pb2.BindingStatus = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: scheduler_pb2.BindingStatus) -> BindingStatus:
-        return cls(
+        return cls(raw=m,
             environment_id=m.environment_id, environment=m.environment,
             status=ServingStatus._from_proto(scheduler_pb2.BindingStatus.Status, m.status),
             min_replicas=m.min_replicas, max_replicas=m.max_replicas, serving=m.serving,
@@ -357,9 +385,13 @@ class DeploymentStatus:
     deployment: Deployment
     bindings: tuple[BindingStatus, ...]
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: scheduler_pb2.DeploymentStatus = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: scheduler_pb2.DeploymentStatus) -> DeploymentStatus:
-        return cls(
+        return cls(raw=m,
             deployment=Deployment.from_proto(m.deployment),
             bindings=tuple(BindingStatus.from_proto(b) for b in m.bindings),
         )
@@ -377,9 +409,13 @@ class DeploymentError:
     first_seen: _dt.datetime | None
     last_seen: _dt.datetime | None
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: scheduler_pb2.DeploymentError = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: scheduler_pb2.DeploymentError) -> DeploymentError:
-        return cls(
+        return cls(raw=m,
             kind=ErrorKind._from_proto(scheduler_pb2.DeploymentError.Kind, m.kind),
             message=m.message, deployment_id=m.deployment_id, environment_id=m.environment_id,
             environment=m.environment, replica=m.replica, count=m.count,
@@ -402,9 +438,13 @@ class SecretInfo:
     updated_by: str
     deleted: bool
 
+    #: The message as received (for tools that need a field this SDK does
+    #: not type yet); not compared.
+    raw: secrets_pb2.SecretInfo = field(repr=False, compare=False)
+
     @classmethod
     def from_proto(cls, m: secrets_pb2.SecretInfo) -> SecretInfo:
-        return cls(
+        return cls(raw=m,
             name=m.name, type=m.type, scope=SecretScope._from_proto(secrets_pb2.SecretInfo.Scope, m.scope),
             environment_id=m.environment_id, environment=m.environment, version=m.version,
             created_at=_time(m, "created_at"), updated_at=_time(m, "updated_at"),
@@ -617,14 +657,7 @@ def _stubs(channels: dict[str, Any]) -> dict[str, Any]:
 
 
 def _open_channels(endpoints: Endpoints, make: Callable[..., Any]) -> dict[str, Any]:
-    channels: dict[str, Any] = {}
-    for name in ("registry", "secrets", "scheduler"):
-        try:
-            target, options = channel_arguments(getattr(endpoints, name), name)
-        except (ValueError, OSError) as exc:
-            raise errors.InvalidArgument(f"the {name} address: {exc}", field=f"endpoints.{name}") from None
-        channels[name] = make(target, options=options)
-    return channels
+    return {name: open_channel(name, getattr(endpoints, name), make) for name in ("registry", "secrets", "scheduler")}
 
 
 # ---------------------------------------------------------------- sync
