@@ -1420,6 +1420,15 @@ class RegistryService:
         return entry
 
     @staticmethod
+    def _release_candidate(tx: _Tx, env: EnvironmentRow, candidate: str) -> None:
+        """An aborted candidate is no longer kept warm: its binding may scale
+        to zero (the scheduler's idle windows stop it)."""
+        binding = tx.session.get(BindingRow, (env.id, candidate))
+        if binding is not None and binding.min_replicas != 0:
+            binding.min_replicas = 0
+            tx.touch_binding(binding)
+
+    @staticmethod
     def _canary_of(env: EnvironmentRow) -> canaries.Canary | None:
         return canaries.Canary.from_json(env.canary) if env.canary else None
 
@@ -1529,6 +1538,7 @@ class RegistryService:
             elif action == "abort":
                 new = canaries.abort(canaries.require_active(current, env.name), reason=f"aborted{who}")
                 words = f"canary of {new.candidate_deployment_id} aborted (weight 0){who}"
+                self._release_candidate(tx, env, new.candidate_deployment_id)
             else:
                 raise InvalidArgument(f"unknown canary action {action!r}")
             entry = self._canary_swap(
@@ -1603,6 +1613,7 @@ class RegistryService:
                 return convert.environment(env, project.name), None
             if action == "abort":
                 new = canaries.abort(canary, reason=f"analysis failed: {analysis}", analysis=analysis, now=now)
+                self._release_candidate(tx, env, canary.candidate_deployment_id)
                 entry = self._canary_swap(
                     tx, principal, env, new, expected_sequence=expected_sequence,
                     bounds=self._candidate_bounds(tx.session, env, canary.candidate_deployment_id),

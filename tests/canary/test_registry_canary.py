@@ -2,10 +2,9 @@
 compare-and-swap on sequence and step (a repeated step is refused, never
 applied twice), abort to weight 0, the 100% end as a promote move, history
 entries for every weight change, and the change feed carrying the canary
-(SQLite, in process; the platform test drives it through real services)."""
+(in process, on SQLite and on PostgreSQL; the platform test drives it
+through real services)."""
 from __future__ import annotations
-
-import pathlib
 
 import pytest
 from sqlalchemy import select
@@ -19,13 +18,15 @@ from services.registry import domain
 from services.registry.changes import ChangeHub
 from services.registry.service import RegistryService
 from services.registry.storage import ChangeRow, make_engine, migrate
+from tests.registry.conftest import database_url  # noqa: F401 - the fixture: SQLite and PostgreSQL
+from tests.support.postgres import postgres_cluster  # noqa: F401 - the session fixture
 
 THRESHOLDS = canaries.Thresholds(0, 0, 0)  # the defaults
 
 
 @pytest.fixture
-def svc(tmp_path: pathlib.Path):  # type: ignore[no-untyped-def]
-    engine = make_engine(f"sqlite:///{tmp_path / 'r.db'}")
+def svc(database_url: str):  # type: ignore[no-untyped-def]  # noqa: F811
+    engine = make_engine(database_url)
     migrate(engine)
     service = RegistryService(sessionmaker(engine, expire_on_commit=False), ChangeHub(), admin_key="a" * 40,
                               service_token="s" * 40)
@@ -168,3 +169,39 @@ def test_start_validation(svc) -> None:  # type: ignore[no-untyped-def]
                                   steps=[(5, 5)], thresholds=THRESHOLDS, min_replicas=None, max_replicas=None,
                                   expected_sequence=3, confirm=False, reason="", skip_gate=False)
     assert env.canary.candidate_weight == 5 and env.sequence == 4
+
+
+def test_gated_environment_and_released_candidate(svc) -> None:  # type: ignore[no-untyped-def]
+    service, principal = svc
+    stable, candidate = _deploy(service, principal, "busybox:1"), _deploy(service, principal, "busybox:2")
+    service.promote(principal, project_ref="", deployment_id=stable, target_environment_ref="staging",
+                    min_replicas=None, max_replicas=None, scale_previous_to_zero=False, expected_sequence=None,
+                    confirm=False, reason="")
+    digest = "sha256:" + "a" * 64
+    service.set_environment_gate(principal, "", "staging", experiment="smoke", threshold=0.9, dataset_digest=digest)
+
+    def start() -> common_pb2.Environment:
+        env, _ = service.start_canary(
+            principal, project_ref="", deployment_id=candidate, environment_ref="staging", steps=[(10, 60)],
+            thresholds=THRESHOLDS, min_replicas=1, max_replicas=1, expected_sequence=None, confirm=False,
+            reason="", skip_gate=False)
+        return env
+
+    with pytest.raises(errors.FailedPrecondition) as caught:
+        start()
+    assert caught.value.reason == "GATE_NOT_PASSED"
+    cases = [domain.CaseResult(name=f"c{i}", passed=i < 5, status=200, latency_ms=1.0) for i in range(10)]
+    service.record_experiment_run(principal, "", name="smoke", deployment_id=candidate, dataset_digest=digest,
+                                  cases=cases)
+    with pytest.raises(errors.FailedPrecondition):
+        start()  # 50% < 90%
+    cases = [domain.CaseResult(name=f"c{i}", passed=True, status=200, latency_ms=1.0) for i in range(10)]
+    service.record_experiment_run(principal, "", name="smoke", deployment_id=candidate, dataset_digest=digest,
+                                  cases=cases)
+    env = start()
+    assert env.canary.candidate_weight == 10
+    # Aborted: the candidate is no longer kept warm (min 0: the scheduler's idle windows stop it).
+    service.advance_canary(SERVICE_PRINCIPAL, project_id=env.project_id, environment_id=env.id,
+                           expected_sequence=env.sequence, step=0, action="abort", analysis="candidate 5xx 9%")
+    (binding,) = service.list_bindings(principal, "", candidate, "staging")[0]
+    assert binding.min_replicas == 0
