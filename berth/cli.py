@@ -26,6 +26,7 @@ from rich.table import Table
 
 from berth import enums, errors, local
 from berth.client import Client, error_from_rpc
+from berth.sdk import Berth
 from berth.shapes import (
     api_key_json,
     binding_json,
@@ -80,6 +81,7 @@ class Ctx:
         self._project = project
         self._origin = "--project" if project else ""
         self._client: Client | None = None
+        self._sdk: Berth | None = None
 
     @property
     def json(self) -> bool:
@@ -102,15 +104,26 @@ class Ctx:
     def use_project(self, project: str, origin: str) -> None:
         self._project, self._origin = project, origin
 
+    @staticmethod
+    def _key(api_key: str | None) -> str:
+        key = api_key if api_key is not None else os.environ.get("BERTH_API_KEY", "")
+        if not key:
+            raise errors.Unauthenticated(
+                "no API key: set BERTH_API_KEY", hint="'berth projects create NAME' prints a project's first key"
+            )
+        return key
+
     def client(self, api_key: str | None = None) -> Client:
         if self._client is None:
-            key = api_key if api_key is not None else os.environ.get("BERTH_API_KEY", "")
-            if not key:
-                raise errors.Unauthenticated(
-                    "no API key: set BERTH_API_KEY", hint="'berth projects create NAME' prints a project's first key"
-                )
-            self._client = Client(api_key=key, endpoints=local.endpoints())
+            self._client = Client(api_key=self._key(api_key), endpoints=local.endpoints())
         return self._client
+
+    def sdk(self, api_key: str | None = None) -> Berth:
+        """The typed SDK client (berth.sdk) with the same key and addresses
+        as :meth:`client`; the commands moved to the SDK use it."""
+        if self._sdk is None:
+            self._sdk = Berth(self._key(api_key), endpoints=local.endpoints())
+        return self._sdk
 
     def emit(self, data: dict[str, Any], human: Callable[[], None]) -> None:
         if self.json:
@@ -309,8 +322,7 @@ def projects_create(ctx: Ctx, name: str, print_env: bool) -> None:
         raise errors.Unauthenticated(
             "no admin key found", hint="run 'berth up' on this machine first, or set BERTH_ADMIN_KEY"
         )
-    c = ctx.client(api_key=admin)
-    resp = c.call(c.registry.CreateProject, registry_pb2.CreateProjectRequest(name=name))
+    resp = ctx.sdk(api_key=admin).create_project(name)
     data = {"project": {"id": resp.project.id, "name": resp.project.name}, "api_key": resp.api_key}
 
     if print_env and not ctx.json:
@@ -338,8 +350,7 @@ def env_group() -> None:
 @env_group.command("list")
 @command
 def env_list(ctx: Ctx) -> None:
-    c = ctx.client()
-    envs = c.list_all(c.registry.ListEnvironments, registry_pb2.ListEnvironmentsRequest(project=ctx.project), "environments")
+    envs = [e.raw for e in ctx.sdk().list_environments(ctx.project)]
 
     def human() -> None:
         t = table("ENVIRONMENT", "ID", "DEPLOYMENT", "SEQUENCE", "PROTECTED")
@@ -354,8 +365,7 @@ def env_list(ctx: Ctx) -> None:
 @click.argument("name")
 @command
 def env_create(ctx: Ctx, name: str) -> None:
-    c = ctx.client()
-    e = c.call(c.registry.CreateEnvironment, registry_pb2.CreateEnvironmentRequest(project=ctx.project, name=name))
+    e = ctx.sdk().create_environment(ctx.project, name).raw
     ctx.emit({"environment": environment_json(e)}, lambda: out.print(f"Created environment [bold]{e.name}[/] ({e.id})"))
 
 
@@ -368,7 +378,7 @@ def env_create(ctx: Ctx, name: str) -> None:
 @command
 def env_delete(ctx: Ctx, name: str, force: bool, yes: bool) -> None:
     """Delete an environment nothing points to (--force: any, with its bindings and history)."""
-    c = ctx.client()
+    berth = ctx.sdk()
     if force and not yes:
         if not sys.stdin.isatty():
             raise errors.FailedPrecondition(
@@ -380,9 +390,7 @@ def env_delete(ctx: Ctx, name: str, force: bool, yes: bool) -> None:
         if not click.confirm(question, default=False, err=True):
             raise errors.FailedPrecondition(f"not confirmed: '{name}' was not deleted", hint="pass --yes to skip the prompt")
         yes = True
-    request = registry_pb2.DeleteEnvironmentRequest(project=ctx.project, environment=name, force=force, confirm=force and yes)
-    resp = c.call(c.registry.DeleteEnvironment, request)
-    e = resp.environment
+    e = berth.delete_environment(ctx.project, name, force=force, confirm=force and yes).raw
     ctx.emit({"environment": environment_json(e)}, lambda: out.print(f"Deleted environment [bold]{e.name}[/] ({e.id})"))
 
 
@@ -882,8 +890,7 @@ def deploy(ctx: Ctx, path: pathlib.Path | None, image: str | None, environment: 
 @command
 def deployments_list(ctx: Ctx, environment: str) -> None:
     """The project's deployments, newest first."""
-    c = ctx.client()
-    deps = c.list_all(c.registry.ListDeployments, registry_pb2.ListDeploymentsRequest(project=ctx.project, environment=environment), "deployments")
+    deps = [d.raw for d in ctx.sdk().list_deployments(ctx.project, environment=environment)]
 
     def human() -> None:
         t = table("DEPLOYMENT", "IMAGE", "STATE", "CREATED", "BY")
@@ -1351,9 +1358,7 @@ def rollback(ctx: Ctx, environment: str, target: str, reason: str, yes: bool, wa
 @command
 def history(ctx: Ctx, environment: str) -> None:
     """The promotion history of an environment, oldest first."""
-    c = ctx.client()
-    entries = c.list_all(c.registry.ListHistory, registry_pb2.ListHistoryRequest(project=ctx.project, environment=environment), "entries")
-    rows = [entry_json(h) for h in entries]
+    rows = [entry_json(h.raw) for h in ctx.sdk().history(ctx.project, environment)]
 
     def human() -> None:
         t = table("SEQ", "KIND", "DEPLOYMENT", "PREVIOUS", "REPLICAS", "BY", "WHEN", "REASON")
@@ -1425,9 +1430,7 @@ def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: b
 @environment_option(help="Show what this environment resolves.")
 @command
 def secrets_list(ctx: Ctx, environment: str) -> None:
-    c = ctx.client()
-    found = c.list_all(c.secrets.ListSecrets, secrets_pb2.ListSecretsRequest(project=ctx.project, environment=environment), "secrets")
-    rows = [secret_json(s) for s in found]
+    rows = [secret_json(s.raw) for s in ctx.sdk().list_secrets(ctx.project, environment=environment)]
 
     def human() -> None:
         t = table("NAME", "TYPE", "SCOPE", "VERSION", "UPDATED")
@@ -1443,8 +1446,7 @@ def secrets_list(ctx: Ctx, environment: str) -> None:
 @environment_option()
 @command
 def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
-    c = ctx.client()
-    s = c.call(c.secrets.DeleteSecret, secrets_pb2.DeleteSecretRequest(project=ctx.project, name=name, environment=environment)).secret
+    s = ctx.sdk().delete_secret(ctx.project, name, environment=environment).raw
     ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Deleted {s.name} ({secret_scope(s)}) as version {s.version}; replicas that resolved it are replaced"))
 
 
