@@ -30,7 +30,6 @@ else only records the verdict when it changed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,8 +146,12 @@ class CanaryController:
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(Exception):
+            try:
                 await self.pass_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the next pass re-reads everything (level-triggered)
+                log.exception("canary_pass_failed")
             await asyncio.sleep(self.interval)
 
     async def pass_once(self) -> list[tuple[str, Action]]:
