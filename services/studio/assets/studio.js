@@ -739,10 +739,55 @@ async function bindingsOf(ids) {
   return out;
 }
 
+// ---------------------------------------------------------------- gates (issue 17)
+//
+// A gated environment takes a promotion only of a deployment whose latest
+// run of the gate's experiment on the gate's dataset passes the threshold
+// (the registry decides; this only shows it). Runs are read newest first.
+const GATE_RUN_PAGES = 5;
+
+async function latestGateRun(gate, deploymentId) {
+  let token = "";
+  for (let page = 0; page < GATE_RUN_PAGES; page++) {
+    const query = `deployment_id=${encodeURIComponent(deploymentId)}&name=${encodeURIComponent(gate.experiment)}`
+      + `&page_size=100${token ? `&page_token=${encodeURIComponent(token)}` : ""}`;
+    const data = await api("GET", `/experiments/runs?${query}`);
+    const run = (data.runs || []).find((r) => !gate.dataset_digest || r.dataset_digest === gate.dataset_digest);
+    if (run) return run;
+    token = data.next_page_token || "";
+    if (!token) break;
+  }
+  return null;
+}
+
+const gateVerdict = (gate, run) => (!run ? "no run" : run.pass_rate >= gate.threshold ? "passes" : "fails");
+const digestShort = (digest) => (digest ? `${digest.slice(0, 19)}…` : "any dataset");
+
+function gateSummary(gate) {
+  return `${gate.environment} is gated on experiment ${gate.experiment}: pass rate ≥ ${formatShare(gate.threshold)} `
+    + `on dataset ${digestShort(gate.dataset_digest)}`;
+}
+
+function gateTable(gate, candidates, runs) {
+  return dataTable({ id: "promote-gate-results" }, ["Deployment", "Pass rate", "When", "Gate"],
+    candidates.map((d) => {
+      const run = runs.get(d.id) || null;
+      const verdict = gateVerdict(gate, run);
+      return { attrs: { "data-deployment": d.id, "data-verdict": verdict, class: verdict === "passes" ? "" : "gate-fails" }, cells: [
+        el("td", { class: "mono" }, d.id),
+        el("td", { class: "pass-rate" }, run ? `${formatShare(run.pass_rate)} (${run.passed}/${run.total})` : "no run"),
+        el("td", { class: "nowrap" }, run ? when(run.created_at) : "–"),
+        el("td", { class: "verdict" }, el("span", { class: `badge gate-${verdict.replace(" ", "-")}` }, verdict))] };
+    }));
+}
+
 async function promoteDialog(env) {
-  let bindings;
+  let bindings, gates;
   try {
-    bindings = await bindingsOf(state.environments.flatMap((e) => [e.deployment_id, e.previous_deployment_id]));
+    [bindings, gates] = await Promise.all([
+      bindingsOf(state.environments.flatMap((e) => [e.deployment_id, e.previous_deployment_id])),
+      api("GET", "/gates").then((r) => r.gates || []),
+    ]);
   } catch (e) {
     toast(e.message, { anchor: "promote-btn", isError: true });
     return;
@@ -769,6 +814,48 @@ async function promoteDialog(env) {
   const boundsHint = el("p", { class: "hint", id: "promote-bounds-hint" });
   const previous = el("input", { id: "promote-scale-previous", type: "checkbox" });
   const reason = reasonInput("promote-reason");
+  const gateBox = el("div", { id: "promote-gate", hidden: true });
+  const skipGate = el("input", { id: "promote-skip-gate", type: "checkbox" });
+  const skipRow = el("label", { class: "check", id: "promote-skip-gate-row", hidden: true }, skipGate,
+    "Skip the gate (needs a reason, kept in the history)");
+  const gating = { gate: null, runs: new Map(), loading: false, generation: 0 };
+  const sourceVerdict = () => (gating.gate && !gating.loading ? gateVerdict(gating.gate, gating.runs.get(source.value) || null) : "");
+  const showSkip = () => {
+    const failing = Boolean(gating.gate) && !gating.loading && sourceVerdict() !== "passes";
+    skipRow.hidden = !failing;
+    if (!failing) skipGate.checked = false;
+  };
+  // The target's gate and each candidate's latest run of its experiment.
+  const showGate = async (t, candidates) => {
+    const generation = ++gating.generation;
+    const gate = gates.find((g) => g.environment_id === t.id) || null;
+    gating.gate = gate;
+    gating.runs = new Map();
+    gateBox.hidden = !gate;
+    if (!gate) { gateBox.replaceChildren(); showSkip(); return; }
+    gating.loading = true;
+    showSkip();
+    gateBox.replaceChildren(el("p", { class: "hint", id: "promote-gate-summary" }, gateSummary(gate)),
+      el("p", { class: "hint" }, "Reading experiment runs…"));
+    let runs;
+    try {
+      runs = new Map(await Promise.all(candidates.map(async (d) => [d.id, await latestGateRun(gate, d.id)])));
+    } catch (e) {
+      if (generation !== gating.generation) return;
+      gating.loading = false;
+      gateBox.replaceChildren(el("p", { class: "hint", id: "promote-gate-summary" }, gateSummary(gate)),
+        el("p", { class: "error" }, `Could not read experiment runs: ${e.message}`));
+      showSkip();
+      return;
+    }
+    if (generation !== gating.generation) return;
+    gating.runs = runs;
+    gating.loading = false;
+    gateBox.replaceChildren(el("p", { class: "hint", id: "promote-gate-summary" }, gateSummary(gate)),
+      candidates.length ? gateTable(gate, candidates, runs) : el("p", { class: "empty" }, "No candidate."));
+    showSkip();
+    $("dialog-form").dispatchEvent(new Event("change"));
+  };
 
   // Proved itself: running (every minimum replica ready) in an environment
   // before the target. Only those are offered first and pre-selected; a
@@ -792,10 +879,12 @@ async function promoteDialog(env) {
     max.value = String(current ? current.max_replicas : 3);
     boundsHint.textContent = current ? `${t.name}'s current bounds (${current.min_replicas}..${current.max_replicas})` : `${t.name} serves nothing yet: the platform's defaults`;
     showWhere();
+    showGate(t, [...proven, ...others]);
   };
   const showWhere = () => {
     const d = deploymentById(source.value);
     where.textContent = d ? `${d.image}: ${describe(d)}` : "Choose a deployment.";
+    showSkip();
   };
   target.addEventListener("change", fillSources);
   source.addEventListener("change", showWhere);
@@ -803,20 +892,30 @@ async function promoteDialog(env) {
   openDialog({
     title: "Promote a deployment",
     anchor: "promote-btn",
-    body: [field("To environment", target), field("Deployment", source), where,
+    body: [field("To environment", target), gateBox, field("Deployment", source), where,
       el("div", { class: "row" }, field("Min replicas", min), field("Max replicas", max)), boundsHint,
       el("label", { class: "check" }, previous, "Scale the previously serving deployment to zero"),
-      field("Reason", reason)],
+      skipRow, field("Reason", reason)],
     confirmLabel: "Promote",
-    blocked: () => (source.value ? null : "no deployment chosen"),
+    blocked: () => (!source.value ? "no deployment chosen" : gating.loading ? "reading the gate's runs"
+      : skipGate.checked && !reason.value.trim() ? "skipping the gate needs a reason" : null),
     requireTyping: () => { const t = state.environments.find((e) => e.id === target.value); return t && t.protected ? t.name : null; },
     onConfirm: async () => {
       const targetEnv = state.environments.find((e) => e.id === target.value);
-      const r = await api("POST", "/deployments/promote", {
-        source_deployment_id: source.value, target_environment_id: target.value,
-        min_replicas: Number(min.value), max_replicas: Number(max.value),
-        scale_previous_to_zero: previous.checked, confirm: Boolean(targetEnv.protected), reason: reason.value.trim(),
-      });
+      const skip = Boolean(gating.gate) && !skipRow.hidden && skipGate.checked;
+      let r;
+      try {
+        r = await api("POST", "/deployments/promote", {
+          source_deployment_id: source.value, target_environment_id: target.value,
+          min_replicas: Number(min.value), max_replicas: Number(max.value),
+          scale_previous_to_zero: previous.checked, confirm: Boolean(targetEnv.protected), reason: reason.value.trim(),
+          ...(skip ? { skip_gate: true } : {}),
+        });
+      } catch (e) {
+        // A gate refusing (412) names the gate and the run: said in the toast too.
+        if (e.status === 412) toast(e.message, { anchor: "promote-btn", isError: true });
+        throw e;
+      }
       return `Promoted ${source.value} to ${r.environment.name}.`;
     },
   });
