@@ -50,7 +50,7 @@ T = TypeVar("T")
 EnumT = TypeVar("EnumT", bound="_WordEnum")
 
 __all__ = [
-    "AsyncBerth", "Berth", "Binding", "BindingState", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
+    "ApiKey", "AsyncBerth", "Berth", "CreatedApiKey", "EnvironmentGate", "Binding", "BindingState", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
     "DeploymentError", "DeploymentState", "DeploymentStatus", "Environment", "ErrorKind", "HistoryEntry",
     "HistoryKind", "Page", "PointerMoved", "Project", "Replica", "ReplicaState", "Resources", "RetryPolicy",
     "SecretInfo", "SecretScope", "ServingStatus", "WatchEvent", "WorkerConfig",
@@ -170,6 +170,56 @@ class CreatedProject:
 
     project: Project
     api_key: str
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A project API key's metadata (the key itself is shown only when
+    created)."""
+
+    id: str
+    project_id: str
+    name: str
+    prefix: str
+    created_at: _dt.datetime | None
+    revoked_at: _dt.datetime | None
+    #: The message as received; not compared.
+    raw: common_pb2.ApiKeyInfo = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.ApiKeyInfo) -> ApiKey:
+        return cls(raw=m, id=m.id, project_id=m.project_id, name=m.name, prefix=m.prefix,
+                   created_at=_time(m, "created_at"), revoked_at=_time(m, "revoked_at"))
+
+
+@dataclass(frozen=True)
+class CreatedApiKey:
+    """A new API key: its metadata and the key (shown only once)."""
+
+    key: ApiKey
+    api_key: str
+
+
+@dataclass(frozen=True)
+class EnvironmentGate:
+    """A promotion gate: moves into the environment need a recorded
+    experiment run of ``experiment`` passing at least ``threshold``."""
+
+    environment_id: str
+    environment_name: str
+    experiment: str
+    threshold: float
+    dataset_digest: str
+    actor: str
+    updated_at: _dt.datetime | None
+    #: The message as received; not compared.
+    raw: registry_pb2.EnvironmentGate = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: registry_pb2.EnvironmentGate) -> EnvironmentGate:
+        return cls(raw=m, environment_id=m.environment_id, environment_name=m.environment_name,
+                   experiment=m.experiment, threshold=m.threshold, dataset_digest=m.dataset_digest, actor=m.actor,
+                   updated_at=_time(m, "updated_at"))
 
 
 @dataclass(frozen=True)
@@ -556,6 +606,14 @@ def _page(items_field: str, convert: Callable[[Any], T]) -> Callable[[Any], Page
 
 
 _CREATE_PROJECT = _Op("registry", "CreateProject", _created)
+_CREATE_KEY = _Op("registry", "CreateApiKey",
+                  lambda r: CreatedApiKey(key=ApiKey.from_proto(r.key), api_key=r.api_key))
+_LIST_KEYS = _Op("registry", "ListApiKeys", _page("keys", ApiKey.from_proto), True)
+_REVOKE_KEY = _Op("registry", "RevokeApiKey", ApiKey.from_proto)
+_SET_GATE = _Op("registry", "SetEnvironmentGate", EnvironmentGate.from_proto, idempotent=True)
+_CLEAR_GATE = _Op("registry", "ClearEnvironmentGate", lambda r: bool(r.cleared))
+_LIST_GATES = _Op("registry", "ListEnvironmentGates",
+                  lambda r: tuple(EnvironmentGate.from_proto(g) for g in r.gates), idempotent=True)
 _GET_PROJECT = _Op("registry", "GetProject", Project.from_proto, idempotent=True)
 _LIST_ENVIRONMENTS = _Op("registry", "ListEnvironments", _page("environments", Environment.from_proto), True)
 _CREATE_ENVIRONMENT = _Op("registry", "CreateEnvironment", Environment.from_proto)
@@ -735,6 +793,23 @@ class Berth:
         Credentials: the project's key. Errors: NotFound."""
         return self._call(_GET_PROJECT, registry_pb2.GetProjectRequest(project=project), timeout)
 
+    def create_api_key(self, project: str, name: str, *, timeout: float | None = None) -> CreatedApiKey:
+        """Create another API key of the project (the key is in the result,
+        shown once). Credentials: the project's key. Errors: InvalidArgument
+        (``name``), AlreadyExists."""
+        return self._call(_CREATE_KEY, registry_pb2.CreateApiKeyRequest(project=project, name=name), timeout)
+
+    def list_api_keys(self, project: str, *, page_size: int = 0,
+                      timeout: float | None = None) -> Iterator[ApiKey]:
+        """The project's API keys, oldest first (metadata only).
+        Credentials: the project's key."""
+        return self._all(_LIST_KEYS, registry_pb2.ListApiKeysRequest(project=project, page_size=page_size), timeout)
+
+    def revoke_api_key(self, project: str, key: str, *, timeout: float | None = None) -> ApiKey:
+        """Revoke a key (by id or name); calls with it fail Unauthenticated
+        from then on. Credentials: the project's key. Errors: NotFound."""
+        return self._call(_REVOKE_KEY, registry_pb2.RevokeApiKeyRequest(project=project, key=key), timeout)
+
     # environments
 
     def list_environments(self, project: str, *, page_size: int = 0,
@@ -854,6 +929,26 @@ class Berth:
         key. Errors: NotFound."""
         return self._call(_START, registry_pb2.StartDeploymentRequest(
             project=project, deployment_id=deployment_id), timeout)
+
+    def set_gate(self, project: str, environment: str, experiment: str, threshold: float, *,
+                 dataset_digest: str = "", timeout: float | None = None) -> EnvironmentGate:
+        """Gate moves into ``environment`` on a passing run of
+        ``experiment`` (pass rate >= ``threshold``, 0..1). Credentials: the
+        project's key. Errors: InvalidArgument (``threshold``,
+        ``experiment``), NotFound."""
+        return self._call(_SET_GATE, registry_pb2.SetEnvironmentGateRequest(
+            project=project, environment=environment, experiment=experiment, threshold=threshold,
+            dataset_digest=dataset_digest), timeout)
+
+    def clear_gate(self, project: str, environment: str, *, timeout: float | None = None) -> bool:
+        """Remove an environment's gate; False when it had none.
+        Credentials: the project's key. Errors: NotFound."""
+        return self._call(_CLEAR_GATE, registry_pb2.ClearEnvironmentGateRequest(
+            project=project, environment=environment), timeout)
+
+    def list_gates(self, project: str, *, timeout: float | None = None) -> tuple[EnvironmentGate, ...]:
+        """Every gate of the project. Credentials: the project's key."""
+        return self._call(_LIST_GATES, registry_pb2.ListEnvironmentGatesRequest(project=project), timeout)
 
     # scheduler
 
@@ -984,6 +1079,35 @@ class AsyncBerth:
     async def get_project(self, project: str, *, timeout: float | None = None) -> Project:
         """The project (see :meth:`Berth.get_project`). Errors: NotFound."""
         return await self._call(_GET_PROJECT, registry_pb2.GetProjectRequest(project=project), timeout)
+
+    async def create_api_key(self, project: str, name: str, *, timeout: float | None = None) -> CreatedApiKey:
+        """Create an API key (see :meth:`Berth.create_api_key`)."""
+        return await self._call(_CREATE_KEY, registry_pb2.CreateApiKeyRequest(project=project, name=name), timeout)
+
+    def list_api_keys(self, project: str, *, page_size: int = 0,
+                      timeout: float | None = None) -> AsyncIterator[ApiKey]:
+        """The project's API keys (see :meth:`Berth.list_api_keys`)."""
+        return self._all(_LIST_KEYS, registry_pb2.ListApiKeysRequest(project=project, page_size=page_size), timeout)
+
+    async def revoke_api_key(self, project: str, key: str, *, timeout: float | None = None) -> ApiKey:
+        """Revoke a key (see :meth:`Berth.revoke_api_key`)."""
+        return await self._call(_REVOKE_KEY, registry_pb2.RevokeApiKeyRequest(project=project, key=key), timeout)
+
+    async def set_gate(self, project: str, environment: str, experiment: str, threshold: float, *,
+                       dataset_digest: str = "", timeout: float | None = None) -> EnvironmentGate:
+        """Gate an environment (see :meth:`Berth.set_gate`)."""
+        return await self._call(_SET_GATE, registry_pb2.SetEnvironmentGateRequest(
+            project=project, environment=environment, experiment=experiment, threshold=threshold,
+            dataset_digest=dataset_digest), timeout)
+
+    async def clear_gate(self, project: str, environment: str, *, timeout: float | None = None) -> bool:
+        """Remove a gate (see :meth:`Berth.clear_gate`)."""
+        return await self._call(_CLEAR_GATE, registry_pb2.ClearEnvironmentGateRequest(
+            project=project, environment=environment), timeout)
+
+    async def list_gates(self, project: str, *, timeout: float | None = None) -> tuple[EnvironmentGate, ...]:
+        """Every gate (see :meth:`Berth.list_gates`)."""
+        return await self._call(_LIST_GATES, registry_pb2.ListEnvironmentGatesRequest(project=project), timeout)
 
     def list_environments(self, project: str, *, page_size: int = 0,
                           timeout: float | None = None) -> AsyncIterator[Environment]:

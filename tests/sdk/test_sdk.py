@@ -77,7 +77,7 @@ def test_sync_flow_deploy_promote_rollback_history_status_secrets(platform, imag
         assert first.deployment.state is DeploymentState.ACTIVE
         fetched = b.get_deployment(project, first.deployment.id)
         # image_id may be resolved after the deploy returned: the rest is the same
-        assert fetched.id == first.deployment.id and fetched.image == image and fetched.config == CONFIG
+        assert fetched.id == first.deployment.id and fetched.image == image and fetched.config.port == CONFIG.port
         assert fetched.state is DeploymentState.ACTIVE
         assert fetched.image_id == "" or fetched.image_id.startswith("sha256:")
 
@@ -205,6 +205,32 @@ def test_async_flow(platform, image):
             assert bad.value.field == "name"
 
     asyncio.run(flow())
+
+
+def test_api_keys_and_gates(platform):
+    project, key = new_project(platform)
+    with Berth(key, endpoints=addresses(platform)) as b:
+        created = b.create_api_key(project, "ci")
+        assert created.key.name == "ci" and created.api_key.startswith(created.key.prefix)
+        with Berth(created.api_key, endpoints=addresses(platform)) as ci:
+            assert ci.get_project(project).name == project
+        assert "ci" in [k.name for k in b.list_api_keys(project, page_size=1)]
+        revoked = b.revoke_api_key(project, "ci")
+        assert revoked.revoked_at is not None
+        with Berth(created.api_key, endpoints=addresses(platform)) as ci, pytest.raises(errors.Unauthenticated):
+            ci.get_project(project)
+
+        digest = "sha256:" + "ab" * 32  # no run recorded yet: the dataset is named
+        gate = b.set_gate(project, "production", "smoke", 0.9, dataset_digest=digest)
+        assert (gate.environment_name, gate.experiment, gate.threshold) == ("production", "smoke", 0.9)
+        assert gate.dataset_digest == digest
+        assert [g.experiment for g in b.list_gates(project)] == ["smoke"]
+        with pytest.raises(errors.InvalidArgument) as bad:
+            b.set_gate(project, "production", "smoke", 1.5, dataset_digest=digest)
+        assert bad.value.field == "threshold"
+        assert b.clear_gate(project, "production") is True
+        assert b.clear_gate(project, "production") is False
+        assert b.list_gates(project) == ()
 
 
 def test_the_guides_examples_run(platform, image):
