@@ -50,7 +50,7 @@ T = TypeVar("T")
 EnumT = TypeVar("EnumT", bound="_WordEnum")
 
 __all__ = [
-    "ApiKey", "AsyncBerth", "Berth", "CreatedApiKey", "EnvironmentGate", "Binding", "BindingState", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
+    "ApiKey", "AsyncBerth", "Berth", "CreatedApiKey", "EnvironmentGate", "ExperimentCase", "ExperimentRun", "LogLine", "LogStream", "Binding", "BindingState", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
     "DeploymentError", "DeploymentState", "DeploymentStatus", "Environment", "ErrorKind", "HistoryEntry",
     "HistoryKind", "Page", "PointerMoved", "Project", "Replica", "ReplicaState", "Resources", "RetryPolicy",
     "SecretInfo", "SecretScope", "ServingStatus", "WatchEvent", "WorkerConfig",
@@ -220,6 +220,81 @@ class EnvironmentGate:
         return cls(raw=m, environment_id=m.environment_id, environment_name=m.environment_name,
                    experiment=m.experiment, threshold=m.threshold, dataset_digest=m.dataset_digest, actor=m.actor,
                    updated_at=_time(m, "updated_at"))
+
+
+@dataclass(frozen=True)
+class ExperimentCase:
+    """One case of an experiment run."""
+
+    name: str
+    passed: bool
+    status: int = 0
+    latency_ms: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ExperimentRun:
+    """A recorded experiment run (``cases`` is empty in lists)."""
+
+    id: str
+    project_id: str
+    name: str
+    deployment_id: str
+    dataset_digest: str
+    total: int
+    passed: int
+    pass_rate: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    cases: tuple[ExperimentCase, ...]
+    actor: str
+    created_at: _dt.datetime | None
+    #: The message as received; not compared.
+    raw: registry_pb2.ExperimentRun = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: registry_pb2.ExperimentRun) -> ExperimentRun:
+        return cls(
+            raw=m, id=m.id, project_id=m.project_id, name=m.name, deployment_id=m.deployment_id,
+            dataset_digest=m.dataset_digest, total=m.total, passed=m.passed, pass_rate=m.pass_rate,
+            latency_p50_ms=m.latency_p50_ms, latency_p99_ms=m.latency_p99_ms,
+            cases=tuple(ExperimentCase(name=c.name, passed=c.passed, status=c.status, latency_ms=c.latency_ms,
+                                       reason=c.reason) for c in m.cases),
+            actor=m.actor, created_at=_time(m, "created_at"),
+        )
+
+
+class LogStream(_WordEnum):
+    UNSPECIFIED = "unspecified"
+    UNKNOWN = "unknown"
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One line a replica printed (``dropped`` > 0: that many lines were
+    lost before it; ``archived``: read from a stopped replica's kept tail)."""
+
+    time: _dt.datetime | None
+    replica_id: str
+    replica_index: int
+    environment_id: str
+    environment: str
+    stream: LogStream
+    text: str
+    dropped: int
+    archived: bool
+    #: The message as received; not compared.
+    raw: scheduler_pb2.LogLine = field(repr=False, compare=False)
+
+    @classmethod
+    def from_proto(cls, m: scheduler_pb2.LogLine) -> LogLine:
+        return cls(raw=m, time=_time(m, "time"), replica_id=m.replica_id, replica_index=m.replica_index,
+                   environment_id=m.environment_id, environment=m.environment,
+                   stream=LogStream._from_proto(scheduler_pb2.LogLine.Stream, m.stream), text=m.text,
+                   dropped=m.dropped, archived=m.archived)
 
 
 @dataclass(frozen=True)
@@ -606,6 +681,9 @@ def _page(items_field: str, convert: Callable[[Any], T]) -> Callable[[Any], Page
 
 
 _CREATE_PROJECT = _Op("registry", "CreateProject", _created)
+_RECORD_RUN = _Op("registry", "RecordExperimentRun", ExperimentRun.from_proto)
+_LIST_RUNS = _Op("registry", "ListExperimentRuns", _page("runs", ExperimentRun.from_proto), True)
+_GET_RUN = _Op("registry", "GetExperimentRun", ExperimentRun.from_proto, idempotent=True)
 _CREATE_KEY = _Op("registry", "CreateApiKey",
                   lambda r: CreatedApiKey(key=ApiKey.from_proto(r.key), api_key=r.api_key))
 _LIST_KEYS = _Op("registry", "ListApiKeys", _page("keys", ApiKey.from_proto), True)
@@ -666,6 +744,28 @@ def _move_fields(expected_sequence: int | None, min_replicas: int | None, max_re
 
 class _Requests:
     """Request builders shared by both clients (one place per method)."""
+
+    @staticmethod
+    def record_run(project: str, name: str, deployment_id: str, dataset_digest: str,
+                   cases: tuple[ExperimentCase, ...] | list[ExperimentCase]) -> registry_pb2.RecordExperimentRunRequest:
+        return registry_pb2.RecordExperimentRunRequest(
+            project=project, name=name, deployment_id=deployment_id, dataset_digest=dataset_digest,
+            cases=[registry_pb2.ExperimentCaseResult(name=c.name, passed=c.passed, status=c.status,
+                                                     latency_ms=c.latency_ms, reason=c.reason) for c in cases],
+        )
+
+    @staticmethod
+    def logs(project: str, deployment_id: str, latest: bool, environment: str, replica: str,
+             since: _dt.datetime | None, tail: int | None, follow: bool) -> scheduler_pb2.StreamDeploymentLogsRequest:
+        request = scheduler_pb2.StreamDeploymentLogsRequest(
+            project=project, deployment_id=deployment_id, latest=latest, environment=environment, replica=replica,
+            follow=follow,
+        )
+        if since is not None:
+            request.since.FromDatetime(since)
+        if tail is not None:
+            request.tail = tail
+        return request
 
     @staticmethod
     def deploy(project: str, image: str, environment: str, config: WorkerConfig | None, image_id: str,
@@ -994,6 +1094,49 @@ class Berth:
         return self._call(_DELETE_SECRET, secrets_pb2.DeleteSecretRequest(
             project=project, name=name, environment=environment), timeout)
 
+    def record_experiment_run(self, project: str, name: str, deployment_id: str, dataset_digest: str,
+                              cases: tuple[ExperimentCase, ...] | list[ExperimentCase], *,
+                              timeout: float | None = None) -> ExperimentRun:
+        """Record a run of experiment ``name`` against a deployment (its
+        cases' results; the server computes the totals). Not retried.
+        Credentials: the project's key. Errors: InvalidArgument (the field),
+        NotFound."""
+        return self._call(_RECORD_RUN, _Requests.record_run(project, name, deployment_id, dataset_digest, cases),
+                          timeout)
+
+    def list_experiment_runs(self, project: str, *, deployment_id: str = "", name: str = "", page_size: int = 0,
+                             timeout: float | None = None) -> Iterator[ExperimentRun]:
+        """Experiment runs, newest first, without their cases. Credentials:
+        the project's key. Errors: InvalidArgument, NotFound."""
+        return self._all(_LIST_RUNS, registry_pb2.ListExperimentRunsRequest(
+            project=project, deployment_id=deployment_id, name=name, page_size=page_size), timeout)
+
+    def get_experiment_run(self, project: str, run_id: str, *, timeout: float | None = None) -> ExperimentRun:
+        """One run with its cases. Credentials: the project's key. Errors:
+        InvalidArgument (malformed id), NotFound."""
+        return self._call(_GET_RUN, registry_pb2.GetExperimentRunRequest(project=project, run_id=run_id), timeout)
+
+    def logs(self, project: str, *, deployment_id: str = "", latest: bool = False, environment: str = "",
+             replica: str = "", since: _dt.datetime | None = None, tail: int | None = None, follow: bool = False,
+             timeout: float | None = None) -> Iterator[LogLine]:
+        """Lines the deployment's replicas printed (``deployment_id`` or
+        ``latest=True``), filtered by environment/replica/time, the last
+        ``tail``; ``follow`` keeps the stream open for new lines (bound it
+        with ``timeout``, or stop iterating). Credentials: the project's
+        key. Errors: InvalidArgument, NotFound, Unavailable (a standby
+        scheduler: logs are served by the leader)."""
+        request = _Requests.logs(project, deployment_id, latest, environment, replica, since, tail, follow)
+        call = self._stubs["scheduler"].StreamDeploymentLogs(
+            request, metadata=self._metadata(), timeout=timeout if follow else (timeout or self.timeout))
+        try:
+            for line in call:
+                yield LogLine.from_proto(line)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+
     # watch
 
     def watch_environments(self, project: str, *, since_revision: int = 0,
@@ -1231,6 +1374,41 @@ class AsyncBerth:
         """Delete a secret (see :meth:`Berth.delete_secret`)."""
         return await self._call(_DELETE_SECRET, secrets_pb2.DeleteSecretRequest(
             project=project, name=name, environment=environment), timeout)
+
+    async def record_experiment_run(self, project: str, name: str, deployment_id: str, dataset_digest: str,
+                                    cases: tuple[ExperimentCase, ...] | list[ExperimentCase], *,
+                                    timeout: float | None = None) -> ExperimentRun:
+        """Record an experiment run (see :meth:`Berth.record_experiment_run`)."""
+        return await self._call(_RECORD_RUN, _Requests.record_run(project, name, deployment_id, dataset_digest,
+                                                                  cases), timeout)
+
+    def list_experiment_runs(self, project: str, *, deployment_id: str = "", name: str = "", page_size: int = 0,
+                             timeout: float | None = None) -> AsyncIterator[ExperimentRun]:
+        """Experiment runs, newest first (see :meth:`Berth.list_experiment_runs`)."""
+        return self._all(_LIST_RUNS, registry_pb2.ListExperimentRunsRequest(
+            project=project, deployment_id=deployment_id, name=name, page_size=page_size), timeout)
+
+    async def get_experiment_run(self, project: str, run_id: str, *, timeout: float | None = None) -> ExperimentRun:
+        """One run with its cases (see :meth:`Berth.get_experiment_run`)."""
+        return await self._call(_GET_RUN, registry_pb2.GetExperimentRunRequest(project=project, run_id=run_id),
+                                timeout)
+
+    async def logs(self, project: str, *, deployment_id: str = "", latest: bool = False, environment: str = "",
+                   replica: str = "", since: _dt.datetime | None = None, tail: int | None = None,
+                   follow: bool = False, timeout: float | None = None) -> AsyncIterator[LogLine]:
+        """Replica log lines (see :meth:`Berth.logs`); leaving the
+        ``async for`` cancels the stream."""
+        request = _Requests.logs(project, deployment_id, latest, environment, replica, since, tail, follow)
+        call = self._stubs["scheduler"].StreamDeploymentLogs(
+            request, metadata=self._metadata(), timeout=timeout if follow else (timeout or self.timeout))
+        try:
+            async for line in call:
+                yield LogLine.from_proto(line)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
 
     async def watch_environments(self, project: str, *, since_revision: int = 0,
                                  timeout: float | None = None) -> AsyncIterator[WatchEvent]:

@@ -22,7 +22,9 @@ from berth.sdk import (
     Berth,
     DeploymentState,
     ErrorKind,
+    ExperimentCase,
     HistoryKind,
+    LogStream,
     ReplicaState,
     RetryPolicy,
     ServingStatus,
@@ -233,6 +235,26 @@ def test_api_keys_and_gates(platform):
         assert b.list_gates(project) == ()
 
 
+def test_experiment_runs_and_logs_errors(platform, image):
+    project, key = new_project(platform)
+    with Berth(key, endpoints=addresses(platform)) as b:
+        deployed = b.deploy(project, image, config=CONFIG)
+        digest = "sha256:" + "cd" * 32
+        cases = [ExperimentCase("home", True, 200, 12.5), ExperimentCase("login", False, 500, 30.0, "status 500")]
+        run = b.record_experiment_run(project, "smoke", deployed.deployment.id, digest, cases)
+        assert (run.total, run.passed, run.pass_rate) == (2, 1, 0.5)
+        fetched = b.get_experiment_run(project, run.id)
+        assert fetched.cases == tuple(cases) and fetched.dataset_digest == digest
+        b.record_experiment_run(project, "smoke", deployed.deployment.id, digest, cases[:1])
+        listed = list(b.list_experiment_runs(project, name="smoke", page_size=1))
+        assert len(listed) == 2 and listed[1].id == run.id and listed[0].pass_rate == 1.0  # newest first
+        with pytest.raises(errors.InvalidArgument) as bad:
+            b.record_experiment_run(project, "smoke", deployed.deployment.id, "md5:x", cases)
+        assert bad.value.field == "dataset_digest"
+        with pytest.raises(errors.NotFound):
+            list(b.logs(project, deployment_id="dep_0123456789ab"))
+
+
 def test_the_guides_examples_run(platform, image):
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
     assert len(blocks) == 3
@@ -272,6 +294,12 @@ class NewerRegistry(registry_pb2_grpc.RegistryServicer):
 
 
 class NewerScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    def StreamDeploymentLogs(self, request, context):  # noqa: N802
+        yield scheduler_pb2.LogLine(replica_id="r1", stream=1, text=f"tail={request.tail}")
+        yield scheduler_pb2.LogLine(replica_id="r1", stream=9, text="from a newer stream kind")
+        if request.follow:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "not the leader")
+
     def GetDeploymentStatus(self, request, context):  # noqa: N802
         return scheduler_pb2.DeploymentStatus(
             deployment=common_pb2.Deployment(id="dep_0123456789ab", state=1),
@@ -301,6 +329,21 @@ def test_unknown_enum_numbers_read_as_unknown(newer):
         assert status.deployment.state is DeploymentState.ACTIVE
         assert status.bindings[0].status is ServingStatus.UNKNOWN
         assert status.bindings[0].replicas[0].state is ReplicaState.UNKNOWN
+
+
+def test_log_lines_stream_and_fail_typed(newer):
+    _, endpoints = newer
+    with Berth("k", endpoints=endpoints) as b:
+        lines = list(b.logs("p", latest=True, tail=5))
+        assert [(line.stream, line.text) for line in lines] == [(LogStream.STDOUT, "tail=5"),
+                                                                (LogStream.UNKNOWN, "from a newer stream kind")]
+        with pytest.raises(errors.Unavailable):
+            list(b.logs("p", latest=True, follow=True, timeout=30))
+
+    async def asynchronously() -> list[str]:
+        async with AsyncBerth("k", endpoints=endpoints) as ab:
+            return [line.text async for line in ab.logs("p", latest=True)]
+    assert asyncio.run(asynchronously()) == ["tail=0", "from a newer stream kind"]
 
 
 def test_retry_policy_retries_reads_never_a_deploy(newer):
