@@ -50,7 +50,7 @@ T = TypeVar("T")
 EnumT = TypeVar("EnumT", bound="_WordEnum")
 
 __all__ = [
-    "ApiKey", "AsyncBerth", "Berth", "CreatedApiKey", "EnvironmentGate", "ExperimentCase", "ExperimentRun", "LogLine", "LogStream", "Binding", "BindingState", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
+    "ApiKey", "AsyncBerth", "Berth", "CreatedApiKey", "EnvironmentGate", "ExperimentCase", "ExperimentRun", "LogLine", "LogStream", "Binding", "BindingState", "Canary", "CanaryChanged", "CanaryState", "CanaryStep", "CanaryThresholds", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
     "DeploymentError", "DeploymentState", "DeploymentStatus", "Environment", "ErrorKind", "HistoryEntry",
     "HistoryKind", "Page", "PointerMoved", "Project", "Replica", "ReplicaState", "Resources", "RetryPolicy",
     "SecretInfo", "SecretScope", "ServingStatus", "WatchEvent", "WorkerConfig",
@@ -355,6 +355,66 @@ class Deployment:
         )
 
 
+class CanaryState(_WordEnum):
+    UNSPECIFIED = "unspecified"
+    UNKNOWN = "unknown"
+    RUNNING = "running"
+    PAUSED = "paused"
+    ABORTED = "aborted"
+    PROMOTED = "promoted"
+
+
+@dataclass(frozen=True)
+class CanaryStep:
+    """A step of a canary: ``weight`` percent of requests to the candidate
+    for ``bake_seconds``."""
+
+    weight: int
+    bake_seconds: int
+
+
+@dataclass(frozen=True)
+class CanaryThresholds:
+    """When a canary aborts: error rate above the stable's by more than
+    ``max_error_rate_increase``, latency above ``max_latency_ratio`` times
+    the stable's (0: not checked), judged after ``min_requests``."""
+
+    max_error_rate_increase: float = 0.0
+    max_latency_ratio: float = 0.0
+    min_requests: int = 0
+
+
+@dataclass(frozen=True)
+class Canary:
+    stable_deployment_id: str
+    candidate_deployment_id: str
+    candidate_weight: int
+    steps: tuple[CanaryStep, ...]
+    step: int
+    step_started_at: _dt.datetime | None
+    state: CanaryState
+    thresholds: CanaryThresholds
+    last_analysis: str
+    last_analysis_at: _dt.datetime | None
+    reason: str
+    actor: str
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.Canary) -> Canary:
+        t = m.thresholds
+        return cls(
+            stable_deployment_id=m.stable_deployment_id, candidate_deployment_id=m.candidate_deployment_id,
+            candidate_weight=m.candidate_weight,
+            steps=tuple(CanaryStep(weight=x.weight, bake_seconds=x.bake_seconds) for x in m.steps), step=m.step,
+            step_started_at=_time(m, "step_started_at"),
+            state=CanaryState._from_proto(common_pb2.Canary.State, m.state),
+            thresholds=CanaryThresholds(max_error_rate_increase=t.max_error_rate_increase,
+                                        max_latency_ratio=t.max_latency_ratio, min_requests=t.min_requests),
+            last_analysis=m.last_analysis, last_analysis_at=_time(m, "last_analysis_at"), reason=m.reason,
+            actor=m.actor,
+        )
+
+
 @dataclass(frozen=True)
 class Environment:
     id: str
@@ -366,6 +426,8 @@ class Environment:
     protected: bool
     created_at: _dt.datetime | None
     previous_deployment_id: str
+    #: The environment's canary (running or the last one), None when it never had one.
+    canary: Canary | None
 
     #: The message as received (for tools that need a field this SDK does
     #: not type yet); not compared.
@@ -377,6 +439,7 @@ class Environment:
             id=m.id, project_id=m.project_id, project_name=m.project_name, name=m.name,
             deployment_id=m.deployment_id, sequence=m.sequence, protected=m.protected,
             created_at=_time(m, "created_at"), previous_deployment_id=m.previous_deployment_id,
+            canary=Canary.from_proto(m.canary) if m.HasField("canary") else None,
         )
 
 
@@ -455,6 +518,15 @@ class PointerMoved:
 
     environment: Environment
     entry: HistoryEntry
+
+
+@dataclass(frozen=True)
+class CanaryChanged:
+    """What a canary call did: the environment (with its ``canary``) and
+    the history entry, when the call moved the pointer (start, promote)."""
+
+    environment: Environment
+    entry: HistoryEntry | None
 
 
 @dataclass(frozen=True)
@@ -684,6 +756,20 @@ _CREATE_PROJECT = _Op("registry", "CreateProject", _created)
 _RECORD_RUN = _Op("registry", "RecordExperimentRun", ExperimentRun.from_proto)
 _LIST_RUNS = _Op("registry", "ListExperimentRuns", _page("runs", ExperimentRun.from_proto), True)
 _GET_RUN = _Op("registry", "GetExperimentRun", ExperimentRun.from_proto, idempotent=True)
+def _canary(r: registry_pb2.CanaryResponse) -> CanaryChanged:
+    return CanaryChanged(environment=Environment.from_proto(r.environment),
+                         entry=HistoryEntry.from_proto(r.entry) if r.HasField("entry") and r.entry.sequence else None)
+
+
+_START_CANARY = _Op("registry", "StartCanary", _canary)
+_GET_CANARY = _Op("registry", "GetCanary", _canary, idempotent=True)
+_PAUSE_CANARY = _Op("registry", "PauseCanary", _canary)
+_RESUME_CANARY = _Op("registry", "ResumeCanary", _canary)
+_ABORT_CANARY = _Op("registry", "AbortCanary", _canary)
+_PROMOTE_CANARY = _Op("registry", "PromoteCanaryNow", _canary)
+_CANARY_ACTIONS = {"pause": (_PAUSE_CANARY, registry_pb2.PauseCanaryRequest),
+                   "resume": (_RESUME_CANARY, registry_pb2.ResumeCanaryRequest),
+                   "abort": (_ABORT_CANARY, registry_pb2.AbortCanaryRequest)}
 _CREATE_KEY = _Op("registry", "CreateApiKey",
                   lambda r: CreatedApiKey(key=ApiKey.from_proto(r.key), api_key=r.api_key))
 _LIST_KEYS = _Op("registry", "ListApiKeys", _page("keys", ApiKey.from_proto), True)
@@ -753,6 +839,30 @@ class _Requests:
             cases=[registry_pb2.ExperimentCaseResult(name=c.name, passed=c.passed, status=c.status,
                                                      latency_ms=c.latency_ms, reason=c.reason) for c in cases],
         )
+
+    @staticmethod
+    def start_canary(project: str, deployment_id: str, environment: str,
+                     steps: tuple[CanaryStep, ...] | list[CanaryStep], thresholds: CanaryThresholds | None,
+                     min_replicas: int | None, max_replicas: int | None, expected_sequence: int | None,
+                     confirm: bool, reason: str, skip_gate: bool) -> registry_pb2.StartCanaryRequest:
+        request = registry_pb2.StartCanaryRequest(
+            project=project, deployment_id=deployment_id, environment=environment, confirm=confirm, reason=reason,
+            skip_gate=skip_gate, steps=[common_pb2.Canary.Step(weight=x.weight, bake_seconds=x.bake_seconds)
+                                        for x in steps],
+            **_move_fields(expected_sequence, min_replicas, max_replicas),
+        )
+        if thresholds is not None:
+            request.thresholds.CopyFrom(common_pb2.Canary.Thresholds(
+                max_error_rate_increase=thresholds.max_error_rate_increase,
+                max_latency_ratio=thresholds.max_latency_ratio, min_requests=thresholds.min_requests))
+        return request
+
+    @staticmethod
+    def canary_action(action: str, project: str, environment: str, expected_sequence: int | None,
+                      reason: str) -> tuple[_Op[CanaryChanged], Any]:
+        op, request_type = _CANARY_ACTIONS[action]
+        return op, request_type(project=project, environment=environment, reason=reason,
+                                **_move_fields(expected_sequence, None, None))
 
     @staticmethod
     def logs(project: str, deployment_id: str, latest: bool, environment: str, replica: str,
@@ -1050,6 +1160,58 @@ class Berth:
         """Every gate of the project. Credentials: the project's key."""
         return self._call(_LIST_GATES, registry_pb2.ListEnvironmentGatesRequest(project=project), timeout)
 
+    def start_canary(self, project: str, deployment_id: str, environment: str,
+                     steps: tuple[CanaryStep, ...] | list[CanaryStep], *,
+                     thresholds: CanaryThresholds | None = None, min_replicas: int | None = None,
+                     max_replicas: int | None = None, expected_sequence: int | None = None, confirm: bool = False,
+                     reason: str = "", skip_gate: bool = False, timeout: float | None = None) -> CanaryChanged:
+        """Start shifting ``environment``'s traffic to ``deployment_id``
+        step by step (the platform's controller advances or aborts it).
+        Never retried. Credentials: the project's key. Errors:
+        InvalidArgument (``steps``, ``thresholds``), NotFound,
+        FailedPrecondition (a canary already running, protected without
+        ``confirm``, a gate), Aborted (``current_sequence``)."""
+        request = _Requests.start_canary(project, deployment_id, environment, steps, thresholds, min_replicas,
+                                         max_replicas, expected_sequence, confirm, reason, skip_gate)
+        return self._call(_START_CANARY, request, timeout)
+
+    def get_canary(self, project: str, environment: str, *, timeout: float | None = None) -> CanaryChanged:
+        """The environment with its canary. Credentials: the project's key.
+        Errors: NotFound."""
+        return self._call(_GET_CANARY, registry_pb2.GetCanaryRequest(project=project, environment=environment),
+                          timeout)
+
+    def pause_canary(self, project: str, environment: str, *, expected_sequence: int | None = None,
+                     reason: str = "", timeout: float | None = None) -> CanaryChanged:
+        """Hold a running canary at its weight. Credentials: the project's
+        key. Errors: NotFound, FailedPrecondition (no canary, ended),
+        Aborted."""
+        op, request = _Requests.canary_action("pause", project, environment, expected_sequence, reason)
+        return self._call(op, request, timeout)
+
+    def resume_canary(self, project: str, environment: str, *, expected_sequence: int | None = None,
+                      reason: str = "", timeout: float | None = None) -> CanaryChanged:
+        """Resume a paused canary. Credentials/errors: as :meth:`pause_canary`."""
+        op, request = _Requests.canary_action("resume", project, environment, expected_sequence, reason)
+        return self._call(op, request, timeout)
+
+    def abort_canary(self, project: str, environment: str, *, expected_sequence: int | None = None,
+                     reason: str = "", timeout: float | None = None) -> CanaryChanged:
+        """Send every request back to the stable deployment. Credentials/
+        errors: as :meth:`pause_canary`."""
+        op, request = _Requests.canary_action("abort", project, environment, expected_sequence, reason)
+        return self._call(op, request, timeout)
+
+    def promote_canary_now(self, project: str, environment: str, *, expected_sequence: int | None = None,
+                           reason: str = "", confirm: bool = False, timeout: float | None = None) -> CanaryChanged:
+        """Skip the remaining steps: the candidate takes all traffic (a
+        promote move). Credentials: the project's key. Errors: NotFound,
+        FailedPrecondition (no canary, ended, protected without
+        ``confirm``), Aborted."""
+        request = registry_pb2.PromoteCanaryNowRequest(project=project, environment=environment, reason=reason,
+                                                       confirm=confirm, **_move_fields(expected_sequence, None, None))
+        return self._call(_PROMOTE_CANARY, request, timeout)
+
     # scheduler
 
     def status(self, project: str, *, deployment_id: str = "", environment: str = "", latest: bool = False,
@@ -1344,6 +1506,48 @@ class AsyncBerth:
         """Start a terminated deployment (see :meth:`Berth.start`)."""
         return await self._call(_START, registry_pb2.StartDeploymentRequest(
             project=project, deployment_id=deployment_id), timeout)
+
+    async def start_canary(self, project: str, deployment_id: str, environment: str,
+                           steps: tuple[CanaryStep, ...] | list[CanaryStep], *,
+                           thresholds: CanaryThresholds | None = None, min_replicas: int | None = None,
+                           max_replicas: int | None = None, expected_sequence: int | None = None,
+                           confirm: bool = False, reason: str = "", skip_gate: bool = False,
+                           timeout: float | None = None) -> CanaryChanged:
+        """Start a canary (see :meth:`Berth.start_canary`)."""
+        request = _Requests.start_canary(project, deployment_id, environment, steps, thresholds, min_replicas,
+                                         max_replicas, expected_sequence, confirm, reason, skip_gate)
+        return await self._call(_START_CANARY, request, timeout)
+
+    async def get_canary(self, project: str, environment: str, *, timeout: float | None = None) -> CanaryChanged:
+        """The environment with its canary (see :meth:`Berth.get_canary`)."""
+        return await self._call(_GET_CANARY, registry_pb2.GetCanaryRequest(project=project, environment=environment),
+                                timeout)
+
+    async def pause_canary(self, project: str, environment: str, *, expected_sequence: int | None = None,
+                           reason: str = "", timeout: float | None = None) -> CanaryChanged:
+        """Pause a canary (see :meth:`Berth.pause_canary`)."""
+        op, request = _Requests.canary_action("pause", project, environment, expected_sequence, reason)
+        return await self._call(op, request, timeout)
+
+    async def resume_canary(self, project: str, environment: str, *, expected_sequence: int | None = None,
+                            reason: str = "", timeout: float | None = None) -> CanaryChanged:
+        """Resume a canary (see :meth:`Berth.resume_canary`)."""
+        op, request = _Requests.canary_action("resume", project, environment, expected_sequence, reason)
+        return await self._call(op, request, timeout)
+
+    async def abort_canary(self, project: str, environment: str, *, expected_sequence: int | None = None,
+                           reason: str = "", timeout: float | None = None) -> CanaryChanged:
+        """Abort a canary (see :meth:`Berth.abort_canary`)."""
+        op, request = _Requests.canary_action("abort", project, environment, expected_sequence, reason)
+        return await self._call(op, request, timeout)
+
+    async def promote_canary_now(self, project: str, environment: str, *, expected_sequence: int | None = None,
+                                 reason: str = "", confirm: bool = False,
+                                 timeout: float | None = None) -> CanaryChanged:
+        """Promote a canary now (see :meth:`Berth.promote_canary_now`)."""
+        request = registry_pb2.PromoteCanaryNowRequest(project=project, environment=environment, reason=reason,
+                                                       confirm=confirm, **_move_fields(expected_sequence, None, None))
+        return await self._call(_PROMOTE_CANARY, request, timeout)
 
     async def status(self, project: str, *, deployment_id: str = "", environment: str = "", latest: bool = False,
                      timeout: float | None = None) -> DeploymentStatus:

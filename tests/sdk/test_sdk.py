@@ -20,6 +20,8 @@ from berth.client import Endpoints
 from berth.sdk import (
     AsyncBerth,
     Berth,
+    CanaryState,
+    CanaryStep,
     DeploymentState,
     ErrorKind,
     ExperimentCase,
@@ -253,6 +255,40 @@ def test_experiment_runs_and_logs_errors(platform, image):
         assert bad.value.field == "dataset_digest"
         with pytest.raises(errors.NotFound):
             list(b.logs(project, deployment_id="dep_0123456789ab"))
+
+
+def test_canary_calls(platform, image):
+    project, key = new_project(platform)
+    with Berth(key, endpoints=addresses(platform)) as b:
+        b.create_environment(project, "qa")
+        stable = b.deploy(project, image, config=CONFIG).deployment.id
+        b.promote(project, stable, "qa")
+        candidate = b.deploy(project, image, config=CONFIG).deployment.id
+        steps = [CanaryStep(weight=10, bake_seconds=600), CanaryStep(weight=50, bake_seconds=600)]
+
+        with pytest.raises(errors.InvalidArgument) as bad:
+            b.start_canary(project, candidate, "qa", [CanaryStep(weight=150, bake_seconds=1)])
+        assert bad.value.field.startswith("steps")
+        started = b.start_canary(project, candidate, "qa", steps, min_replicas=1, max_replicas=1)
+        canary = started.environment.canary
+        assert canary is not None and canary.state is CanaryState.RUNNING
+        assert (canary.stable_deployment_id, canary.candidate_deployment_id) == (stable, candidate)
+        assert canary.steps == tuple(steps)
+        with pytest.raises(errors.FailedPrecondition):
+            b.start_canary(project, candidate, "qa", steps)
+
+        assert b.pause_canary(project, "qa").environment.canary.state is CanaryState.PAUSED
+        assert b.get_canary(project, "qa").environment.canary.state is CanaryState.PAUSED
+        assert b.resume_canary(project, "qa").environment.canary.state is CanaryState.RUNNING
+        promoted = b.promote_canary_now(project, "qa", reason="looks fine")
+        assert promoted.environment.canary.state is CanaryState.PROMOTED
+        assert promoted.environment.deployment_id == candidate
+        assert promoted.entry is not None and promoted.entry.deployment_id == candidate
+
+        b.start_canary(project, stable, "qa", steps[:1])
+        aborted = b.abort_canary(project, "qa", reason="no")
+        assert aborted.environment.canary.state is CanaryState.ABORTED
+        assert aborted.environment.deployment_id == candidate
 
 
 def test_the_guides_examples_run(platform, image):
