@@ -18,21 +18,20 @@ import grpc
 import pytest
 
 from berth.v1 import registry_pb2, registry_pb2_grpc
-from tests.studio.test_studio_browser import (  # noqa: F401  (fixtures)
-    browser,
-    expect,
-    images,
-    open_studio,
-    platform,
-    shot,
-    sign_in,
-)
+from tests.studio import test_studio_browser as studio_browser
+from tests.studio.test_studio_browser import expect, shot, sign_in
 from tests.support.platform import RunningPlatform
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
 DIGEST = "sha256:" + hashlib.sha256(b"studio gate cases").hexdigest()
 OTHER_DIGEST = "sha256:" + hashlib.sha256(b"another dataset").hexdigest()
+
+# The browser test's fixtures: a real platform, the worker images, Debian's chromium.
+platform = studio_browser.platform
+images = studio_browser.images
+browser = studio_browser.browser
+open_studio = studio_browser.open_studio
 
 
 def rest(platform: RunningPlatform, key: str, method: str, path: str, body: dict | None = None) -> Any:
