@@ -31,7 +31,7 @@ C = grpc.StatusCode
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 INTERNAL_METHODS = {
-    "berth.internal.v1.RegistryInternal": {"Authenticate", "ResolveImage", "Watch"},
+    "berth.internal.v1.RegistryInternal": {"Authenticate", "ResolveImage", "Watch", "AdvanceCanary"},
     "berth.internal.v1.SecretsInternal": {"ResolveSecrets"},
     "berth.internal.v1.SchedulerInternal": {"WatchEndpoints", "ReportLoad", "Activate", "ListRouters"},
 }
@@ -113,6 +113,10 @@ CALLS: dict[str, tuple[str, Call]] = {
         metadata=md, timeout=10)),
     "Watch": ("registry", lambda ch, p, md: first(registry_internal_pb2_grpc.RegistryInternalStub(ch["registry"]).Watch(
         registry_internal_pb2.WatchRequest(), metadata=md, timeout=10))),
+    "AdvanceCanary": ("registry", lambda ch, p, md: registry_internal_pb2_grpc.RegistryInternalStub(ch["registry"]).AdvanceCanary(
+        registry_internal_pb2.AdvanceCanaryRequest(project=p.project_id, environment="env_000000000000", step=0,
+                                                   action=registry_internal_pb2.AdvanceCanaryRequest.ACTION_ADVANCE),
+        metadata=md, timeout=10)),
     "ResolveSecrets": ("secrets", lambda ch, p, md: secrets_internal_pb2_grpc.SecretsInternalStub(ch["secrets"]).ResolveSecrets(
         secrets_internal_pb2.ResolveSecretsRequest(project_id=p.project_id), metadata=md, timeout=10)),
     "WatchEndpoints": ("scheduler", lambda ch, p, md: first(
@@ -164,6 +168,9 @@ def test_the_service_token_is_accepted_by_every_internal_method(platform: Platfo
         CALLS["ResolveImage"][1](channels, platform, token)
     assert info.value.code() == C.NOT_FOUND, info.value.details()
     assert CALLS["Watch"][1](channels, platform, token).revision >= 1  # the snapshot begins
+    with pytest.raises(grpc.RpcError) as info:  # past authentication: no such environment
+        CALLS["AdvanceCanary"][1](channels, platform, token)
+    assert info.value.code() == C.NOT_FOUND, info.value.details()
     resolved = CALLS["ResolveSecrets"][1](channels, platform, token)
     assert {s.name: s.value for s in resolved.secrets}["INTERNAL_TEST"] == "v-internal"
     assert isinstance(CALLS["WatchEndpoints"][1](channels, platform, token), scheduler_internal_pb2.EndpointSnapshot)

@@ -3,7 +3,6 @@ import datetime
 from berth.v1 import common_pb2 as _common_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -588,32 +587,6 @@ class PromoteCanaryNowRequest(_message.Message):
     reason: str
     confirm: bool
     def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., reason: _Optional[str] = ..., confirm: _Optional[bool] = ...) -> None: ...
-
-class AdvanceCanaryRequest(_message.Message):
-    __slots__ = ("project", "environment", "expected_sequence", "step", "action", "analysis")
-    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-        __slots__ = ()
-        ACTION_UNSPECIFIED: _ClassVar[AdvanceCanaryRequest.Action]
-        ACTION_ADVANCE: _ClassVar[AdvanceCanaryRequest.Action]
-        ACTION_ABORT: _ClassVar[AdvanceCanaryRequest.Action]
-        ACTION_RECORD: _ClassVar[AdvanceCanaryRequest.Action]
-    ACTION_UNSPECIFIED: AdvanceCanaryRequest.Action
-    ACTION_ADVANCE: AdvanceCanaryRequest.Action
-    ACTION_ABORT: AdvanceCanaryRequest.Action
-    ACTION_RECORD: AdvanceCanaryRequest.Action
-    PROJECT_FIELD_NUMBER: _ClassVar[int]
-    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
-    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
-    STEP_FIELD_NUMBER: _ClassVar[int]
-    ACTION_FIELD_NUMBER: _ClassVar[int]
-    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
-    project: str
-    environment: str
-    expected_sequence: int
-    step: int
-    action: AdvanceCanaryRequest.Action
-    analysis: str
-    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., step: _Optional[int] = ..., action: _Optional[_Union[AdvanceCanaryRequest.Action, str]] = ..., analysis: _Optional[str] = ...) -> None: ...
 
 class CanaryResponse(_message.Message):
     __slots__ = ("environment", "entry")

@@ -204,11 +204,6 @@ class RegistryStub:
                 request_serializer=berth_dot_v1_dot_registry__pb2.PromoteCanaryNowRequest.SerializeToString,
                 response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
                 _registered_method=True)
-        self.AdvanceCanary = channel.unary_unary(
-                '/berth.v1.Registry/AdvanceCanary',
-                request_serializer=berth_dot_v1_dot_registry__pb2.AdvanceCanaryRequest.SerializeToString,
-                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
-                _registered_method=True)
 
 
 class RegistryServicer:
@@ -589,22 +584,6 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def AdvanceCanary(self, request, context):
-        """The canary controller's move: from step `step` at `expected_sequence`
-        either to the next step (its weight), to 100% (a `promote` move after
-        the last step) or to an abort (weight 0) with the analysis as reason.
-        A compare-and-swap on the sequence and the step: a controller that
-        restarted and repeats an applied move gets ABORTED, so no step is
-        applied twice.
-        Credentials: the service token (internal).
-        Errors: PERMISSION_DENIED for other callers; NOT_FOUND;
-        FAILED_PRECONDITION NO_CANARY, CANARY_NOT_RUNNING; ABORTED
-        SEQUENCE_CONFLICT, STEP_CONFLICT.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -766,11 +745,6 @@ def add_RegistryServicer_to_server(servicer, server):
             'PromoteCanaryNow': grpc.unary_unary_rpc_method_handler(
                     servicer.PromoteCanaryNow,
                     request_deserializer=berth_dot_v1_dot_registry__pb2.PromoteCanaryNowRequest.FromString,
-                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
-            ),
-            'AdvanceCanary': grpc.unary_unary_rpc_method_handler(
-                    servicer.AdvanceCanary,
-                    request_deserializer=berth_dot_v1_dot_registry__pb2.AdvanceCanaryRequest.FromString,
                     response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
             ),
     }
@@ -1646,33 +1620,6 @@ class Registry:
             target,
             '/berth.v1.Registry/PromoteCanaryNow',
             berth_dot_v1_dot_registry__pb2.PromoteCanaryNowRequest.SerializeToString,
-            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def AdvanceCanary(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/berth.v1.Registry/AdvanceCanary',
-            berth_dot_v1_dot_registry__pb2.AdvanceCanaryRequest.SerializeToString,
             berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
             options,
             channel_credentials,

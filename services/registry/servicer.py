@@ -279,21 +279,6 @@ class RegistryServicer(registry_pb2_grpc.RegistryServicer):
     async def PromoteCanaryNow(self, request, context):  # type: ignore[no-untyped-def]
         return await self._canary_action(request, "promote")
 
-    async def AdvanceCanary(self, request, context):  # type: ignore[no-untyped-def]
-        principal = caller()
-        action = enums.label(registry_pb2.AdvanceCanaryRequest.Action, request.action)
-        env, entry = await asyncio.to_thread(
-            lambda: self._service.advance_canary(
-                principal, project_id=request.project, environment_id=request.environment,
-                expected_sequence=request.expected_sequence, step=request.step, action=action,
-                analysis=request.analysis,
-            )
-        )
-        if entry is not None:
-            log.info("canary_advanced", extra={"environment": env.id, "sequence": entry.sequence, "action": action})
-            return registry_pb2.CanaryResponse(environment=env, entry=entry)
-        return registry_pb2.CanaryResponse(environment=env)
-
     async def ListHistory(self, request, context):  # type: ignore[no-untyped-def]
         principal = caller()
         entries, token = await asyncio.to_thread(
@@ -490,6 +475,21 @@ class RegistryInternalServicer(registry_internal_pb2_grpc.RegistryInternalServic
 
     async def ResolveImage(self, request, context):  # type: ignore[no-untyped-def]
         return await asyncio.to_thread(self._service.resolve_image, caller(), request.deployment_id, request.image_id)
+
+    async def AdvanceCanary(self, request, context):  # type: ignore[no-untyped-def]
+        principal = caller()
+        action = enums.label(registry_internal_pb2.AdvanceCanaryRequest.Action, request.action)
+        env, entry = await asyncio.to_thread(
+            lambda: self._service.advance_canary(
+                principal, project_id=request.project, environment_id=request.environment,
+                expected_sequence=request.expected_sequence, step=request.step, action=action,
+                analysis=request.analysis,
+            )
+        )
+        if entry is not None:
+            log.info("canary_advanced", extra={"environment": env.id, "sequence": entry.sequence, "action": action})
+            return registry_pb2.CanaryResponse(environment=env, entry=entry)
+        return registry_pb2.CanaryResponse(environment=env)
 
     async def Watch(self, request, context) -> AsyncIterator[registry_internal_pb2.WatchEvent]:  # type: ignore[no-untyped-def,override]
         """A snapshot (or, with ``since_revision``, the changes after it while

@@ -39,7 +39,8 @@ from enum import Enum
 import grpc
 
 from berth import enums
-from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc
+from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
+from berth.v1 import common_pb2
 from services.common.remote import DEFAULT_DEADLINE, channel, credentials
 
 from .desired import DesiredTable
@@ -136,12 +137,12 @@ class CanaryController:
         self.interval = interval
         self._clock = clock or (lambda: datetime.now(UTC))
         self._channel: grpc.aio.Channel | None = None
-        self._stub: registry_pb2_grpc.RegistryStub | None = None
+        self._stub: registry_internal_pb2_grpc.RegistryInternalStub | None = None
 
-    def _registry(self) -> registry_pb2_grpc.RegistryStub:
+    def _registry(self) -> registry_internal_pb2_grpc.RegistryInternalStub:
         if self._stub is None:
             self._channel = channel(self._address)
-            self._stub = registry_pb2_grpc.RegistryStub(self._channel)
+            self._stub = registry_internal_pb2_grpc.RegistryInternalStub(self._channel)
         return self._stub
 
     async def run(self) -> None:
@@ -177,9 +178,9 @@ class CanaryController:
             return action
         try:
             await self._registry().AdvanceCanary(
-                registry_pb2.AdvanceCanaryRequest(
+                registry_internal_pb2.AdvanceCanaryRequest(
                     project=env.project_id, environment=env.id, expected_sequence=env.sequence, step=canary.step,
-                    action=enums.number(registry_pb2.AdvanceCanaryRequest.Action, action.value),
+                    action=enums.number(registry_internal_pb2.AdvanceCanaryRequest.Action, action.value),
                     analysis=analysis.words,
                 ),
                 metadata=credentials(self._token), timeout=DEFAULT_DEADLINE,

@@ -12,6 +12,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from berth import enums
+from berth.internal.v1 import registry_internal_pb2
 from berth.v1 import common_pb2, registry_pb2
 from services.router.metrics import BUCKETS
 from services.scheduler.canary import Action, CanaryController
@@ -41,10 +42,10 @@ class Registry:
     """Records AdvanceCanary calls; ``refuse`` answers ABORTED (a move applied already)."""
 
     def __init__(self, refuse: bool = False) -> None:
-        self.calls: list[registry_pb2.AdvanceCanaryRequest] = []
+        self.calls: list[registry_internal_pb2.AdvanceCanaryRequest] = []
         self.refuse = refuse
 
-    async def AdvanceCanary(self, request: registry_pb2.AdvanceCanaryRequest, **_: Any) -> Any:  # noqa: N802
+    async def AdvanceCanary(self, request: registry_internal_pb2.AdvanceCanaryRequest, **_: Any) -> Any:  # noqa: N802
         self.calls.append(request)
         if self.refuse:
             raise grpc.aio.AioRpcError(grpc.StatusCode.ABORTED, grpc.aio.Metadata(), grpc.aio.Metadata(),
@@ -88,7 +89,7 @@ def test_advance_abort_wait_and_refused() -> None:
     assert done == [("env_1", Action.ADVANCE)]
     (call,) = registry.calls
     assert (call.project, call.environment, call.expected_sequence, call.step) == ("prj_1", "env_1", 7, 0)
-    assert enums.label(registry_pb2.AdvanceCanaryRequest.Action, call.action) == "advance"
+    assert enums.label(registry_internal_pb2.AdvanceCanaryRequest.Action, call.action) == "advance"
     assert not events.list("dep_c")
 
     registry = Registry()

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from berth.v1 import common_pb2 as berth_dot_v1_dot_common__pb2
+from berth.v1 import registry_pb2 as berth_dot_v1_dot_registry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)berth/internal/v1/registry_internal.proto\x12\x11\x62\x65rth.internal.v1\x1a\x15\x62\x65rth/v1/common.proto\"&\n\x13\x41uthenticateRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"V\n\tPrincipal\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x14\n\x0cproject_name\x18\x02 \x01(\t\x12\x10\n\x08key_name\x18\x03 \x01(\t\x12\r\n\x05\x61\x64min\x18\x04 \x01(\x08\">\n\x13ResolveImageRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\"&\n\x0cWatchRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\"\xc7\x01\n\nWatchEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x0b\x65nvironment\x18\x02 \x01(\x0b\x32\x15.berth.v1.EnvironmentH\x00\x12$\n\x07\x62inding\x18\x03 \x01(\x0b\x32\x11.berth.v1.BindingH\x00\x12\x1d\n\x13\x65nvironment_deleted\x18\x04 \x01(\tH\x00\x12\x19\n\x11snapshot_complete\x18\x05 \x01(\x08\x12\x0f\n\x07resumed\x18\x06 \x01(\x08\x42\x08\n\x06\x63hange2\x81\x02\n\x10RegistryInternal\x12T\n\x0c\x41uthenticate\x12&.berth.internal.v1.AuthenticateRequest\x1a\x1c.berth.internal.v1.Principal\x12L\n\x0cResolveImage\x12&.berth.internal.v1.ResolveImageRequest\x1a\x14.berth.v1.Deployment\x12I\n\x05Watch\x12\x1f.berth.internal.v1.WatchRequest\x1a\x1d.berth.internal.v1.WatchEvent0\x01\x42\x81\x01\n\x15\x64\x65v.berth.internal.v1P\x01Z>github.com/berth-dev/berth/gen/go/berth/internal/v1;internalv1\xaa\x02\x11\x42\x65rth.Internal.V1\xca\x02\x11\x42\x65rth\\Internal\\V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)berth/internal/v1/registry_internal.proto\x12\x11\x62\x65rth.internal.v1\x1a\x15\x62\x65rth/v1/common.proto\x1a\x17\x62\x65rth/v1/registry.proto\"&\n\x13\x41uthenticateRequest\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\"V\n\tPrincipal\x12\x12\n\nproject_id\x18\x01 \x01(\t\x12\x14\n\x0cproject_name\x18\x02 \x01(\t\x12\x10\n\x08key_name\x18\x03 \x01(\t\x12\r\n\x05\x61\x64min\x18\x04 \x01(\x08\">\n\x13ResolveImageRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\t\"&\n\x0cWatchRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\"\xc7\x01\n\nWatchEvent\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x0b\x65nvironment\x18\x02 \x01(\x0b\x32\x15.berth.v1.EnvironmentH\x00\x12$\n\x07\x62inding\x18\x03 \x01(\x0b\x32\x11.berth.v1.BindingH\x00\x12\x1d\n\x13\x65nvironment_deleted\x18\x04 \x01(\tH\x00\x12\x19\n\x11snapshot_complete\x18\x05 \x01(\x08\x12\x0f\n\x07resumed\x18\x06 \x01(\x08\x42\x08\n\x06\x63hange\"\x92\x02\n\x14\x41\x64vanceCanaryRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x19\n\x11\x65xpected_sequence\x18\x03 \x01(\x03\x12\x0c\n\x04step\x18\x04 \x01(\x05\x12>\n\x06\x61\x63tion\x18\x05 \x01(\x0e\x32..berth.internal.v1.AdvanceCanaryRequest.Action\x12\x10\n\x08\x61nalysis\x18\x06 \x01(\t\"Y\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x41\x43TION_ADVANCE\x10\x01\x12\x10\n\x0c\x41\x43TION_ABORT\x10\x02\x12\x11\n\rACTION_RECORD\x10\x03\x32\xd5\x02\n\x10RegistryInternal\x12T\n\x0c\x41uthenticate\x12&.berth.internal.v1.AuthenticateRequest\x1a\x1c.berth.internal.v1.Principal\x12L\n\x0cResolveImage\x12&.berth.internal.v1.ResolveImageRequest\x1a\x14.berth.v1.Deployment\x12I\n\x05Watch\x12\x1f.berth.internal.v1.WatchRequest\x1a\x1d.berth.internal.v1.WatchEvent0\x01\x12R\n\rAdvanceCanary\x12\'.berth.internal.v1.AdvanceCanaryRequest\x1a\x18.berth.v1.CanaryResponseB\x81\x01\n\x15\x64\x65v.berth.internal.v1P\x01Z>github.com/berth-dev/berth/gen/go/berth/internal/v1;internalv1\xaa\x02\x11\x42\x65rth.Internal.V1\xca\x02\x11\x42\x65rth\\Internal\\V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,16 +34,20 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'berth.internal.v1.registry_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\025dev.berth.internal.v1P\001Z>github.com/berth-dev/berth/gen/go/berth/internal/v1;internalv1\252\002\021Berth.Internal.V1\312\002\021Berth\\Internal\\V1'
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=87
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=125
-  _globals['_PRINCIPAL']._serialized_start=127
-  _globals['_PRINCIPAL']._serialized_end=213
-  _globals['_RESOLVEIMAGEREQUEST']._serialized_start=215
-  _globals['_RESOLVEIMAGEREQUEST']._serialized_end=277
-  _globals['_WATCHREQUEST']._serialized_start=279
-  _globals['_WATCHREQUEST']._serialized_end=317
-  _globals['_WATCHEVENT']._serialized_start=320
-  _globals['_WATCHEVENT']._serialized_end=519
-  _globals['_REGISTRYINTERNAL']._serialized_start=522
-  _globals['_REGISTRYINTERNAL']._serialized_end=779
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=112
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=150
+  _globals['_PRINCIPAL']._serialized_start=152
+  _globals['_PRINCIPAL']._serialized_end=238
+  _globals['_RESOLVEIMAGEREQUEST']._serialized_start=240
+  _globals['_RESOLVEIMAGEREQUEST']._serialized_end=302
+  _globals['_WATCHREQUEST']._serialized_start=304
+  _globals['_WATCHREQUEST']._serialized_end=342
+  _globals['_WATCHEVENT']._serialized_start=345
+  _globals['_WATCHEVENT']._serialized_end=544
+  _globals['_ADVANCECANARYREQUEST']._serialized_start=547
+  _globals['_ADVANCECANARYREQUEST']._serialized_end=821
+  _globals['_ADVANCECANARYREQUEST_ACTION']._serialized_start=732
+  _globals['_ADVANCECANARYREQUEST_ACTION']._serialized_end=821
+  _globals['_REGISTRYINTERNAL']._serialized_start=824
+  _globals['_REGISTRYINTERNAL']._serialized_end=1165
 # @@protoc_insertion_point(module_scope)

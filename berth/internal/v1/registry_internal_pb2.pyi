@@ -1,4 +1,6 @@
 from berth.v1 import common_pb2 as _common_pb2
+from berth.v1 import registry_pb2 as _registry_pb2
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
@@ -53,3 +55,29 @@ class WatchEvent(_message.Message):
     snapshot_complete: bool
     resumed: bool
     def __init__(self, revision: _Optional[int] = ..., environment: _Optional[_Union[_common_pb2.Environment, _Mapping]] = ..., binding: _Optional[_Union[_common_pb2.Binding, _Mapping]] = ..., environment_deleted: _Optional[str] = ..., snapshot_complete: _Optional[bool] = ..., resumed: _Optional[bool] = ...) -> None: ...
+
+class AdvanceCanaryRequest(_message.Message):
+    __slots__ = ("project", "environment", "expected_sequence", "step", "action", "analysis")
+    class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ACTION_UNSPECIFIED: _ClassVar[AdvanceCanaryRequest.Action]
+        ACTION_ADVANCE: _ClassVar[AdvanceCanaryRequest.Action]
+        ACTION_ABORT: _ClassVar[AdvanceCanaryRequest.Action]
+        ACTION_RECORD: _ClassVar[AdvanceCanaryRequest.Action]
+    ACTION_UNSPECIFIED: AdvanceCanaryRequest.Action
+    ACTION_ADVANCE: AdvanceCanaryRequest.Action
+    ACTION_ABORT: AdvanceCanaryRequest.Action
+    ACTION_RECORD: AdvanceCanaryRequest.Action
+    PROJECT_FIELD_NUMBER: _ClassVar[int]
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    ANALYSIS_FIELD_NUMBER: _ClassVar[int]
+    project: str
+    environment: str
+    expected_sequence: int
+    step: int
+    action: AdvanceCanaryRequest.Action
+    analysis: str
+    def __init__(self, project: _Optional[str] = ..., environment: _Optional[str] = ..., expected_sequence: _Optional[int] = ..., step: _Optional[int] = ..., action: _Optional[_Union[AdvanceCanaryRequest.Action, str]] = ..., analysis: _Optional[str] = ...) -> None: ...

@@ -5,6 +5,7 @@ import warnings
 
 from berth.internal.v1 import registry_internal_pb2 as berth_dot_internal_dot_v1_dot_registry__internal__pb2
 from berth.v1 import common_pb2 as berth_dot_v1_dot_common__pb2
+from berth.v1 import registry_pb2 as berth_dot_v1_dot_registry__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -54,6 +55,11 @@ class RegistryInternalStub:
                 request_serializer=berth_dot_internal_dot_v1_dot_registry__internal__pb2.WatchRequest.SerializeToString,
                 response_deserializer=berth_dot_internal_dot_v1_dot_registry__internal__pb2.WatchEvent.FromString,
                 _registered_method=True)
+        self.AdvanceCanary = channel.unary_unary(
+                '/berth.internal.v1.RegistryInternal/AdvanceCanary',
+                request_serializer=berth_dot_internal_dot_v1_dot_registry__internal__pb2.AdvanceCanaryRequest.SerializeToString,
+                response_deserializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryInternalServicer:
@@ -86,6 +92,22 @@ class RegistryInternalServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvanceCanary(self, request, context):
+        """The canary controller's move: from step `step` at `expected_sequence`
+        either to the next step (its weight), to 100% (a `promote` move after
+        the last step) or to an abort (weight 0) with the analysis as reason.
+        A compare-and-swap on the sequence and the step: a controller that
+        restarted and repeats an applied move gets ABORTED, so no step is
+        applied twice.
+        Credentials: the service token.
+        Errors: PERMISSION_DENIED for other callers; NOT_FOUND;
+        FAILED_PRECONDITION NO_CANARY, CANARY_NOT_RUNNING; ABORTED
+        SEQUENCE_CONFLICT, STEP_CONFLICT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryInternalServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +125,11 @@ def add_RegistryInternalServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=berth_dot_internal_dot_v1_dot_registry__internal__pb2.WatchRequest.FromString,
                     response_serializer=berth_dot_internal_dot_v1_dot_registry__internal__pb2.WatchEvent.SerializeToString,
+            ),
+            'AdvanceCanary': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvanceCanary,
+                    request_deserializer=berth_dot_internal_dot_v1_dot_registry__internal__pb2.AdvanceCanaryRequest.FromString,
+                    response_serializer=berth_dot_v1_dot_registry__pb2.CanaryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -190,6 +217,33 @@ class RegistryInternal:
             '/berth.internal.v1.RegistryInternal/Watch',
             berth_dot_internal_dot_v1_dot_registry__internal__pb2.WatchRequest.SerializeToString,
             berth_dot_internal_dot_v1_dot_registry__internal__pb2.WatchEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvanceCanary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/berth.internal.v1.RegistryInternal/AdvanceCanary',
+            berth_dot_internal_dot_v1_dot_registry__internal__pb2.AdvanceCanaryRequest.SerializeToString,
+            berth_dot_v1_dot_registry__pb2.CanaryResponse.FromString,
             options,
             channel_credentials,
             insecure,
