@@ -50,7 +50,7 @@ T = TypeVar("T")
 EnumT = TypeVar("EnumT", bound="_WordEnum")
 
 __all__ = [
-    "ApiKey", "AsyncBerth", "Berth", "CreatedApiKey", "EnvironmentGate", "ExperimentCase", "ExperimentRun", "LogLine", "LogStream", "Binding", "BindingState", "Canary", "CanaryChanged", "CanaryState", "CanaryStep", "CanaryThresholds", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
+    "ApiKey", "AsyncBerth", "Berth", "CreatedApiKey", "EnvironmentGate", "ExperimentCase", "ExperimentRun", "LogLine", "LogStream", "MasterKeyRotated", "Binding", "BindingState", "Canary", "CanaryChanged", "CanaryState", "CanaryStep", "CanaryThresholds", "BindingStatus", "CreatedProject", "Deployed", "Deployment",
     "DeploymentError", "DeploymentState", "DeploymentStatus", "Environment", "ErrorKind", "HistoryEntry",
     "HistoryKind", "Page", "PointerMoved", "Project", "Replica", "ReplicaState", "Resources", "RetryPolicy",
     "SecretInfo", "SecretScope", "ServingStatus", "WatchEvent", "WorkerConfig",
@@ -650,6 +650,15 @@ class SecretInfo:
 
 
 @dataclass(frozen=True)
+class MasterKeyRotated:
+    """What a master key rotation did: data keys re-wrapped, and the new
+    key's fingerprint (a hash, never the key)."""
+
+    data_keys_rewrapped: int
+    key_fingerprint: str
+
+
+@dataclass(frozen=True)
 class WatchEvent:
     """One event of :meth:`Berth.watch_environments`. ``change`` names what
     happened (``"environment"`` snapshot, ``"moved"``, ``"created"``,
@@ -796,6 +805,12 @@ _STATUS = _Op("scheduler", "GetDeploymentStatus", DeploymentStatus.from_proto, i
 _ERRORS = _Op("scheduler", "ListDeploymentErrors", _page("errors", DeploymentError.from_proto), True)
 _SET_SECRET = _Op("secrets", "SetSecret", SecretInfo.from_proto)
 _LIST_SECRETS = _Op("secrets", "ListSecrets", _page("secrets", SecretInfo.from_proto), True)
+_SECRET_VERSIONS = _Op("secrets", "ListSecretVersions", _page("versions", SecretInfo.from_proto), True)
+_ROLLBACK_SECRET = _Op("secrets", "RollbackSecret", SecretInfo.from_proto)
+_ROTATE_MASTER_KEY = _Op("secrets", "RotateMasterKey",
+                         lambda r: MasterKeyRotated(data_keys_rewrapped=r.data_keys_rewrapped,
+                                                    key_fingerprint=r.key_fingerprint))
+_ADJUST = _Op("registry", "AdjustReplicas", Binding.from_proto)
 _DELETE_SECRET = _Op("secrets", "DeleteSecret", lambda r: SecretInfo.from_proto(r.secret))
 
 
@@ -1299,6 +1314,36 @@ class Berth:
         finally:
             call.cancel()
 
+    def secret_versions(self, project: str, name: str, *, environment: str = "", page_size: int = 0,
+                        timeout: float | None = None) -> Iterator[SecretInfo]:
+        """Every version of a secret, oldest first (metadata only).
+        Credentials: the project's key. Errors: NotFound."""
+        return self._all(_SECRET_VERSIONS, secrets_pb2.ListSecretVersionsRequest(
+            project=project, name=name, environment=environment, page_size=page_size), timeout)
+
+    def rollback_secret(self, project: str, name: str, to_version: int, *, environment: str = "",
+                        timeout: float | None = None) -> SecretInfo:
+        """Make an earlier version's value current again (as a new
+        version). Not retried. Credentials: the project's key. Errors:
+        InvalidArgument (``to_version``), NotFound."""
+        return self._call(_ROLLBACK_SECRET, secrets_pb2.RollbackSecretRequest(
+            project=project, name=name, environment=environment, to_version=to_version), timeout)
+
+    def rotate_master_key(self, *, timeout: float | None = None) -> MasterKeyRotated:
+        """Re-wrap every project's data key under a new master key.
+        Credentials: the admin key. Errors: PermissionDenied (a project
+        key), FailedPrecondition (the master key comes from
+        BERTH_MASTER_KEY)."""
+        return self._call(_ROTATE_MASTER_KEY, secrets_pb2.RotateMasterKeyRequest(), timeout)
+
+    def adjust_replicas(self, project: str, deployment_id: str, environment: str, delta: int, *,
+                        timeout: float | None = None) -> Binding:
+        """Move a binding's replica bounds by ``delta`` (+N up, -N down).
+        Not retried (it is relative). Credentials: the project's key.
+        Errors: InvalidArgument (``delta``), NotFound."""
+        return self._call(_ADJUST, registry_pb2.AdjustReplicasRequest(
+            project=project, deployment_id=deployment_id, environment=environment, delta=delta), timeout)
+
     # watch
 
     def watch_environments(self, project: str, *, since_revision: int = 0,
@@ -1613,6 +1658,28 @@ class AsyncBerth:
                 raise error_from_rpc(exc) from None
         finally:
             call.cancel()
+
+    def secret_versions(self, project: str, name: str, *, environment: str = "", page_size: int = 0,
+                        timeout: float | None = None) -> AsyncIterator[SecretInfo]:
+        """Every version of a secret (see :meth:`Berth.secret_versions`)."""
+        return self._all(_SECRET_VERSIONS, secrets_pb2.ListSecretVersionsRequest(
+            project=project, name=name, environment=environment, page_size=page_size), timeout)
+
+    async def rollback_secret(self, project: str, name: str, to_version: int, *, environment: str = "",
+                              timeout: float | None = None) -> SecretInfo:
+        """Restore a secret's earlier version (see :meth:`Berth.rollback_secret`)."""
+        return await self._call(_ROLLBACK_SECRET, secrets_pb2.RollbackSecretRequest(
+            project=project, name=name, environment=environment, to_version=to_version), timeout)
+
+    async def rotate_master_key(self, *, timeout: float | None = None) -> MasterKeyRotated:
+        """Rotate the master key (see :meth:`Berth.rotate_master_key`)."""
+        return await self._call(_ROTATE_MASTER_KEY, secrets_pb2.RotateMasterKeyRequest(), timeout)
+
+    async def adjust_replicas(self, project: str, deployment_id: str, environment: str, delta: int, *,
+                              timeout: float | None = None) -> Binding:
+        """Move replica bounds by ``delta`` (see :meth:`Berth.adjust_replicas`)."""
+        return await self._call(_ADJUST, registry_pb2.AdjustReplicasRequest(
+            project=project, deployment_id=deployment_id, environment=environment, delta=delta), timeout)
 
     async def watch_environments(self, project: str, *, since_revision: int = 0,
                                  timeout: float | None = None) -> AsyncIterator[WatchEvent]:
