@@ -317,6 +317,7 @@ class Reconciler(ScalingRuntime):
             )
             self._clear_recovered(replicas, desired)
             self._publish_endpoints()
+            self.endpoints.mark_complete()  # listed and probed: routers may trust it now
             if not result.empty:
                 log.info(
                     "plan",

@@ -129,23 +129,44 @@ class BindingView:
 
 
 class EndpointBroadcast:
-    """Latest-value broadcast of the endpoint sets."""
+    """Latest-value broadcast of the endpoint sets.
+
+    Nothing is delivered until the runtime calls :meth:`mark_complete` after
+    its first complete observation of the engine (replicas listed and
+    probed): a scheduler that just took the lease would otherwise stream an
+    empty set and the routers would empty their pools."""
 
     def __init__(self) -> None:
         self._value: tuple[EndpointSet, ...] = ()
+        self._complete = False
         self._queues: set[asyncio.Queue[tuple[EndpointSet, ...] | None]] = set()
 
     @property
     def current(self) -> tuple[EndpointSet, ...]:
         return self._value
 
+    @property
+    def complete(self) -> bool:
+        """True once the runtime has observed the engine completely."""
+        return self._complete
+
     def publish(self, value: tuple[EndpointSet, ...]) -> bool:
         if value == self._value:
             return False
         self._value = value
-        for queue in self._queues:
-            self._offer(queue, value)
+        if self._complete:
+            for queue in self._queues:
+                self._offer(queue, value)
         return True
+
+    def mark_complete(self) -> None:
+        """The first complete observation is published: subscribers waiting
+        for it get the current value (even an empty one)."""
+        if self._complete:
+            return
+        self._complete = True
+        for queue in self._queues:
+            self._offer(queue, self._value)
 
     def close(self) -> None:
         for queue in self._queues:
@@ -161,7 +182,8 @@ class EndpointBroadcast:
         queue: asyncio.Queue[tuple[EndpointSet, ...] | None] = asyncio.Queue(maxsize=1)
         self._queues.add(queue)
         try:
-            yield self._value
+            if self._complete:
+                yield self._value
             while True:
                 value = await queue.get()
                 if value is None:

@@ -449,6 +449,7 @@ class SwarmRuntime(ScalingRuntime):
         self._note_tasks(tasks, by_service)
         self._clear_recovered(tasks, by_service)
         self._publish_endpoints()
+        self.endpoints.mark_complete()  # services, tasks, nodes read and probed
 
     def _node_up(self, node_id: str) -> bool:
         node = self._nodes.get(node_id)
