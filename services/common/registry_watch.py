@@ -14,6 +14,7 @@ feed (it lives in the database), so that revision resumes on any of them:
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterable, Callable, Sequence
 
 import grpc
@@ -75,6 +76,8 @@ async def follow_instances(
     synced: Callable[[bool], None] = lambda resumed: None,
     applied: Callable[[], None] = lambda: None,
     broken: Callable[[str, str], None] = lambda address, error: None,
+    opened: Callable[[str], None] = lambda address: None,
+    connect: Callable[[str], grpc.aio.Channel] = grpc.aio.insecure_channel,
     max_streams: int | None = None,
     initial_delay: float = 0.05,
     max_delay: float = 2.0,
@@ -83,16 +86,21 @@ async def follow_instances(
     database: when a stream breaks (its instance died or stopped), the next
     address is tried, resuming from ``follower.revision`` — every instance
     serves the same feed, so nothing is lost or repeated. Backs off (up to
-    ``max_delay``) while no instance answers; returns after ``max_streams``
-    streams when given, else runs until cancelled."""
+    ``max_delay``, jittered) while no instance answers; returns after
+    ``max_streams`` streams when given, else runs until cancelled.
+
+    ``opened(address)`` before each stream, ``broken(address, error)`` after
+    it ends; ``connect(address)`` makes the channel to one instance (the
+    services pass ``services.common.remote.channel``: keepalive, so a peer
+    that vanished without a FIN is noticed)."""
     if not addresses:
         raise ValueError("follow_instances needs at least one registry address")
     delay = initial_delay
-    opened = 0
+    opened_streams = 0
     index = 0
-    while max_streams is None or opened < max_streams:
+    while max_streams is None or opened_streams < max_streams:
         address = addresses[index % len(addresses)]
-        opened += 1
+        opened_streams += 1
         progressed = False
 
         def on_synced(resumed: bool) -> None:
@@ -100,8 +108,9 @@ async def follow_instances(
             progressed = True
             synced(resumed)
 
+        opened(address)
         try:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with connect(address) as channel:
                 stub = registry_internal_pb2_grpc.RegistryInternalStub(channel)
                 await follower.follow(stub.Watch(follower.request(), metadata=tuple(metadata)),
                                       synced=on_synced, applied=applied)
@@ -110,4 +119,4 @@ async def follow_instances(
             broken(address, f"{exc.code().name}: {exc.details()}")
         index += 1
         delay = initial_delay if progressed else min(delay * 2, max_delay)
-        await asyncio.sleep(delay)
+        await asyncio.sleep(random.uniform(delay / 2, delay))

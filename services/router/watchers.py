@@ -1,8 +1,10 @@
 """Consumers of the control plane's streams (berth.internal.v1, service
 token): the registry's Watch (pointer table) and the scheduler's
 WatchEndpoints (ready replicas). Each keeps its stream open, and reconnects
-with jittered exponential backoff when it breaks; a reconnect replaces the
-state with the new snapshot."""
+with jittered exponential backoff when it breaks. The registry watch follows
+several registry instances when given a list (the next one after a break,
+resuming by revision: ``follow_instances``); a new endpoint stream replaces
+the sets with its snapshot."""
 from __future__ import annotations
 
 import asyncio
@@ -17,12 +19,11 @@ from berth import enums
 from berth.client import split_addresses
 from berth.internal.v1 import (
     registry_internal_pb2,
-    registry_internal_pb2_grpc,
     scheduler_internal_pb2,
     scheduler_internal_pb2_grpc,
 )
 from berth.v1 import common_pb2
-from services.common.registry_watch import RegistryFollower
+from services.common.registry_watch import RegistryFollower, follow_instances
 from services.common.remote import channel, credentials
 from services.router.table import BindingEntry, EnvironmentEntry, RoutingState, RoutingTable
 
@@ -140,6 +141,8 @@ class RegistryWatcher(_StreamWatcher):
         super().__init__(address, service_token, backoff=backoff)
         self.state = state
         self._follower = RegistryFollower(lambda event: apply_event(self.state.table, event), self._replace)
+        self.streams: list[str] = []  # the registry instance of each stream opened so far
+        self.syncs: list[bool] = []  # ``resumed`` of each marker applied (False: a snapshot)
 
     def _replace(self, snapshot: list[registry_internal_pb2.WatchEvent]) -> None:
         fresh = RoutingTable()
@@ -147,12 +150,19 @@ class RegistryWatcher(_StreamWatcher):
             apply_event(fresh, event)
         self.state.table = fresh
 
-    async def _consume(self, ch: grpc.aio.Channel) -> None:
-        """One stream, resuming from the revision the table reflects (see
-        ``RegistryFollower``)."""
-        stub = registry_internal_pb2_grpc.RegistryInternalStub(ch)
+    async def run(self) -> None:
+        """Follows the feed over the registry instances ``address`` names (one,
+        or a comma-separated list on one database): when a stream breaks the
+        next instance is tried, resuming from the revision the table reflects
+        (``follow_instances``), backing off while none answers."""
         follower = self._follower
         since = follower.revision
+
+        def opened(address: str) -> None:
+            nonlocal since
+            since = follower.revision
+            self.connects += 1
+            self.streams.append(address)
 
         def applied() -> None:
             self.state.revision = follower.revision
@@ -160,14 +170,24 @@ class RegistryWatcher(_StreamWatcher):
 
         def synced(resumed: bool) -> None:
             self.state.loaded = True
+            self.syncs.append(resumed)
             applied()
             log.info("routing_table_loaded", extra={"environments": len(self.state.table.environments),
                                                     "bindings": len(self.state.table.bindings),
                                                     "revision": follower.revision, "resumed": resumed,
-                                                    "since_revision": since})
+                                                    "since_revision": since, "address": self.streams[-1]})
             self._progress()
 
-        await follower.follow(stub.Watch(follower.request(), metadata=self._metadata), synced=synced, applied=applied)
+        def broken(address: str, error: str) -> None:
+            self.last_error = error
+            log.warning("watch_broken", extra={"stream": self.name, "address": address, "error": error})
+
+        await follow_instances(
+            follower, split_addresses(self.address), self._metadata,
+            synced=synced, applied=applied, broken=broken, opened=opened,
+            connect=lambda address: channel(address, self.kind),
+            initial_delay=self._backoff.initial, max_delay=self._backoff.maximum,
+        )
 
 
 class EndpointWatcher(_StreamWatcher):

@@ -2,9 +2,9 @@
 current by the registry's Watch stream (berth.internal.v1.RegistryInternal).
 
 The stream sends a snapshot (every environment and binding), a
-``snapshot_complete`` marker, then live changes. After a reconnect the
-watcher asks for the changes since the revision its table reflects: the
-registry sends those (``resumed``; applied in place) or, when it no longer
+``snapshot_complete`` marker, then live changes. After a reconnect (to the
+next registry instance when several are given) the watcher asks for the
+changes since the revision its table reflects: the registry sends those (``resumed``; applied in place) or, when it no longer
 holds them, a new snapshot, which replaces the table (not merged). Either
 way the previous table stays in force until the marker arrives, and before
 the very first marker ``snapshot_complete`` is False so the reconciler
@@ -12,16 +12,13 @@ removes nothing.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-import random
 from collections.abc import Callable, Iterable
 
-import grpc
-
-from berth.internal.v1 import registry_internal_pb2, registry_internal_pb2_grpc
+from berth.client import split_addresses
+from berth.internal.v1 import registry_internal_pb2
 from berth.v1 import common_pb2
-from services.common.registry_watch import RegistryFollower
+from services.common.registry_watch import RegistryFollower, follow_instances
 from services.common.remote import channel, credentials
 
 from .plan import BindingKey
@@ -99,8 +96,11 @@ class DesiredTable:
 
 
 class RegistryWatcher:
-    """Consumes ``Registry.Watch`` into a ``DesiredTable``, reconnecting with
-    jittered exponential backoff."""
+    """Consumes ``Registry.Watch`` into a ``DesiredTable``. ``registry_address``
+    is one ``host:port`` or a comma-separated list of registry instances on
+    one database: when the stream breaks, the next instance is tried,
+    resuming from the revision the table reflects (``follow_instances``),
+    with exponential backoff while none answers."""
 
     def __init__(
         self,
@@ -112,47 +112,43 @@ class RegistryWatcher:
         max_backoff: float = 10.0,
     ) -> None:
         self._table = table
-        self._address = registry_address
+        self._addresses = split_addresses(registry_address)
         self._token = service_token
         self._initial = initial_backoff
         self._max = max_backoff
-        self._snapshotted = False
+        self._since = 0
+        self.streams: list[str] = []  # the instance of each stream opened so far
+        self.syncs: list[bool] = []  # ``resumed`` of each marker applied (False: a snapshot)
         self._follower = RegistryFollower(
             self._apply, lambda snapshot: self._table.replace(*_snapshot(snapshot))
         )
 
-    async def run(self) -> None:
-        backoff = self._initial
-        async with channel(self._address) as ch:
-            stub = registry_internal_pb2_grpc.RegistryInternalStub(ch)
-            while True:
-                self._snapshotted = False
-                try:
-                    await self._consume(stub)
-                    log.warning("registry_watch_ended")
-                except grpc.aio.AioRpcError as exc:
-                    log.warning(
-                        "registry_watch_failed", extra={"code": exc.code().name, "details": exc.details()}
-                    )
-                if self._snapshotted:
-                    backoff = self._initial  # progress was made: retries start over
-                delay = random.uniform(0, backoff)
-                backoff = min(self._max, backoff * 2)
-                await asyncio.sleep(delay)
+    @property
+    def revision(self) -> int:
+        """The registry revision the table reflects."""
+        return self._follower.revision
 
-    async def _consume(self, stub: registry_internal_pb2_grpc.RegistryInternalStub) -> None:
-        """One stream, resuming from the revision the table reflects (see
-        ``RegistryFollower``)."""
+    async def run(self) -> None:
         follower = self._follower
-        since = follower.revision
+
+        def opened(address: str) -> None:
+            self._since = follower.revision
+            self.streams.append(address)
 
         def synced(resumed: bool) -> None:
-            self._snapshotted = True
+            self.syncs.append(resumed)
             log.info("registry_snapshot", extra={"bindings": len(self._table.bindings()),
                                                  "revision": follower.revision, "resumed": resumed,
-                                                 "since_revision": since})
+                                                 "since_revision": self._since, "address": self.streams[-1]})
 
-        await follower.follow(stub.Watch(follower.request(), metadata=credentials(self._token)), synced=synced)
+        def broken(address: str, error: str) -> None:
+            log.warning("registry_watch_failed", extra={"address": address, "error": error})
+
+        await follow_instances(
+            follower, self._addresses, credentials(self._token),
+            synced=synced, broken=broken, opened=opened, connect=lambda address: channel(address, "registry"),
+            initial_delay=self._initial, max_delay=self._max,
+        )
 
     def _apply(self, event: registry_internal_pb2.WatchEvent) -> None:
         change = event.WhichOneof("change")
