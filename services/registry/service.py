@@ -56,7 +56,7 @@ from berth.errors import (
     Unavailable,
 )
 from berth.v1 import common_pb2, registry_pb2
-from services.common import paging
+from services.common import ids, paging
 from services.common.auth import PROJECT_KEY_PREFIX, Principal, hash_key, new_key
 from services.registry import canary as canaries
 from services.registry import changes as feed
@@ -303,7 +303,9 @@ class RegistryService:
     def _deployment(session: Session, project: ProjectRow, deployment_id: str) -> DeploymentRow:
         if not deployment_id:
             raise InvalidArgument("deployment_id is required")
-        domain.validate_reference(deployment_id, field_name="deployment_id", what="deployment")
+        # Deployment ids are only ever made here: anything else cannot exist,
+        # and is the caller's error (INVALID_ID), not an unknown id.
+        ids.validate_deployment_id(deployment_id)
         row = session.get(DeploymentRow, deployment_id)
         if row is None or row.project_id != project.id:
             raise NotFound(

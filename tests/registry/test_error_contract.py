@@ -93,7 +93,9 @@ CASES = [
     ("Deploy", lambda w: R.DeployRequest(image="app:1", reason="a\x00b"), "project", C.INVALID_ARGUMENT, "reason must not contain NUL"),
     ("Deploy", lambda w: R.DeployRequest(image="app:1", project="other"), "project", C.PERMISSION_DENIED, "belongs to project"),
     ("GetDeployment", lambda w: R.GetDeploymentRequest(), "project", C.INVALID_ARGUMENT, "deployment_id is required"),
-    ("GetDeployment", lambda w: R.GetDeploymentRequest(deployment_id="dep nope"), "project", C.INVALID_ARGUMENT, "not a valid deployment"),
+    ("GetDeployment", lambda w: R.GetDeploymentRequest(deployment_id="dep nope"), "project", C.INVALID_ARGUMENT, "is not a deployment id"),
+    # Well-formed but wrong, not merely unknown: a caller error, never NOT_FOUND.
+    ("GetDeployment", lambda w: R.GetDeploymentRequest(deployment_id="dep_nope"), "project", C.INVALID_ARGUMENT, "is not a deployment id"),
     ("GetDeployment", lambda w: R.GetDeploymentRequest(deployment_id="dep_000000000000"), "project", C.NOT_FOUND, "not found in project 'shop'"),
     ("GetDeployment", lambda w: R.GetDeploymentRequest(deployment_id=w.other_dep), "project", C.NOT_FOUND, "not found in project 'shop'"),
     ("ListDeployments", lambda w: R.ListDeploymentsRequest(environment="nope"), "project", C.NOT_FOUND, "environment 'nope' not found"),
@@ -215,6 +217,8 @@ SCALARS = {
     FieldDescriptor.TYPE_INT32: st.integers(-(2**31), 2**31 - 1),
     FieldDescriptor.TYPE_INT64: st.integers(-(2**63), 2**63 - 1),
     FieldDescriptor.TYPE_DOUBLE: st.floats(allow_nan=True, allow_infinity=True),
+    # Open enums: any int32 travels, values this server does not know included.
+    FieldDescriptor.TYPE_ENUM: st.one_of(st.integers(-1, 8), st.integers(-(2**31), 2**31 - 1)),
 }
 
 

@@ -131,7 +131,9 @@ def test_rest_api_semantics(shop: Shop) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
 
     # Unknown and other projects' resources.
-    assert shop.call("GET", "/deployments/dep_nope").status_code == 404
+    assert shop.call("GET", "/deployments/dep_000000000000").status_code == 404
+    malformed = shop.call("GET", "/deployments/dep_nope")  # cannot be an id: the caller's error
+    assert malformed.status_code == 400 and "deployment_id" in malformed.json()["error"]["message"], malformed.text
     assert shop.call("GET", f"/deployments/{shop.v1}", key=shop.other_key).status_code in (403, 404)
     assert shop.call("GET", "/environments/qa/promotions").status_code == 404
     # Production is protected: an unconfirmed move is a failed precondition.
