@@ -309,6 +309,37 @@ class SwarmAdapter:
 
         await self._run(scale_)
 
+    async def force_update(self, service_id: str) -> None:
+        """Replaces the service's tasks anew (``TaskTemplate.ForceUpdate`` + 1,
+        as ``docker service update --force``), keeping the rest of the spec:
+        Swarm rolls them by the service's update config (start-first, one at
+        a time), so each replacement serves before the task it replaces
+        stops. Re-read at its current version: a lost race fails and the
+        caller tries again."""
+
+        def force_() -> None:
+            self._guard()
+            attrs = self._client.api.inspect_service(service_id)
+            spec = attrs["Spec"]
+            template = dict(spec.get("TaskTemplate") or {})
+            template["ForceUpdate"] = int(template.get("ForceUpdate") or 0) + 1
+            labels = dict(spec.get("Labels") or {})
+            if self.epoch is not None:
+                labels[EPOCH_LABEL] = str(self.epoch)
+            self._client.api.update_service(
+                service_id,
+                attrs["Version"]["Index"],
+                task_template=template,
+                name=spec.get("Name"),
+                labels=labels,
+                mode=spec.get("Mode"),
+                update_config=spec.get("UpdateConfig"),
+                endpoint_spec=spec.get("EndpointSpec"),
+                rollback_config=spec.get("RollbackConfig"),
+            )
+
+        await self._run(force_)
+
     async def remove(self, service_id: str) -> None:
         """Removes the service (its tasks stop); already gone counts as done."""
 

@@ -481,6 +481,7 @@ class SwarmRuntime(ScalingRuntime):
 
         results = await asyncio.gather(*(one(t) for t in running))
         probed = set()
+        sick: dict[str, list[_Readiness]] = {}  # services with a task that just crossed unhealthy_after
         for t, (ok, message) in zip(running, results, strict=True):
             probed.add(t.id)
             state = self._readiness.setdefault(t.id, _Readiness())
@@ -497,11 +498,38 @@ class SwarmRuntime(ScalingRuntime):
                 state.reported = True
                 self._record_task(
                     t, by_service.get(t.service_id), EventKind.HEALTH_CHECK_FAILED,
-                    f"replica {t.slot} (task {t.id[:12]}) failed {state.failures} health checks in a row: {message}",
+                    f"replica {t.slot} (task {t.id[:12]}) failed {state.failures} health checks in a row: "
+                    f"{message}; replacing it",
                 )
+                sick.setdefault(t.service_id, []).append(state)
+        for service_id, states in sick.items():
+            if not await self._replace_unhealthy(service_id):
+                for state in states:  # not replaced: tried again on the next failed check
+                    state.reported = False
         for t in tasks:
             if t.id not in probed and t.id in self._readiness:
                 self._readiness[t.id].ready = False
+
+    async def _replace_unhealthy(self, service_id: str) -> bool:
+        """Replaces a task that runs but fails its health checks (it already
+        left the routers' set). Swarm restarts only tasks that exit, its API
+        has no per-task restart, and the scheduler speaks only to a manager
+        (a node's own engine is not reachable in general); a container
+        HEALTHCHECK would need a probe program inside the image (none in a
+        ``FROM scratch`` one). So: a forced update of that one service
+        (fenced), rolled start-first one task at a time — no request fails,
+        at the cost of also renewing its healthy siblings. A standby (not
+        leading) leaves it to the leader. False when the write failed (tried
+        again on the next failed check)."""
+        try:
+            await self._adapter.force_update(service_id)
+        except LeaseLost:
+            return True  # not leading: the leader's own checks replace it
+        except da.EngineError as exc:
+            log.warning("unhealthy_replace_failed", extra={"service": service_id[:12], "error": exc.message})
+            return False
+        log.info("unhealthy_replaced", extra={"service": service_id[:12]})
+        return True
 
     def _note_nodes(self, tasks: Sequence[TaskInfo], by_service: Mapping[str, ServiceInfo]) -> None:
         """A node that left ``ready`` is a ``node_down`` event for every

@@ -320,6 +320,56 @@ def test_a_killed_node_leaves_the_endpoints_its_replicas_are_replaced_and_it_rej
 
 
 
+def test_a_running_task_failing_its_health_checks_is_replaced(
+        swarm_cluster: SwarmCluster, worker_ref: str, instance: str) -> None:
+    """A task whose process keeps running but whose health path hangs (its
+    CGI replaced inside the container, through its node's engine) leaves
+    the endpoints, a health_check_failed event says so, and the scheduler
+    replaces it (a forced, start-first update of its service): the sick task
+    shuts down and two new tasks serve."""
+    b = binding(worker_ref, min_replicas=2)
+    dep = b.deployment.id
+    events = EventStore()
+
+    async def scenario() -> None:
+        table = DesiredTable()
+        table.replace([], [b])
+        rt = runtime(swarm_cluster, table, instance, events)
+        async with running(rt):
+            await wait_for(lambda: len(addresses(rt, dep)) == 2, timeout=60, what="2 ready tasks")
+            [service] = services_of(swarm_cluster, instance, dep)
+            sick = running_tasks(swarm_cluster, service["ID"])[0]
+            node_of = {swarm_cluster.client(i).info()["Swarm"]["NodeID"]: i for i in range(len(swarm_cluster.nodes))}
+            container = swarm_cluster.client(node_of[sick["NodeID"]]).containers.get(
+                sick["Status"]["ContainerStatus"]["ContainerID"])
+            # The health path now hangs (a probe counts any status below 500 as alive): the
+            # process keeps running, so Swarm sees nothing wrong.
+            code, output = container.exec_run(
+                ["/bin/busybox", "sh", "-c", "printf '#!/bin/sh\\nsleep 120\\n' > /www/cgi-bin/index.cgi"])
+            assert code == 0, output
+            failed = await wait_for(
+                lambda: [e for e in events.list(dep) if e.kind == EventKind.HEALTH_CHECK_FAILED.value],
+                timeout=30, what="a health_check_failed event")
+            assert sick["ID"][:12] in failed[0].message and "replacing" in failed[0].message
+
+            def replaced() -> bool:
+                tasks = running_tasks(swarm_cluster, service["ID"])
+                return (len(tasks) == 2 and sick["ID"] not in {t["ID"] for t in tasks}
+                        and len(addresses(rt, dep)) == 2)
+
+            await wait_for(replaced, timeout=90, what="the sick task replaced, 2 tasks ready")
+            state = swarm_cluster.client(0).api.inspect_task(sick["ID"])
+            assert state["DesiredState"] == "shutdown", state["DesiredState"]
+            for address in addresses(rt, dep):
+                assert "version=swarm-rt" in http_get(address)
+            # One replacement, not a loop of them.
+            forced = swarm_cluster.client(0).api.inspect_service(service["ID"])["Spec"]["TaskTemplate"]
+            assert forced.get("ForceUpdate") == 1, forced.get("ForceUpdate")
+            assert len([e for e in events.list(dep) if e.kind == EventKind.HEALTH_CHECK_FAILED.value]) == 1
+
+    asyncio.run(scenario())
+
+
 def test_a_cut_off_node_leaves_the_endpoints_by_health_checks_and_comes_back_without_duplicates(
         swarm_cluster: SwarmCluster, worker_ref: str, instance: str) -> None:
     """A cut cable: the node's tasks stop answering (no RST, the probes time
