@@ -238,21 +238,7 @@ class Reconciler(ScalingRuntime):
     # -- loop ---------------------------------------------------------------
     async def run(self) -> None:
         """Reconciles until cancelled: at once on a wake-up, else every tick."""
-        while True:
-            self._wake.clear()
-            try:
-                await self.reconcile_once()
-            except asyncio.CancelledError:
-                raise
-            except LeaseLost as exc:
-                log.info("not_leading", extra={"error": exc.message})
-            except da.EngineUnavailable as exc:
-                self._engine_unreachable(exc.message)
-            except da.EngineError as exc:
-                log.warning("reconcile_failed", extra={"error": exc.message})
-            except Exception:
-                log.exception("reconcile_crashed")
-            await self._sleep_until_woken()
+        await self._reconcile_forever()
 
     async def close(self) -> None:
         """Stops background probes and pulls. Replicas keep running: they

@@ -17,6 +17,7 @@ slots per binding as its engine reports them now) and its own pass.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -26,10 +27,14 @@ from typing import Protocol
 
 from berth.v1 import common_pb2
 
+from . import docker_adapter as da
 from .autoscale import Bounds, LoadTracker, ScalePolicy
 from .desired import DesiredTable, binding_key, is_terminated
 from .events import EventKind
+from .lease import LeaseLost
 from .plan import BindingKey, Rest
+
+log = logging.getLogger("berth.scheduler")
 
 # A router (process) silent for this long no longer counts in the in-flight
 # load: it stopped, or restarted under another reporter name.
@@ -282,6 +287,33 @@ class ScalingRuntime:
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def reconcile_once(self) -> object:
+        """One level-triggered pass: observe, plan, execute."""
+        raise NotImplementedError
+
+    def _engine_unreachable(self, message: str) -> None:
+        raise NotImplementedError
+
+    async def _reconcile_forever(self) -> None:
+        """Passes until cancelled: at once on a wake-up, else every tick. A
+        failed pass is logged and the next one starts again from what it
+        observes then; a lost lease only means this instance does not lead."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except LeaseLost as exc:
+                log.info("not_leading", extra={"error": exc.message})
+            except da.EngineUnavailable as exc:
+                self._engine_unreachable(exc.message)
+            except da.EngineError as exc:
+                log.warning("reconcile_failed", extra={"error": exc.message})
+            except Exception:
+                log.exception("reconcile_crashed")
+            await self._sleep_until_woken()
 
     async def _sleep_until_woken(self) -> None:
         """Waits for a wake-up or the reconcile interval, whichever is first."""

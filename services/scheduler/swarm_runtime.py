@@ -196,21 +196,7 @@ class SwarmRuntime(ScalingRuntime):
         """Passes and the watch until cancelled."""
         watch = asyncio.create_task(self._watch_loop(), name="swarm-watch")
         try:
-            while True:
-                self._wake.clear()
-                try:
-                    await self.reconcile_once()
-                except asyncio.CancelledError:
-                    raise
-                except LeaseLost as exc:
-                    log.info("not_leading", extra={"error": exc.message})
-                except da.EngineUnavailable as exc:
-                    self._engine_unreachable(exc.message)
-                except da.EngineError as exc:
-                    log.warning("reconcile_failed", extra={"error": exc.message})
-                except Exception:
-                    log.exception("reconcile_crashed")
-                await self._sleep_until_woken()
+            await self._reconcile_forever()
         finally:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
