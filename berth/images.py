@@ -21,7 +21,10 @@ MANIFEST_TYPES = ", ".join((
     "application/vnd.oci.image.index.v1+json",
 ))
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-DOCKER_HUB = "registry-1.docker.io"
+# A reference without a registry host means the engine's own default
+# registry; Berth never guesses that host, it asks only registries named in
+# the reference (or given with --image-registry).
+DEFAULT_REGISTRY = ""
 TIMEOUT = 5.0
 
 
@@ -36,7 +39,7 @@ class RegistryError(Exception):
 
 @dataclass(frozen=True)
 class Reference:
-    registry: str  # HOST[:PORT]; registry-1.docker.io for Docker Hub
+    registry: str  # HOST[:PORT]; DEFAULT_REGISTRY ("") when the reference names none
     repository: str
     tag: str = ""
     digest: str = ""
@@ -46,7 +49,7 @@ class Reference:
         return bool(self.digest)
 
     def with_digest(self, digest: str) -> str:
-        host = "" if self.registry == DOCKER_HUB else f"{self.registry}/"
+        host = f"{self.registry}/" if self.registry else ""
         return f"{host}{self.repository}@{digest}"
 
 
@@ -66,7 +69,7 @@ def parse(ref: str) -> Reference:
     if rest and ("." in first or ":" in first or first == "localhost"):
         registry, repository = first, rest
     else:
-        registry, repository = DOCKER_HUB, name if "/" in name else f"library/{name}"
+        registry, repository = DEFAULT_REGISTRY, name if "/" in name else f"library/{name}"
     if not repository or not re.match(r"^[a-z0-9]+(?:[._/-][a-z0-9]+|__[a-z0-9]+)*$", repository):
         raise ValueError(f"{ref!r} is not an image reference")
     if not tag and not digest:
@@ -92,6 +95,11 @@ def _anonymous_token(challenge: str, session: requests.Session) -> str:
 
 
 def _manifest(r: Reference, insecure: Collection[str], method: str) -> requests.Response:
+    if not r.registry:
+        raise RegistryError(
+            f"{r.repository}:{r.tag or r.digest} names no registry host: give HOST[:PORT]/REPOSITORY"
+            " (the image registry's address) so its digest can be resolved"
+        )
     url = f"{_base(r, insecure)}/v2/{r.repository}/manifests/{r.digest or r.tag}"
     headers = {"Accept": MANIFEST_TYPES}
     with requests.Session() as session:

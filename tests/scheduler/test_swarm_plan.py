@@ -206,8 +206,8 @@ DIGEST = "sha256:" + "0123456789abcdef" * 4
         ("10.201.3.1:5000/berth/app@" + DIGEST, "10.201.3.1:5000", "berth/app", "", DIGEST),
         ("localhost:5000/app:1.2", "localhost:5000", "app", "1.2", ""),
         ("registry.example/team/app", "registry.example", "team/app", "latest", ""),
-        ("busybox", images.DOCKER_HUB, "library/busybox", "latest", ""),
-        ("team/app:v2", images.DOCKER_HUB, "team/app", "v2", ""),
+        ("busybox", images.DEFAULT_REGISTRY, "library/busybox", "latest", ""),
+        ("team/app:v2", images.DEFAULT_REGISTRY, "team/app", "v2", ""),
     ],
 )
 def test_parse_reference(ref: str, registry: str, repository: str, tag: str, digest: str) -> None:
@@ -304,3 +304,12 @@ def test_pending_on_no_suitable_node_and_a_slot_that_keeps_failing_are_folded_ev
         assert found["crash_loop"].replica == "2" and "exit code 1" in found["crash_loop"].message
 
     asyncio.run(scenario())
+
+
+def test_a_reference_without_a_registry_host_is_never_looked_up() -> None:
+    # No host is guessed: the digest of "busybox:1" cannot be resolved, and
+    # nothing is sent anywhere to find out.
+    with pytest.raises(images.RegistryError, match="names no registry host"):
+        images.resolve_digest("busybox:1")
+    assert images.pull_problem("team/app:v2") is not None
+    assert images.parse("busybox").with_digest(DIGEST) == "library/busybox@" + DIGEST
