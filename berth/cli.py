@@ -46,7 +46,7 @@ from berth.shapes import (
     status_json,
     timestamp,
 )
-from berth.v1 import common_pb2, registry_pb2, scheduler_pb2, secrets_pb2
+from berth.v1 import common_pb2, registry_pb2, scheduler_pb2
 
 EXIT_CODES: dict[type[errors.BerthError], int] = {
     errors.InvalidArgument: 2,
@@ -408,22 +408,19 @@ def keys() -> None:
 @command
 def keys_create(ctx: Ctx, name: str) -> None:
     """Create a named key; the key itself is shown once."""
-    c = ctx.client()
-    resp = c.call(c.registry.CreateApiKey, registry_pb2.CreateApiKeyRequest(project=ctx.project, name=name))
+    resp = ctx.sdk().create_api_key(ctx.project, name)
 
     def human() -> None:
         out.print(f"Created key [bold]{resp.key.name}[/] ({resp.key.id}); shown only once:")
         out.print(f"  {resp.api_key}")
 
-    ctx.emit({"key": api_key_json(resp.key), "api_key": resp.api_key}, human)
+    ctx.emit({"key": api_key_json(resp.key.raw), "api_key": resp.api_key}, human)
 
 
 @keys.command("list")
 @command
 def keys_list(ctx: Ctx) -> None:
-    c = ctx.client()
-    found = c.list_all(c.registry.ListApiKeys, registry_pb2.ListApiKeysRequest(project=ctx.project), "keys")
-    rows = [api_key_json(k) for k in found]
+    rows = [api_key_json(k.raw) for k in ctx.sdk().list_api_keys(ctx.project)]
 
     def human() -> None:
         t = table("NAME", "ID", "PREFIX", "CREATED", "REVOKED")
@@ -439,8 +436,7 @@ def keys_list(ctx: Ctx) -> None:
 @command
 def keys_revoke(ctx: Ctx, key: str) -> None:
     """Revoke a key by name or id; every service refuses it before this returns."""
-    c = ctx.client()
-    k = c.call(c.registry.RevokeApiKey, registry_pb2.RevokeApiKeyRequest(project=ctx.project, key=key))
+    k = ctx.sdk().revoke_api_key(ctx.project, key).raw
     ctx.emit({"key": api_key_json(k)}, lambda: out.print(f"Revoked key [bold]{k.name}[/] ({k.id})"))
 
 
@@ -984,10 +980,8 @@ def deployment_status(ctx: Ctx, deployment_id: str | None, environment: str) -> 
 @command
 def deployment_errors(ctx: Ctx, deployment_id: str | None) -> None:
     """Scheduling failures and image-pull errors of a deployment."""
-    c = ctx.client()
     deployment_id = deployment_id or latest_deployment_id(ctx)
-    found = c.list_all(c.scheduler.ListDeploymentErrors, scheduler_pb2.ListDeploymentErrorsRequest(project=ctx.project, deployment_id=deployment_id), "errors")
-    rows = [error_json(e) for e in found]
+    rows = [error_json(e.raw) for e in ctx.sdk().errors(ctx.project, deployment_id=deployment_id)]
 
     def human() -> None:
         if not rows:
@@ -1099,18 +1093,13 @@ def logs(ctx: Ctx, deployment_id: str | None, environment: str, replica: str, fo
 def deployment_scale(ctx: Ctx, deployment_id: str, min_replicas: int | None, max_replicas: int | None,
                      environment: str, idle_pause: int | None = None, idle_stop: int | None = None) -> None:
     """Set a binding's replica bounds and idle windows (any of them; the others stay)."""
-    c = ctx.client()
-    b = c.call(c.registry.ScaleBinding, registry_pb2.ScaleBindingRequest(
-        project=ctx.project, deployment_id=deployment_id, environment=environment,
-        min_replicas=min_replicas, max_replicas=max_replicas,
-        idle_pause_seconds=idle_pause, idle_stop_seconds=idle_stop))
+    b = ctx.sdk().scale(ctx.project, deployment_id, environment, min_replicas=min_replicas, max_replicas=max_replicas,
+                        idle_pause_seconds=idle_pause, idle_stop_seconds=idle_stop).raw
     report_binding(ctx, "Scaled", b)
 
 
 def _adjust(ctx: Ctx, deployment_id: str, environment: str, delta: int, verb: str) -> None:
-    c = ctx.client()
-    b = c.call(c.registry.AdjustReplicas, registry_pb2.AdjustReplicasRequest(
-        project=ctx.project, deployment_id=deployment_id, environment=environment, delta=delta))
+    b = ctx.sdk().adjust_replicas(ctx.project, deployment_id, environment, delta).raw
     report_binding(ctx, verb, b)
 
 
@@ -1139,8 +1128,7 @@ def deployment_scale_down(ctx: Ctx, deployment_id: str, by: int, environment: st
 @command
 def deployment_terminate(ctx: Ctx, deployment_id: str) -> None:
     """Stop every replica; the record and image stay."""
-    c = ctx.client()
-    d = c.call(c.registry.TerminateDeployment, registry_pb2.TerminateDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
+    d = ctx.sdk().terminate(ctx.project, deployment_id).raw
     ctx.emit({"deployment": deployment_json(d)}, lambda: out.print(f"Terminated [bold]{d.id}[/] (start it again with 'berth deployment start {d.id}')"))
 
 
@@ -1149,8 +1137,7 @@ def deployment_terminate(ctx: Ctx, deployment_id: str) -> None:
 @command
 def deployment_start(ctx: Ctx, deployment_id: str) -> None:
     """Bring a terminated deployment back to its bounds."""
-    c = ctx.client()
-    d = c.call(c.registry.StartDeployment, registry_pb2.StartDeploymentRequest(project=ctx.project, deployment_id=deployment_id))
+    d = ctx.sdk().start(ctx.project, deployment_id).raw
     ctx.emit({"deployment": deployment_json(d)}, lambda: out.print(f"Started [bold]{d.id}[/]"))
 
 
@@ -1421,8 +1408,7 @@ def secrets_set(ctx: Ctx, name: str, type_: str, environment: str, from_stdin: b
         value = getpass.getpass(f"Value for {name}: ")
     else:
         raise errors.InvalidArgument("no terminal to prompt on", hint="pipe the value and pass --stdin")
-    c = ctx.client()
-    s = c.call(c.secrets.SetSecret, secrets_pb2.SetSecretRequest(project=ctx.project, name=name, type=type_, value=value, environment=environment))
+    s = ctx.sdk().set_secret(ctx.project, name, value, type=type_, environment=environment).raw
     ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Set {s.name} ({s.type}, {secret_scope(s)}) version {s.version}"))
 
 
@@ -1456,9 +1442,7 @@ def secrets_delete(ctx: Ctx, name: str, environment: str) -> None:
 @command
 def secrets_versions(ctx: Ctx, name: str, environment: str) -> None:
     """Every version of a secret (never the values)."""
-    c = ctx.client()
-    found = c.list_all(c.secrets.ListSecretVersions, secrets_pb2.ListSecretVersionsRequest(project=ctx.project, name=name, environment=environment), "versions")
-    rows = [secret_json(v) for v in found]
+    rows = [secret_json(v.raw) for v in ctx.sdk().secret_versions(ctx.project, name, environment=environment)]
 
     def human() -> None:
         t = table("VERSION", "TYPE", "SCOPE", "DELETED", "CREATED", "BY")
@@ -1476,8 +1460,7 @@ def secrets_versions(ctx: Ctx, name: str, environment: str) -> None:
 @command
 def secrets_rollback(ctx: Ctx, name: str, to_version: int, environment: str) -> None:
     """Restore an earlier version's value as a new version."""
-    c = ctx.client()
-    s = c.call(c.secrets.RollbackSecret, secrets_pb2.RollbackSecretRequest(project=ctx.project, name=name, environment=environment, to_version=to_version))
+    s = ctx.sdk().rollback_secret(ctx.project, name, to_version, environment=environment).raw
     ctx.emit({"secret": secret_json(s)}, lambda: out.print(f"Restored {s.name} to the value of version {to_version} as version {s.version}"))
 
 
@@ -1488,8 +1471,7 @@ def secrets_rotate_key(ctx: Ctx) -> None:
     admin = local.admin_key()
     if not admin:
         raise errors.Unauthenticated("rotating the master key needs the platform's admin key", hint="run it where 'berth up' runs, or set BERTH_ADMIN_KEY")
-    c = ctx.client(api_key=admin)
-    resp = c.call(c.secrets.RotateMasterKey, secrets_pb2.RotateMasterKeyRequest())
+    resp = ctx.sdk(api_key=admin).rotate_master_key()
     ctx.emit({"data_keys_rewrapped": resp.data_keys_rewrapped, "key_fingerprint": resp.key_fingerprint},
              lambda: out.print(f"Rotated the master key ({resp.key_fingerprint}); re-wrapped {resp.data_keys_rewrapped} data keys"))
 
@@ -1692,7 +1674,7 @@ def env_gate(ctx: Ctx, environment: str, experiment: str, threshold: float | Non
     Without ENVIRONMENT, applies every [gates.ENV] table of berth.toml
     (experiment, threshold, dataset), all checked before any is set.
     """
-    c = ctx.client()
+    berth = ctx.sdk()
     if not environment:
         if experiment or threshold is not None or dataset is not None or clear:
             raise errors.InvalidArgument("name the ENVIRONMENT to gate (without one, berth.toml's [gates] apply)",
@@ -1702,10 +1684,9 @@ def env_gate(ctx: Ctx, environment: str, experiment: str, threshold: float | Non
     if clear:
         if experiment or threshold is not None or dataset is not None:
             raise errors.InvalidArgument("--clear takes no --experiment, --threshold or --dataset")
-        resp = c.call(c.registry.ClearEnvironmentGate,
-                      registry_pb2.ClearEnvironmentGateRequest(project=ctx.project, environment=environment))
-        ctx.emit({"environment": environment, "cleared": resp.cleared},
-                 lambda: out.print(f"Gate of {environment} removed" if resp.cleared else f"{environment} had no gate"))
+        cleared = berth.clear_gate(ctx.project, environment)
+        ctx.emit({"environment": environment, "cleared": cleared},
+                 lambda: out.print(f"Gate of {environment} removed" if cleared else f"{environment} had no gate"))
         return
     if not experiment or threshold is None:
         raise errors.InvalidArgument("give --experiment NAME and --threshold R (or --clear)", field="experiment")
@@ -1714,9 +1695,7 @@ def env_gate(ctx: Ctx, environment: str, experiment: str, threshold: float | Non
         from berth import experiments as ex
 
         digest = ex.load_dataset(dataset).digest
-    g = c.call(c.registry.SetEnvironmentGate, registry_pb2.SetEnvironmentGateRequest(
-        project=ctx.project, environment=environment, experiment=experiment, threshold=threshold,
-        dataset_digest=digest))
+    g = berth.set_gate(ctx.project, environment, experiment, threshold, dataset_digest=digest).raw
     ctx.emit({"gate": gate_json(g)}, lambda: out.print(
         f"Promotions into [bold]{g.environment_name}[/] now need a run of {g.experiment} passing "
         f">= {g.threshold:.1%} on dataset {g.dataset_digest[:19]}…"))
@@ -1739,10 +1718,9 @@ def apply_project_gates(ctx: Ctx) -> None:
         ctx.use_project(project_file.project, str(path))
     for spec in specs:
         find_environment(ctx, spec.environment)  # all known before any is set
-    c = ctx.client()
-    gates = [c.call(c.registry.SetEnvironmentGate, registry_pb2.SetEnvironmentGateRequest(
-        project=ctx.project, environment=spec.environment, experiment=spec.experiment, threshold=spec.threshold,
-        dataset_digest=spec.dataset.digest)) for spec in specs]
+    berth = ctx.sdk()
+    gates = [berth.set_gate(ctx.project, spec.environment, spec.experiment, spec.threshold,
+                            dataset_digest=spec.dataset.digest).raw for spec in specs]
 
     def human() -> None:
         for g in gates:

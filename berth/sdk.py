@@ -485,6 +485,10 @@ class Binding:
     state: DeploymentState
     serving: bool
     updated_at: _dt.datetime | None
+    #: Seconds without a request before the replicas pause / stop; 0 = the
+    #: scheduler's default.
+    idle_pause_seconds: int
+    idle_stop_seconds: int
 
     #: The message as received (for tools that need a field this SDK does
     #: not type yet); not compared.
@@ -498,6 +502,7 @@ class Binding:
             min_replicas=m.min_replicas, max_replicas=m.max_replicas,
             state=DeploymentState._from_proto(common_pb2.Binding.State, m.state),
             serving=m.serving, updated_at=_time(m, "updated_at"),
+            idle_pause_seconds=m.idle_pause_seconds, idle_stop_seconds=m.idle_stop_seconds,
         )
 
 
@@ -924,9 +929,11 @@ class _Requests:
 
     @staticmethod
     def scale(project: str, deployment_id: str, environment: str, min_replicas: int | None,
-              max_replicas: int | None) -> registry_pb2.ScaleBindingRequest:
+              max_replicas: int | None, idle_pause_seconds: int | None = None,
+              idle_stop_seconds: int | None = None) -> registry_pb2.ScaleBindingRequest:
         return registry_pb2.ScaleBindingRequest(
             project=project, deployment_id=deployment_id, environment=environment,
+            idle_pause_seconds=idle_pause_seconds, idle_stop_seconds=idle_stop_seconds,
             **_move_fields(None, min_replicas, max_replicas),
         )
 
@@ -1136,11 +1143,16 @@ class Berth:
             project=project, environment=environment, page_size=page_size), timeout)
 
     def scale(self, project: str, deployment_id: str, environment: str, *, min_replicas: int | None = None,
-              max_replicas: int | None = None, timeout: float | None = None) -> Binding:
-        """Set a binding's replica bounds (unset: kept). Credentials: the
-        project's key. Errors: InvalidArgument (``min_replicas``,
-        ``max_replicas``), NotFound."""
-        request = _Requests.scale(project, deployment_id, environment, min_replicas, max_replicas)
+              max_replicas: int | None = None, idle_pause_seconds: int | None = None,
+              idle_stop_seconds: int | None = None, timeout: float | None = None) -> Binding:
+        """Set a binding's replica bounds and idle windows (each unset one is
+        kept; an idle window of 0 is the scheduler's default). ``environment``
+        may be "" when the deployment serves one environment. Credentials:
+        the project's key. Errors: InvalidArgument (``min_replicas``,
+        ``max_replicas``, the idle windows; also an environment needed),
+        NotFound."""
+        request = _Requests.scale(project, deployment_id, environment, min_replicas, max_replicas,
+                                  idle_pause_seconds, idle_stop_seconds)
         return self._call(_SCALE, request, timeout)
 
     def terminate(self, project: str, deployment_id: str, *, timeout: float | None = None) -> Deployment:
@@ -1537,9 +1549,11 @@ class AsyncBerth:
             project=project, environment=environment, page_size=page_size), timeout)
 
     async def scale(self, project: str, deployment_id: str, environment: str, *, min_replicas: int | None = None,
-                    max_replicas: int | None = None, timeout: float | None = None) -> Binding:
-        """Set a binding's replica bounds (see :meth:`Berth.scale`)."""
-        request = _Requests.scale(project, deployment_id, environment, min_replicas, max_replicas)
+                    max_replicas: int | None = None, idle_pause_seconds: int | None = None,
+                    idle_stop_seconds: int | None = None, timeout: float | None = None) -> Binding:
+        """Set a binding's replica bounds and idle windows (see :meth:`Berth.scale`)."""
+        request = _Requests.scale(project, deployment_id, environment, min_replicas, max_replicas,
+                                  idle_pause_seconds, idle_stop_seconds)
         return await self._call(_SCALE, request, timeout)
 
     async def terminate(self, project: str, deployment_id: str, *, timeout: float | None = None) -> Deployment:

@@ -309,6 +309,18 @@ def test_secret_versions_adjust_replicas_and_master_key(platform, image):
         down = b.adjust_replicas(project, deployed.deployment.id, "preview", -1)
         assert (down.min_replicas, down.max_replicas) == (before.min_replicas, before.max_replicas)
 
+        # scale sets the idle windows too; what is not given stays
+        idle = b.scale(project, deployed.deployment.id, "preview", idle_pause_seconds=120, idle_stop_seconds=600)
+        assert (idle.idle_pause_seconds, idle.idle_stop_seconds) == (120, 600)
+        assert (idle.min_replicas, idle.max_replicas) == (before.min_replicas, before.max_replicas)
+        stop_only = b.scale(project, deployed.deployment.id, "", idle_stop_seconds=900)  # one environment: "" will do
+        assert (stop_only.idle_pause_seconds, stop_only.idle_stop_seconds) == (120, 900)
+        with pytest.raises(errors.InvalidArgument) as out_of_range:
+            b.scale(project, deployed.deployment.id, "preview", idle_stop_seconds=86_401)
+        assert out_of_range.value.field == "idle_stop_seconds"
+        listed = next(iter(b.list_bindings(project, deployment_id=deployed.deployment.id)))
+        assert (listed.idle_pause_seconds, listed.idle_stop_seconds) == (120, 900)
+
         with pytest.raises(errors.PermissionDenied):
             b.rotate_master_key()
     with Berth(local.admin_key(platform.data_dir), endpoints=addresses(platform)) as admin:
