@@ -43,6 +43,9 @@ class Scheduler:
             events = EventStore()
             config = SchedulerConfig(instance="inproc-test")
             reconciler = Reconciler(None, table, FakeSecrets(), events, config)  # type: ignore[arg-type]
+            # This stand-in never looks at an engine: its (empty) endpoint
+            # set is all there is, so routers may have it at once.
+            reconciler.endpoints.mark_complete()
             authenticator = RegistryAuthenticator(
                 f"127.0.0.1:{registry.running.port}", SERVICE_TOKEN, admin_key=ADMIN_KEY
             )
