@@ -19,8 +19,8 @@ from datetime import datetime
 import pytest
 import requests
 
-from tests.support.docker_engine import TEST_LABEL, engine, remove_labelled, write_worker_context
-from tests.support.platform import ROOT, RunningPlatform, eventually
+from tests.support.docker_engine import write_worker_context
+from tests.support.platform import ROOT, RunningPlatform, eventually, started_platform
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -29,13 +29,8 @@ LINE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z) ([0-9a-f]{12})( \(
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    p = RunningPlatform(tmp_path_factory.mktemp("logs") / "data")
-    p.data_dir.mkdir()
-    p.start()
-    yield p
-    p.stop()
-    p.remove_containers()
-    remove_labelled(engine(), TEST_LABEL)
+    with started_platform(tmp_path_factory.mktemp("logs") / "data") as p:
+        yield p
 
 
 def worker_dir(root: pathlib.Path, project: str, *, crash: str = "") -> pathlib.Path:

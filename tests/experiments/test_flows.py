@@ -21,8 +21,8 @@ import uuid
 import pytest
 import requests
 
-from tests.support.docker_engine import TEST_LABEL, engine, remove_labelled, write_worker_context
-from tests.support.platform import ROOT, RunningPlatform, eventually
+from tests.support.docker_engine import engine, write_worker_context
+from tests.support.platform import ROOT, RunningPlatform, eventually, started_platform
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -32,13 +32,8 @@ MISSING = {i for i in range(CASES) if i % 5 == 0}  # the bad build lacks these: 
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    p = RunningPlatform(tmp_path_factory.mktemp("experiments") / "data")
-    p.data_dir.mkdir()
-    p.start()
-    yield p
-    p.stop()
-    p.remove_containers()
-    remove_labelled(engine(), TEST_LABEL)
+    with started_platform(tmp_path_factory.mktemp("experiments") / "data") as p:
+        yield p
 
 
 def worker_dir(root: pathlib.Path, *, missing: set[int] = frozenset(), page: str = "", project: str = "") -> pathlib.Path:  # type: ignore[assignment]

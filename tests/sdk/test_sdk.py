@@ -33,8 +33,8 @@ from berth.sdk import (
     WorkerConfig,
 )
 from berth.v1 import common_pb2, registry_pb2, registry_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from tests.support.docker_engine import TEST_LABEL, build_worker_image, engine, remove_labelled
-from tests.support.platform import RunningPlatform
+from tests.support.docker_engine import build_worker_image, engine
+from tests.support.platform import RunningPlatform, started_platform
 
 CONFIG = WorkerConfig(port=8080)
 DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "sdk.md"
@@ -42,13 +42,8 @@ DOC = pathlib.Path(__file__).resolve().parents[2] / "docs" / "sdk.md"
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    p = RunningPlatform(tmp_path_factory.mktemp("sdk") / "data")
-    p.data_dir.mkdir()
-    p.start()
-    yield p
-    p.stop()
-    p.remove_containers()
-    remove_labelled(engine(), TEST_LABEL)
+    with started_platform(tmp_path_factory.mktemp("sdk") / "data") as p:
+        yield p
 
 
 @pytest.fixture(scope="module")

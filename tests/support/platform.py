@@ -10,12 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import requests
 
-from tests.support.docker_engine import engine
+from tests.support.docker_engine import TEST_LABEL, engine, remove_labelled
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -131,3 +132,18 @@ class RunningPlatform:
             headers={"X-Berth-Project": project, "X-Berth-Environment": environment, **headers},
             timeout=60,
         )
+
+
+@contextmanager
+def started_platform(data_dir: pathlib.Path) -> Iterator[RunningPlatform]:
+    """A `berth up` on free ports with its data under ``data_dir``; stopped
+    and its replicas and this run's images removed afterwards."""
+    p = RunningPlatform(data_dir)
+    p.data_dir.mkdir()
+    p.start()
+    try:
+        yield p
+    finally:
+        p.stop()
+        p.remove_containers()
+        remove_labelled(engine(), TEST_LABEL)
